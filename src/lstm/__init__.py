@@ -1,0 +1,23 @@
+"""lstm: the LSTM of the tutorial, exact to Keras, as a PyTorch library."""
+
+from . import activations, constraints, initializers, kernels, layers, regularizers
+from .constraints import apply_constraints
+from .serialization import clear_session
+
+__version__ = "0.1.0"
+
+
+def regularization_loss(module):
+    """Every regularizer penalty in `module` (weights now, activities of the last call), summed:
+    add it to the training loss, as Keras adds `model.losses`."""
+    penalties = []
+    for sub in module.modules():
+        if isinstance(sub, layers.RecurrentCell):
+            penalties += sub.losses
+        elif isinstance(sub, layers.RNN):
+            penalties += sub.activity_losses
+    return sum(penalties) if penalties else 0.0
+
+
+__all__ = ["activations", "constraints", "initializers", "kernels", "layers", "regularizers",
+           "apply_constraints", "clear_session", "regularization_loss"]

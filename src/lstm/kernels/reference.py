@@ -1,0 +1,142 @@
+"""The reference kernel: the tutorial's equations, one step at a time, autograd for BPTT.
+
+This is the ground truth every fused kernel is tested against. It reads like the tutorial:
+
+    f_t = σ(W_f [h_{t-1}, x_t] + b_f)        forget gate
+    i_t = σ(W_i [h_{t-1}, x_t] + b_i)        input gate
+    C̃_t = tanh(W_C [h_{t-1}, x_t] + b_C)     candidate cell state
+    C_t = f_t * C_{t-1} + i_t * C̃_t          new cell state
+    o_t = σ(W_o [h_{t-1}, x_t] + b_o)        output gate
+    h_t = o_t * tanh(C_t)                    output
+
+with Keras' weights: W = [kernel; recurrent_kernel] split into blocks i | f | c | o, σ the
+`recurrent_activation` and tanh the `activation`. Masking follows Keras (SPEC.md §6): a
+masked step keeps the state and repeats the previous output (or outputs zeros).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import activations
+from .problem import Recurrence, RecurrenceResult
+
+name = "reference"
+
+
+def supports(problem: Recurrence) -> bool:
+    return True
+
+
+def _per_gate(x: torch.Tensor, weight: torch.Tensor, masks: Optional[torch.Tensor], gates: int) -> torch.Tensor:
+    """x @ weight, with dropout keep-masks applied to x (shared by all gates, or one per gate)."""
+    if masks is None:
+        return x @ weight
+    if masks.shape[0] == 1:
+        return (x * masks[0]) @ weight
+    blocks = weight.chunk(gates, dim=-1)
+    return torch.cat([(x * masks[g]) @ blocks[g] for g in range(len(blocks))], dim=-1)
+
+
+def _input_projection(p: Recurrence, x: torch.Tensor) -> torch.Tensor:
+    """x_t @ kernel (+ input bias) for every step at once: [B, T, G*U]."""
+    masks = None if p.input_dropout is None else p.input_dropout[:, :, None, :]
+    xw = _per_gate(x, p.kernel, masks, p.cell.gate_count)
+    if p.bias is not None:
+        xw = xw + (p.bias[0] if p.bias.dim() == 2 else p.bias)
+    return xw
+
+
+def lstm_step(xw_t, state, p: Recurrence, σ, tanh):
+    h_prev, C_prev = state
+    z = xw_t + _per_gate(h_prev, p.recurrent_kernel, p.recurrent_dropout, 4)
+    z_i, z_f, z_c, z_o = z.chunk(4, dim=-1)
+    f_t = σ(z_f)
+    i_t = σ(z_i)
+    C_tilde = tanh(z_c)
+    C_t = f_t * C_prev + i_t * C_tilde
+    o_t = σ(z_o)
+    h_t = o_t * tanh(C_t)
+    return h_t, (h_t, C_t), {"i": i_t, "f": f_t, "c_tilde": C_tilde, "c": C_t, "o": o_t, "h": h_t}
+
+
+def gru_step(xw_t, state, p: Recurrence, σ, tanh):
+    (h_prev,) = state
+    U = p.units
+    x_z, x_r, x_h = xw_t.chunk(3, dim=-1)
+    masks = p.recurrent_dropout
+    if p.cell.reset_after:
+        hr = _per_gate(h_prev, p.recurrent_kernel, masks, 3)
+        if p.bias is not None:
+            hr = hr + p.bias[1]
+        h_z, h_r, h_h = hr.chunk(3, dim=-1)
+        z_t = σ(x_z + h_z)
+        r_t = σ(x_r + h_r)
+        h_tilde = tanh(x_h + r_t * h_h)
+    else:
+        hr = _per_gate(h_prev, p.recurrent_kernel[:, : 2 * U], None if masks is None else masks[:2], 2)
+        h_z, h_r = hr.chunk(2, dim=-1)
+        z_t = σ(x_z + h_z)
+        r_t = σ(x_r + h_r)
+        h_for_candidate = h_prev if masks is None else h_prev * masks[2]
+        h_tilde = tanh(x_h + (r_t * h_for_candidate) @ p.recurrent_kernel[:, 2 * U :])
+    h_t = z_t * h_prev + (1 - z_t) * h_tilde
+    return h_t, (h_t,), {"z": z_t, "r": r_t, "h_tilde": h_tilde, "h": h_t}
+
+
+def simple_rnn_step(xw_t, state, p: Recurrence, σ, tanh):
+    (h_prev,) = state
+    h_t = tanh(xw_t + _per_gate(h_prev, p.recurrent_kernel, p.recurrent_dropout, 1))
+    return h_t, (h_t,), {"h": h_t}
+
+
+_STEPS = {"lstm": lstm_step, "gru": gru_step, "simple_rnn": simple_rnn_step}
+
+
+def run(p: Recurrence) -> RecurrenceResult:
+    step = _STEPS[p.cell.kind]
+    σ = activations.get(p.cell.recurrent_activation)
+    tanh = activations.get(p.cell.activation)
+    x, mask = p.inputs, p.mask
+    if p.go_backwards:
+        x = x.flip(1)
+        mask = None if mask is None else mask.flip(1)
+    batch, steps = x.shape[0], x.shape[1]
+    xw = _input_projection(p, x)
+
+    state = tuple(p.initial_state)
+    zeros = torch.zeros(batch, p.units, dtype=x.dtype, device=x.device)
+    previous_output = zeros
+    outputs, traces = [], []
+    for t in range(steps):
+        output, new_state, internals = step(xw[:, t], state, p, σ, tanh)
+        if mask is not None:
+            keep = mask[:, t, None]
+            new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
+            output = torch.where(keep, output, zeros if p.zero_output_for_mask else previous_output)
+        state, previous_output = new_state, output
+        outputs.append(output)
+        if p.trace:
+            traces.append(internals)
+
+    if p.return_sequences:
+        out = torch.stack(outputs, dim=1) if outputs else x.new_zeros(batch, 0, p.units)
+    else:
+        out = outputs[-1] if outputs else zeros
+    trace = None
+    if p.trace:
+        keys = traces[0].keys() if traces else _STEPS_TRACE_KEYS[p.cell.kind]
+        trace = {
+            k: torch.stack([tr[k] for tr in traces], dim=1) if traces else x.new_zeros(batch, 0, p.units)
+            for k in keys
+        }
+    return RecurrenceResult(out, state, trace)
+
+
+_STEPS_TRACE_KEYS = {
+    "lstm": ("i", "f", "c_tilde", "c", "o", "h"),
+    "gru": ("z", "r", "h_tilde", "h"),
+    "simple_rnn": ("h",),
+}

@@ -1,0 +1,32 @@
+"""The layers of the tutorial, Keras' API on PyTorch modules:
+`from lstm import layers; cell = layers.LSTMCell(64); out, state = cell(xt, [h, c])`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .base import RNN, RecurrentCell
+from .bidirectional import Bidirectional
+from .gru import GRU, GRUCell
+from .lstm import LSTM, LSTMCell
+from .simple_rnn import SimpleRNN, SimpleRNNCell
+
+_CLASSES = {cls.__name__: cls for cls in (LSTMCell, LSTM, GRUCell, GRU, SimpleRNNCell, SimpleRNN, RNN, Bidirectional)}
+
+
+def deserialize(config: dict, dialect: Optional[str] = None):
+    """A layer or cell from `{'class_name': ..., 'config': {...}}` (this library, Keras 3 or tf_keras)."""
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ValueError(f"config: expected {{'class_name': ..., 'config': {{...}}}}, got {config!r}")
+    name = config["class_name"]
+    if name not in _CLASSES:
+        raise ValueError(f"config: unsupported layer class {name!r}; expected one of {sorted(_CLASSES)}")
+    return _CLASSES[name].from_config(config.get("config") or {}, dialect)
+
+
+def serialize(layer) -> dict:
+    return {"class_name": type(layer).__name__, "config": layer.get_config()}
+
+
+__all__ = ["LSTMCell", "LSTM", "GRUCell", "GRU", "SimpleRNNCell", "SimpleRNN", "RNN", "RecurrentCell",
+           "Bidirectional", "deserialize", "serialize"]

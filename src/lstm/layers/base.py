@@ -1,0 +1,446 @@
+"""What every recurrent cell and layer shares: weights in Keras' layout, configs, dropout
+masks, and the call that turns a layer's options into one `Recurrence` for the dispatch."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import activations, constraints, initializers, kernels, regularizers
+from ..kernels import CellSpec, Recurrence
+from ..serialization import dtype_name, parse_dtype, unique_name
+from .config import constructor_kwargs
+from .validation import (as_float_tensor, check_fraction, check_initial_state, check_mask, check_units,
+                         feature_size)
+
+_WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
+
+
+class RecurrentCell(nn.Module):
+    """Base of LSTMCell, GRUCell and SimpleRNNCell.
+
+    Holds `kernel` [D, G*U], `recurrent_kernel` [U, G*U] and `bias` as `nn.Parameter`s,
+    created on the first call (or by `build`, or at once when `input_dim` is given).
+    """
+
+    kind: str = ""
+    default_name: str = ""
+
+    def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
+                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
+                 bias_initializer="zeros", kernel_regularizer=None, recurrent_regularizer=None,
+                 bias_regularizer=None, kernel_constraint=None, recurrent_constraint=None,
+                 bias_constraint=None, dropout=0.0, recurrent_dropout=0.0, implementation=2, seed=None,
+                 dtype=None, name=None, trainable=True, input_dim=None):
+        super().__init__()
+        self.units = check_units(units)
+        self.activation = activations.canonical(activation, "activation")
+        self.recurrent_activation = activations.canonical(recurrent_activation, "recurrent_activation")
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.get(kernel_initializer, "kernel_initializer")
+        self.recurrent_initializer = initializers.get(recurrent_initializer, "recurrent_initializer")
+        self.bias_initializer = initializers.get(bias_initializer, "bias_initializer")
+        self.kernel_regularizer = regularizers.get(kernel_regularizer, "kernel_regularizer")
+        self.recurrent_regularizer = regularizers.get(recurrent_regularizer, "recurrent_regularizer")
+        self.bias_regularizer = regularizers.get(bias_regularizer, "bias_regularizer")
+        self.kernel_constraint = constraints.get(kernel_constraint, "kernel_constraint")
+        self.recurrent_constraint = constraints.get(recurrent_constraint, "recurrent_constraint")
+        self.bias_constraint = constraints.get(bias_constraint, "bias_constraint")
+        self.dropout = check_fraction(dropout, "dropout")
+        self.recurrent_dropout = check_fraction(recurrent_dropout, "recurrent_dropout")
+        if implementation not in (1, 2):
+            raise ValueError(f"implementation: expected 1 or 2, got {implementation!r}")
+        # Keras: recurrent dropout needs the per-gate path
+        self.implementation = 1 if self.recurrent_dropout and self.kind != "simple_rnn" else implementation
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed: expected an int or None, got {seed!r}")
+        self.seed = seed
+        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.dtype = parse_dtype(dtype if dtype is not None else "float32")
+        self.name = name or unique_name(self.default_name)
+        self.trainable = bool(trainable)
+        self._cached_masks: Optional[tuple] = None
+        for weight in _WEIGHT_NAMES:
+            self.register_parameter(weight, None)
+        if input_dim is not None:
+            self.build(input_dim)
+
+    # ----- weights -------------------------------------------------------------------------
+    @property
+    def gate_count(self) -> int:
+        return CellSpec(self.kind).gate_count
+
+    @property
+    def state_count(self) -> int:
+        return CellSpec(self.kind).state_count
+
+    @property
+    def built(self) -> bool:
+        return self.kernel is not None
+
+    @property
+    def input_dim(self) -> Optional[int]:
+        return None if self.kernel is None else self.kernel.shape[0]
+
+    def bias_shape(self) -> tuple:
+        return (self.gate_count * self.units,)
+
+    def initial_bias(self) -> torch.Tensor:
+        return self.bias_initializer(self.bias_shape(), self.dtype)
+
+    def build(self, input_shape, device=None) -> None:
+        """Create the weights for inputs whose last dimension is `input_shape` (an int or a shape)."""
+        input_dim = feature_size(input_shape)
+        width = self.gate_count * self.units
+        values = {
+            "kernel": self.kernel_initializer((input_dim, width), self.dtype),
+            "recurrent_kernel": self.recurrent_initializer((self.units, width), self.dtype),
+        }
+        if self.use_bias:
+            values["bias"] = self.initial_bias()
+        for weight, value in values.items():
+            setattr(self, weight, nn.Parameter(value.to(device), requires_grad=self.trainable))
+
+    def weights(self) -> list[torch.Tensor]:
+        return [getattr(self, w) for w in _WEIGHT_NAMES if getattr(self, w) is not None]
+
+    def get_weights(self) -> list[np.ndarray]:
+        """[kernel, recurrent_kernel, bias] as NumPy arrays in Keras' layout."""
+        return [w.detach().cpu().numpy().copy() for w in self.weights()]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        names = [w for w in _WEIGHT_NAMES if w != "bias" or self.use_bias]
+        if not self.built:
+            if len(weights) == 0:
+                raise ValueError("set_weights: got no weights")
+            self.build(np.shape(weights[0])[0])
+        if len(weights) != len(names):
+            raise ValueError(f"set_weights: expected {len(names)} arrays ({', '.join(names)}), got {len(weights)}")
+        for weight_name, value in zip(names, weights):
+            param = getattr(self, weight_name)
+            value = torch.as_tensor(np.asarray(value), dtype=param.dtype)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"set_weights: {weight_name} expected shape {tuple(param.shape)}, got {tuple(value.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Lazy cells build from the checkpoint's shapes, so loading needs no dummy call first.
+        kernel = state_dict.get(prefix + "kernel")
+        if not self.built and kernel is not None:
+            self.build(kernel.shape[0], device=kernel.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def weight_constraints(self) -> dict:
+        pairs = zip(_WEIGHT_NAMES, (self.kernel_constraint, self.recurrent_constraint, self.bias_constraint))
+        return {w: c for w, c in pairs if c is not None and getattr(self, w) is not None}
+
+    @property
+    def losses(self) -> list[torch.Tensor]:
+        """Weight penalties of the regularizers, recomputed from the current weights."""
+        pairs = zip(self.weights(), (self.kernel_regularizer, self.recurrent_regularizer, self.bias_regularizer))
+        return [reg(w) for w, reg in pairs if reg is not None]
+
+    # ----- maths ---------------------------------------------------------------------------
+    def cell_spec(self) -> CellSpec:
+        return CellSpec(self.kind, self.activation, self.recurrent_activation)
+
+    def get_initial_state(self, batch_size: int, device=None) -> list[torch.Tensor]:
+        return [torch.zeros(batch_size, self.units, dtype=self.compute_dtype, device=device)
+                for _ in range(self.state_count)]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.kernel.dtype if self.built else self.dtype
+
+    def _keep_mask(self, shape, rate: float, device) -> torch.Tensor:
+        keep = torch.bernoulli(torch.full(shape, 1.0 - rate, dtype=self.compute_dtype), generator=self._generator)
+        return (keep / (1.0 - rate)).to(device)
+
+    def dropout_masks(self, batch: int, device, training: bool) -> tuple:
+        """Keras 3 variational dropout: keep-masks for one layer call, reused at every step.
+
+        Input masks: one shared by all gates (implementation 2) or one per gate (1).
+        Recurrent masks: one per gate (recurrent dropout forces implementation 1).
+        """
+        if not training:
+            return None, None
+        input_masks = recurrent_masks = None
+        per_gate = self.gate_count if self.implementation == 1 else 1
+        if self.dropout:
+            input_masks = self._keep_mask((per_gate, batch, self.input_dim), self.dropout, device)
+        if self.recurrent_dropout:
+            recurrent_masks = self._keep_mask((self.gate_count, batch, self.units), self.recurrent_dropout, device)
+        return input_masks, recurrent_masks
+
+    def reset_dropout_mask(self) -> None:
+        """Forget the masks a direct cell call reuses (Keras' `reset_dropout_mask`)."""
+        self._cached_masks = None
+
+    def recurrence(self, inputs, initial_state, **options) -> Recurrence:
+        return Recurrence(self.cell_spec(), inputs, self.kernel, self.recurrent_kernel, self.bias,
+                          tuple(initial_state), **options)
+
+    def forward(self, inputs, states=None, training=None):
+        """One step: `out, new_states = cell(x_t, [h, c])`, x_t [B, D]; states=None means zeros."""
+        inputs = as_float_tensor(inputs, "inputs")
+        if inputs.dim() != 2:
+            raise ValueError(f"inputs: expected a 2-D tensor [batch, features] for one step, got shape "
+                             f"{tuple(inputs.shape)}")
+        self._ensure_built(inputs)
+        if isinstance(states, torch.Tensor) and self.state_count == 1:
+            states = [states]
+        states = check_initial_state(states, self, inputs.shape[0], inputs, "states")
+        training = self.training if training is None else bool(training)
+        masks = (None, None)
+        if training and (self.dropout or self.recurrent_dropout):
+            if self._cached_masks is None or self._cached_masks[0] != inputs.shape[0]:
+                self._cached_masks = (inputs.shape[0], self.dropout_masks(inputs.shape[0], inputs.device, True))
+            masks = self._cached_masks[1]
+        problem = self.recurrence(inputs[:, None, :], states, return_sequences=False,
+                                  input_dropout=masks[0], recurrent_dropout=masks[1])
+        result = kernels.run(problem)
+        return result.outputs, list(result.states)
+
+    def _ensure_built(self, inputs: torch.Tensor) -> None:
+        if not self.built:
+            self.build(inputs.shape[-1], device=inputs.device)
+        elif inputs.shape[-1] != self.input_dim:
+            raise ValueError(f"inputs: expected {self.input_dim} features (the size this layer was built for), "
+                             f"got {inputs.shape[-1]} (input shape {tuple(inputs.shape)})")
+        if inputs.dtype != self.compute_dtype:
+            raise TypeError(f"inputs: dtype {dtype_name(inputs.dtype)} does not match the layer's dtype "
+                            f"{dtype_name(self.compute_dtype)}; cast the inputs or build the layer with "
+                            f"dtype='{dtype_name(inputs.dtype)}'")
+
+    # ----- config --------------------------------------------------------------------------
+    def _common_config(self) -> dict:
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": dtype_name(self.compute_dtype),
+            "units": self.units,
+            "activation": activations.serialize(self.activation),
+            "recurrent_activation": activations.serialize(self.recurrent_activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "recurrent_initializer": initializers.serialize(self.recurrent_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "recurrent_regularizer": regularizers.serialize(self.recurrent_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "recurrent_constraint": constraints.serialize(self.recurrent_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+            "dropout": self.dropout,
+            "recurrent_dropout": self.recurrent_dropout,
+            "implementation": self.implementation,
+        }
+
+    def layer_config_items(self):
+        """The cell's options as they appear in its layer's flat config."""
+        return [(k, v) for k, v in self.get_config().items() if k not in ("name", "trainable", "dtype", "seed")]
+
+    def get_config(self) -> dict:
+        """This library's config (the tutorial's format); `seed` appears only when set."""
+        config = self._common_config()
+        if self.seed is not None:
+            config["seed"] = self.seed
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, dialect: Optional[str] = None):
+        """A cell from a config of this library, Keras 3 or tf_keras (detected, or `dialect`)."""
+        return cls(**constructor_kwargs(cls, config, dialect))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, units={self.units}, input_dim={self.input_dim}"
+
+
+class RNN(nn.Module):
+    """A recurrent layer over a cell, with Keras' call: `layer(inputs [B, T, D], mask=None,
+    initial_state=None, training=None)`.
+
+    Returns the last output [B, U] or, with return_sequences, every output [B, T, U] in
+    processing order (go_backwards does not re-reverse, as in Keras); with return_state, the
+    final states follow: `(output, h, c)` for LSTM. `training=None` follows `module.training`.
+    """
+
+    default_name = "rnn"
+
+    def __init__(self, cell: RecurrentCell, return_sequences=False, return_state=False, go_backwards=False,
+                 stateful=False, unroll=False, zero_output_for_mask=False, activity_regularizer=None,
+                 name=None, trainable=True, dtype=None, input_shape=None):
+        super().__init__()
+        if not isinstance(cell, RecurrentCell):
+            raise TypeError(f"cell: expected a RecurrentCell (LSTMCell, GRUCell, SimpleRNNCell), got "
+                            f"{type(cell).__name__}")
+        self.cell = cell
+        self.return_sequences = bool(return_sequences)
+        self.return_state = bool(return_state)
+        self.go_backwards = bool(go_backwards)
+        self.stateful = bool(stateful)
+        self.unroll = bool(unroll)  # same numbers either way; kept for config round-trips
+        self.zero_output_for_mask = bool(zero_output_for_mask)
+        self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
+        self.name = name or unique_name(self.default_name)
+        self.trainable = bool(trainable)
+        self._states: Optional[list[torch.Tensor]] = None
+        self._activity_losses: list[torch.Tensor] = []
+        if input_shape is not None:
+            self.build(input_shape)
+
+    def build(self, input_shape) -> None:
+        self.cell.build(input_shape)
+
+    @property
+    def built(self) -> bool:
+        return self.cell.built
+
+    def get_weights(self) -> list[np.ndarray]:
+        return self.cell.get_weights()
+
+    def set_weights(self, weights) -> None:
+        self.cell.set_weights(weights)
+
+    @property
+    def states(self) -> Optional[list[torch.Tensor]]:
+        """The carried states of a stateful layer (None before its first call)."""
+        return self._states
+
+    def reset_state(self, states=None) -> None:
+        """Forget the carried states of a stateful layer (the next call starts from zeros, with
+        any batch size), or set them to `states`."""
+        if not self.stateful:
+            raise ValueError("reset_state: the layer is not stateful (stateful=False)")
+        if states is None:
+            self._states = None
+            return
+        batch = states[0].shape[0] if len(states) else 0
+        self._states = [s.detach() for s in check_initial_state(states, self.cell, batch, None, "states")]
+
+    reset_states = reset_state
+
+    @property
+    def activity_losses(self) -> list[torch.Tensor]:
+        """The activity regularizer's penalties from the last call (one per returned tensor)."""
+        return list(self._activity_losses)
+
+    @property
+    def losses(self) -> list[torch.Tensor]:
+        """Weight penalties (recomputed now) and the activity penalties of the last call."""
+        return self.cell.losses + self.activity_losses
+
+    def compute_mask(self, inputs, mask=None):
+        return mask if self.return_sequences else None
+
+    def forward(self, inputs, mask=None, initial_state=None, training=None):
+        inputs = as_float_tensor(inputs, "inputs")
+        if inputs.dim() != 3:
+            raise ValueError(f"inputs: expected a 3-D tensor [batch, timesteps, features], got shape "
+                             f"{tuple(inputs.shape)}")
+        cell = self.cell
+        cell._ensure_built(inputs)
+        batch = inputs.shape[0]
+        mask = check_mask(mask, inputs)
+        if initial_state is None and self.stateful and self._states is not None:
+            if self._states[0].shape[0] != batch:
+                raise ValueError(f"inputs: this stateful layer carries states for batch size "
+                                 f"{self._states[0].shape[0]}, got batch size {batch}; keep the batch size "
+                                 "fixed or call reset_state() first")
+            initial_state = self._states
+        states = check_initial_state(initial_state, cell, batch, inputs, "initial_state")
+        training = self.training if training is None else bool(training)
+        input_masks, recurrent_masks = cell.dropout_masks(batch, inputs.device, training)
+        problem = cell.recurrence(
+            inputs, states, mask=mask, go_backwards=self.go_backwards,
+            zero_output_for_mask=self.zero_output_for_mask, return_sequences=self.return_sequences,
+            input_dropout=input_masks, recurrent_dropout=recurrent_masks)
+        result = kernels.run(problem)
+        if self.stateful:
+            self._states = [s.detach() for s in result.states]
+        returned = [result.outputs, *result.states] if self.return_state else [result.outputs]
+        self._activity_losses = []
+        if self.activity_regularizer is not None and batch > 0:
+            self._activity_losses = [self.activity_regularizer(t) / batch for t in returned]
+        return tuple(returned) if self.return_state else result.outputs
+
+    # ----- config --------------------------------------------------------------------------
+    def _layer_config(self) -> dict:
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": dtype_name(self.cell.compute_dtype),
+            "return_sequences": self.return_sequences,
+            "return_state": self.return_state,
+            "go_backwards": self.go_backwards,
+            "stateful": self.stateful,
+            "unroll": self.unroll,
+            "zero_output_for_mask": self.zero_output_for_mask,
+        }
+
+    def get_config(self) -> dict:
+        config = self._layer_config()
+        config["cell"] = {"class_name": type(self.cell).__name__, "config": self.cell.get_config()}
+        config["activity_regularizer"] = regularizers.serialize(self.activity_regularizer)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, dialect: Optional[str] = None):
+        from . import deserialize
+
+        config = dict(config)
+        cell = config.pop("cell", None)
+        if not isinstance(cell, dict):
+            raise ValueError(f"config: an RNN config needs a 'cell' dict, got {cell!r}")
+        return cls(deserialize(cell, dialect), **constructor_kwargs(cls, config, dialect))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class CellLayer(RNN):
+    """A layer that owns its cell (LSTM, GRU, SimpleRNN): cell arguments are layer arguments and
+    the config is flat, as in Keras."""
+
+    cell_class: type = RecurrentCell
+    layer_keys = ("return_sequences", "return_state", "go_backwards", "stateful", "unroll",
+                  "zero_output_for_mask", "activity_regularizer", "name", "trainable", "input_shape")
+
+    def __init__(self, units, **kwargs):
+        layer_kwargs = {k: kwargs.pop(k) for k in self.layer_keys if k in kwargs}
+        input_shape = layer_kwargs.pop("input_shape", None)
+        if input_shape is not None:
+            kwargs.setdefault("input_dim", feature_size(input_shape))
+        cell = self.cell_class(units, name=self.cell_class.default_name, **kwargs)
+        super().__init__(cell, dtype=kwargs.get("dtype"), **layer_kwargs)
+
+    def __getattr__(self, name):
+        # Keras exposes the cell's options on the layer (layer.units, layer.dropout, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            cell = self._modules.get("cell")
+            if cell is not None and name in vars(cell):
+                return vars(cell)[name]
+            raise
+
+    def get_config(self) -> dict:
+        """The layer's options followed by its cell's (Keras' layout, tutorial format)."""
+        config = self._layer_config()
+        for key, value in self.cell.layer_config_items():
+            config[key] = value
+            if key == "bias_regularizer":
+                config["activity_regularizer"] = regularizers.serialize(self.activity_regularizer)
+        config["seed"] = self.cell.seed
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, dialect: Optional[str] = None):
+        kwargs = constructor_kwargs(cls, config, dialect)
+        return cls(kwargs.pop("units"), **kwargs)

@@ -1,0 +1,167 @@
+"""Bidirectional: a forward and a backward copy of a recurrent layer, outputs merged (Keras 3)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..serialization import dtype_name, unique_name
+from .base import RNN
+
+MERGE_MODES = ("concat", "sum", "ave", "mul", None)
+
+
+class Bidirectional(nn.Module):
+    """Runs `layer` forwards and a fresh copy of it backwards, then merges.
+
+    The forward and backward layers are re-created from `layer`'s config (named
+    `forward_<name>` / `backward_<name>`) with fresh weights, as in Keras. With
+    return_sequences the backward outputs are flipped back to input order, and masked steps
+    output zeros. Returns the merged output, then `(h_f, c_f, h_b, c_b)` with return_state;
+    with merge_mode=None the two outputs come first, unmerged. `initial_state` is a list with
+    the forward states first, then the backward ones.
+    """
+
+    default_name = "bidirectional"
+
+    def __init__(self, layer: RNN, merge_mode: Optional[str] = "concat", backward_layer: Optional[RNN] = None,
+                 name=None, trainable=True, dtype=None, input_shape=None):
+        super().__init__()
+        if not isinstance(layer, RNN):
+            raise TypeError(f"layer: expected a recurrent layer (LSTM, GRU, SimpleRNN, RNN), got "
+                            f"{type(layer).__name__}")
+        if layer.go_backwards:
+            raise ValueError("layer: Bidirectional needs a layer with go_backwards=False (it makes the "
+                             "backward copy itself)")
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"merge_mode: expected one of {MERGE_MODES}, got {merge_mode!r}")
+        self.merge_mode = merge_mode
+        self.name = name or unique_name(self.default_name)
+        self.trainable = bool(trainable)
+        self._layer_config = {"class_name": type(layer).__name__, "config": layer.get_config()}
+        self.forward_layer = self._copy(layer, "forward_" + layer.name, go_backwards=False)
+        self._custom_backward = backward_layer is not None
+        if backward_layer is None:
+            self.backward_layer = self._copy(layer, "backward_" + layer.name, go_backwards=True)
+        else:
+            if not isinstance(backward_layer, RNN):
+                raise TypeError(f"backward_layer: expected a recurrent layer, got {type(backward_layer).__name__}")
+            if not backward_layer.go_backwards:
+                raise ValueError("backward_layer: expected go_backwards=True, got False")
+            for option in ("return_sequences", "return_state", "stateful"):
+                if getattr(backward_layer, option) != getattr(layer, option):
+                    raise ValueError(f"backward_layer: {option}={getattr(backward_layer, option)} differs from "
+                                     f"the forward layer's {getattr(layer, option)}")
+            backward_layer.zero_output_for_mask = backward_layer.return_sequences
+            self.backward_layer = backward_layer
+        self.return_sequences = layer.return_sequences
+        self.return_state = layer.return_state
+        if input_shape is not None:
+            self.build(input_shape)
+
+    @staticmethod
+    def _copy(layer: RNN, name: str, go_backwards: bool) -> RNN:
+        config = layer.get_config()
+        config.update(name=name, go_backwards=go_backwards, zero_output_for_mask=layer.return_sequences)
+        return type(layer).from_config(config)
+
+    def build(self, input_shape) -> None:
+        self.forward_layer.build(input_shape)
+        self.backward_layer.build(input_shape)
+
+    @property
+    def built(self) -> bool:
+        return self.forward_layer.built and self.backward_layer.built
+
+    def forward(self, inputs, mask=None, initial_state=None, training=None):
+        forward_state = backward_state = None
+        if initial_state is not None:
+            if not isinstance(initial_state, (list, tuple)) or len(initial_state) % 2:
+                got = len(initial_state) if isinstance(initial_state, (list, tuple)) else type(initial_state).__name__
+                raise ValueError(f"initial_state: expected a list of forward then backward states (an even "
+                                 f"number of tensors), got {got}")
+            half = len(initial_state) // 2
+            forward_state, backward_state = list(initial_state[:half]), list(initial_state[half:])
+        y_f = self.forward_layer(inputs, mask=mask, initial_state=forward_state, training=training)
+        y_b = self.backward_layer(inputs, mask=mask, initial_state=backward_state, training=training)
+        states = []
+        if self.return_state:
+            (y_f, *states_f), (y_b, *states_b) = y_f, y_b
+            states = states_f + states_b
+        if self.return_sequences:
+            y_b = y_b.flip(1)
+        if self.merge_mode is None:
+            merged = [y_f, y_b]
+        elif self.merge_mode == "concat":
+            merged = [torch.cat([y_f, y_b], dim=-1)]
+        elif self.merge_mode == "sum":
+            merged = [y_f + y_b]
+        elif self.merge_mode == "ave":
+            merged = [(y_f + y_b) / 2]
+        else:
+            merged = [y_f * y_b]
+        returned = merged + states
+        return returned[0] if len(returned) == 1 else tuple(returned)
+
+    def reset_state(self, states=None) -> None:
+        half = None if states is None else len(states) // 2
+        self.forward_layer.reset_state(None if states is None else states[:half])
+        self.backward_layer.reset_state(None if states is None else states[half:])
+
+    reset_states = reset_state
+
+    def compute_mask(self, inputs, mask=None):
+        return mask if self.return_sequences else None
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Forward weights, then backward weights (Keras' order)."""
+        return self.forward_layer.get_weights() + self.backward_layer.get_weights()
+
+    def set_weights(self, weights) -> None:
+        weights = list(weights)
+        if len(weights) % 2:
+            raise ValueError(f"set_weights: expected forward then backward weights (an even count), got "
+                             f"{len(weights)} arrays")
+        half = len(weights) // 2
+        self.forward_layer.set_weights(weights[:half])
+        self.backward_layer.set_weights(weights[half:])
+
+    @property
+    def losses(self) -> list[torch.Tensor]:
+        return self.forward_layer.losses + self.backward_layer.losses
+
+    def get_config(self) -> dict:
+        config = {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": dtype_name(self.forward_layer.cell.compute_dtype),
+            "layer": self._layer_config,
+            "merge_mode": self.merge_mode,
+        }
+        if self._custom_backward:
+            config["backward_layer"] = {"class_name": type(self.backward_layer).__name__,
+                                        "config": self.backward_layer.get_config()}
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, dialect: Optional[str] = None):
+        """From this library's, Keras 3's or tf_keras' Bidirectional config."""
+        from . import deserialize
+
+        config = dict(config)
+        for key in ("layer",):
+            if not isinstance(config.get(key), dict):
+                raise ValueError(f"config: a Bidirectional config needs a '{key}' dict, got {config.get(key)!r}")
+        layer = deserialize(config.pop("layer"), dialect)
+        backward = config.pop("backward_layer", None)
+        backward = None if backward is None else deserialize(backward, dialect)
+        for key in ("module", "registered_name", "build_config"):
+            config.pop(key, None)
+        config.pop("dtype", None)  # the wrapped layers carry it
+        unknown = set(config) - {"name", "trainable", "merge_mode"}
+        if unknown:
+            raise ValueError(f"config: unknown keys {sorted(unknown)} for Bidirectional")
+        return cls(layer, backward_layer=backward, **config)

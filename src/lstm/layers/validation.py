@@ -1,0 +1,84 @@
+"""Argument checks with errors that name the argument, the expected and the actual value."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def check_units(units: Any) -> int:
+    if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
+        raise ValueError(f"units: expected a positive integer, got {units!r}")
+    return int(units)
+
+
+def check_fraction(rate: Any, argument: str) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise TypeError(f"{argument}: expected a float in [0, 1), got {rate!r}")
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{argument}: expected a float in [0, 1), got {rate}")
+    return rate
+
+
+def feature_size(input_shape: Any) -> int:
+    """The feature size from an int or a shape whose last entry is the feature size."""
+    size = input_shape if isinstance(input_shape, numbers.Integral) else (
+        input_shape[-1] if isinstance(input_shape, (tuple, list, torch.Size)) and len(input_shape) else None)
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"input_shape: expected a positive feature size (an int, or a shape ending in one), "
+                         f"got {input_shape!r}")
+    return int(size)
+
+
+def as_float_tensor(value: Any, argument: str) -> torch.Tensor:
+    """Tensors pass through; NumPy arrays and lists become tensors. Integers are refused."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{argument}: expected a float tensor or array, got {type(value).__name__}") from error
+    if not value.is_floating_point():
+        raise TypeError(f"{argument}: expected a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
+    """A [batch, timesteps] bool mask (ints are cast, as in Keras), on the inputs' device."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(np.asarray(mask))
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"mask: expected a bool or integer tensor, got dtype {mask.dtype}")
+    expected = tuple(inputs.shape[:2])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask: expected shape {expected} [batch, timesteps], got {tuple(mask.shape)}")
+    return mask.to(device=inputs.device, dtype=torch.bool)
+
+
+def check_initial_state(states: Any, cell, batch: int, inputs: torch.Tensor | None, argument: str) -> list:
+    """`state_count` tensors of shape [batch, units] in the layer's dtype; None means zeros."""
+    device = None if inputs is None else inputs.device
+    if states is None:
+        return cell.get_initial_state(batch, device=device)
+    if isinstance(states, torch.Tensor):
+        states = [states]
+    if not isinstance(states, (list, tuple)) or len(states) != cell.state_count:
+        names = "[h, c]" if cell.state_count == 2 else "[h]"
+        got = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
+        raise ValueError(f"{argument}: expected {cell.state_count} state tensor(s) {names}, got {got}")
+    checked = []
+    for k, state in enumerate(states):
+        state = as_float_tensor(state, f"{argument}[{k}]")
+        if tuple(state.shape) != (batch, cell.units):
+            raise ValueError(f"{argument}[{k}]: expected shape {(batch, cell.units)} [batch, units], got "
+                             f"{tuple(state.shape)}")
+        if state.dtype != cell.compute_dtype:
+            raise TypeError(f"{argument}[{k}]: dtype {state.dtype} does not match the layer's dtype "
+                            f"{cell.compute_dtype}")
+        checked.append(state if device is None else state.to(device))
+    return checked
