@@ -1,0 +1,32 @@
+"""The `lstm` command. Each subcommand is a module with `add_arguments(parser)` and `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help); modules are imported only when their command runs
+COMMANDS = {
+    "demo": ("lstm.commands.demo", "walk through the tutorial's example: one step's gates, the config, a sequence"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lstm", description="The LSTM of the tutorial, exact to Keras, on PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(module_name=module_name)
+        importlib.import_module(module_name).add_arguments(command)
+    args = parser.parse_args(argv)
+    try:
+        return importlib.import_module(args.module_name).run(args) or 0
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"lstm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
