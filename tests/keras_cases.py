@@ -124,7 +124,11 @@ def run_case(case: Case):
         x_in = x * mask[..., None].to(x.dtype)
     else:
         x_in = x
-    outputs, states = run(x_in, mask, initial)
+    chunks = stateful_calls(case)
+    if chunks:
+        outputs, states = run_in_calls(case, run, x_in, mask, initial, chunks)
+    else:
+        outputs, states = run(x_in, mask, initial)
     ours = {"outputs": outputs}
     ours.update({"final_" + name: s for name, s in zip(case.state_names, states)})
     loss = sum((ours[name] * case.tensor(g)).sum() for name, g in case.meta["loss_terms"])
@@ -136,6 +140,37 @@ def run_case(case: Case):
         tensor = leaves.get(target, params.get(target))
         grads[key] = tensor.grad
     return ours, grads
+
+
+def stateful_calls(case: Case) -> list[int]:
+    """Timesteps per call for a stateful case that splits its inputs over several calls.
+
+    The split is read from any list of ints in the case's metadata that sums to T (e.g.
+    `"calls": [4, 2]`); without one, a single call gives the same outputs (SPEC.md §5).
+    """
+    config = case.config[-1] if isinstance(case.config, list) else case.config
+    if not (isinstance(config, dict) and config.get("stateful")):
+        return []
+    steps = case.arrays["inputs"].shape[1]
+    for value in case.meta.values():
+        if (isinstance(value, list) and len(value) > 1 and all(isinstance(v, int) and v > 0 for v in value)
+                and sum(value) == steps):
+            return value
+    return []
+
+
+def run_in_calls(case: Case, run, x, mask, initial, chunks):
+    """Consecutive calls of a stateful model; outputs joined as the case stores them."""
+    outputs, start = [], 0
+    for k, size in enumerate(chunks):
+        piece_mask = None if mask is None else mask[:, start:start + size]
+        out, states = run(x[:, start:start + size], piece_mask, initial if k == 0 else None)
+        outputs.append(out)
+        start += size
+    expected = case.arrays["outputs"]
+    if outputs[-1].dim() == 3 and expected.ndim == 3 and expected.shape[1] == x.shape[1]:
+        return torch.cat(outputs, dim=1), states
+    return outputs[-1], states
 
 
 def _named_weights(model, case: Case):
