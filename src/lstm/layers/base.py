@@ -281,6 +281,8 @@ class RNN(nn.Module):
             raise TypeError(f"cell: expected a RecurrentCell (LSTMCell, GRUCell, SimpleRNNCell), got "
                             f"{type(cell).__name__}")
         self.cell = cell
+        if dtype is not None and not cell.built:
+            cell.dtype = parse_dtype(dtype)
         self.return_sequences = bool(return_sequences)
         self.return_state = bool(return_state)
         self.go_backwards = bool(go_backwards)
