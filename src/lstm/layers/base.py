@@ -51,7 +51,7 @@ class RecurrentCell(nn.Module):
         self.bias_constraint = constraints.get(bias_constraint, "bias_constraint")
         self.dropout = check_fraction(dropout, "dropout")
         self.recurrent_dropout = check_fraction(recurrent_dropout, "recurrent_dropout")
-        if implementation not in (1, 2):
+        if isinstance(implementation, bool) or not isinstance(implementation, int) or implementation not in (1, 2):
             raise ValueError(f"implementation: expected 1 or 2, got {implementation!r}")
         # Keras: recurrent dropout needs the per-gate path
         self.implementation = 1 if self.recurrent_dropout and self.kind != "simple_rnn" else implementation
@@ -292,6 +292,10 @@ class RNN(nn.Module):
         self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
         self.name = name or unique_name(self.default_name)
         self.trainable = bool(trainable)
+        if not self.trainable:  # Keras: a frozen layer freezes its cell's weights
+            cell.trainable = False
+            for param in cell.parameters():
+                param.requires_grad_(False)
         self._states: Optional[list[torch.Tensor]] = None
         self._activity_losses: list[torch.Tensor] = []
         if input_shape is not None:
@@ -417,8 +421,8 @@ class CellLayer(RNN):
     def __init__(self, units, **kwargs):
         layer_kwargs = {k: kwargs.pop(k) for k in self.layer_keys if k in kwargs}
         input_shape = layer_kwargs.pop("input_shape", None)
-        if input_shape is not None:
-            kwargs.setdefault("input_dim", feature_size(input_shape))
+        if input_shape is not None and kwargs.get("input_dim") is None:  # the subclasses pass input_dim=None
+            kwargs["input_dim"] = feature_size(input_shape)
         cell = self.cell_class(units, name=self.cell_class.default_name, **kwargs)
         super().__init__(cell, dtype=kwargs.get("dtype"), **layer_kwargs)
 

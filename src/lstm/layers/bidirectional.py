@@ -42,10 +42,12 @@ class Bidirectional(nn.Module):
         self.name = name or unique_name(self.default_name)
         self.trainable = bool(trainable)
         self._layer_config = {"class_name": type(layer).__name__, "config": layer.get_config()}
-        self.forward_layer = self._copy(layer, "forward_" + layer.name, go_backwards=False)
+        # Keras 3 strips the prefix, so a Keras 3 config's 'forward_lstm' stays 'forward_lstm'
+        self.forward_layer = self._copy(layer, "forward_" + layer.name.removeprefix("forward_"), go_backwards=False)
         self._custom_backward = backward_layer is not None
         if backward_layer is None:
-            self.backward_layer = self._copy(layer, "backward_" + layer.name, go_backwards=True)
+            self.backward_layer = self._copy(layer, "backward_" + layer.name.removeprefix("backward_"),
+                                             go_backwards=True)
         else:
             if not isinstance(backward_layer, RNN):
                 raise TypeError(f"backward_layer: expected a recurrent layer, got {type(backward_layer).__name__}")
@@ -57,6 +59,11 @@ class Bidirectional(nn.Module):
                                      f"the forward layer's {getattr(layer, option)}")
             backward_layer.zero_output_for_mask = backward_layer.return_sequences
             self.backward_layer = backward_layer
+        if not self.trainable:  # Keras: freezing the wrapper freezes both directions
+            for sub in (self.forward_layer, self.backward_layer):
+                sub.trainable = sub.cell.trainable = False
+                for param in sub.parameters():
+                    param.requires_grad_(False)
         self.return_sequences = layer.return_sequences
         self.return_state = layer.return_state
         if input_shape is not None:
