@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..serialization import dtype_name, unique_name
+from ..serialization import dtype_name, parse_dtype, unique_name
 from .base import RNN
 
 MERGE_MODES = ("concat", "sum", "ave", "mul", None)
@@ -64,6 +64,10 @@ class Bidirectional(nn.Module):
                 sub.trainable = sub.cell.trainable = False
                 for param in sub.parameters():
                     param.requires_grad_(False)
+        if dtype is not None:
+            for sub in (self.forward_layer, self.backward_layer):
+                if not sub.built:
+                    sub.cell.dtype = parse_dtype(dtype)
         self.return_sequences = layer.return_sequences
         self.return_state = layer.return_state
         if input_shape is not None:
