@@ -1,9 +1,10 @@
 """Kernels behind one dispatch. Layers build a `Recurrence` and call `run`."""
 
-from . import reference
+from . import fused_cpu, reference
 from .dispatch import available, register, run, select, use
 from .problem import CellSpec, Recurrence, RecurrenceResult
 
 register(reference, priority=0)
+register(fused_cpu, priority=10)
 
 __all__ = ["CellSpec", "Recurrence", "RecurrenceResult", "available", "register", "run", "select", "use"]

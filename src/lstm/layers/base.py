@@ -261,6 +261,13 @@ class RecurrentCell(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, units={self.units}, input_dim={self.input_dim}"
 
+    def stream(self, batch_size: int = 1):
+        """Online inference, one step per call: `s = cell.stream(); y_t = s.step(x_t)` (see
+        `lstm.streaming`); the stream starts from zeros and keeps (h, c) inside."""
+        from ..streaming import Stream
+
+        return Stream(self, batch_size)
+
 
 class RNN(nn.Module):
     """A recurrent layer over a cell, with Keras' call: `layer(inputs [B, T, D], mask=None,
@@ -408,6 +415,19 @@ class RNN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+    def stream(self, batch_size: int = 1):
+        """Online inference over this layer's cell, one step per call (see `lstm.streaming`):
+        `s.step(x_t)` gives the layer's output for that step. A stateful layer's stream starts
+        from its carried states (when their batch size matches). Not for go_backwards layers."""
+        from ..streaming import Stream
+
+        if self.go_backwards:
+            raise ValueError("stream: a go_backwards layer needs the whole sequence; streaming runs forwards only")
+        initial = None
+        if self.stateful and self._states is not None and self._states[0].shape[0] == batch_size:
+            initial = self._states
+        return Stream(self.cell, batch_size, initial)
 
 
 class CellLayer(RNN):

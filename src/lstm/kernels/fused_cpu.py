@@ -1,0 +1,310 @@
+"""The fused CPU kernel: one matrix product for the input projection of every step, then one
+fused loop (Numba) over the steps, and a backward pass derived by hand (BPTT over the saved
+gates) instead of autograd through the steps.
+
+    forward   xw = x @ kernel + b            one product over [T*B, D] (dropout masks first)
+              per step: z = xw_t + h @ R;  gates, state and output fused in one pass
+    backward  per step (reverse): dZ_t from the saved gates, dh_{t-1} = dZ_t @ R^T
+              then dR = H_prev^T @ dZ, dkernel = x^T @ dZ, dx = dZ @ kernel^T, db = ΣdZ,
+              each one product over all steps
+
+Supported: LSTM, GRU (reset_after True/False) and SimpleRNN on CPU float32/float64 tensors with
+named activations (tanh, sigmoid, relu, linear, hard_sigmoid, hard_sigmoid_tf_keras), with
+every option of a `Recurrence` except `trace` (the reference kernel answers that).
+Numba is imported and the loops compiled (once, cached on disk) on the first call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .problem import Recurrence, RecurrenceResult
+
+name = "fused_cpu"
+
+ACT_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "linear": 3, "hard_sigmoid": 4, "hard_sigmoid_tf_keras": 5}
+_DTYPES = (torch.float32, torch.float64)
+_HAS_NUMBA = importlib.util.find_spec("numba") is not None
+_nb = None
+
+
+def _numba():
+    global _nb
+    if _nb is None:
+        from . import _numba_rnn
+
+        _nb = _numba_rnn
+    return _nb
+
+
+def _code(activation) -> Optional[int]:
+    return ACT_CODES.get(activation) if isinstance(activation, str) else None
+
+
+def supports(p: Recurrence) -> bool:
+    if p.trace or not _HAS_NUMBA:
+        return False
+    cell = p.cell
+    if cell.kind not in ("lstm", "gru", "simple_rnn") or _code(cell.activation) is None:
+        return False
+    if cell.kind != "simple_rnn" and _code(cell.recurrent_activation) is None:
+        return False
+    dtype = p.inputs.dtype
+    if dtype not in _DTYPES:
+        return False
+    tensors = [p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, p.recurrent_dropout,
+               *p.initial_state]
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or t.dtype != dtype):
+            return False
+    if p.mask is not None and p.mask.device.type != "cpu":
+        return False
+    return len(p.initial_state) == cell.state_count
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _time_major(x: torch.Tensor, backwards: bool) -> torch.Tensor:
+    xt = x.transpose(0, 1)
+    if backwards:
+        xt = xt.flip(0)
+    return xt.contiguous()
+
+
+def _blocks(w: torch.Tensor, gates: int):
+    return w.chunk(gates, dim=-1)
+
+
+def _input_projection(xt2d, kernel, b_in, in_drop_tb, gates):
+    """xt2d [T*B, D] time-major; in_drop_tb None or [G', T*B, D]-broadcastable masks."""
+    if in_drop_tb is None:
+        return torch.mm(xt2d, kernel) if b_in is None else torch.addmm(b_in, xt2d, kernel)
+    if in_drop_tb.shape[0] == 1:
+        xm = xt2d * in_drop_tb[0]
+        return torch.mm(xm, kernel) if b_in is None else torch.addmm(b_in, xm, kernel)
+    ks = _blocks(kernel, gates)
+    bs = _blocks(b_in, gates) if b_in is not None else [None] * gates
+    parts = [torch.mm(xt2d * in_drop_tb[g], ks[g]) if bs[g] is None else torch.addmm(bs[g], xt2d * in_drop_tb[g], ks[g])
+             for g in range(gates)]
+    return torch.cat(parts, dim=1)
+
+
+_EMPTY_KEEP = np.zeros((0, 0), dtype=np.uint8)
+
+
+class _Cfg:
+    __slots__ = ("kind", "act", "ract", "reset_after", "backwards", "zero_out", "seq", "gates")
+
+    def __init__(self, p: Recurrence):
+        cell = p.cell
+        self.kind = cell.kind
+        self.act = _code(cell.activation)
+        self.ract = _code(cell.recurrent_activation) if cell.kind != "simple_rnn" else 0
+        self.reset_after = bool(cell.reset_after)
+        self.backwards = bool(p.go_backwards)
+        self.zero_out = bool(p.zero_output_for_mask)
+        self.seq = bool(p.return_sequences)
+        self.gates = cell.gate_count
+
+
+def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, save: bool):
+    nb = _numba()
+    B, T, D = x.shape
+    U = R.shape[0]
+    G = cfg.gates
+    npdt = np.float32 if x.dtype == torch.float32 else np.float64
+    xt = _time_major(x.detach(), cfg.backwards)
+    xt2d = xt.view(T * B, D)
+    in_drop_tb = None
+    if in_drop is not None:
+        # [G', B, D] -> broadcast over time in the [T*B, D] layout
+        in_drop_tb = in_drop.detach().unsqueeze(1).expand(-1, T, -1, -1).reshape(in_drop.shape[0], T * B, D)
+    bias_d = None if bias is None else bias.detach()
+    b_in = None if bias_d is None else (bias_d[0] if bias_d.dim() == 2 else bias_d)
+    with torch.no_grad():
+        xw = _input_projection(xt2d, kernel.detach(), b_in, in_drop_tb, G)
+    xw_np = xw.numpy().reshape(T, B, G * U)
+    R_np = _np(R)
+    if mask is not None:
+        keep_t = mask.detach().t()
+        if cfg.backwards:
+            keep_t = keep_t.flip(0)
+        keep = keep_t.contiguous().numpy().view(np.uint8)
+    else:
+        keep = _EMPTY_KEEP
+    rd = _np(rec_drop) if rec_drop is not None else np.zeros((0, 0, 0), dtype=npdt)
+
+    Y = np.empty((B, T, U), dtype=npdt)
+    Hs = np.empty((T + 1, B, U), dtype=npdt)
+    Hs[0] = h0.detach().numpy()
+    saved = None
+    if cfg.kind == "lstm":
+        Cs = np.empty((T + 1, B, U), dtype=npdt)
+        Cs[0] = c0.detach().numpy()
+        Gs = np.empty((T, B, G * U), dtype=npdt)
+        TC = np.empty((T, B, U), dtype=npdt)
+        nb.lstm_forward(xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, cfg.ract, Y, Hs, Cs, Gs, TC)
+        states = (torch.from_numpy(Hs[T].copy()), torch.from_numpy(Cs[T].copy()))
+        if save:
+            saved = (Hs, Cs, Gs, TC)
+    elif cfg.kind == "gru":
+        brec = np.zeros(0, dtype=npdt)
+        if bias_d is not None and bias_d.dim() == 2:
+            brec = _np(bias_d[1])
+        Gs = np.empty((T, B, G * U), dtype=npdt)
+        EX = np.empty((T, B, U), dtype=npdt)
+        rec = np.empty((B, G * U), dtype=npdt)
+        nb.gru_forward(xw_np, R_np, brec, rd, keep, cfg.zero_out, cfg.act, cfg.ract, cfg.reset_after,
+                       Y, Hs, Gs, EX, rec)
+        states = (torch.from_numpy(Hs[T].copy()),)
+        if save:
+            saved = (Hs, Gs, EX)
+    else:
+        nb.rnn_forward(xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, Y, Hs)
+        states = (torch.from_numpy(Hs[T].copy()),)
+        if save:
+            saved = (Hs,)
+    out = torch.from_numpy(Y) if cfg.seq else torch.from_numpy(Y[:, T - 1].copy())
+    if save:
+        saved = saved + (xt2d, in_drop_tb, keep, rd, R_np)
+    return (out, *states), saved
+
+
+def _grad_numpy(g: Optional[torch.Tensor], shape, npdt) -> np.ndarray:
+    if g is None:
+        return np.zeros(shape, dtype=npdt)
+    return np.array(g.detach().numpy() if g.is_contiguous() else g.detach().contiguous().numpy(), dtype=npdt)
+
+
+def _weight_grad_rec(Hprev2d, dZr2d, rd, gates, U, T, B):
+    """dR = Σ_t (h_{t-1} * rd_g)^T @ dZ_g, blocks per gate with recurrent dropout."""
+    if rd.shape[0] == 0:
+        return Hprev2d.t().mm(dZr2d)
+    rdt = torch.from_numpy(rd)
+    parts = []
+    for g in range(gates):
+        hm = (Hprev2d.view(T, B, U) * rdt[g]).view(T * B, U)
+        parts.append(hm.t().mm(dZr2d[:, g * U:(g + 1) * U]))
+    return torch.cat(parts, dim=1)
+
+
+class _FusedRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask):
+        outs, saved = _forward(cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, save=True)
+        ctx.cfg = cfg
+        ctx.saved = saved
+        ctx.shapes = (tuple(x.shape), R.shape[0], None if bias is None else bias.dim())
+        ctx.save_for_backward(kernel)
+        return outs
+
+    @staticmethod
+    def backward(ctx, dY, dhT, *rest):
+        nb = _numba()
+        cfg = ctx.cfg
+        (kernel,) = ctx.saved_tensors
+        (B, T, D), U, bias_dim = ctx.shapes
+        G = cfg.gates
+        GU = G * U
+        npdt = np.float32 if kernel.dtype == torch.float32 else np.float64
+        needs = ctx.needs_input_grad  # cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask
+        if dY is None:
+            dY_np = np.zeros((B, T if cfg.seq else 1, U), dtype=npdt)
+        else:
+            dY_np = np.ascontiguousarray(dY.detach().numpy(), dtype=npdt).reshape(B, T if cfg.seq else 1, U)
+        dh = _grad_numpy(dhT, (B, U), npdt)
+        saved = ctx.saved
+        if cfg.kind == "lstm":
+            Hs, Cs, Gs, TC, xt2d, in_drop_tb, keep, rd, R_np = saved
+            dc = _grad_numpy(rest[0] if rest else None, (B, U), npdt)
+            dZ = np.empty((T, B, GU), dtype=npdt)
+            RT = np.ascontiguousarray(R_np.T)
+            nb.lstm_backward(dY_np, cfg.seq, dh, dc, Cs, Gs, TC, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract, dZ)
+            dZx = dZr = torch.from_numpy(dZ).view(T * B, GU)
+            Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
+            dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B) if needs[3] else None
+            db = dZx.sum(0) if (needs[4] and bias_dim is not None) else None
+            dc0 = torch.from_numpy(dc) if needs[6] else None
+        elif cfg.kind == "gru":
+            Hs, Gs, EX, xt2d, in_drop_tb, keep, rd, R_np = saved
+            dZx_np = np.empty((T, B, GU), dtype=npdt)
+            dZr_np = np.empty((T, B, GU), dtype=npdt)
+            RT = np.ascontiguousarray(R_np.T)
+            nb.gru_backward(dY_np, cfg.seq, dh, Hs, Gs, EX, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract,
+                            cfg.reset_after, dZx_np, dZr_np)
+            dZx = torch.from_numpy(dZx_np).view(T * B, GU)
+            dZr = torch.from_numpy(dZr_np).view(T * B, GU)
+            Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
+            dR = None
+            if needs[3]:
+                if cfg.reset_after:
+                    dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B)
+                else:
+                    d_zr = _weight_grad_rec(Hprev2d, dZr[:, : 2 * U], rd[:2] if rd.shape[0] else rd, 2, U, T, B)
+                    d_h = torch.from_numpy(EX).view(T * B, U).t().mm(dZr[:, 2 * U:])
+                    dR = torch.cat([d_zr, d_h], dim=1)
+            db = None
+            if needs[4] and bias_dim is not None:
+                db = torch.stack([dZx.sum(0), dZr.sum(0)]) if bias_dim == 2 else dZx.sum(0)
+            dc0 = None
+        else:
+            Hs, xt2d, in_drop_tb, keep, rd, R_np = saved
+            dZ = np.empty((T, B, GU), dtype=npdt)
+            RT = np.ascontiguousarray(R_np.T)
+            nb.rnn_backward(dY_np, cfg.seq, dh, Hs, RT, rd, keep, cfg.zero_out, cfg.act, dZ)
+            dZx = dZr = torch.from_numpy(dZ).view(T * B, GU)
+            Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
+            dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B) if needs[3] else None
+            db = dZx.sum(0) if (needs[4] and bias_dim is not None) else None
+            dc0 = None
+
+        dK = dX = None
+        if needs[2]:
+            if in_drop_tb is None:
+                dK = xt2d.t().mm(dZx)
+            elif in_drop_tb.shape[0] == 1:
+                dK = (xt2d * in_drop_tb[0]).t().mm(dZx)
+            else:
+                dK = torch.cat([(xt2d * in_drop_tb[g]).t().mm(dZx[:, g * U:(g + 1) * U]) for g in range(G)], dim=1)
+        if needs[1]:
+            if in_drop_tb is None:
+                dxt = dZx.mm(kernel.t())
+            elif in_drop_tb.shape[0] == 1:
+                dxt = dZx.mm(kernel.t()) * in_drop_tb[0]
+            else:
+                ks = _blocks(kernel, G)
+                dxt = sum(dZx[:, g * U:(g + 1) * U].mm(ks[g].t()) * in_drop_tb[g] for g in range(G))
+            dxt = dxt.view(T, B, D)
+            if cfg.backwards:
+                dxt = dxt.flip(0)
+            dX = dxt.transpose(0, 1)
+        dh0 = torch.from_numpy(dh) if needs[5] else None
+        ctx.saved = None
+        return None, dX, dK, dR, db, dh0, dc0, None, None, None
+
+
+def run(p: Recurrence) -> RecurrenceResult:
+    x = p.inputs
+    B, T = x.shape[0], x.shape[1]
+    U = p.units
+    if T == 0:
+        out = x.new_zeros(B, 0, U) if p.return_sequences else x.new_zeros(B, U)
+        return RecurrenceResult(out, tuple(p.initial_state))
+    cfg = _Cfg(p)
+    h0 = p.initial_state[0]
+    c0 = p.initial_state[1] if cfg.kind == "lstm" else None
+    args = (x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, p.input_dropout, p.recurrent_dropout, p.mask)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, p.kernel, p.recurrent_kernel, p.bias, h0, c0))
+    if grad:
+        outs = _FusedRecurrence.apply(cfg, *args)
+    else:
+        outs, _ = _forward(cfg, *args, save=False)
+    return RecurrenceResult(outs[0], tuple(outs[1:]))
