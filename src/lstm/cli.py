@@ -9,6 +9,7 @@ import sys
 # subcommand -> (module, one-line help); modules are imported only when their command runs
 COMMANDS = {
     "demo": ("lstm.commands.demo", "walk through the tutorial's example: one step's gates, the config, a sequence"),
+    "bench": ("lstm.commands.bench", "time this LSTM against torch.nn.LSTM, a PyTorch loop and ONNX Runtime"),
 }
 
 
