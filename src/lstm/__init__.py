@@ -2,6 +2,9 @@
 
 from . import activations, constraints, initializers, kernels, layers, regularizers
 from .constraints import apply_constraints
+from . import models
+from .models import Sequential
+from .interop import keras_config, load_keras, load_keras_weights, save_keras_weights
 from .serialization import clear_session
 
 __version__ = "0.1.0"
@@ -20,4 +23,5 @@ def regularization_loss(module):
 
 
 __all__ = ["activations", "constraints", "initializers", "kernels", "layers", "regularizers",
-           "apply_constraints", "clear_session", "regularization_loss"]
+           "apply_constraints", "clear_session", "regularization_loss", "models", "Sequential", "load_keras",
+           "load_keras_weights", "save_keras_weights", "keras_config"]

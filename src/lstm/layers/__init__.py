@@ -7,11 +7,13 @@ from typing import Optional
 
 from .base import RNN, RecurrentCell
 from .bidirectional import Bidirectional
+from .core import Dense, Dropout, Embedding, Input, InputLayer, Masking, TimeDistributed
 from .gru import GRU, GRUCell
 from .lstm import LSTM, LSTMCell
 from .simple_rnn import SimpleRNN, SimpleRNNCell
 
-_CLASSES = {cls.__name__: cls for cls in (LSTMCell, LSTM, GRUCell, GRU, SimpleRNNCell, SimpleRNN, RNN, Bidirectional)}
+_CLASSES = {cls.__name__: cls for cls in (LSTMCell, LSTM, GRUCell, GRU, SimpleRNNCell, SimpleRNN, RNN, Bidirectional,
+                                          InputLayer, Embedding, Masking, Dense, Dropout, TimeDistributed)}
 
 
 def deserialize(config: dict, dialect: Optional[str] = None):
@@ -29,4 +31,5 @@ def serialize(layer) -> dict:
 
 
 __all__ = ["LSTMCell", "LSTM", "GRUCell", "GRU", "SimpleRNNCell", "SimpleRNN", "RNN", "RecurrentCell",
-           "Bidirectional", "deserialize", "serialize"]
+           "Bidirectional", "InputLayer", "Input", "Embedding", "Masking", "Dense", "Dropout", "TimeDistributed",
+           "deserialize", "serialize"]
