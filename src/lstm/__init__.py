@@ -4,7 +4,7 @@ from . import activations, constraints, initializers, kernels, layers, regulariz
 from .constraints import apply_constraints
 from . import models
 from .models import Sequential
-from .interop import from_torch, keras_config, load_keras, load_keras_weights, save_keras_weights, to_torch
+from .interop import export_onnx, from_torch, keras_config, load_keras, load_keras_weights, save_keras_weights, to_torch
 from .serialization import clear_session
 
 __version__ = "0.1.0"
@@ -24,4 +24,5 @@ def regularization_loss(module):
 
 __all__ = ["activations", "constraints", "initializers", "kernels", "layers", "regularizers",
            "apply_constraints", "clear_session", "regularization_loss", "models", "Sequential", "load_keras",
-           "load_keras_weights", "save_keras_weights", "keras_config", "to_torch", "from_torch"]
+           "load_keras_weights", "save_keras_weights", "keras_config", "to_torch", "from_torch",
+           "export_onnx"]
