@@ -10,7 +10,6 @@ Dropout, stateful, functional chains).
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -183,8 +182,7 @@ def _policy(dtype="float32"):
 
 def keras3_entry(layer) -> dict:
     """A Keras-3-style config entry (module keys, DTypePolicy dtype) for one of our layers."""
-    config = layer.get_config() if not isinstance(layer, layers.InputLayer) else layer.get_config()
-    config = json.loads(json.dumps(config))
+    config = json.loads(json.dumps(layer.get_config()))
     if "dtype" in config and not isinstance(layer, layers.InputLayer):
         config["dtype"] = _policy(config["dtype"])
     for key in ("layer", "backward_layer"):
@@ -236,7 +234,6 @@ def tf_keras_weight_names(layer) -> list:
 
 
 def write_keras_zip(path, top: dict, model) -> None:
-    buffer = io.BytesIO()
     weights = Path(str(path) + ".tmp.weights.h5")
     lstm.save_keras_weights(model, weights)
     with zipfile.ZipFile(path, "w") as archive:
@@ -244,7 +241,6 @@ def write_keras_zip(path, top: dict, model) -> None:
         archive.writestr("config.json", json.dumps(top))
         archive.write(weights, "model.weights.h5")
     weights.unlink()
-    del buffer
 
 
 def write_legacy_h5(path, top: dict, model, version: str, functional: bool) -> None:
