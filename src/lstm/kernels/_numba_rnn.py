@@ -139,13 +139,13 @@ def _mm(A, W, out, c0, c1, scale, has_scale, tmp_a, tmp_o):
         for b in range(B):
             for k in range(K):
                 tmp_a[b, k] = A[b, k] * scale[b, k]
-        src = tmp_a[:B, :K]
+        src = tmp_a
     else:
         src = A
     if c0 == 0 and c1 == W.shape[1] and out.shape[1] == c1:
-        np.dot(np.ascontiguousarray(src), W, out)
+        np.dot(src, W, out)
     else:
-        res = np.dot(np.ascontiguousarray(src), np.ascontiguousarray(W[:, c0:c1]))
+        res = np.dot(src, np.ascontiguousarray(W[:, c0:c1]))
         for b in range(B):
             for j in range(c0, c1):
                 out[b, j] = res[b, j - c0]
@@ -172,7 +172,10 @@ def _mmt_acc(dZ, c0, c1, WT, out, scale, has_scale):
                     for k in range(K):
                         out[b, k] += d * WT[j, k]
         return
-    res = np.dot(np.ascontiguousarray(dZ[:, c0:c1]), WT[c0:c1])
+    if c0 == 0 and c1 == WT.shape[0]:
+        res = np.dot(dZ, WT)
+    else:
+        res = np.dot(np.ascontiguousarray(dZ[:, c0:c1]), np.ascontiguousarray(WT[c0:c1]))
     if has_scale:
         for b in range(B):
             for k in range(K):
@@ -634,3 +637,21 @@ def rnn_step(x, W, bias, xh, z, act):
             out[b, j] = z[b, j]
             xh[b, D + j] = z[b, j]
     return out
+
+
+# ----- input projection (no dropout masks): time-major copy and one product ---------------------
+@njit(cache=True)
+def project(x, K, bias, backwards, xt, xw):
+    """xt [T, B, D] = x [B, T, D] in processing order; xw [T*B, G*U] = xt @ K + bias."""
+    B, T, D = x.shape
+    for s in range(T):
+        t = T - 1 - s if backwards else s
+        for b in range(B):
+            for k in range(D):
+                xt[s, b, k] = x[b, t, k]
+    np.dot(xt.reshape(T * B, D), K, xw)
+    if bias.shape[0] > 0:
+        N = xw.shape[1]
+        for i in range(T * B):
+            for j in range(N):
+                xw[i, j] += bias[j]

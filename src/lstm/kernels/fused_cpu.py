@@ -38,7 +38,49 @@ def _numba():
         from . import _numba_rnn
 
         _nb = _numba_rnn
+        _find_blas_threads()
     return _nb
+
+
+# Numba's np.dot calls SciPy's OpenBLAS, whose worker threads fight torch's OpenMP threads
+# (both spin-wait) on small per-step products. The loops therefore run with a thread-local
+# BLAS thread count of 1 (restored after the call) unless the per-step product is large.
+_blas_local = None
+_BLAS_THREADED_WORK = 1 << 62  # multiply-adds per step above which BLAS may use its threads (measured: never)
+
+
+def _find_blas_threads():
+    global _blas_local
+    _blas_local = False
+    try:
+        import ctypes
+        import glob
+        import os
+
+        import scipy
+
+        libdir = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+        for path in glob.glob(os.path.join(libdir, "libscipy_openblas*.so*")):
+            fn = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _blas_local = fn
+                return
+    except Exception:  # pragma: no cover - any other BLAS: leave its threads alone
+        _blas_local = False
+
+
+def _call(work: int, fn, *args):
+    """fn(*args) with single-threaded BLAS when the per-step work is small."""
+    setter = _blas_local
+    if not setter or work > _BLAS_THREADED_WORK:
+        return fn(*args)
+    previous = setter(1)
+    try:
+        return fn(*args)
+    finally:
+        setter(previous)
 
 
 def _code(activation) -> Optional[int]:
@@ -120,17 +162,26 @@ def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, sav
     U = R.shape[0]
     G = cfg.gates
     npdt = np.float32 if x.dtype == torch.float32 else np.float64
-    xt = _time_major(x.detach(), cfg.backwards)
-    xt2d = xt.view(T * B, D)
     in_drop_tb = None
-    if in_drop is not None:
-        # [G', B, D] -> broadcast over time in the [T*B, D] layout
-        in_drop_tb = in_drop.detach().unsqueeze(1).expand(-1, T, -1, -1).reshape(in_drop.shape[0], T * B, D)
     bias_d = None if bias is None else bias.detach()
     b_in = None if bias_d is None else (bias_d[0] if bias_d.dim() == 2 else bias_d)
-    with torch.no_grad():
-        xw = _input_projection(xt2d, kernel.detach(), b_in, in_drop_tb, G)
-    xw_np = xw.numpy().reshape(T, B, G * U)
+    if in_drop is None and T * B > 0:
+        # time-major copy and x @ kernel + b in one Numba call (no torch op right before the loop)
+        xt_np = np.empty((T, B, D), dtype=npdt)
+        xw_np = np.empty((T * B, G * U), dtype=npdt)
+        b_np = _np(b_in) if b_in is not None else np.zeros(0, dtype=npdt)
+        _call(0, nb.project, _np(x), _np(kernel), b_np, cfg.backwards, xt_np, xw_np)
+        xt2d = torch.from_numpy(xt_np).view(T * B, D)
+        xw_np = xw_np.reshape(T, B, G * U)
+    else:
+        xt = _time_major(x.detach(), cfg.backwards)
+        xt2d = xt.view(T * B, D)
+        if in_drop is not None:
+            # [G', B, D] -> broadcast over time in the [T*B, D] layout
+            in_drop_tb = in_drop.detach().unsqueeze(1).expand(-1, T, -1, -1).reshape(in_drop.shape[0], T * B, D)
+        with torch.no_grad():
+            xw = _input_projection(xt2d, kernel.detach(), b_in, in_drop_tb, G)
+        xw_np = xw.numpy().reshape(T, B, G * U)
     R_np = _np(R)
     if mask is not None:
         keep_t = mask.detach().t()
@@ -150,7 +201,7 @@ def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, sav
         Cs[0] = c0.detach().numpy()
         Gs = np.empty((T, B, G * U), dtype=npdt)
         TC = np.empty((T, B, U), dtype=npdt)
-        nb.lstm_forward(xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, cfg.ract, Y, Hs, Cs, Gs, TC)
+        _call(B * U * G * U, nb.lstm_forward, xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, cfg.ract, Y, Hs, Cs, Gs, TC)
         states = (torch.from_numpy(Hs[T].copy()), torch.from_numpy(Cs[T].copy()))
         if save:
             saved = (Hs, Cs, Gs, TC)
@@ -161,13 +212,13 @@ def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, sav
         Gs = np.empty((T, B, G * U), dtype=npdt)
         EX = np.empty((T, B, U), dtype=npdt)
         rec = np.empty((B, G * U), dtype=npdt)
-        nb.gru_forward(xw_np, R_np, brec, rd, keep, cfg.zero_out, cfg.act, cfg.ract, cfg.reset_after,
+        _call(B * U * G * U, nb.gru_forward, xw_np, R_np, brec, rd, keep, cfg.zero_out, cfg.act, cfg.ract, cfg.reset_after,
                        Y, Hs, Gs, EX, rec)
         states = (torch.from_numpy(Hs[T].copy()),)
         if save:
             saved = (Hs, Gs, EX)
     else:
-        nb.rnn_forward(xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, Y, Hs)
+        _call(B * U * G * U, nb.rnn_forward, xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, Y, Hs)
         states = (torch.from_numpy(Hs[T].copy()),)
         if save:
             saved = (Hs,)
@@ -226,7 +277,7 @@ class _FusedRecurrence(torch.autograd.Function):
             dc = _grad_numpy(rest[0] if rest else None, (B, U), npdt)
             dZ = np.empty((T, B, GU), dtype=npdt)
             RT = np.ascontiguousarray(R_np.T)
-            nb.lstm_backward(dY_np, cfg.seq, dh, dc, Cs, Gs, TC, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract, dZ)
+            _call(B * U * GU, nb.lstm_backward, dY_np, cfg.seq, dh, dc, Cs, Gs, TC, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract, dZ)
             dZx = dZr = torch.from_numpy(dZ).view(T * B, GU)
             Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
             dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B) if needs[3] else None
@@ -237,7 +288,7 @@ class _FusedRecurrence(torch.autograd.Function):
             dZx_np = np.empty((T, B, GU), dtype=npdt)
             dZr_np = np.empty((T, B, GU), dtype=npdt)
             RT = np.ascontiguousarray(R_np.T)
-            nb.gru_backward(dY_np, cfg.seq, dh, Hs, Gs, EX, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract,
+            _call(B * U * GU, nb.gru_backward, dY_np, cfg.seq, dh, Hs, Gs, EX, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract,
                             cfg.reset_after, dZx_np, dZr_np)
             dZx = torch.from_numpy(dZx_np).view(T * B, GU)
             dZr = torch.from_numpy(dZr_np).view(T * B, GU)
@@ -258,7 +309,7 @@ class _FusedRecurrence(torch.autograd.Function):
             Hs, xt2d, in_drop_tb, keep, rd, R_np = saved
             dZ = np.empty((T, B, GU), dtype=npdt)
             RT = np.ascontiguousarray(R_np.T)
-            nb.rnn_backward(dY_np, cfg.seq, dh, Hs, RT, rd, keep, cfg.zero_out, cfg.act, dZ)
+            _call(B * U * GU, nb.rnn_backward, dY_np, cfg.seq, dh, Hs, RT, rd, keep, cfg.zero_out, cfg.act, dZ)
             dZx = dZr = torch.from_numpy(dZ).view(T * B, GU)
             Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
             dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B) if needs[3] else None
