@@ -337,7 +337,6 @@ class _FusedRecurrence(torch.autograd.Function):
                 dxt = dxt.flip(0)
             dX = dxt.transpose(0, 1)
         dh0 = torch.from_numpy(dh) if needs[5] else None
-        ctx.saved = None
         return None, dX, dK, dR, db, dh0, dc0, None, None, None
 
 
