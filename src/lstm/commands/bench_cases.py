@@ -331,8 +331,8 @@ def _replay_diff(name, layer, torch_lstm, torch_cell, xs, H, kernels) -> float:
 # ----- peak memory of one training step, in a fresh process ------------------------------------
 MEMORY_METHOD = (
     "each contender runs in a fresh Python process (MALLOC_MMAP_THRESHOLD_=65536, so freed tensors "
-    "go back to the OS); it builds the weights and input, runs one warm-up training step, drops the "
-    "gradients, returns freed heap pages to the OS (malloc_trim(0)), resets the kernel's peak-RSS mark (echo 5 > /proc/self/clear_refs), runs one training "
+    "go back to the OS); it runs one warm-up training step on a short sequence (T<=100), builds the "
+    "weights and input, returns freed heap pages to the OS (malloc_trim(0)), resets the kernel's peak-RSS mark (echo 5 > /proc/self/clear_refs), runs one training "
     "step (forward + backward of a sum loss) and reports VmHWM - VmRSS(before): the resident memory "
     "the step added at its peak (activations, saved tensors, workspaces, gradients). 'saved' is the "
     "size of the tensors autograd kept for backward (saved_tensors_hooks), allocator-independent; a "
@@ -385,10 +385,15 @@ def _malloc_trim() -> bool:
 
 def memory_worker(name: str, shape: tuple, threads: int, seed: int = 0) -> dict:
     torch.set_num_threads(threads)
+    # warm-up on a short sequence (one-time work: imports, numba loading, first-call allocations;
+    # a full-length warm-up would double the cost of the slow per-step contenders at T=2000)
+    B, T, D, H = shape
+    warm, _ = sequence_contenders((B, min(T, 100), D, H), threads, seed, onnx=False, names=(name,))
+    warm[0].train()
+    warm[0].zero_grad()
+    del warm
     contenders, x = sequence_contenders(shape, threads, seed, onnx=False, names=(name,))
     contender = contenders[0]
-    contender.train()  # warm-up: first-call allocations, oneDNN primitive caches
-    contender.zero_grad()
     gc.collect()
     trimmed = _malloc_trim()  # hand the warm-up's freed heap pages back, so the step's reuse shows as growth
     saved = {}
