@@ -34,6 +34,7 @@ class Stream:
         self._initial = None if initial_state is None else [torch.as_tensor(s).detach().clone() for s in initial_state]
         self._fast = None
         self._versions = None
+        self._params = ()
         self._states_torch: Optional[list] = None
         if cell.built:
             self._setup()
@@ -48,7 +49,12 @@ class Stream:
         return cell.kind == "simple_rnn" or fused_cpu._code(cell.recurrent_activation) is not None
 
     def _param_versions(self):
-        return tuple(w._version for w in self.cell.weights())
+        # cheap: the cached parameter objects' in-place versions, plus a check that they are
+        # still the cell's parameters
+        params = self._params
+        if self.cell._parameters.get("kernel") is not params[0]:
+            return None
+        return tuple(w._version for w in params)
 
     def _setup(self, keep_state: bool = False) -> None:
         cell = self.cell
@@ -57,9 +63,10 @@ class Stream:
         self._D, self._U = D, U
         self._dtype = cell.compute_dtype
         self._fast = self._fast_ok()
+        self._params = tuple(cell.weights())
         self._versions = self._param_versions()
         if self._fast:
-            from .kernels import _numba_rnn as nb
+            nb = fused_cpu._numba()
 
             self._nb = nb
             npdt = np.float32 if self._dtype == torch.float32 else np.float64
@@ -85,6 +92,7 @@ class Stream:
                     self._b, self._brec = np.ascontiguousarray(bias), np.zeros(0, npdt)
             else:
                 self._W = np.ascontiguousarray(np.concatenate([kernel, rec], axis=0), dtype=npdt)
+                self._WT = np.ascontiguousarray(self._W.T)
                 self._b = np.zeros(G * U, npdt) if bias is None else np.ascontiguousarray(bias, dtype=npdt)
         self.reset(state)
 
@@ -154,12 +162,12 @@ class Stream:
                 raise ValueError(f"x_t: expected shape ({self.batch_size}, {self._D}), got {tuple(x.shape)}")
             kind = cell.kind
             if kind == "lstm":
-                out = self._nb.lstm_step(x, self._W, self._b, self._xh, self._c, self._z, self._act, self._ract)
+                out = fused_cpu._call(0, self._nb.lstm_step, x, self._W, self._WT, self._b, self._xh, self._c, self._z, self._act, self._ract)
             elif kind == "gru":
-                out = self._nb.gru_step(x, self._W, self._b, self._brec, self._R, self._xh, self._z, self._act,
+                out = fused_cpu._call(0, self._nb.gru_step, x, self._W, self._b, self._brec, self._R, self._xh, self._z, self._act,
                                         self._ract, self._reset_after)
             else:
-                out = self._nb.rnn_step(x, self._W, self._b, self._xh, self._z, self._act)
+                out = fused_cpu._call(0, self._nb.rnn_step, x, self._W, self._b, self._xh, self._z, self._act)
             return torch.from_numpy(out)
         x = torch.as_tensor(x_t, dtype=self._dtype).to(cell.kernel.device)
         if x.dim() == 1:

@@ -524,8 +524,10 @@ def rnn_backward(dY, seq, dh, Hs, RT, rd, keep, zero_out, act, dZ):
 
 # ----- streaming: one step, state kept in caller-owned buffers --------------------------------
 @njit(cache=True, fastmath={"contract"})
-def lstm_step(x, W, bias, xh, c, z, act, ract):
-    """xh [B, D+U] holds (x_t, h); W = [kernel; recurrent_kernel] [D+U, 4U]; returns h_t (a copy)."""
+def lstm_step(x, W, WT, bias, xh, c, z, act, ract):
+    """xh [B, D+U] holds (x_t, h); W = [kernel; recurrent_kernel] [D+U, 4U] and WT its
+    transpose (batch 1 is a matrix-vector product, faster on the transposed layout);
+    returns h_t (a copy)."""
     B, DU = xh.shape
     U = c.shape[1]
     D = DU - U
@@ -533,7 +535,10 @@ def lstm_step(x, W, bias, xh, c, z, act, ract):
     for b in range(B):
         for k in range(D):
             xh[b, k] = x[b, k]
-    np.dot(xh, W, z)
+    if B == 1:
+        np.dot(WT, xh[0], z[0])
+    else:
+        np.dot(xh, W, z)
     E, KK, KF = _scratch(B * 4 * U)
     for b in range(B):
         for j in range(4 * U):
