@@ -1,0 +1,641 @@
+// The fused LSTM kernel core on CPU (float32 / float64): one input-projection GEMM for all
+// steps, then per step one recurrent GEMM (MKL through ATen's cpublas, or a register loop for
+// tiny batches) and the gate math fused in one vectorised pass; the backward is BPTT derived by
+// hand over the saved gates, with the weight gradients as one GEMM each after the loop.
+//
+// Layout: batch-major, exactly the caller's x [B, T, D]. xw = x @ kernel + b is [B, T, 4U] and
+// becomes the activated gates in place (saved for the backward). Step s processes time index
+// t = s (or T-1-s with go_backwards); its rows are strided by T*4U, which BLAS takes as ldc,
+// so no transposes or flips of x, dx or the gates are ever materialised.
+//
+// Saved for the backward (training only): gates G [B,T,4U], Hp [B,T,U] and Cp [B,T,U], the
+// states *before* the step that processes time index t. tanh(c_t) is recomputed in the
+// backward. That is 6*B*T*U values, plus the caller's output.
+//
+// Masking follows Keras: a masked step keeps (h, c); its output repeats the previous output
+// (zeros before the first step) or is zero with zero_output_for_mask.
+//
+// Activation codes: tanh 0, sigmoid 1, relu 2, linear 3, hard_sigmoid 4 (x/6+1/2 clipped),
+// hard_sigmoid_tf_keras 5 (0.2x+1/2 clipped); derivatives are taken from the outputs.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::native::TransposeType;
+
+// ----- fast, accurate exp (Cody-Waite + Taylor), written for gcc's auto-vectoriser -------------
+inline float exp_fast(float x) {
+  x = std::min(std::max(x, -87.0f), 87.0f);
+  float k = std::nearbyint(x * 1.44269504088896341f);
+  float r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return p * s;
+}
+
+inline double exp_fast(double x) {
+  x = std::min(std::max(x, -708.0), 708.0);
+  double k = std::nearbyint(x * 1.4426950408889634);
+  double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  double p = 1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
+      1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880 + r * (1.0 / 3628800 + r * (
+      1.0 / 39916800 + r * (1.0 / 479001600))))))))))));
+  int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
+  double s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return p * s;
+}
+
+template <typename T>
+inline void act_inplace(int code, T* __restrict__ z, int64_t n) {
+  switch (code) {
+    case 0:
+      for (int64_t j = 0; j < n; ++j) z[j] = T(1) - T(2) / (exp_fast(T(2) * z[j]) + T(1));
+      break;
+    case 1:
+      for (int64_t j = 0; j < n; ++j) z[j] = T(1) / (T(1) + exp_fast(-z[j]));
+      break;
+    case 2:
+      for (int64_t j = 0; j < n; ++j) { T v = z[j]; z[j] = (v > T(0) || v != v) ? v : T(0); }
+      break;
+    case 4:
+      for (int64_t j = 0; j < n; ++j) z[j] = std::min(std::max(z[j] / T(6) + T(0.5), T(0)), T(1));
+      break;
+    case 5:
+      for (int64_t j = 0; j < n; ++j) z[j] = std::min(std::max(T(0.2) * z[j] + T(0.5), T(0)), T(1));
+      break;
+    default:
+      break;  // linear
+  }
+}
+
+template <typename T>
+inline T dact(int code, T y) {
+  switch (code) {
+    case 0: return T(1) - y * y;
+    case 1: return y * (T(1) - y);
+    case 2: return y > T(0) ? T(1) : T(0);
+    case 3: return T(1);
+    case 4: return (y > T(0) && y < T(1)) ? T(1) / T(6) : T(0);
+    default: return (y > T(0) && y < T(1)) ? T(0.2) : T(0);
+  }
+}
+
+// derivative arrays, vectorisable for the common codes
+template <typename T>
+inline void dact_arr(int code, const T* __restrict__ y, T* __restrict__ d, int64_t n) {
+  if (code == 0) {
+    for (int64_t j = 0; j < n; ++j) d[j] = T(1) - y[j] * y[j];
+  } else if (code == 1) {
+    for (int64_t j = 0; j < n; ++j) d[j] = y[j] * (T(1) - y[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) d[j] = dact(code, y[j]);
+  }
+}
+
+// ----- products ---------------------------------------------------------------------------------
+// BLAS: MKL's Fortran symbols, which libtorch_cpu exports (what ATen's cpublas calls); weak, so a
+// torch without them falls back to ATen's addmm on views of the same memory.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+inline bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+template <typename T>
+inline void blas_gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+                      T beta, T* c, int ldc);
+template <>
+inline void blas_gemm<float>(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                             const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+template <>
+inline void blas_gemm<double>(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                              const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major C[M,N] (+)= A[M,K] @ B[K,N]; beta 0 or 1.
+template <typename T>
+inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                    T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == T(0)) for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0));
+    return;
+  }
+  if (have_blas()) {
+    // column-major: C^T[N,M] = B^T[N,K] A^T[K,M]
+    blas_gemm<T>('N', 'N', (int)N, (int)M, (int)K, T(1), B, (int)ldb, A, (int)lda, beta, C, (int)ldc);
+    return;
+  }
+  auto opts = torch::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = torch::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  auto b = torch::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  auto c = torch::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == T(0)) c.zero_();
+  c.addmm_(a, b);
+}
+
+// Tiny batches: a register loop beats the BLAS call. C[M,N] += A[M,K] @ B[K,N].
+template <typename T>
+inline void small_mm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict__ A, int64_t lda,
+                         const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* a = A + m * lda;
+    T* c = C + m * ldc;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      const T a0 = a[k], a1 = a[k + 1], a2 = a[k + 2], a3 = a[k + 3];
+      const T* b0 = B + k * ldb;
+      const T* b1 = b0 + ldb;
+      const T* b2 = b1 + ldb;
+      const T* b3 = b2 + ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a0 * b0[n] + a1 * b1[n] + a2 * b2[n] + a3 * b3[n];
+    }
+    for (; k < K; ++k) {
+      const T a0 = a[k];
+      const T* b0 = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a0 * b0[n];
+    }
+  }
+}
+
+// C[M,N] += A[M,K] @ B[K,N]: loop or BLAS by size.
+constexpr int64_t kSmallBatch = 4;
+template <typename T>
+inline void mm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                   int64_t ldc) {
+  if (M <= kSmallBatch) {
+    small_mm_acc(M, N, K, A, lda, B, ldb, C, ldc);
+  } else {
+    gemm_nn<T>(M, N, K, A, lda, B, ldb, T(1), C, ldc);
+  }
+}
+
+// C[M,N] = A[M,K] @ B[K,N]
+template <typename T>
+inline void mm_set(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                   int64_t ldc) {
+  if (M <= kSmallBatch) {
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0));
+    small_mm_acc(M, N, K, A, lda, B, ldb, C, ldc);
+  } else {
+    gemm_nn<T>(M, N, K, A, lda, B, ldb, T(0), C, ldc);
+  }
+}
+
+// Run f(b0, b1) over the batch rows, in parallel only when a step is big enough.
+constexpr int64_t kParallelWork = 1 << 14;  // elements of gate math per step
+template <typename F>
+inline void over_rows(int64_t B, int64_t work_per_row, const F& f) {
+  if (B * work_per_row >= kParallelWork && B > 1 && at::get_num_threads() > 1) {
+    int64_t grain = std::max<int64_t>(1, kParallelWork / 4 / std::max<int64_t>(work_per_row, 1));
+    at::parallel_for(0, B, grain, f);
+  } else {
+    f(0, B);
+  }
+}
+
+// One row of gate math: z [4U] pre-activations in, activated in place; writes c_new and h.
+template <typename T>
+inline void gate_row(T* __restrict__ z, const T* __restrict__ cp, T* __restrict__ c_new, T* __restrict__ h,
+                     int64_t U, int act, int ract) {
+  if (act == ract) {
+    act_inplace(act, z, 4 * U);
+  } else {
+    act_inplace(ract, z, 2 * U);
+    act_inplace(act, z + 2 * U, U);
+    act_inplace(ract, z + 3 * U, U);
+  }
+  const T* i = z;
+  const T* f = z + U;
+  const T* g = z + 2 * U;
+  const T* o = z + 3 * U;
+  for (int64_t j = 0; j < U; ++j) {
+    T c = f[j] * cp[j] + i[j] * g[j];
+    c_new[j] = c;
+    h[j] = c;
+  }
+  act_inplace(act, h, U);
+  for (int64_t j = 0; j < U; ++j) h[j] *= o[j];
+}
+
+struct Flags {
+  bool backwards, zero_out, seq;
+  int act, ract;
+};
+
+inline torch::Tensor opt(const c10::optional<torch::Tensor>& t) { return t.has_value() ? *t : torch::Tensor(); }
+
+// x [B,T,D] @ kernel + bias with input-dropout masks [1|4, B, D] on x; returns [B, T, 4U].
+torch::Tensor input_projection(const torch::Tensor& x, const torch::Tensor& kernel, const torch::Tensor& bias,
+                               const torch::Tensor& in_drop) {
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  const int64_t GU = kernel.size(1), U = GU / 4;
+  auto x2 = x.reshape({B * T, D});
+  if (!in_drop.defined()) {
+    auto out = bias.defined() ? at::addmm(bias, x2, kernel) : at::mm(x2, kernel);
+    return out.view({B, T, GU});
+  }
+  if (in_drop.size(0) == 1) {
+    auto xm = (x * in_drop[0].unsqueeze(1)).reshape({B * T, D});
+    auto out = bias.defined() ? at::addmm(bias, xm, kernel) : at::mm(xm, kernel);
+    return out.view({B, T, GU});
+  }
+  std::vector<torch::Tensor> parts;
+  for (int64_t g = 0; g < 4; ++g) {
+    auto xm = (x * in_drop[g].unsqueeze(1)).reshape({B * T, D});
+    auto k = kernel.narrow(1, g * U, U);
+    parts.push_back(bias.defined() ? at::addmm(bias.narrow(0, g * U, U), xm, k) : at::mm(xm, k));
+  }
+  return at::cat(parts, 1).view({B, T, GU});
+}
+
+template <typename T>
+void forward_loop(int64_t B, int64_t Tn, int64_t U, T* xw, const T* R, const T* rd, const bool* keep,
+                  const Flags& fl, const T* h0, const T* c0, T* Y, T* hT, T* cT, T* Hp, T* Cp) {
+  const int64_t GU = 4 * U;
+  const int64_t ldz = Tn * GU;
+  const bool save = Hp != nullptr;
+  std::vector<T> hbuf(save ? 0 : 2 * B * U), cbuf(save ? 0 : 2 * B * U), ylast(fl.seq ? 0 : B * U, T(0));
+  std::vector<T> hm(rd ? 4 * B * U : 0), htmp(B * U), ctmp(B * U);
+  // state before step s: pointer and leading dimension
+  auto hprev_of = [&](int64_t s, int64_t t, int64_t& ld) -> T* {
+    if (save) { ld = Tn * U; return Hp + t * U; }
+    ld = U;
+    return hbuf.data() + (s % 2) * B * U;
+  };
+  auto cprev_of = [&](int64_t s, int64_t t) -> T* { return save ? Cp + t * U : cbuf.data() + (s % 2) * B * U; };
+  {  // initial state
+    int64_t ld;
+    int64_t t0 = fl.backwards ? Tn - 1 : 0;
+    T* hp = hprev_of(0, t0, ld);
+    T* cp = cprev_of(0, t0);
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(hp + b * ld, h0 + b * U, U * sizeof(T));
+      std::memcpy(cp + b * ld, c0 + b * U, U * sizeof(T));
+    }
+  }
+  for (int64_t s = 0; s < Tn; ++s) {
+    const int64_t t = fl.backwards ? Tn - 1 - s : s;
+    const bool last = s == Tn - 1;
+    const int64_t tn = fl.backwards ? t - 1 : t + 1;
+    int64_t ldh, ldn = U;
+    T* hp = hprev_of(s, t, ldh);
+    T* cp = cprev_of(s, t);
+    T* hn;
+    T* cn;
+    if (last) {
+      hn = hT; cn = cT; ldn = U;
+    } else {
+      hn = hprev_of(s + 1, tn, ldn);
+      cn = cprev_of(s + 1, tn);
+    }
+    T* z = xw + t * GU;
+    if (rd == nullptr) {
+      mm_acc<T>(B, GU, U, hp, ldh, R, GU, z, ldz);
+    } else {
+      for (int64_t g = 0; g < 4; ++g) {
+        T* dst = hm.data() + g * B * U;
+        const T* m = rd + g * B * U;
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t j = 0; j < U; ++j) dst[b * U + j] = hp[b * ldh + j] * m[b * U + j];
+        mm_acc<T>(B, U, U, dst, U, R + g * U, GU, z + g * U, ldz);
+      }
+    }
+    over_rows(B, 5 * U, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* zr = z + b * ldz;
+        const T* cpr = cp + b * ldh;  // Cp shares Hp's layout
+        const T* hpr = hp + b * ldh;
+        T* cnr = cn + b * ldn;
+        T* hnr = hn + b * ldn;
+        const bool kept = keep == nullptr || keep[b * Tn + t];
+        T* yrow = fl.seq ? Y + (b * Tn + s) * U : ylast.data() + b * U;
+        if (kept) {
+          gate_row(zr, cpr, cnr, hnr, U, fl.act, fl.ract);
+          std::memcpy(yrow, hnr, U * sizeof(T));
+        } else {
+          // activated gates are still saved (the backward ignores masked steps)
+          if (fl.act == fl.ract) {
+            act_inplace(fl.act, zr, 4 * U);
+          } else {
+            act_inplace(fl.ract, zr, 2 * U);
+            act_inplace(fl.act, zr + 2 * U, U);
+            act_inplace(fl.ract, zr + 3 * U, U);
+          }
+          if (cnr != cpr) std::memcpy(cnr, cpr, U * sizeof(T));
+          if (hnr != hpr) std::memcpy(hnr, hpr, U * sizeof(T));
+          if (fl.seq) {
+            if (fl.zero_out || s == 0) std::memset(yrow, 0, U * sizeof(T));
+            else std::memcpy(yrow, Y + (b * Tn + s - 1) * U, U * sizeof(T));
+          } else if (fl.zero_out) {
+            std::memset(yrow, 0, U * sizeof(T));
+          }
+        }
+      }
+    });
+  }
+  if (!fl.seq && Tn > 0) std::memcpy(Y, ylast.data(), B * U * sizeof(T));
+}
+
+}  // namespace
+
+// ----- forward ------------------------------------------------------------------------------------
+std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor R,
+                                        c10::optional<torch::Tensor> bias_o, torch::Tensor h0, torch::Tensor c0,
+                                        c10::optional<torch::Tensor> in_drop_o,
+                                        c10::optional<torch::Tensor> rec_drop_o,
+                                        c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out,
+                                        bool seq, int64_t act, int64_t ract, bool save) {
+  x = x.contiguous();
+  kernel = kernel.contiguous();
+  R = R.contiguous();
+  h0 = h0.contiguous();
+  c0 = c0.contiguous();
+  auto bias = opt(bias_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
+  if (rec_drop.defined()) rec_drop = rec_drop.contiguous();
+  if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
+  const int64_t B = x.size(0), Tn = x.size(1), U = R.size(0);
+  Flags fl{backwards, zero_out, seq, static_cast<int>(act), static_cast<int>(ract)};
+  auto xw = input_projection(x, kernel, bias, in_drop).contiguous();
+  auto opts = x.options();
+  auto Y = seq ? torch::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
+  auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
+  torch::Tensor Hp, Cp;
+  if (save) {
+    Hp = torch::empty({B, Tn, U}, opts);
+    Cp = torch::empty({B, Tn, U}, opts);
+  }
+  if (Tn == 0) {
+    hT.copy_(h0);
+    cT.copy_(c0);
+    Y.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward", [&] {
+      forward_loop<scalar_t>(B, Tn, U, xw.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(),
+                             rec_drop.defined() ? rec_drop.data_ptr<scalar_t>() : nullptr,
+                             mask.defined() ? mask.data_ptr<bool>() : nullptr, fl, h0.data_ptr<scalar_t>(),
+                             c0.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), hT.data_ptr<scalar_t>(),
+                             cT.data_ptr<scalar_t>(), save ? Hp.data_ptr<scalar_t>() : nullptr,
+                             save ? Cp.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  if (!save) return {Y, hT, cT};
+  return {Y, hT, cT, xw, Hp, Cp};
+}
+
+// ----- backward -----------------------------------------------------------------------------------
+namespace {
+template <typename T>
+void backward_loop(int64_t B, int64_t Tn, int64_t U, const T* dY, const T* G, const T* Hp, const T* Cp,
+                   const T* RT, const T* rd, const bool* keep, const Flags& fl, T* dh, T* dc, T* dZ) {
+  const int64_t GU = 4 * U;
+  const int64_t ldz = Tn * GU;
+  const bool carry_on = keep != nullptr && !fl.zero_out;
+  std::vector<T> carry(carry_on ? B * U : 0, T(0)), dhp(B * U), tmp(rd ? B * U : 0);
+  for (int64_t s = Tn - 1; s >= 0; --s) {
+    const int64_t t = fl.backwards ? Tn - 1 - s : s;
+    const T* dy = nullptr;
+    int64_t ldy = 0;
+    if (dY != nullptr) {
+      if (fl.seq) { dy = dY + s * U; ldy = Tn * U; }
+      else if (s == Tn - 1) { dy = dY; ldy = U; }
+    }
+    T* dz = dZ + t * GU;
+    over_rows(B, 8 * U, [&](int64_t b0, int64_t b1) {
+      std::vector<T> dhn(U), tc(U), d1(U), d2(U);
+      for (int64_t b = b0; b < b1; ++b) {
+        const bool kept = keep == nullptr || keep[b * Tn + t];
+        T* d = dz + b * ldz;
+        T* dhb = dh + b * U;
+        T* dcb = dc + b * U;
+        if (!kept) {
+          std::memset(d, 0, GU * sizeof(T));
+          if (carry_on && dy) {
+            T* cr = carry.data() + b * U;
+            const T* dyr = dy + b * ldy;
+            for (int64_t j = 0; j < U; ++j) cr[j] += dyr[j];
+          }
+          continue;
+        }
+        const T* g = G + b * ldz + t * GU;
+        const T* gi = g;
+        const T* gf = g + U;
+        const T* gg = g + 2 * U;
+        const T* go = g + 3 * U;
+        const T* cp = Cp + (b * Tn + t) * U;
+        for (int64_t j = 0; j < U; ++j) dhn[j] = dhb[j];
+        if (dy) {
+          const T* dyr = dy + b * ldy;
+          for (int64_t j = 0; j < U; ++j) dhn[j] += dyr[j];
+        }
+        if (carry_on) {
+          T* cr = carry.data() + b * U;
+          for (int64_t j = 0; j < U; ++j) { dhn[j] += cr[j]; cr[j] = T(0); }
+        }
+        for (int64_t j = 0; j < U; ++j) tc[j] = gf[j] * cp[j] + gi[j] * gg[j];
+        act_inplace(fl.act, tc.data(), U);
+        dact_arr(fl.act, tc.data(), d1.data(), U);
+        // dct = dc + dhn * o * act'(tanh c)
+        for (int64_t j = 0; j < U; ++j) d1[j] = dcb[j] + dhn[j] * go[j] * d1[j];
+        if (fl.ract == 1 && fl.act == 0) {
+          for (int64_t j = 0; j < U; ++j) {
+            const T dct = d1[j], i = gi[j], f = gf[j], gv = gg[j], o = go[j];
+            d[j] = dct * gv * (i * (T(1) - i));
+            d[U + j] = dct * cp[j] * (f * (T(1) - f));
+            d[2 * U + j] = dct * i * (T(1) - gv * gv);
+            d[3 * U + j] = dhn[j] * tc[j] * (o * (T(1) - o));
+            dcb[j] = dct * f;
+          }
+        } else {
+          for (int64_t j = 0; j < U; ++j) {
+            const T dct = d1[j], i = gi[j], f = gf[j], gv = gg[j], o = go[j];
+            d[j] = dct * gv * dact(fl.ract, i);
+            d[U + j] = dct * cp[j] * dact(fl.ract, f);
+            d[2 * U + j] = dct * i * dact(fl.act, gv);
+            d[3 * U + j] = dhn[j] * tc[j] * dact(fl.ract, o);
+            dcb[j] = dct * f;
+          }
+        }
+      }
+    });
+    // dh_{t-1} = dZ_t @ R^T (per gate times the recurrent dropout masks); RT = R^T [4U, U]
+    if (rd == nullptr) {
+      mm_set<T>(B, U, GU, dz, ldz, RT, U, dhp.data(), U);
+    } else {
+      std::fill(dhp.begin(), dhp.end(), T(0));
+      for (int64_t g = 0; g < 4; ++g) {
+        mm_set<T>(B, U, U, dz + g * U, ldz, RT + g * U * U, U, tmp.data(), U);
+        const T* m = rd + g * B * U;
+        for (int64_t k = 0; k < B * U; ++k) dhp[k] += tmp[k] * m[k];
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      if (keep == nullptr || keep[b * Tn + t]) std::memcpy(dh + b * U, dhp.data() + b * U, U * sizeof(T));
+    }
+  }
+}
+}  // namespace
+
+std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o,
+                                         c10::optional<torch::Tensor> dcT_o, torch::Tensor x, torch::Tensor kernel,
+                                         torch::Tensor R, torch::Tensor G, torch::Tensor Hp, torch::Tensor Cp,
+                                         c10::optional<torch::Tensor> in_drop_o,
+                                         c10::optional<torch::Tensor> rec_drop_o,
+                                         c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq,
+                                         int64_t act, int64_t ract, std::vector<bool> needs) {
+  // needs: x, kernel, R, bias, h0, c0
+  auto dY = opt(dY_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
+  x = x.contiguous();
+  kernel = kernel.contiguous();
+  const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2), U = R.size(0), GU = 4 * U;
+  Flags fl{backwards, zero_out, seq, static_cast<int>(act), static_cast<int>(ract)};
+  auto opts = x.options();
+  auto dh = dhT_o.has_value() ? dhT_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
+  auto dc = dcT_o.has_value() ? dcT_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
+  if (dY.defined()) dY = dY.to(x.scalar_type()).contiguous();
+  if (rec_drop.defined()) rec_drop = rec_drop.contiguous();
+  if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
+  auto RT = R.t().contiguous();
+  auto dZ = torch::empty({B, Tn, GU}, opts);
+  if (Tn > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward", [&] {
+      backward_loop<scalar_t>(B, Tn, U, dY.defined() ? dY.data_ptr<scalar_t>() : nullptr, G.data_ptr<scalar_t>(),
+                              Hp.data_ptr<scalar_t>(), Cp.data_ptr<scalar_t>(), RT.data_ptr<scalar_t>(),
+                              rec_drop.defined() ? rec_drop.data_ptr<scalar_t>() : nullptr,
+                              mask.defined() ? mask.data_ptr<bool>() : nullptr, fl, dh.data_ptr<scalar_t>(),
+                              dc.data_ptr<scalar_t>(), dZ.data_ptr<scalar_t>());
+    });
+  }
+  auto dZ2 = dZ.view({B * Tn, GU});
+  torch::Tensor dX, dK, dR, db;
+  auto x2 = x.view({B * Tn, D});
+  if (needs[0]) {
+    if (!in_drop.defined()) {
+      dX = at::mm(dZ2, kernel.t()).view({B, Tn, D});
+    } else if (in_drop.size(0) == 1) {
+      dX = at::mm(dZ2, kernel.t()).view({B, Tn, D}) * in_drop[0].unsqueeze(1);
+    } else {
+      for (int64_t g = 0; g < 4; ++g) {
+        auto part = at::mm(dZ2.narrow(1, g * U, U), kernel.narrow(1, g * U, U).t()).view({B, Tn, D}) *
+                    in_drop[g].unsqueeze(1);
+        dX = g == 0 ? part : dX + part;
+      }
+    }
+  }
+  if (needs[1]) {
+    if (!in_drop.defined()) {
+      dK = at::mm(x2.t(), dZ2);
+    } else if (in_drop.size(0) == 1) {
+      dK = at::mm((x * in_drop[0].unsqueeze(1)).view({B * Tn, D}).t(), dZ2);
+    } else {
+      std::vector<torch::Tensor> parts;
+      for (int64_t g = 0; g < 4; ++g)
+        parts.push_back(at::mm((x * in_drop[g].unsqueeze(1)).view({B * Tn, D}).t(), dZ2.narrow(1, g * U, U)));
+      dK = at::cat(parts, 1);
+    }
+  }
+  if (needs[2]) {
+    auto H2 = Hp.view({B * Tn, U});
+    if (!rec_drop.defined()) {
+      dR = at::mm(H2.t(), dZ2);
+    } else {
+      std::vector<torch::Tensor> parts;
+      for (int64_t g = 0; g < 4; ++g)
+        parts.push_back(at::mm((Hp * rec_drop[g].unsqueeze(1)).view({B * Tn, U}).t(), dZ2.narrow(1, g * U, U)));
+      dR = at::cat(parts, 1);
+    }
+  }
+  if (needs[3]) db = dZ2.sum(0);
+  return {dX, dK, dR, db, dh, dc};
+}
+
+// ----- streaming: one step on preallocated buffers --------------------------------------------------
+// xh [B, D+U] holds (x_t, h) side by side so the input and recurrent products are one product
+// against W = [kernel; recurrent_kernel] [D+U, 4U]. step(x) returns the preallocated output
+// tensor h [B, U], overwritten by the next step (the Python wrapper clones it).
+struct LSTMStep {
+  torch::Tensor W, bias, xh, c, z, out;
+  int64_t B, D, U;
+  int act, ract;
+  LSTMStep(torch::Tensor kernel, torch::Tensor rec, c10::optional<torch::Tensor> bias_o, int64_t batch, int64_t act_,
+           int64_t ract_)
+      : B(batch), act(static_cast<int>(act_)), ract(static_cast<int>(ract_)) {
+    D = kernel.size(0);
+    U = rec.size(0);
+    W = at::cat({kernel, rec}, 0).contiguous();
+    bias = bias_o.has_value() ? bias_o->contiguous().clone() : torch::zeros({4 * U}, kernel.options());
+    xh = torch::zeros({B, D + U}, kernel.options());
+    c = torch::zeros({B, U}, kernel.options());
+    z = torch::empty({B, 4 * U}, kernel.options());
+    out = torch::empty({B, U}, kernel.options());
+  }
+  void set_weights(torch::Tensor kernel, torch::Tensor rec, c10::optional<torch::Tensor> bias_o) {
+    W.copy_(at::cat({kernel, rec}, 0));
+    if (bias_o.has_value()) bias.copy_(*bias_o); else bias.zero_();
+  }
+  void set_state(torch::Tensor h, torch::Tensor c_) {
+    xh.narrow(1, D, U).copy_(h);
+    c.copy_(c_);
+  }
+  std::vector<torch::Tensor> state() { return {xh.narrow(1, D, U).clone(), c.clone()}; }
+
+  template <typename T>
+  void run(const T* x, int64_t ldx) {
+    T* xhp = xh.data_ptr<T>();
+    T* zp = z.data_ptr<T>();
+    T* cp = c.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const T* bp = bias.data_ptr<T>();
+    const T* Wp = W.data_ptr<T>();
+    const int64_t GU = 4 * U, DU = D + U;
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(xhp + b * DU, x + b * ldx, D * sizeof(T));
+      std::memcpy(zp + b * GU, bp, GU * sizeof(T));
+    }
+    mm_acc<T>(B, GU, DU, xhp, DU, Wp, GU, zp, GU);
+    for (int64_t b = 0; b < B; ++b) {
+      T* hrow = op + b * U;
+      gate_row(zp + b * GU, cp + b * U, cp + b * U, hrow, U, act, ract);
+      std::memcpy(xhp + b * DU + D, hrow, U * sizeof(T));
+    }
+  }
+  torch::Tensor step(const torch::Tensor& x) {
+    TORCH_CHECK(x.scalar_type() == W.scalar_type(), "x_t: dtype does not match the weights");
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == D && x.numel() == B * D,
+                "x_t: expected shape (", B, ", ", D, ")");
+    auto xc = x.is_contiguous() ? x : x.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "lstm_step", [&] { run<scalar_t>(xc.data_ptr<scalar_t>(), D); });
+    return out;
+  }
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &lstm_forward, "LSTM forward (fused)");
+  m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
+  pybind11::class_<LSTMStep>(m, "LSTMStep")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())
+      .def("set_weights", &LSTMStep::set_weights)
+      .def("set_state", &LSTMStep::set_state)
+      .def("state", &LSTMStep::state)
+      .def("step", &LSTMStep::step)
+      .def_readonly("out", &LSTMStep::out);
+}

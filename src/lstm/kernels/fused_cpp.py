@@ -1,0 +1,162 @@
+"""The C++ fused LSTM kernel: one kernel core (csrc/lstm_cpu.cpp), thin bindings here.
+
+    forward   xw = x @ kernel + b            one GEMM over [B*T, D] (dropout masks first)
+              per step: z = xw_t + h @ R (MKL sgemm/dgemm, or a register loop for batch <= 4),
+              gates, state and output fused in one vectorised pass (in place in xw)
+    backward  per step (reverse): dZ_t from the saved gates, dh_{t-1} = dZ_t @ R^T;
+              then dR = H_prev^T @ dZ, dkernel = x^T @ dZ, dx = dZ @ kernel^T, db = ΣdZ
+
+Batch-major throughout ([B, T, *], the caller's layout; a step's rows are strided, which BLAS
+takes as a leading dimension), so x, dx and the gates are never transposed or flipped.
+Saved for the backward: the activated gates [B,T,4U] and the states before each step
+(h and c, [B,T,U] each); tanh(c_t) is recomputed.
+
+Supported: LSTM, CPU float32/float64, the named activations (tanh, sigmoid, relu, linear,
+hard_sigmoid, hard_sigmoid_tf_keras), every option of a `Recurrence` except `trace`.
+
+The extension is compiled with torch.utils.cpp_extension.load (ninja) on first use only and
+cached in torch's extensions directory (~35 s the first time ever, ~0.1 s to load after). If
+building or loading fails, a warning is given once and `supports` answers False, so the
+dispatch falls back to the Numba kernel. LSTM_NO_CPP=1 disables it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+from .problem import Recurrence, RecurrenceResult
+
+name = "fused_cpp"
+
+ACT_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "linear": 3, "hard_sigmoid": 4, "hard_sigmoid_tf_keras": 5}
+_DTYPES = (torch.float32, torch.float64)
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "lstm_cpu.cpp")
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
+
+_ext = None  # the loaded module, False when it cannot be built
+_error: Optional[str] = None
+_lock = threading.Lock()
+
+
+def _ext_name() -> str:
+    # the source and flags in the name: an edited source never loads a stale build
+    import hashlib
+
+    with open(_SOURCE, "rb") as f:
+        digest = hashlib.sha1(f.read() + " ".join(_FLAGS).encode()).hexdigest()[:10]
+    return f"lstm_cpu_{digest}"
+
+
+def extension():
+    """The compiled module, building it on the first call ever; None if it cannot be built."""
+    global _ext, _error
+    if _ext is None:
+        with _lock:
+            if _ext is None:
+                if os.environ.get("LSTM_NO_CPP"):
+                    _ext, _error = False, "disabled by LSTM_NO_CPP"
+                else:
+                    try:
+                        from torch.utils.cpp_extension import load
+
+                        _ext = load(name=_ext_name(), sources=[_SOURCE], extra_cflags=_FLAGS, verbose=False)
+                    except Exception as exc:  # no compiler, no ninja, ...
+                        _ext, _error = False, f"{type(exc).__name__}: {exc}"
+                        warnings.warn(f"lstm: the C++ LSTM kernel could not be built ({_error.splitlines()[0]}); "
+                                      "falling back to the Numba kernel", RuntimeWarning, stacklevel=2)
+    return _ext or None
+
+
+def unavailable_reason() -> Optional[str]:
+    extension()
+    return _error
+
+
+def _code(activation) -> Optional[int]:
+    return ACT_CODES.get(activation) if isinstance(activation, str) else None
+
+
+def supports(p: Recurrence) -> bool:
+    cell = p.cell
+    if p.trace or cell.kind != "lstm" or _code(cell.activation) is None or _code(cell.recurrent_activation) is None:
+        return False
+    dtype = p.inputs.dtype
+    if dtype not in _DTYPES or p.inputs.dim() != 3 or len(p.initial_state) != 2:
+        return False
+    for t in (p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, p.recurrent_dropout, *p.initial_state):
+        if t is not None and (t.device.type != "cpu" or t.dtype != dtype):
+            return False
+    if p.mask is not None and p.mask.device.type != "cpu":
+        return False
+    if p.bias is not None and p.bias.dim() != 1:
+        return False
+    return extension() is not None
+
+
+class _Cfg:
+    __slots__ = ("backwards", "zero_out", "seq", "act", "ract")
+
+    def __init__(self, p: Recurrence):
+        self.backwards = bool(p.go_backwards)
+        self.zero_out = bool(p.zero_output_for_mask)
+        self.seq = bool(p.return_sequences)
+        self.act = _code(p.cell.activation)
+        self.ract = _code(p.cell.recurrent_activation)
+
+
+class _LSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask):
+        ext = _ext
+        y, hT, cT, G, Hp, Cp = ext.forward(x.detach(), kernel.detach(), R.detach(),
+                                           None if bias is None else bias.detach(), h0.detach(), c0.detach(),
+                                           in_drop, rec_drop, mask, cfg.backwards, cfg.zero_out, cfg.seq,
+                                           cfg.act, cfg.ract, True)
+        ctx.cfg = cfg
+        ctx.has_bias = bias is not None
+        ctx.extra = (in_drop, rec_drop, mask)
+        ctx.save_for_backward(x, kernel, R, G, Hp, Cp)
+        return y, hT, cT
+
+    @staticmethod
+    def backward(ctx, dY, dhT, dcT):
+        cfg = ctx.cfg
+        x, kernel, R, G, Hp, Cp = ctx.saved_tensors
+        in_drop, rec_drop, mask = ctx.extra
+        n = ctx.needs_input_grad  # cfg, x, kernel, R, bias, h0, c0, ...
+        needs = [n[1], n[2], n[3], n[4] and ctx.has_bias, n[5], n[6]]
+        dX, dK, dR, db, dh0, dc0 = _ext.backward(dY, dhT, dcT, x.detach(), kernel.detach(), R.detach(), G, Hp, Cp,
+                                                 in_drop, rec_drop, mask, cfg.backwards, cfg.zero_out, cfg.seq,
+                                                 cfg.act, cfg.ract, needs)
+        return (None, dX, dK, dR, db if needs[3] else None, dh0 if n[5] else None, dc0 if n[6] else None,
+                None, None, None)
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+def run(p: Recurrence) -> RecurrenceResult:
+    x = p.inputs
+    T = x.shape[1]
+    if T == 0:
+        U = p.units
+        out = x.new_zeros(x.shape[0], 0, U) if p.return_sequences else x.new_zeros(x.shape[0], U)
+        return RecurrenceResult(out, tuple(p.initial_state))
+    cfg = _Cfg(p)
+    h0, c0 = p.initial_state
+    in_drop, rec_drop, mask = _detached(p.input_dropout), _detached(p.recurrent_dropout), p.mask
+    if torch.is_grad_enabled() and (x.requires_grad or p.kernel.requires_grad or p.recurrent_kernel.requires_grad
+                                    or (p.bias is not None and p.bias.requires_grad) or h0.requires_grad
+                                    or c0.requires_grad):
+        y, hT, cT = _LSTMFunction.apply(cfg, x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, in_drop, rec_drop, mask)
+    else:
+        y, hT, cT = _ext.forward(x.detach(), p.kernel.detach(), p.recurrent_kernel.detach(), _detached(p.bias),
+                                 h0.detach(), c0.detach(), in_drop, rec_drop, mask, cfg.backwards, cfg.zero_out,
+                                 cfg.seq, cfg.act, cfg.ract, False)
+    return RecurrenceResult(y, (hT, cT))
