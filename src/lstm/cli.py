@@ -10,6 +10,10 @@ import sys
 COMMANDS = {
     "demo": ("lstm.commands.demo", "walk through the tutorial's example: one step's gates, the config, a sequence"),
     "bench": ("lstm.commands.bench", "time this LSTM against torch.nn.LSTM, a PyTorch loop and ONNX Runtime"),
+    "train": ("lstm.commands.train", "train a task on real data (sentiment, charlm, forecast, vowels, adding, copy)"),
+    "evaluate": ("lstm.commands.evaluate", "metrics of a trained checkpoint on the validation and test splits"),
+    "predict": ("lstm.commands.predict", "a sentence -> label and probability; a series -> forecast"),
+    "generate": ("lstm.commands.generate", "sample text from a charlm checkpoint"),
 }
 
 

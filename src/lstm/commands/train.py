@@ -1,0 +1,75 @@
+"""`lstm train TASK`: train a task on its real data; a run folder gets metrics.json, curves.png and
+a checkpoint each epoch. `--resume RUN` continues a run exactly; `--quick` is a smoke test under a
+minute. Under `torchrun --nproc_per_node=N` the same command trains with DistributedDataParallel."""
+
+from __future__ import annotations
+
+import argparse
+
+# option -> (type, help); None values keep the task's default
+OPTIONS = {
+    "epochs": (int, "epochs to train"),
+    "batch_size": (int, "examples per step (over all ranks)"),
+    "lr": (float, "peak learning rate (AdamW, warm-up then cosine decay)"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "seed": (int, "training seed (weights, order, dropout); the data splits are fixed"),
+    "steps_per_epoch": (int, "cap on the steps of an epoch (0: the whole training split)"),
+    "units": (int, "LSTM units"),
+    "embedding": (int, "embedding size (text tasks)"),
+    "dropout": (float, "dropout rate"),
+    "maxlen": (int, "words kept per text (sentiment) / steps per series (vowels)"),
+    "seq_len": (int, "characters per training sequence (charlm)"),
+    "season": (int, "season length of the series (forecast; Taylor: 336 half hours = a week)"),
+    "horizon": (int, "steps to forecast (forecast)"),
+    "length": (int, "sequence length of the adding problem"),
+    "delay": (int, "blank steps to remember over (copy)"),
+    "data": (str, "your own data: a CSV file (sentiment, forecast) or a text file (charlm)"),
+    "text_column": (str, "CSV column of the texts (sentiment --data; default 'text')"),
+    "label_column": (str, "CSV column of the labels (sentiment --data; default 'label')"),
+    "column": (str, "CSV column of the series (forecast --data; default 'value')"),
+}
+
+
+def add_arguments(parser) -> None:
+    from ..train.tasks import TASKS
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "tasks:\n" + "\n".join(f"  {name:<10} {task.help}" for name, task in TASKS.items())
+    parser.add_argument("task", nargs="?", choices=list(TASKS), metavar="TASK",
+                        help=f"one of {', '.join(TASKS)} (omit with --resume)")
+    parser.add_argument("--out", metavar="DIR", help="run folder (default runs/TASK-DATE-TIME)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--quick", action="store_true", help="a tiny run (under a minute), for smoke tests")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="also checkpoint every N steps inside an epoch")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name, (kind, help_text) in OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..train import TrainError
+    from ..train.loop import train
+
+    if args.task is None and not args.resume:
+        raise TrainError("give a TASK (or --resume RUN)")
+    if args.task is not None and args.resume:
+        raise TrainError("give either a TASK or --resume RUN, not both (a resumed run keeps its task)")
+    if args.resume and args.quick:
+        raise TrainError("--quick cannot change a resumed run")
+    torch.set_num_threads(max(1, args.threads))
+    options = {name: getattr(args, name) for name in OPTIONS}
+    if args.device:
+        options["device"] = args.device
+    try:
+        train(options, task_name=args.task, out=args.out, resume=args.resume, quick=args.quick,
+              progress=not args.no_progress, save_every=args.save_every)
+    finally:
+        from ..train import distributed
+
+        distributed.cleanup()
+    return 0

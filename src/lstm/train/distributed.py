@@ -1,0 +1,44 @@
+"""torchrun / DistributedDataParallel: gloo on CPU, NCCL on GPU. Without torchrun's environment
+everything here is a no-op and the run is a single process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); initializes the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sums(sums: dict) -> dict:
+    """Add {name: (sum, count)} over ranks."""
+    if not active() or not sums:
+        return sums
+    names = sorted(sums)
+    packed = torch.tensor([[float(sums[n][0]), float(sums[n][1])] for n in names], dtype=torch.float64)
+    dist.all_reduce(packed)
+    return {n: (packed[i, 0], float(packed[i, 1])) for i, n in enumerate(names)}
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if active():
+        dist.destroy_process_group()

@@ -1,0 +1,98 @@
+"""The model of each task, built from this library's Keras layers. Every builder takes the task's
+hyper-parameters (a JSON dict saved in the checkpoint) and builds all weights at once, so that a
+checkpoint can be loaded and DistributedDataParallel can wrap the model before the first call."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import layers
+from ..models import Sequential
+
+
+def text_classifier(vocab_size: int, classes: int, hp: dict) -> Sequential:
+    """The tutorial's model: Embedding(vocab, 100, mask_zero) -> LSTM(64) -> Dense (1 logit for two
+    classes, else one per class)."""
+    return Sequential([
+        layers.Embedding(vocab_size, hp["embedding"], mask_zero=True, name="embedding"),
+        layers.Dropout(hp["dropout"], name="embedding_dropout"),
+        layers.LSTM(hp["units"], input_dim=hp["embedding"], recurrent_dropout=0.0, name="lstm"),
+        layers.Dropout(hp["dropout"], name="dropout"),
+        layers.Dense(1 if classes == 2 else classes, input_dim=hp["units"], name="output"),
+    ], name="text_classifier")
+
+
+def sequence_classifier(channels: int, classes: int, hp: dict) -> Sequential:
+    """LSTM over a (masked, variable-length) multichannel series -> Dense(classes)."""
+    return Sequential([
+        layers.LSTM(hp["units"], input_dim=channels, name="lstm"),
+        layers.Dropout(hp["dropout"], name="dropout"),
+        layers.Dense(classes, input_dim=hp["units"], name="output"),
+    ], name="sequence_classifier")
+
+
+def sequence_regressor(channels: int, outputs: int, hp: dict) -> Sequential:
+    """LSTM -> Dense(outputs): the adding problem's single number."""
+    return Sequential([
+        layers.LSTM(hp["units"], input_dim=channels, name="lstm"),
+        layers.Dense(outputs, input_dim=hp["units"], name="output"),
+    ], name="sequence_regressor")
+
+
+def sequence_tagger(vocab_size: int, hp: dict) -> Sequential:
+    """Embedding -> LSTM(return_sequences) -> Dense(vocab) at every step: the copy task."""
+    return Sequential([
+        layers.Embedding(vocab_size, hp["embedding"], name="embedding"),
+        layers.LSTM(hp["units"], input_dim=hp["embedding"], return_sequences=True, name="lstm"),
+        layers.Dense(vocab_size, input_dim=hp["units"], name="output"),
+    ], name="sequence_tagger")
+
+
+class Forecaster(nn.Module):
+    """Multi-step forecaster: an LSTM reads the window, Dense(horizon) gives a correction added to the
+    seasonal-naive forecast (the value one season before each target step), all in scaled units."""
+
+    def __init__(self, hp: dict):
+        super().__init__()
+        self.season, self.horizon = hp["season"], hp["horizon"]
+        self.net = Sequential([
+            layers.LSTM(hp["units"], input_dim=2, name="lstm"),
+            layers.Dense(hp["horizon"], input_dim=hp["units"], kernel_initializer="zeros", name="output"),
+        ], name="forecaster")
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        """window [B, W] (scaled) -> forecast [B, horizon] (scaled)."""
+        naive = seasonal_naive(window, self.season, self.horizon)
+        lagged = torch.cat([torch.zeros_like(window[:, : self.season]), window[:, : -self.season]], 1)
+        features = torch.stack([window, window - lagged], dim=-1)[:, self.season:]
+        return naive + self.net(features)
+
+
+def seasonal_naive(window: torch.Tensor, season: int, horizon: int) -> torch.Tensor:
+    """The value one season before each of the `horizon` steps after the window."""
+    start = window.shape[1] - season
+    index = start + (torch.arange(horizon) % season)
+    return window[:, index]
+
+
+class CharLM(nn.Module):
+    """Character language model: Embedding -> LSTM(return_sequences, return_state) -> Dense(vocab).
+    `forward(ids, state)` returns (logits [B, T, V], state) so generation can go on step by step."""
+
+    def __init__(self, vocab_size: int, hp: dict):
+        super().__init__()
+        self.embedding = layers.Embedding(vocab_size, hp["embedding"], name="embedding")
+        self.lstm = layers.LSTM(hp["units"], input_dim=hp["embedding"], return_sequences=True,
+                                return_state=True, name="lstm")
+        self.dropout = layers.Dropout(hp["dropout"], name="dropout")
+        self.output = layers.Dense(vocab_size, input_dim=hp["units"], name="output")
+
+    def forward(self, ids: torch.Tensor, state=None):
+        outputs, h, c = self.lstm(self.embedding(ids), initial_state=state)
+        return self.output(self.dropout(outputs)), [h, c]
+
+
+def architecture(model: nn.Module) -> dict:
+    """Parameter names and shapes: what a checkpoint must match to load into `model`."""
+    return {name: list(t.shape) for name, t in model.state_dict().items()}

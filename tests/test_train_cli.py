@@ -1,0 +1,200 @@
+"""`lstm train|evaluate|predict|generate`: a --quick run per task, checkpoints, exact resume,
+atomic writes, and clear errors for bad input."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lstm.cli import main
+from lstm.train import TrainError, checkpoint
+from lstm.train.loop import train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def finite(tree):
+    if isinstance(tree, dict):
+        return all(finite(v) for v in tree.values())
+    if isinstance(tree, list):
+        return all(finite(v) for v in tree)
+    if isinstance(tree, float):
+        return math.isfinite(tree)
+    return True
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One --quick run per task, shared by the tests below."""
+    root = tmp_path_factory.mktemp("runs")
+    for task in ("sentiment", "charlm", "forecast", "vowels", "adding", "copy"):
+        assert main(["train", task, "--quick", "--no-progress", "--out", str(root / task)]) == 0
+    return root
+
+
+@pytest.mark.parametrize("task,metric,baseline_key", [
+    ("sentiment", "accuracy", "test_accuracy"), ("charlm", "loss", "test_loss"), ("forecast", "rmse", "test_rmse"),
+    ("vowels", "accuracy", "test_accuracy"), ("adding", "mse", "test_mse"), ("copy", "accuracy", "test_accuracy")])
+def test_quick_run_metrics(runs, task, metric, baseline_key):
+    run = runs / task
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == task and metrics["metric"] == metric
+    assert metric in metrics["test"] and baseline_key in metrics["baseline"] and metrics["baseline"]["name"]
+    assert len(metrics["epochs"]) == 2 and all(metric in e["val"] and "loss" in e["train"] for e in metrics["epochs"])
+    assert finite(metrics) and metrics["wall_time_s"] > 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    folder = checkpoint.resolve(run)
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json",
+                                                  "config.json"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["task"] == task and set(load_file(folder / "model.safetensors")) == set(config["architecture"])
+
+
+def test_evaluate_predict_generate(runs, capsys):
+    assert main(["evaluate", str(runs / "sentiment"), "--json", "--no-baseline"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    metrics = json.loads((runs / "sentiment" / "metrics.json").read_text())
+    assert result["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert main(["predict", str(runs / "sentiment"), "a moving, beautifully acted film", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["label"] in ("fresh", "rotten") and 0.5 <= out["probability"] <= 1
+    series = ",".join(str(20000 + 1000 * math.sin(i / 7.6)) for i in range(672))
+    assert main(["predict", str(runs / "forecast"), series, "--json"]) == 0
+    forecast = json.loads(capsys.readouterr().out)["forecast"]
+    assert len(forecast) == 48 and all(math.isfinite(v) for v in forecast)
+    assert main(["generate", str(runs / "charlm"), "--prompt", "ROMEO.", "--length", "40", "--temperature", "0.7"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO.")
+
+
+def tiny(**extra):
+    return dict({"epochs": 2, "steps_per_epoch": 4, "subset": 300, "batch_size": 16, "units": 8, "embedding": 8},
+                **extra)
+
+
+def final_weights(run):
+    return load_file(checkpoint.latest(run) / "model.safetensors")
+
+
+def test_resume_continues_exactly(tmp_path):
+    logs = []
+    whole = train(tiny(), task_name="vowels", out=str(tmp_path / "whole"), progress=False, log=logs.append)
+    with pytest.raises(KeyboardInterrupt):  # killed after step 3 of epoch 1; checkpoint at step 2
+        train(tiny(), task_name="vowels", out=str(tmp_path / "cut"), progress=False, log=logs.append,
+              save_every=2, _crash_after=3)
+    assert checkpoint.latest(tmp_path / "cut").name == "epoch-001-step-00002"
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["epochs"][-1]["val"] == whole["epochs"][-1]["val"] and resumed["test"] == whole["test"]
+    assert [e["train"] for e in resumed["epochs"]] == [e["train"] for e in whole["epochs"]]
+
+
+def test_resume_after_epoch_and_extend(tmp_path):
+    train(tiny(epochs=1), task_name="adding", out=str(tmp_path / "a"), progress=False, log=lambda *_: None)
+    assert main(["train", "--resume", str(tmp_path / "a"), "--epochs", "2", "--no-progress"]) == 0
+    assert len(json.loads((tmp_path / "a" / "metrics.json").read_text())["epochs"]) == 2
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(epochs=1), task_name="adding", out=str(run), progress=False, log=lambda *_: None)
+    folder = checkpoint.latest(run)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    from lstm.train.restore import restore
+
+    task, model, hp, _ = restore(run)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def crash(stage):
+        if stage == "files":
+            raise KeyboardInterrupt("killed while writing")
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(folder, model, optimizer, json.loads((folder / "config.json").read_text()), {},
+                        write_hook=crash)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not [p for p in folder.parent.iterdir() if p.name.endswith(".tmp")]
+    restore(run)  # still loads
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lstm.cli", *args], capture_output=True, text=True,
+                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, timeout=120)
+
+
+def test_bad_input_clear_messages(runs, tmp_path):
+    done = run_cli("train", "nosuchtask")
+    assert done.returncode == 2 and "invalid choice: 'nosuchtask'" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("train", "sentiment", "--no-such-option")
+    assert done.returncode == 2 and "unrecognized arguments: --no-such-option" in done.stderr
+    done = run_cli("evaluate", str(tmp_path / "missing"))
+    assert done.returncode == 2 and "no such file or folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_checkpoints_and_inputs(runs, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(checkpoint.resolve(runs / "sentiment"), corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert main(["evaluate", str(corrupt)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint.resolve(runs / "sentiment"), other)
+    shutil.copy(checkpoint.resolve(runs / "vowels") / "model.safetensors", other / "model.safetensors")
+    assert main(["predict", str(other), "fine"]) == 2
+    assert "another architecture" in capsys.readouterr().err
+    assert main(["predict", str(runs / "sentiment"), "   "]) == 2
+    assert "text is empty" in capsys.readouterr().err
+    assert main(["generate", str(runs / "sentiment"), "--prompt", "x"]) == 2
+    assert "needs a charlm checkpoint" in capsys.readouterr().err
+    (corrupt / "config.json").write_text("{not json")
+    assert main(["evaluate", str(corrupt)]) == 2
+    assert "config.json is corrupt" in capsys.readouterr().err
+
+
+def test_bad_input_in_process(runs, tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint there" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("text,label\nfine,1\n")
+    assert main(["train", "sentiment", "--data", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "needs at least 10" in capsys.readouterr().err
+    assert main(["train", "forecast", "--data", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "no column 'value'" in capsys.readouterr().err
+    with pytest.raises(TrainError, match="another architecture"):
+        _resume_other_architecture(runs, tmp_path)
+
+
+def _resume_other_architecture(runs, tmp_path):
+    run = tmp_path / "arch"
+    shutil.copytree(runs / "adding", run)
+    folder = checkpoint.latest(run)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["hp"]["units"] = 12  # the config now builds another model than the weights hold
+    (folder / "config.json").write_text(json.dumps(saved))
+    train({}, resume=str(run), progress=False, log=lambda *_: None)
+
+
+def test_user_data(tmp_path):
+    rows = ["text,label"] + [f"{'good great fun' if i % 2 else 'bad dull boring'} {i},{'pos' if i % 2 else 'neg'}"
+                             for i in range(60)]
+    (tmp_path / "t.csv").write_text("\n".join(rows))
+    assert main(["train", "sentiment", "--quick", "--no-progress", "--data", str(tmp_path / "t.csv"),
+                 "--out", str(tmp_path / "t")]) == 0
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["data"]["source"] == str(tmp_path / "t.csv") and "test_accuracy" in metrics["baseline"]
+    (tmp_path / "s.csv").write_text("value\n" + "\n".join(str(10 + math.sin(i / 3)) for i in range(400)))
+    assert main(["train", "forecast", "--quick", "--no-progress", "--data", str(tmp_path / "s.csv"), "--season", "24",
+                 "--horizon", "6", "--out", str(tmp_path / "f")]) == 0
+    assert "test_rmse" in json.loads((tmp_path / "f" / "metrics.json").read_text())["baseline"]
+    (tmp_path / "x.txt").write_text("to be or not to be, that is the question.\n" * 200)
+    assert main(["train", "charlm", "--quick", "--no-progress", "--data", str(tmp_path / "x.txt"),
+                 "--out", str(tmp_path / "c")]) == 0

@@ -1,0 +1,51 @@
+"""`lstm train` under DistributedDataParallel: two CPU processes (gloo), each on its shard; after a
+step both ranks hold identical weights, and only rank 0 writes metrics and checkpoints."""
+
+import json
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from lstm.train import checkpoint, distributed, loop, report
+
+    writes = []
+    real_save, real_metrics = checkpoint.save, report.write_metrics
+    checkpoint.save = lambda *a, **k: (writes.append("checkpoint"), real_save(*a, **k))[1]
+    report.write_metrics = lambda *a, **k: (writes.append("metrics"), real_metrics(*a, **k))[1]
+
+    def done(model, rank):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+        with open(f"{out}/writes{rank}.json", "w") as handle:
+            json.dump(writes, handle)
+
+    # one step; each rank computes gradients on its own half of the batch, DDP averages them
+    options = {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8, "subset": 64, "units": 8, "embedding": 8}
+    loop.train(options, task_name="sentiment", out=f"{out}/run", progress=False, log=lambda *_: None,
+               callback=done)
+    distributed.cleanup()
+
+
+def test_two_ranks_hold_identical_weights(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "epoch-001" / "model.safetensors")
+    assert all(torch.equal(saved[k], a[k]) for k in a)
+    assert json.loads((tmp_path / "writes1.json").read_text()) == []
+    assert sorted(set(json.loads((tmp_path / "writes0.json").read_text()))) == ["checkpoint", "metrics"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["task"] == "sentiment"
