@@ -6,7 +6,11 @@
     s.state                              # [h, c] (LSTM) or [h]
     s.reset()                            # back to zeros (or s.reset([h, c]))
 
-A step is one Numba call on preallocated NumPy buffers: the input and the state sit side by
+An LSTM step is one call into the C++ kernel (`lstm.kernels.fused_cpp`): a small C++ object holds
+the weights, (x_t, h), c and the gate scratch, updates them in place and returns h_t in a new
+tensor (never aliased with the state); it re-reads the weights itself when a parameter's
+in-place version changes. Other cells (or without the C++ extension): a step is one Numba call
+on preallocated NumPy buffers: the input and the state sit side by
 side in one buffer so that the input and recurrent products are one product against the
 stacked weight [kernel; recurrent_kernel]; no autograd, no torch op. The weights are read
 again when a parameter changes (in-place updates bump its version). Cells the fused kernel
@@ -20,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .kernels import fused_cpu
+from .kernels import fused_cpp, fused_cpu
 
 
 class Stream:
@@ -33,6 +37,8 @@ class Stream:
         self.batch_size = batch_size
         self._initial = None if initial_state is None else [torch.as_tensor(s).detach().clone() for s in initial_state]
         self._fast = None
+        self._cpp = None
+        self._kernel_param = None
         self._versions = None
         self._params = ()
         self._states_torch: Optional[list] = None
@@ -47,6 +53,11 @@ class Stream:
         if not fused_cpu._HAS_NUMBA or fused_cpu._code(cell.activation) is None:
             return False
         return cell.kind == "simple_rnn" or fused_cpu._code(cell.recurrent_activation) is not None
+
+    def _cpp_ok(self) -> bool:
+        cell = self.cell
+        return (fused_cpp._code(cell.activation) is not None and fused_cpp._code(cell.recurrent_activation) is not None
+                and cell.kernel.dtype == cell.compute_dtype and fused_cpp.extension() is not None)
 
     def _param_versions(self):
         # cheap: the cached parameter objects' in-place versions, plus a check that they are
@@ -65,7 +76,16 @@ class Stream:
         self._fast = self._fast_ok()
         self._params = tuple(cell.weights())
         self._versions = self._param_versions()
-        if self._fast:
+        self._cpp = None
+        self._kernel_param = None
+        if self._fast and cell.kind == "lstm" and self._cpp_ok():
+            ext = fused_cpp.extension()
+            bias = None if cell.bias is None else cell.bias
+            self._cpp = ext.LSTMStep(cell.kernel, cell.recurrent_kernel, bias, B, fused_cpp._code(cell.activation),
+                                     fused_cpp._code(cell.recurrent_activation))
+            self._npdt = np.float32 if self._dtype == torch.float32 else np.float64
+            self._kernel_param = self._params[0]
+        elif self._fast:
             nb = fused_cpu._numba()
 
             self._nb = nb
@@ -102,6 +122,8 @@ class Stream:
         """The current states ([h, c] for LSTM, [h] otherwise), as copies."""
         if not self.cell.built:
             return []
+        if self._cpp is not None:
+            return list(self._cpp.state())
         if self._fast:
             h = torch.from_numpy(self._xh[:, self._D:].copy())
             return [h, torch.from_numpy(self._c.copy())] if self.cell.kind == "lstm" else [h]
@@ -130,7 +152,10 @@ class Stream:
                 if tuple(s.shape) != (B, U):
                     raise ValueError(f"state: expected shape {(B, U)}, got {tuple(s.shape)}")
                 values.append(s)
-        if self._fast:
+        if self._cpp is not None:
+            self._cpp.set_state(values[0], values[1])
+            self._states_torch = None
+        elif self._fast:
             self._xh[:, self._D:] = values[0].numpy()
             if n == 2:
                 self._c[:] = values[1].numpy()
@@ -142,6 +167,14 @@ class Stream:
     # ----- step ---------------------------------------------------------------------------------
     def step(self, x_t) -> torch.Tensor:
         """One time step: x_t [B, D] (or [D] when batch_size is 1) -> output [B, U]."""
+        cpp = self._cpp
+        if cpp is not None and type(x_t) is torch.Tensor and self.cell._parameters["kernel"] is self._kernel_param:
+            out = cpp.step(x_t)  # None: x_t needs a dtype/device conversion first
+            if out is not None:
+                return out
+        return self._step(x_t)
+
+    def _step(self, x_t) -> torch.Tensor:
         cell = self.cell
         if self._fast is None:  # lazy cell: build from the first input
             D = np.shape(x_t)[-1]
@@ -149,6 +182,14 @@ class Stream:
             self._setup()
         elif self._versions != self._param_versions():
             self._setup(keep_state=True)
+        if self._cpp is not None:
+            if isinstance(x_t, torch.Tensor):
+                x = x_t.detach().to(device="cpu", dtype=self._dtype)
+            else:
+                x = torch.as_tensor(np.asarray(x_t, dtype=self._npdt))
+            if x.shape[-1] != self._D or x.numel() != self.batch_size * self._D or x.dim() > 2:
+                raise ValueError(f"x_t: expected shape ({self.batch_size}, {self._D}), got {tuple(x.shape)}")
+            return self._cpp.step(x)
         if self._fast:
             if isinstance(x_t, torch.Tensor):
                 if x_t.dtype != self._dtype or x_t.requires_grad or x_t.device.type != "cpu":

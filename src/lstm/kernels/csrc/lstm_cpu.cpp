@@ -1,5 +1,5 @@
 // The fused LSTM kernel core on CPU (float32 / float64): one input-projection GEMM for all
-// steps, then per step one recurrent GEMM (MKL through ATen's cpublas, or a register loop for
+// steps, then per step one recurrent GEMM (MKL sgemm_/dgemm_ as ATen calls them, or a register loop for
 // tiny batches) and the gate math fused in one vectorised pass; the backward is BPTT derived by
 // hand over the saved gates, with the weight gradients as one GEMM each after the loop.
 //
@@ -20,9 +20,10 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
+#include <ATen/EmptyTensor.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,7 +32,6 @@
 
 namespace {
 
-using at::native::TransposeType;
 
 // ----- fast, accurate exp (Cody-Waite + Taylor), written for gcc's auto-vectoriser -------------
 inline float exp_fast(float x) {
@@ -153,32 +153,36 @@ inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   c.addmm_(a, b);
 }
 
-// Tiny batches: a register loop beats the BLAS call. C[M,N] += A[M,K] @ B[K,N].
+// Tiny batches: a register loop beats the BLAS call. C[M,N] += A[M,K] @ B[K,N]. k-blocks
+// outermost, so each block of B's rows is read from L2 once and reused from L1 by every row m.
 template <typename T>
 inline void small_mm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict__ A, int64_t lda,
                          const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc) {
-  for (int64_t m = 0; m < M; ++m) {
-    const T* a = A + m * lda;
-    T* c = C + m * ldc;
-    int64_t k = 0;
-    for (; k + 4 <= K; k += 4) {
-      const T a0 = a[k], a1 = a[k + 1], a2 = a[k + 2], a3 = a[k + 3];
-      const T* b0 = B + k * ldb;
-      const T* b1 = b0 + ldb;
-      const T* b2 = b1 + ldb;
-      const T* b3 = b2 + ldb;
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const T* b0 = B + k * ldb;
+    const T* b1 = b0 + ldb;
+    const T* b2 = b1 + ldb;
+    const T* b3 = b2 + ldb;
+    for (int64_t m = 0; m < M; ++m) {
+      const T* a = A + m * lda + k;
+      const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+      T* c = C + m * ldc;
       for (int64_t n = 0; n < N; ++n) c[n] += a0 * b0[n] + a1 * b1[n] + a2 * b2[n] + a3 * b3[n];
     }
-    for (; k < K; ++k) {
-      const T a0 = a[k];
-      const T* b0 = B + k * ldb;
+  }
+  for (; k < K; ++k) {
+    const T* b0 = B + k * ldb;
+    for (int64_t m = 0; m < M; ++m) {
+      const T a0 = A[m * lda + k];
+      T* c = C + m * ldc;
       for (int64_t n = 0; n < N; ++n) c[n] += a0 * b0[n];
     }
   }
 }
 
 // C[M,N] += A[M,K] @ B[K,N]: loop or BLAS by size.
-constexpr int64_t kSmallBatch = 4;
+int64_t kSmallBatch = 4;  // tunable (set_tuning)
 template <typename T>
 inline void mm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                    int64_t ldc) {
@@ -237,6 +241,26 @@ inline void gate_row(T* __restrict__ z, const T* __restrict__ cp, T* __restrict_
   for (int64_t j = 0; j < U; ++j) h[j] *= o[j];
 }
 
+// The recurrence is independent across batch rows: with several threads, each runs the whole
+// sequence for its share of the rows (single-threaded BLAS inside), so the steps need no
+// synchronisation at all. One thread, or one row: the caller's thread.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+int64_t kMinChunkRows = 4;  // tunable (set_tuning)
+template <typename F>
+inline void over_chunks(int64_t B, const F& f) {
+  const int64_t nt = at::get_num_threads();
+  const int64_t chunks = B >= kMinChunkRows ? std::min<int64_t>(nt, B) : 1;
+  if (chunks <= 1 || at::in_parallel_region()) {
+    f(0, B);
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    for (int64_t ch = c0; ch < c1; ++ch) f(ch * B / chunks, (ch + 1) * B / chunks);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  });
+}
+
 struct Flags {
   bool backwards, zero_out, seq;
   int act, ract;
@@ -269,7 +293,7 @@ torch::Tensor input_projection(const torch::Tensor& x, const torch::Tensor& kern
 }
 
 template <typename T>
-void forward_loop(int64_t B, int64_t Tn, int64_t U, T* xw, const T* R, const T* rd, const bool* keep,
+void forward_loop(int64_t B, int64_t Tn, int64_t U, T* xw, const T* R, const T* rd, int64_t rdG, const bool* keep,
                   const Flags& fl, const T* h0, const T* c0, T* Y, T* hT, T* cT, T* Hp, T* Cp) {
   const int64_t GU = 4 * U;
   const int64_t ldz = Tn * GU;
@@ -314,7 +338,7 @@ void forward_loop(int64_t B, int64_t Tn, int64_t U, T* xw, const T* R, const T* 
     } else {
       for (int64_t g = 0; g < 4; ++g) {
         T* dst = hm.data() + g * B * U;
-        const T* m = rd + g * B * U;
+        const T* m = rd + g * rdG;
         for (int64_t b = 0; b < B; ++b)
           for (int64_t j = 0; j < U; ++j) dst[b * U + j] = hp[b * ldh + j] * m[b * U + j];
         mm_acc<T>(B, U, U, dst, U, R + g * U, GU, z + g * U, ldz);
@@ -390,12 +414,24 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
     Y.zero_();
   } else {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward", [&] {
-      forward_loop<scalar_t>(B, Tn, U, xw.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(),
-                             rec_drop.defined() ? rec_drop.data_ptr<scalar_t>() : nullptr,
-                             mask.defined() ? mask.data_ptr<bool>() : nullptr, fl, h0.data_ptr<scalar_t>(),
-                             c0.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), hT.data_ptr<scalar_t>(),
-                             cT.data_ptr<scalar_t>(), save ? Hp.data_ptr<scalar_t>() : nullptr,
-                             save ? Cp.data_ptr<scalar_t>() : nullptr);
+      using T = scalar_t;
+      T* xwp = xw.data_ptr<T>();
+      const T* Rp = R.data_ptr<T>();
+      const T* rdp = rec_drop.defined() ? rec_drop.data_ptr<T>() : nullptr;
+      const bool* kp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+      const T* h0p = h0.data_ptr<T>();
+      const T* c0p = c0.data_ptr<T>();
+      T* Yp = Y.data_ptr<T>();
+      T* hTp = hT.data_ptr<T>();
+      T* cTp = cT.data_ptr<T>();
+      T* Hpp = save ? Hp.data_ptr<T>() : nullptr;
+      T* Cpp = save ? Cp.data_ptr<T>() : nullptr;
+      over_chunks(B, [&](int64_t b0, int64_t b1) {
+        forward_loop<T>(b1 - b0, Tn, U, xwp + b0 * Tn * 4 * U, Rp, rdp ? rdp + b0 * U : nullptr, B * U,
+                        kp ? kp + b0 * Tn : nullptr, fl, h0p + b0 * U, c0p + b0 * U,
+                        Yp + b0 * (seq ? Tn : 1) * U, hTp + b0 * U, cTp + b0 * U, Hpp ? Hpp + b0 * Tn * U : nullptr,
+                        Cpp ? Cpp + b0 * Tn * U : nullptr);
+      });
     });
   }
   if (!save) return {Y, hT, cT};
@@ -406,7 +442,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
 namespace {
 template <typename T>
 void backward_loop(int64_t B, int64_t Tn, int64_t U, const T* dY, const T* G, const T* Hp, const T* Cp,
-                   const T* RT, const T* rd, const bool* keep, const Flags& fl, T* dh, T* dc, T* dZ) {
+                   const T* RT, const T* rd, int64_t rdG, const bool* keep, const Flags& fl, T* dh, T* dc, T* dZ) {
   const int64_t GU = 4 * U;
   const int64_t ldz = Tn * GU;
   const bool carry_on = keep != nullptr && !fl.zero_out;
@@ -484,7 +520,7 @@ void backward_loop(int64_t B, int64_t Tn, int64_t U, const T* dY, const T* G, co
       std::fill(dhp.begin(), dhp.end(), T(0));
       for (int64_t g = 0; g < 4; ++g) {
         mm_set<T>(B, U, U, dz + g * U, ldz, RT + g * U * U, U, tmp.data(), U);
-        const T* m = rd + g * B * U;
+        const T* m = rd + g * rdG;
         for (int64_t k = 0; k < B * U; ++k) dhp[k] += tmp[k] * m[k];
       }
     }
@@ -518,11 +554,22 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
   auto dZ = torch::empty({B, Tn, GU}, opts);
   if (Tn > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward", [&] {
-      backward_loop<scalar_t>(B, Tn, U, dY.defined() ? dY.data_ptr<scalar_t>() : nullptr, G.data_ptr<scalar_t>(),
-                              Hp.data_ptr<scalar_t>(), Cp.data_ptr<scalar_t>(), RT.data_ptr<scalar_t>(),
-                              rec_drop.defined() ? rec_drop.data_ptr<scalar_t>() : nullptr,
-                              mask.defined() ? mask.data_ptr<bool>() : nullptr, fl, dh.data_ptr<scalar_t>(),
-                              dc.data_ptr<scalar_t>(), dZ.data_ptr<scalar_t>());
+      using T = scalar_t;
+      const T* dYp = dY.defined() ? dY.data_ptr<T>() : nullptr;
+      const T* Gp = G.data_ptr<T>();
+      const T* Hpp = Hp.data_ptr<T>();
+      const T* Cpp = Cp.data_ptr<T>();
+      const T* RTp = RT.data_ptr<T>();
+      const T* rdp = rec_drop.defined() ? rec_drop.data_ptr<T>() : nullptr;
+      const bool* kp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+      T* dhp = dh.data_ptr<T>();
+      T* dcp = dc.data_ptr<T>();
+      T* dZp = dZ.data_ptr<T>();
+      over_chunks(B, [&](int64_t b0, int64_t b1) {
+        backward_loop<T>(b1 - b0, Tn, U, dYp ? dYp + b0 * (seq ? Tn : 1) * U : nullptr, Gp + b0 * Tn * GU,
+                         Hpp + b0 * Tn * U, Cpp + b0 * Tn * U, RTp, rdp ? rdp + b0 * U : nullptr, B * U,
+                         kp ? kp + b0 * Tn : nullptr, fl, dhp + b0 * U, dcp + b0 * U, dZp + b0 * Tn * GU);
+      });
     });
   }
   auto dZ2 = dZ.view({B * Tn, GU});
@@ -570,48 +617,65 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
 
 // ----- streaming: one step on preallocated buffers --------------------------------------------------
 // xh [B, D+U] holds (x_t, h) side by side so the input and recurrent products are one product
-// against W = [kernel; recurrent_kernel] [D+U, 4U]. step(x) returns the preallocated output
-// tensor h [B, U], overwritten by the next step (the Python wrapper clones it).
+// against W = [kernel; recurrent_kernel] [D+U, 4U]. The object keeps references to the weight
+// tensors and re-reads them when their in-place version changes. step(x) writes h into a new
+// [B, U] tensor (one allocation; never aliased with the state), or returns None when x is not a
+// tensor of the weights' dtype (the caller converts it).
 struct LSTMStep {
-  torch::Tensor W, bias, xh, c, z, out;
+  torch::Tensor kernel_ref, rec_ref, bias_ref;
+  int64_t kv = -1, rv = -1, bv = -1;
+  torch::Tensor W, bias, xh, c, z;
   int64_t B, D, U;
   int act, ract;
   LSTMStep(torch::Tensor kernel, torch::Tensor rec, c10::optional<torch::Tensor> bias_o, int64_t batch, int64_t act_,
            int64_t ract_)
-      : B(batch), act(static_cast<int>(act_)), ract(static_cast<int>(ract_)) {
+      : kernel_ref(kernel), rec_ref(rec), bias_ref(opt(bias_o)), B(batch), act(static_cast<int>(act_)),
+        ract(static_cast<int>(ract_)) {
     D = kernel.size(0);
     U = rec.size(0);
-    W = at::cat({kernel, rec}, 0).contiguous();
-    bias = bias_o.has_value() ? bias_o->contiguous().clone() : torch::zeros({4 * U}, kernel.options());
-    xh = torch::zeros({B, D + U}, kernel.options());
-    c = torch::zeros({B, U}, kernel.options());
-    z = torch::empty({B, 4 * U}, kernel.options());
-    out = torch::empty({B, U}, kernel.options());
+    auto o = kernel.options().requires_grad(false);
+    W = torch::empty({D + U, 4 * U}, o);
+    bias = torch::zeros({4 * U}, o);
+    xh = torch::zeros({B, D + U}, o);
+    c = torch::zeros({B, U}, o);
+    z = torch::empty({B, 4 * U}, o);
+    refresh();
   }
-  void set_weights(torch::Tensor kernel, torch::Tensor rec, c10::optional<torch::Tensor> bias_o) {
-    W.copy_(at::cat({kernel, rec}, 0));
-    if (bias_o.has_value()) bias.copy_(*bias_o); else bias.zero_();
+  void refresh() {
+    at::NoGradGuard ng;
+    W.narrow(0, 0, D).copy_(kernel_ref.detach());
+    W.narrow(0, D, U).copy_(rec_ref.detach());
+    if (bias_ref.defined()) bias.copy_(bias_ref.detach());
+    kv = kernel_ref._version();
+    rv = rec_ref._version();
+    bv = bias_ref.defined() ? bias_ref._version() : -1;
   }
   void set_state(torch::Tensor h, torch::Tensor c_) {
+    at::NoGradGuard ng;
     xh.narrow(1, D, U).copy_(h);
     c.copy_(c_);
   }
   std::vector<torch::Tensor> state() { return {xh.narrow(1, D, U).clone(), c.clone()}; }
 
   template <typename T>
-  void run(const T* x, int64_t ldx) {
+  void run(const T* x, T* op) {
     T* xhp = xh.data_ptr<T>();
     T* zp = z.data_ptr<T>();
     T* cp = c.data_ptr<T>();
-    T* op = out.data_ptr<T>();
     const T* bp = bias.data_ptr<T>();
     const T* Wp = W.data_ptr<T>();
     const int64_t GU = 4 * U, DU = D + U;
     for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(xhp + b * DU, x + b * ldx, D * sizeof(T));
+      std::memcpy(xhp + b * DU, x + b * D, D * sizeof(T));
       std::memcpy(zp + b * GU, bp, GU * sizeof(T));
     }
-    mm_acc<T>(B, GU, DU, xhp, DU, Wp, GU, zp, GU);
+    if (B <= kSmallBatch) {
+      small_mm_acc<T>(B, GU, DU, xhp, DU, Wp, GU, zp, GU);
+    } else {
+      int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+      gemm_nn<T>(B, GU, DU, xhp, DU, Wp, GU, T(1), zp, GU);
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+    }
     for (int64_t b = 0; b < B; ++b) {
       T* hrow = op + b * U;
       gate_row(zp + b * GU, cp + b * U, cp + b * U, hrow, U, act, ract);
@@ -619,23 +683,53 @@ struct LSTMStep {
     }
   }
   torch::Tensor step(const torch::Tensor& x) {
-    TORCH_CHECK(x.scalar_type() == W.scalar_type(), "x_t: dtype does not match the weights");
-    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == D && x.numel() == B * D,
-                "x_t: expected shape (", B, ", ", D, ")");
+    if (x.scalar_type() != W.scalar_type() || !x.device().is_cpu()) return torch::Tensor();
+    TORCH_CHECK_VALUE(x.dim() <= 2 && x.dim() >= 1 && x.size(-1) == D && x.numel() == B * D,
+                "x_t: expected shape (", B, ", ", D, "), got ", x.sizes());
+    if (kernel_ref._version() != kv || rec_ref._version() != rv || (bias_ref.defined() && bias_ref._version() != bv))
+      refresh();
     auto xc = x.is_contiguous() ? x : x.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "lstm_step", [&] { run<scalar_t>(xc.data_ptr<scalar_t>(), D); });
+    auto out = at::detail::empty_cpu({B, U}, W.scalar_type(), false);
+    if (W.scalar_type() == at::kFloat) run<float>(xc.data_ptr<float>(), out.data_ptr<float>());
+    else run<double>(xc.data_ptr<double>(), out.data_ptr<double>());
     return out;
   }
 };
 
+// micro-benchmark of one step's pieces (ns): the recurrent GEMM and the gate math, single thread
+std::vector<double> bench_step(int64_t B, int64_t Tn, int64_t U, int64_t reps) {
+  const int64_t GU = 4 * U;
+  std::vector<float> R(U * GU, 0.01f), h(B * U, 0.1f), xw(B * Tn * GU, 0.2f), c(B * U, 0.f), hn(B * U);
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  double best_g = 1e30, best_a = 1e30, best_s = 1e30;
+  for (int64_t r = 0; r < reps; ++r) {
+    auto t0 = now();
+    mm_acc<float>(B, GU, U, h.data(), U, R.data(), GU, xw.data(), Tn * GU);
+    auto t1 = now();
+    for (int64_t b = 0; b < B; ++b) gate_row(xw.data() + b * Tn * GU, c.data() + b * U, c.data() + b * U, hn.data() + b * U, U, 0, 1);
+    auto t2 = now();
+    small_mm_acc<float>(B, GU, U, h.data(), U, R.data(), GU, xw.data(), Tn * GU);
+    auto t3 = now();
+    best_g = std::min(best_g, (double)std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
+    best_a = std::min(best_a, (double)std::chrono::duration_cast<std::chrono::nanoseconds>(t2 - t1).count());
+    best_s = std::min(best_s, (double)std::chrono::duration_cast<std::chrono::nanoseconds>(t3 - t2).count());
+    std::fill(xw.begin(), xw.begin() + GU, 0.2f);
+  }
+  return {best_g, best_a, best_s};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bench_step", &bench_step);
   m.def("forward", &lstm_forward, "LSTM forward (fused)");
+  m.def("set_tuning", [](int64_t small_batch, int64_t min_chunk_rows) {
+    kSmallBatch = small_batch;
+    kMinChunkRows = min_chunk_rows;
+  });
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
   pybind11::class_<LSTMStep>(m, "LSTMStep")
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())
-      .def("set_weights", &LSTMStep::set_weights)
+      .def("refresh", &LSTMStep::refresh)
       .def("set_state", &LSTMStep::set_state)
       .def("state", &LSTMStep::state)
-      .def("step", &LSTMStep::step)
-      .def_readonly("out", &LSTMStep::out);
+      .def("step", &LSTMStep::step);
 }
