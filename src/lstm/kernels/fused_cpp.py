@@ -67,8 +67,9 @@ def extension():
                         _ext = load(name=_ext_name(), sources=[_SOURCE], extra_cflags=_FLAGS, verbose=False)
                     except Exception as exc:  # no compiler, no ninja, ...
                         _ext, _error = False, f"{type(exc).__name__}: {exc}"
-                        warnings.warn(f"lstm: the C++ LSTM kernel could not be built ({_error.splitlines()[0]}); "
-                                      "falling back to the Numba kernel", RuntimeWarning, stacklevel=2)
+                        detail = [ln for ln in _error.splitlines() if "error" in ln.lower()][-3:]
+                        warnings.warn("lstm: the C++ LSTM kernel could not be built; falling back to the Numba "
+                                      "kernel: " + " | ".join(detail)[:1000], RuntimeWarning, stacklevel=2)
     return _ext or None
 
 
@@ -85,17 +86,18 @@ def supports(p: Recurrence) -> bool:
     cell = p.cell
     if p.trace or cell.kind != "lstm" or _code(cell.activation) is None or _code(cell.recurrent_activation) is None:
         return False
-    dtype = p.inputs.dtype
-    if dtype not in _DTYPES or p.inputs.dim() != 3 or len(p.initial_state) != 2:
+    x = p.inputs
+    dtype = x.dtype
+    if (dtype is not torch.float32 and dtype is not torch.float64) or x.dim() != 3 or len(p.initial_state) != 2:
         return False
-    for t in (p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, p.recurrent_dropout, *p.initial_state):
-        if t is not None and (t.device.type != "cpu" or t.dtype != dtype):
+    for t in (x, p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, p.recurrent_dropout, *p.initial_state):
+        if t is not None and (not t.is_cpu or t.dtype is not dtype):
             return False
-    if p.mask is not None and p.mask.device.type != "cpu":
+    if p.mask is not None and not p.mask.is_cpu:
         return False
     if p.bias is not None and p.bias.dim() != 1:
         return False
-    return extension() is not None
+    return (_ext or extension()) is not None
 
 
 class _Cfg:

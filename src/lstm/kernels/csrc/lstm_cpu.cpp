@@ -382,6 +382,50 @@ void forward_loop(int64_t B, int64_t Tn, int64_t U, T* xw, const T* R, const T* 
 
 }  // namespace
 
+// One step for a tiny batch without saving (the Keras cell call `cell(x_t, state)`): no input
+// projection GEMM, no scratch tensors; z = b + x @ kernel + h @ R in registers-friendly loops.
+std::vector<torch::Tensor> single_step(const torch::Tensor& x, const torch::Tensor& kernel, const torch::Tensor& R,
+                                       const torch::Tensor& bias, const torch::Tensor& h0, const torch::Tensor& c0,
+                                       const torch::Tensor& mask, bool seq, bool zero_out, int64_t act,
+                                       int64_t ract) {
+  const int64_t B = x.size(0), D = x.size(2), U = R.size(0), GU = 4 * U;
+  auto st = x.scalar_type();
+  at::Tensor Y = seq ? at::Tensor(at::detail::empty_cpu({B, 1, U}, st, false))
+                     : at::Tensor(at::detail::empty_cpu({B, U}, st, false));
+  at::Tensor hT = at::detail::empty_cpu({B, U}, st, false), cT = at::detail::empty_cpu({B, U}, st, false);
+  AT_DISPATCH_FLOATING_TYPES(st, "lstm_single_step", [&] {
+    using T = scalar_t;
+    T z[4 * 1024];
+    std::vector<T> zv;
+    T* zp = z;
+    if (B * GU > 4 * 1024) { zv.resize(B * GU); zp = zv.data(); }
+    const T* xp = x.data_ptr<T>();
+    const T* hp = h0.data_ptr<T>();
+    const T* cp = c0.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (bias.defined()) std::memcpy(zp + b * GU, bias.data_ptr<T>(), GU * sizeof(T));
+      else std::fill(zp + b * GU, zp + (b + 1) * GU, T(0));
+    }
+    small_mm_acc<T>(B, GU, D, xp, D, kernel.data_ptr<T>(), GU, zp, GU);
+    small_mm_acc<T>(B, GU, U, hp, U, R.data_ptr<T>(), GU, zp, GU);
+    T* Yp = Y.data_ptr<T>();
+    T* hTp = hT.data_ptr<T>();
+    T* cTp = cT.data_ptr<T>();
+    const bool* kp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      if (kp == nullptr || kp[b]) {
+        gate_row(zp + b * GU, cp + b * U, cTp + b * U, hTp + b * U, U, (int)act, (int)ract);
+        std::memcpy(Yp + b * U, hTp + b * U, U * sizeof(T));
+      } else {
+        std::memcpy(hTp + b * U, hp + b * U, U * sizeof(T));
+        std::memcpy(cTp + b * U, cp + b * U, U * sizeof(T));
+        std::fill(Yp + b * U, Yp + (b + 1) * U, T(0));  // the first step: no previous output
+      }
+    }
+  });
+  return {Y, hT, cT};
+}
+
 // ----- forward ------------------------------------------------------------------------------------
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor R,
                                         c10::optional<torch::Tensor> bias_o, torch::Tensor h0, torch::Tensor c0,
@@ -389,12 +433,16 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
                                         c10::optional<torch::Tensor> rec_drop_o,
                                         c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out,
                                         bool seq, int64_t act, int64_t ract, bool save) {
+  at::NoGradGuard no_grad;  // autograd is the caller's (a hand-derived backward)
   x = x.contiguous();
   kernel = kernel.contiguous();
   R = R.contiguous();
   h0 = h0.contiguous();
   c0 = c0.contiguous();
   auto bias = opt(bias_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
+  if (!save && x.size(1) == 1 && x.size(0) <= kSmallBatch && !in_drop.defined() && !rec_drop.defined() &&
+      (!bias.defined() || bias.is_contiguous()))
+    return single_step(x, kernel, R, bias, h0, c0, mask, seq, zero_out, act, ract);
   if (rec_drop.defined()) rec_drop = rec_drop.contiguous();
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const int64_t B = x.size(0), Tn = x.size(1), U = R.size(0);
@@ -539,6 +587,7 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
                                          c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq,
                                          int64_t act, int64_t ract, std::vector<bool> needs) {
   // needs: x, kernel, R, bias, h0, c0
+  at::NoGradGuard no_grad;
   auto dY = opt(dY_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
   x = x.contiguous();
   kernel = kernel.contiguous();
@@ -689,7 +738,7 @@ struct LSTMStep {
     if (kernel_ref._version() != kv || rec_ref._version() != rv || (bias_ref.defined() && bias_ref._version() != bv))
       refresh();
     auto xc = x.is_contiguous() ? x : x.contiguous();
-    auto out = at::detail::empty_cpu({B, U}, W.scalar_type(), false);
+    at::Tensor out = at::detail::empty_cpu({B, U}, W.scalar_type(), false);
     if (W.scalar_type() == at::kFloat) run<float>(xc.data_ptr<float>(), out.data_ptr<float>());
     else run<double>(xc.data_ptr<double>(), out.data_ptr<double>());
     return out;
