@@ -23,7 +23,12 @@ def assert_close(ours: torch.Tensor, expected: np.ndarray, tolerance: dict, what
 def test_golden_case(name, kernel):
     case = Case(CASES[name])
     with lstm.kernels.use(kernel):
-        outputs, grads = run_case(case)
+        try:
+            outputs, grads = run_case(case)
+        except ValueError as error:  # a kernel for some cells only (fused_cpp: LSTM)
+            if "does not support this recurrence" not in str(error):
+                raise
+            pytest.skip(f"{kernel} does not cover this case: {error}")
     tolerance = case.meta["tolerance"]
     for key, value in outputs.items():
         if key in case.arrays:

@@ -1,0 +1,196 @@
+"""The C++ LSTM kernel (fused_cpp) equals the reference kernel: outputs, states and every
+gradient, over shapes, options, masks, dropout masks and dtypes; the dispatch picks it for a
+plain LSTM on CPU; streaming through its C++ step equals the layer.
+
+The first run ever compiles the extension (~35 s, cached in torch's extensions directory);
+every test skips with the reason when it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+import lstm.kernels
+from lstm import layers
+from lstm.kernels import fused_cpp, reference
+from test_fused_kernel import ACTS, _run, assert_close, make_problem
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    if fused_cpp.extension() is None:
+        pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
+
+
+def check_equal(p, in_hypothesis=False, tol=None):
+    assert fused_cpp.supports(p)
+    out_r, grads_r = _run(reference, p)
+    if in_hypothesis:  # unbounded activations (linear, relu) can overflow: not a comparison
+        assume(all(bool(torch.isfinite(t).all()) and float(t.abs().max()) < 1e6
+                   for t in [*out_r, *grads_r] if t.numel()))
+    out_f, grads_f = _run(fused_cpp, p)
+    dtype = p.inputs.dtype
+    tol = tol or (1e-10 if dtype == torch.float64 else 1e-5)
+    for i, (a, b) in enumerate(zip(out_f, out_r)):
+        assert_close(a, b, dtype, f"output {i}", tol)
+    names = ["inputs", "kernel", "recurrent_kernel", "bias", "h0", "c0"]
+    if p.bias is None:
+        names.remove("bias")
+    for n, a, b in zip(names, grads_f, grads_r):
+        assert_close(a, b, dtype, f"grad {n}", tol)
+    # the no-grad path (inference; the single-step route for T == 1) gives the same numbers
+    with torch.no_grad():
+        res = fused_cpp.run(p)
+    for i, (a, b) in enumerate(zip([t.detach() for t in (res.outputs, *res.states)], out_r)):
+        assert_close(a, b, dtype, f"no-grad output {i}", tol)
+
+
+problem_args = st.fixed_dictionaries({
+    "kind": st.just("lstm"),
+    "B": st.integers(0, 9),
+    "T": st.integers(0, 7),
+    "D": st.integers(1, 6),
+    "U": st.integers(1, 6),
+    "dtype": st.sampled_from([torch.float32, torch.float64]),
+    "seed": st.integers(0, 10_000),
+    "mask": st.sampled_from(["none", "holes", "holes_and_empty"]),
+    "go_backwards": st.booleans(),
+    "zero_output_for_mask": st.booleans(),
+    "return_sequences": st.booleans(),
+    "initial_state": st.booleans(),
+    "use_bias": st.booleans(),
+    "input_dropout": st.sampled_from(["none", "shared", "per_gate"]),
+    "recurrent_dropout": st.booleans(),
+    "activation": st.sampled_from(ACTS[:1] * 4 + ACTS),
+    "recurrent_activation": st.sampled_from(ACTS[1:2] * 4 + ACTS),
+})
+
+
+@settings(max_examples=int(__import__("os").environ.get("FUSED_EXAMPLES", 150)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(problem_args)
+def test_cpp_equals_reference(args):
+    check_equal(make_problem(**args), in_hypothesis=True)
+
+
+@pytest.mark.parametrize("B", [1, 2, 5, 17])  # <= 4 rows: register loops; more: MKL and row chunks per thread
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 9])
+def test_cpp_equals_reference_fixed(B, dtype, T):
+    for rd in (False, True):
+        for in_drop in ("none", "shared", "per_gate"):
+            for backwards in (False, True):
+                check_equal(make_problem("lstm", B, T, 5, 7, dtype=dtype, mask="holes_and_empty", recurrent_dropout=rd,
+                                         input_dropout=in_drop, go_backwards=backwards, return_sequences=B % 2 == 1,
+                                         seed=B))
+
+
+@pytest.mark.parametrize("B, T, D, U", [(3, 120, 8, 16), (20, 40, 16, 70)])
+def test_long_sequences_float32(B, T, D, U):
+    p = make_problem("lstm", B, T, D, U, dtype=torch.float32, mask="holes", go_backwards=True)
+    check_equal(p, tol=2e-5)
+
+
+def test_thread_counts_give_the_same_numbers():
+    p = make_problem("lstm", 9, 12, 5, 33, dtype=torch.float64, mask="holes", recurrent_dropout=True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_run(fused_cpp, p))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_dispatch_picks_cpp_by_default():
+    p = make_problem("lstm", 2, 3, 4, 5)
+    assert lstm.kernels.select(p).name == "fused_cpp"
+    layer = layers.LSTM(5)
+    layer(torch.randn(2, 3, 4))
+    assert lstm.kernels.select(layer.cell.recurrence(torch.randn(2, 3, 4), [torch.zeros(2, 5)] * 2)).name == "fused_cpp"
+    # what it does not cover goes to the next kernel
+    q = make_problem("gru", 2, 3, 4, 5)
+    assert not fused_cpp.supports(q)
+    r = make_problem("lstm", 2, 3, 4, 5, activation="softplus")
+    assert not fused_cpp.supports(r) and lstm.kernels.select(r).name == "reference"
+    s = make_problem("lstm", 2, 3, 4, 5)
+    s.trace = True
+    assert not fused_cpp.supports(s)
+
+
+def test_cell_call_uses_cpp_and_equals_reference():
+    torch.manual_seed(0)
+    cell = layers.LSTMCell(6)
+    x = torch.randn(2, 4)
+    state = [torch.randn(2, 6), torch.randn(2, 6)]
+    with torch.no_grad():
+        out, new = cell(x, state)
+        with lstm.kernels.use("reference"):
+            out_r, new_r = cell(x, state)
+    assert torch.allclose(out, out_r, atol=1e-6)
+    for a, b in zip(new, new_r):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_backward_twice_with_retain_graph():
+    p = make_problem("lstm", 2, 4, 3, 5, dtype=torch.float64)
+    result = fused_cpp.run(p)
+    loss = result.outputs.sum()
+    (g1,) = torch.autograd.grad(loss, [p.kernel], retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, [p.kernel])
+    assert torch.equal(g1, g2)
+
+
+def test_gradcheck_float64():
+    p = make_problem("lstm", 2, 3, 2, 3, dtype=torch.float64, mask="holes")
+
+    def f(x, k, r, b, h, c):
+        q = make_problem("lstm", 2, 3, 2, 3, dtype=torch.float64, mask="holes")
+        q.inputs, q.kernel, q.recurrent_kernel, q.bias, q.initial_state = x, k, r, b, (h, c)
+        res = fused_cpp.run(q)
+        return (res.outputs, *res.states)
+
+    assert torch.autograd.gradcheck(f, (p.inputs, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, units", [(1, 8), (3, 8), (6, 20)])
+def test_stream_via_cpp_equals_layer(dtype, batch, units):
+    torch.manual_seed(1)
+    layer = layers.LSTM(units, return_sequences=True, dtype="float64" if dtype == torch.float64 else "float32")
+    x = torch.randn(batch, 7, 5, dtype=dtype)
+    with torch.no_grad():
+        full = layer(x)
+    s = layer.stream(batch_size=batch)
+    assert s._cpp is not None  # the C++ step
+    steps = [s.step(x[:, t]) for t in range(7)]
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-6 if dtype == torch.float32 else 1e-12)
+    # outputs are fresh tensors, never the state buffer
+    assert steps[0].data_ptr() != steps[1].data_ptr()
+    h, c = s.state
+    assert torch.allclose(h, full[:, -1], atol=1e-6 if dtype == torch.float32 else 1e-12)
+    assert c.shape == (batch, units)
+
+
+def test_stream_via_cpp_follows_in_place_weight_updates_and_reset():
+    torch.manual_seed(2)
+    layer = layers.LSTM(6, return_sequences=True)
+    x = torch.randn(1, 4, 3)
+    layer(x)
+    s = layer.stream()
+    a = s.step(x[0, 0])
+    with torch.no_grad():
+        layer.cell.recurrent_kernel.mul_(0.5)
+        layer.cell.bias.add_(0.1)
+        full = layer(x)
+    s.reset()
+    got = torch.stack([s.step(x[0, t]) for t in range(4)], 1)
+    assert torch.allclose(got, full, atol=1e-6)
+    assert not torch.allclose(a, got[:, 0])
+    # numpy and double inputs are converted
+    s.reset()
+    assert torch.allclose(s.step(x[0, 0].double().numpy()), full[:, 0], atol=1e-6)
