@@ -71,10 +71,14 @@ def evaluate(task: Task, model, data, split: str, hp: dict, rank: int = 0, world
     return summarize(task, sums)
 
 
-def better(task: Task, new: float, old) -> bool:
-    if old is None:
-        return True
-    return new > old if task.higher_is_better else new < old
+def score(task: Task, metrics: dict) -> list:
+    """What picks the best epoch, larger is better: the headline metric, then the lower loss on ties."""
+    sign = 1 if task.higher_is_better else -1
+    return [sign * metrics[task.metric], -metrics["loss"]]
+
+
+def better(new: list, old) -> bool:
+    return old is None or new > old
 
 
 def _progress(total: int, initial: int, description: str, enabled: bool):
@@ -189,9 +193,9 @@ def train(options: dict, *, task_name: str | None = None, out: str | None = None
             bar.close()
         train_metrics = summarize(task, state["train_sums"])
         val_metrics = evaluate(task, model, data, "val", hp, rank, world)
-        is_best = better(task, val_metrics[task.metric], state["best"])
+        is_best = better(score(task, val_metrics), state["best"])
         if is_best:
-            state["best"], state["best_epoch"] = val_metrics[task.metric], epoch + 1
+            state["best"], state["best_epoch"] = score(task, val_metrics), epoch + 1
         state["history"].append({"epoch": epoch + 1, "train": train_metrics, "val": val_metrics,
                                  "lr": optimizer.param_groups[0]["lr"],
                                  "seconds": round(time.time() - tick, 2)})
@@ -215,7 +219,8 @@ def train(options: dict, *, task_name: str | None = None, out: str | None = None
         baseline = task.baseline(data, hp)
         final = {"task": task.name, "target": task.target, "metric": task.metric,
                  "best_epoch": state["best_epoch"], "val": state["history"][-1]["val"] if state["history"] else {},
-                 "best_val": state["best"], "test": test_metrics, "baseline": baseline,
+                 "best_val": state["history"][state["best_epoch"] - 1]["val"] if state["best_epoch"] else None,
+                 "test": test_metrics, "baseline": baseline,
                  "epochs": state["history"], "hp": hp, "data": data.info, "world_size": world,
                  "parameters": sum(p.numel() for p in model.parameters()),
                  "wall_time_s": round(state["elapsed"] + time.time() - started, 2),

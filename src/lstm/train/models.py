@@ -50,23 +50,37 @@ def sequence_tagger(vocab_size: int, hp: dict) -> Sequential:
 
 
 class Forecaster(nn.Module):
-    """Multi-step forecaster: an LSTM reads the window, Dense(horizon) gives a correction added to the
-    seasonal-naive forecast (the value one season before each target step), all in scaled units."""
+    """Multi-step forecaster in scaled units: seasonal naive (the value one season before each target
+    step) + a linear autoregressive correction from the last `ar` seasonal differences (LSTNet's
+    "highway") + the LSTM's correction: an LSTM reads the last `read` steps (each: its change from
+    one season and from one `day` before; changes, not levels, so that a shift of level between
+    train and test does not move the inputs) and Dense(horizon) maps its last output to the horizon."""
 
     def __init__(self, hp: dict):
         super().__init__()
         self.season, self.horizon = hp["season"], hp["horizon"]
+        self.read = min(hp.get("read") or self.season, self.season)
+        self.ar = min(hp.get("ar") or 0, self.season)
+        self.day = max(1, min(hp.get("day") or self.season // 7, self.season))
         self.net = Sequential([
             layers.LSTM(hp["units"], input_dim=2, name="lstm"),
             layers.Dense(hp["horizon"], input_dim=hp["units"], kernel_initializer="zeros", name="output"),
         ], name="forecaster")
+        self.highway = layers.Dense(hp["horizon"], input_dim=self.ar, kernel_initializer="zeros",
+                                    name="highway") if self.ar else None
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
-        """window [B, W] (scaled) -> forecast [B, horizon] (scaled)."""
+        """window [B, 2 * season] (scaled) -> forecast [B, horizon] (scaled)."""
         naive = seasonal_naive(window, self.season, self.horizon)
-        lagged = torch.cat([torch.zeros_like(window[:, : self.season]), window[:, : -self.season]], 1)
-        features = torch.stack([window, window - lagged], dim=-1)[:, self.season:]
-        return naive + self.net(features)
+        end = window.shape[1]
+        recent = window[:, -self.read:]
+        change = recent - window[:, end - self.read - self.season: end - self.season]
+        daily = recent - window[:, end - self.read - self.day: end - self.day]
+        out = naive + self.net(torch.stack([change, daily], dim=-1))
+        if self.highway is not None:
+            out = out + self.highway(change[:, -self.ar:] if self.ar <= self.read else
+                                     (window[:, -self.ar:] - window[:, -self.ar - self.season:-self.season]))
+        return out
 
 
 def seasonal_naive(window: torch.Tensor, season: int, horizon: int) -> torch.Tensor:

@@ -168,7 +168,7 @@ class Adding(Task):
     name = "adding"
     help = "the adding problem: sum of the two marked values in a sequence of --length steps (generated)"
     metric, higher_is_better = "mse", False
-    defaults = {"epochs": 20, "batch_size": 128, "lr": 3e-3, "units": 64, "length": 100, "steps_per_epoch": 100,
+    defaults = {"epochs": 35, "batch_size": 128, "lr": 3e-3, "units": 64, "length": 100, "steps_per_epoch": 100,
                 "val_size": 1000, "test_size": 2000}
     quick = {"epochs": 2, "steps_per_epoch": 10, "length": 20, "val_size": 200, "test_size": 200}
     target = "test MSE <= 0.01 at length 100"
@@ -256,7 +256,7 @@ class Vowels(Task):
     name = "vowels"
     help = "JapaneseVowels: which of 9 speakers, from 12-channel series of 7 to 29 steps (masked)"
     metric, higher_is_better = "accuracy", True
-    defaults = {"epochs": 60, "batch_size": 16, "lr": 3e-3, "weight_decay": 1e-4, "units": 64, "dropout": 0.3,
+    defaults = {"epochs": 30, "batch_size": 16, "lr": 3e-3, "weight_decay": 1e-2, "units": 64, "dropout": 0.3,
                 "maxlen": 32}
     quick = {"epochs": 2, "steps_per_epoch": 5}
     target = "test accuracy >= 0.95"
@@ -337,7 +337,8 @@ class Forecast(Task):
     name = "forecast"
     help = "Taylor's half-hourly electricity demand, 4,032 points (or --data CSV --column NAME --season N)"
     metric, higher_is_better = "rmse", False
-    defaults = {"epochs": 30, "batch_size": 32, "lr": 2e-3, "units": 64, "season": 336, "horizon": 48,
+    defaults = {"epochs": 15, "batch_size": 32, "lr": 1e-3, "units": 64, "season": 336, "horizon": 48,
+                "read": 96, "ar": 48,
                 "column": "value", "weight_decay": 0.0}
     quick = {"epochs": 2, "steps_per_epoch": 5}
     target = "test RMSE <= 0.9 x seasonal-naive"
