@@ -246,6 +246,7 @@ inline void gate_row(T* __restrict__ z, const T* __restrict__ cp, T* __restrict_
 // synchronisation at all. One thread, or one row: the caller's thread.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 int64_t kMinChunkRows = 4;  // tunable (set_tuning)
+int64_t kXhMinBytes = 0;  // inference without a projection buffer from this xw size (set_tuning)
 template <typename F>
 inline void over_chunks(int64_t B, const F& f) {
   const int64_t nt = at::get_num_threads();
@@ -380,6 +381,48 @@ void forward_loop(int64_t B, int64_t Tn, int64_t U, T* xw, const T* R, const T* 
   if (!fl.seq && Tn > 0) std::memcpy(Y, ylast.data(), B * U * sizeof(T));
 }
 
+// Inference over a large batch: no [B,T,4U] projection buffer at all (for big shapes it costs
+// page faults and memory bandwidth, not FLOPs). Each step is one GEMM [x_t, h] @ [kernel; R]
+// on a [B, D+U] buffer that holds x_t next to h; c and z are small per-call buffers.
+template <typename T>
+void forward_loop_xh(int64_t B, int64_t Tn, int64_t D, int64_t U, const T* x, const T* W, const T* bias,
+                     const bool* keep, const Flags& fl, const T* h0, const T* c0, T* Y, T* hT, T* cT) {
+  const int64_t GU = 4 * U, DU = D + U;
+  std::vector<T> xh(B * DU), z(B * GU), c(B * U), ylast(fl.seq ? 0 : B * U, T(0));
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(xh.data() + b * DU + D, h0 + b * U, U * sizeof(T));
+    std::memcpy(c.data() + b * U, c0 + b * U, U * sizeof(T));
+  }
+  for (int64_t s = 0; s < Tn; ++s) {
+    const int64_t t = fl.backwards ? Tn - 1 - s : s;
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(xh.data() + b * DU, x + (b * Tn + t) * D, D * sizeof(T));
+      if (bias) std::memcpy(z.data() + b * GU, bias, GU * sizeof(T));
+      else std::fill(z.data() + b * GU, z.data() + (b + 1) * GU, T(0));
+    }
+    mm_acc<T>(B, GU, DU, xh.data(), DU, W, GU, z.data(), GU);
+    for (int64_t b = 0; b < B; ++b) {
+      const bool kept = keep == nullptr || keep[b * Tn + t];
+      T* yrow = fl.seq ? Y + (b * Tn + s) * U : ylast.data() + b * U;
+      T* hrow = xh.data() + b * DU + D;
+      if (kept) {
+        gate_row(z.data() + b * GU, c.data() + b * U, c.data() + b * U, hrow, U, fl.act, fl.ract);
+        std::memcpy(yrow, hrow, U * sizeof(T));
+      } else if (fl.seq) {
+        if (fl.zero_out || s == 0) std::memset(yrow, 0, U * sizeof(T));
+        else std::memcpy(yrow, Y + (b * Tn + s - 1) * U, U * sizeof(T));
+      } else if (fl.zero_out) {
+        std::memset(yrow, 0, U * sizeof(T));
+      }
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(hT + b * U, xh.data() + b * DU + D, U * sizeof(T));
+    std::memcpy(cT + b * U, c.data() + b * U, U * sizeof(T));
+  }
+  if (!fl.seq && Tn > 0) std::memcpy(Y, ylast.data(), B * U * sizeof(T));
+}
+
 }  // namespace
 
 // One step for a tiny batch without saving (the Keras cell call `cell(x_t, state)`): no input
@@ -447,8 +490,33 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const int64_t B = x.size(0), Tn = x.size(1), U = R.size(0);
   Flags fl{backwards, zero_out, seq, static_cast<int>(act), static_cast<int>(ract)};
-  auto xw = input_projection(x, kernel, bias, in_drop).contiguous();
   auto opts = x.options();
+  if (!save && !in_drop.defined() && !rec_drop.defined() && Tn > 0 &&
+      B * Tn * 4 * U * x.element_size() >= kXhMinBytes && B > kSmallBatch) {
+    auto W = at::cat({kernel, R}, 0).contiguous();
+    auto Y = seq ? torch::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
+    auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
+    if (bias.defined()) bias = bias.contiguous();
+    const int64_t D = x.size(2);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_xh", [&] {
+      using T = scalar_t;
+      const T* xp = x.data_ptr<T>();
+      const T* Wp = W.data_ptr<T>();
+      const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
+      const bool* kp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+      const T* h0p = h0.data_ptr<T>();
+      const T* c0p = c0.data_ptr<T>();
+      T* Yp = Y.data_ptr<T>();
+      T* hTp = hT.data_ptr<T>();
+      T* cTp = cT.data_ptr<T>();
+      over_chunks(B, [&](int64_t b0, int64_t b1) {
+        forward_loop_xh<T>(b1 - b0, Tn, D, U, xp + b0 * Tn * D, Wp, bp, kp ? kp + b0 * Tn : nullptr, fl,
+                           h0p + b0 * U, c0p + b0 * U, Yp + b0 * (seq ? Tn : 1) * U, hTp + b0 * U, cTp + b0 * U);
+      });
+    });
+    return {Y, hT, cT};
+  }
+  auto xw = input_projection(x, kernel, bias, in_drop).contiguous();
   auto Y = seq ? torch::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
   auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
   torch::Tensor Hp, Cp;
@@ -770,9 +838,10 @@ std::vector<double> bench_step(int64_t B, int64_t Tn, int64_t U, int64_t reps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bench_step", &bench_step);
   m.def("forward", &lstm_forward, "LSTM forward (fused)");
-  m.def("set_tuning", [](int64_t small_batch, int64_t min_chunk_rows) {
+  m.def("set_tuning", [](int64_t small_batch, int64_t min_chunk_rows, int64_t xh_min_bytes) {
     kSmallBatch = small_batch;
     kMinChunkRows = min_chunk_rows;
+    kXhMinBytes = xh_min_bytes;
   });
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
   pybind11::class_<LSTMStep>(m, "LSTMStep")
