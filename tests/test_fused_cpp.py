@@ -194,3 +194,23 @@ def test_stream_via_cpp_follows_in_place_weight_updates_and_reset():
     # numpy and double inputs are converted
     s.reset()
     assert torch.allclose(s.step(x[0, 0].double().numpy()), full[:, 0], atol=1e-6)
+
+
+def test_torch_compile_traces_through_without_graph_breaks():
+    p = make_problem("lstm", 3, 5, 4, 6, dtype=torch.float64, mask="holes", go_backwards=True, input_dropout="shared")
+
+    def f(x, k, r, b, h, c):
+        p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.initial_state = x, k, r, b, (h, c)
+        res = fused_cpp.run(p)
+        return res.outputs.sum() + (res.states[0] * 2).sum() + res.states[1].sum()
+
+    args = (p.inputs, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # the custom ops, no graph break
+    a = compiled(*args)
+    ga = torch.autograd.grad(a, args)
+    b = f(*args)
+    gb = torch.autograd.grad(b, args)
+    assert torch.allclose(a, b, rtol=1e-12)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()

@@ -246,6 +246,7 @@ inline void gate_row(T* __restrict__ z, const T* __restrict__ cp, T* __restrict_
 // synchronisation at all. One thread, or one row: the caller's thread.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 int64_t kMinChunkRows = 4;  // tunable (set_tuning)
+int64_t kStreamParallelWork = 1 << 18;  // multiply-adds of a streaming step from which it uses the threads
 int64_t kXhMinBytes = 0;  // inference without a projection buffer from this xw size (set_tuning)
 template <typename F>
 inline void over_chunks(int64_t B, const F& f) {
@@ -786,6 +787,37 @@ struct LSTMStep {
       std::memcpy(xhp + b * DU, x + b * D, D * sizeof(T));
       std::memcpy(zp + b * GU, bp, GU * sizeof(T));
     }
+    if (B <= kSmallBatch && B * DU * GU >= kStreamParallelWork && at::get_num_threads() > 1 &&
+        !at::in_parallel_region() && U >= 32) {
+      // big weights: each thread takes a range of units (their four gate columns) and does
+      // the product and the gate math for them, reading only its share of W
+      const int64_t nt = std::min<int64_t>(at::get_num_threads(), U / 16);
+      at::parallel_for(0, nt, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t u0 = (U * k / nt) & ~int64_t(15), u1 = k + 1 == nt ? U : (U * (k + 1) / nt) & ~int64_t(15);
+          const int64_t n = u1 - u0;
+          for (int64_t g = 0; g < 4; ++g) small_mm_acc<T>(B, n, DU, xhp, DU, Wp + g * U + u0, GU, zp + g * U + u0, GU);
+          for (int64_t b = 0; b < B; ++b) {
+            T* zr = zp + b * GU;
+            act_inplace(ract, zr + u0, n);
+            act_inplace(ract, zr + U + u0, n);
+            act_inplace(act, zr + 2 * U + u0, n);
+            act_inplace(ract, zr + 3 * U + u0, n);
+            T* cr = cp + b * U;
+            T* hr = op + b * U;
+            for (int64_t j = u0; j < u1; ++j) {
+              T cv = zr[U + j] * cr[j] + zr[j] * zr[2 * U + j];
+              cr[j] = cv;
+              hr[j] = cv;
+            }
+            act_inplace(act, hr + u0, n);
+            for (int64_t j = u0; j < u1; ++j) hr[j] *= zr[3 * U + j];
+          }
+        }
+      });
+      for (int64_t b = 0; b < B; ++b) std::memcpy(xhp + b * DU + D, op + b * U, U * sizeof(T));
+      return;
+    }
     if (B <= kSmallBatch) {
       small_mm_acc<T>(B, GU, DU, xhp, DU, Wp, GU, zp, GU);
     } else {
@@ -838,10 +870,11 @@ std::vector<double> bench_step(int64_t B, int64_t Tn, int64_t U, int64_t reps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bench_step", &bench_step);
   m.def("forward", &lstm_forward, "LSTM forward (fused)");
-  m.def("set_tuning", [](int64_t small_batch, int64_t min_chunk_rows, int64_t xh_min_bytes) {
+  m.def("set_tuning", [](int64_t small_batch, int64_t min_chunk_rows, int64_t xh_min_bytes, int64_t stream_parallel) {
     kSmallBatch = small_batch;
     kMinChunkRows = min_chunk_rows;
     kXhMinBytes = xh_min_bytes;
+    kStreamParallelWork = stream_parallel;
   });
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
   pybind11::class_<LSTMStep>(m, "LSTMStep")
