@@ -615,6 +615,29 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
 
 // ----- backward -----------------------------------------------------------------------------------
 namespace {
+// dZ of one row for sigmoid gates and tanh (restrict: vectorised without alias checks)
+template <typename T>
+inline void bwd_row_sigmoid_tanh(const T* __restrict__ g, const T* __restrict__ cp, const T* __restrict__ dctv,
+                                 const T* __restrict__ dhn, const T* __restrict__ tc, T* __restrict__ d,
+                                 T* __restrict__ dcb, int64_t U) {
+  const T* __restrict__ gi = g;
+  const T* __restrict__ gf = g + U;
+  const T* __restrict__ gg = g + 2 * U;
+  const T* __restrict__ go = g + 3 * U;
+  T* __restrict__ d0 = d;
+  T* __restrict__ d1 = d + U;
+  T* __restrict__ d2 = d + 2 * U;
+  T* __restrict__ d3 = d + 3 * U;
+  for (int64_t j = 0; j < U; ++j) {
+    const T dct = dctv[j], i = gi[j], f = gf[j], gv = gg[j], o = go[j];
+    d0[j] = dct * gv * (i * (T(1) - i));
+    d1[j] = dct * cp[j] * (f * (T(1) - f));
+    d2[j] = dct * i * (T(1) - gv * gv);
+    d3[j] = dhn[j] * tc[j] * (o * (T(1) - o));
+    dcb[j] = dct * f;
+  }
+}
+
 template <typename T>
 void backward_loop(int64_t B, int64_t Tn, int64_t U, const T* dY, const T* G, const T* Hp, const T* Cp,
                    const T* RT, const T* rd, int64_t rdG, const bool* keep, const Flags& fl, T* dh, T* dc, T* dZ) {
@@ -653,7 +676,7 @@ void backward_loop(int64_t B, int64_t Tn, int64_t U, const T* dY, const T* G, co
         const T* gg = g + 2 * U;
         const T* go = g + 3 * U;
         const T* cp = Cp + (b * Tn + t) * U;
-        for (int64_t j = 0; j < U; ++j) dhn[j] = dhb[j];
+        std::memcpy(dhn.data(), dhb, U * sizeof(T));
         if (dy) {
           const T* dyr = dy + b * ldy;
           for (int64_t j = 0; j < U; ++j) dhn[j] += dyr[j];
@@ -668,14 +691,7 @@ void backward_loop(int64_t B, int64_t Tn, int64_t U, const T* dY, const T* G, co
         // dct = dc + dhn * o * act'(tanh c)
         for (int64_t j = 0; j < U; ++j) d1[j] = dcb[j] + dhn[j] * go[j] * d1[j];
         if (fl.ract == 1 && fl.act == 0) {
-          for (int64_t j = 0; j < U; ++j) {
-            const T dct = d1[j], i = gi[j], f = gf[j], gv = gg[j], o = go[j];
-            d[j] = dct * gv * (i * (T(1) - i));
-            d[U + j] = dct * cp[j] * (f * (T(1) - f));
-            d[2 * U + j] = dct * i * (T(1) - gv * gv);
-            d[3 * U + j] = dhn[j] * tc[j] * (o * (T(1) - o));
-            dcb[j] = dct * f;
-          }
+          bwd_row_sigmoid_tanh(g, cp, d1.data(), dhn.data(), tc.data(), d, dcb, U);
         } else {
           for (int64_t j = 0; j < U; ++j) {
             const T dct = d1[j], i = gi[j], f = gf[j], gv = gg[j], o = go[j];
