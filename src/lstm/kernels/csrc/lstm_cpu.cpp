@@ -304,7 +304,7 @@ inline void gate_row(T* __restrict__ z, const T* __restrict__ cp, T* __restrict_
 // synchronisation at all. One thread, or one row: the caller's thread.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 int64_t kMinChunkRows = 4;  // tunable (set_tuning)
-int64_t kStreamParallelWork = 1 << 18;  // multiply-adds of a streaming step from which it uses the threads
+int64_t kStreamParallelWork = int64_t(1) << 62;  // multiply-adds of a streaming step from which it uses the threads (off: measured slower on the busy 2-core machine; set_tuning)
 int64_t kXhMinBytes = 0;  // inference without a projection buffer from this xw size (set_tuning)
 template <typename F>
 inline void over_chunks(int64_t B, const F& f) {
