@@ -73,8 +73,7 @@ def test_evaluate_predict_generate(runs, capsys):
 
 
 def tiny(**extra):
-    return dict({"epochs": 2, "steps_per_epoch": 4, "subset": 300, "batch_size": 16, "units": 8, "embedding": 8},
-                **extra)
+    return dict({"epochs": 2, "steps_per_epoch": 4, "batch_size": 16, "units": 8}, **extra)
 
 
 def final_weights(run):
@@ -137,6 +136,8 @@ def test_bad_input_clear_messages(runs, tmp_path):
     assert done.returncode == 2 and "invalid choice: 'nosuchtask'" in done.stderr and "Traceback" not in done.stderr
     done = run_cli("train", "sentiment", "--no-such-option")
     assert done.returncode == 2 and "unrecognized arguments: --no-such-option" in done.stderr
+    done = run_cli("train", "sentiment", "--delay", "5")
+    assert done.returncode == 2 and "--delay: not an option of the sentiment task" in done.stderr
     done = run_cli("evaluate", str(tmp_path / "missing"))
     assert done.returncode == 2 and "no such file or folder" in done.stderr and "Traceback" not in done.stderr
 

@@ -22,6 +22,10 @@ from .tasks import COMMON, Task, get
 
 
 def hyperparameters(task: Task, options: dict, quick: bool) -> dict:
+    foreign = sorted(k for k, v in options.items() if v is not None and k not in task.options())
+    if foreign:
+        names = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise TrainError(f"{names}: not an option of the {task.name} task")
     hp = dict(COMMON, **task.defaults)
     if quick:
         hp.update(task.quick)

@@ -21,7 +21,7 @@ from .splits import chronological_split, shuffled_split
 from .text import CharVocab, WordVocab
 
 COMMON = {"epochs": 10, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.0, "clip": 1.0, "steps_per_epoch": 0,
-          "eval_batch_size": 256, "seed": 0, "data": None}
+          "eval_batch_size": 256, "seed": 0, "data": None, "device": None}
 
 
 @dataclass
@@ -57,6 +57,10 @@ class Task:
     defaults: dict = {}
     quick: dict = {}
     target: str = ""            # the issue's quality bar, for the report
+
+    def options(self) -> set:
+        """The hyper-parameters this task reads (an option outside them is an error, not ignored)."""
+        return set(COMMON) | set(self.defaults) | set(self.quick)
 
     def load(self, hp: dict) -> Data:
         raise NotImplementedError
@@ -337,7 +341,7 @@ class Forecast(Task):
     help = "Taylor's half-hourly electricity demand, 4,032 points (or --data CSV --column NAME --season N)"
     metric, higher_is_better = "rmse", False
     defaults = {"epochs": 15, "batch_size": 32, "lr": 1e-3, "units": 64, "season": 336, "horizon": 48,
-                "read": 96, "ar": 48,
+                "read": 96, "ar": 48, "day": 0,
                 "column": "value", "weight_decay": 0.0}
     quick = {"epochs": 2, "steps_per_epoch": 5}
     target = "test RMSE <= 0.9 x seasonal-naive"
@@ -436,6 +440,9 @@ class CharLMTask(Task):
             if split != "train" and hp["eval_batches"]:
                 keep = np.random.default_rng(0).permutation(len(chunks))[: hp["eval_batches"] * hp["eval_batch_size"]]
                 chunks = chunks[np.sort(keep)]
+            if len(chunks) == 0:
+                raise TrainError(f"charlm: the {split} split ({len(encoded[split])} characters) holds no sequence "
+                                 f"of {n} characters; give a longer text or a smaller --seq-len")
             splits[split] = {"ids": torch.as_tensor(chunks)}
         meta = {"vocab": vocab.to_json()}
         info = dict(source, characters=len(text), vocabulary=len(vocab),
