@@ -58,12 +58,18 @@ _lock = threading.Lock()
 
 
 def _ext_name() -> str:
-    # the source and flags in the name: an edited source never loads a stale build
+    # source, flags and CPU features in the name: an edited source never loads a stale build
     import hashlib
 
+    h = hashlib.sha1(" ".join(_FLAGS).encode())
     with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read() + " ".join(_FLAGS).encode()).hexdigest()[:10]
-    return f"lstm_cpu_{digest}"
+        h.update(f.read())
+    try:  # -march=native: a build is only for CPUs with these flags (a shared cache dir is safe)
+        with open("/proc/cpuinfo") as f:
+            h.update(next((ln for ln in f if ln.startswith("flags")), "").encode())
+    except OSError:
+        pass
+    return f"lstm_cpu_{h.hexdigest()[:10]}"
 
 
 def extension():
