@@ -211,7 +211,7 @@ class Copy(Task):
     name = "copy"
     help = "the copy task: repeat 10 symbols after --delay blank steps (generated)"
     metric, higher_is_better = "accuracy", True
-    defaults = {"epochs": 30, "batch_size": 128, "lr": 3e-3, "units": 128, "embedding": 16, "delay": 10,
+    defaults = {"epochs": 60, "batch_size": 128, "lr": 3e-3, "units": 128, "embedding": 16, "delay": 10,
                 "steps_per_epoch": 100, "symbols": 8, "val_size": 1000, "test_size": 2000}
     quick = {"epochs": 2, "steps_per_epoch": 10, "delay": 5, "val_size": 200, "test_size": 200}
     target = "copied symbols' accuracy near 1 (guessing: 1/8)"
