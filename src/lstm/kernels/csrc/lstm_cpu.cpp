@@ -306,10 +306,14 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 int64_t kMinChunkRows = 4;  // tunable (set_tuning)
 int64_t kStreamParallelWork = int64_t(1) << 62;  // multiply-adds of a streaming step from which it uses the threads (off: measured slower on the busy 2-core machine; set_tuning)
 int64_t kXhMinBytes = 0;  // inference without a projection buffer from this xw size (set_tuning)
+// Only while a chunk's per-step GEMM is small: big steps go faster on MKL's own threads
+// (measured on 2 cores: 64,100,128,256 inference 32 ms on MKL threads vs 57 ms in chunks).
+int64_t kChunkMaxWork = 2 << 20;  // multiply-adds of one chunk's step (set_tuning)
 template <typename F>
-inline void over_chunks(int64_t B, const F& f) {
+inline void over_chunks(int64_t B, int64_t work_per_row, const F& f) {
   const int64_t nt = at::get_num_threads();
-  const int64_t chunks = B >= kMinChunkRows ? std::min<int64_t>(nt, B) : 1;
+  int64_t chunks = B >= kMinChunkRows ? std::min<int64_t>(nt, B) : 1;
+  if (chunks > 1 && (B / chunks) * work_per_row > kChunkMaxWork) chunks = 1;
   if (chunks <= 1 || at::in_parallel_region()) {
     f(0, B);
     return;
@@ -568,7 +572,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
       T* Yp = Y.data_ptr<T>();
       T* hTp = hT.data_ptr<T>();
       T* cTp = cT.data_ptr<T>();
-      over_chunks(B, [&](int64_t b0, int64_t b1) {
+      over_chunks(B, (D + U) * 4 * U, [&](int64_t b0, int64_t b1) {
         forward_loop_xh<T>(b1 - b0, Tn, D, U, xp + b0 * Tn * D, Wp, bp, kp ? kp + b0 * Tn : nullptr, fl,
                            h0p + b0 * U, c0p + b0 * U, Yp + b0 * (seq ? Tn : 1) * U, hTp + b0 * U, cTp + b0 * U);
       });
@@ -601,7 +605,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
       T* cTp = cT.data_ptr<T>();
       T* Hpp = save ? Hp.data_ptr<T>() : nullptr;
       T* Cpp = save ? Cp.data_ptr<T>() : nullptr;
-      over_chunks(B, [&](int64_t b0, int64_t b1) {
+      over_chunks(B, U * 4 * U, [&](int64_t b0, int64_t b1) {
         forward_loop<T>(b1 - b0, Tn, U, xwp + b0 * Tn * 4 * U, Rp, rdp ? rdp + b0 * U : nullptr, B * U,
                         kp ? kp + b0 * Tn : nullptr, fl, h0p + b0 * U, c0p + b0 * U,
                         Yp + b0 * (seq ? Tn : 1) * U, hTp + b0 * U, cTp + b0 * U, Hpp ? Hpp + b0 * Tn * U : nullptr,
@@ -757,7 +761,7 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
       T* dhp = dh.data_ptr<T>();
       T* dcp = dc.data_ptr<T>();
       T* dZp = dZ.data_ptr<T>();
-      over_chunks(B, [&](int64_t b0, int64_t b1) {
+      over_chunks(B, U * 4 * U, [&](int64_t b0, int64_t b1) {
         backward_loop<T>(b1 - b0, Tn, U, dYp ? dYp + b0 * (seq ? Tn : 1) * U : nullptr, Gp + b0 * Tn * GU,
                          Hpp + b0 * Tn * U, Cpp + b0 * Tn * U, RTp, rdp ? rdp + b0 * U : nullptr, B * U,
                          kp ? kp + b0 * Tn : nullptr, fl, dhp + b0 * U, dcp + b0 * U, dZp + b0 * Tn * GU);
@@ -951,6 +955,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     kXhMinBytes = xh_min_bytes;
     kStreamParallelWork = stream_parallel;
   });
+  m.def("set_chunk_max_work", [](int64_t w) { kChunkMaxWork = w; });
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
   pybind11::class_<LSTMStep>(m, "LSTMStep")
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())
