@@ -9,14 +9,19 @@ from lstm import layers
 B, T, D, U = 3, 7, 5, 4
 
 
-def _lstm_to_torch(cell):
-    m = torch.nn.LSTM(D, U, batch_first=True, dtype=torch.float64)
-    with torch.no_grad():
-        m.weight_ih_l0.copy_(cell.kernel.T)
-        m.weight_hh_l0.copy_(cell.recurrent_kernel.T)
-        m.bias_ih_l0.copy_(cell.bias)
-        m.bias_hh_l0.zero_()
-    return m
+def _one_bias_to_torch(torch_class):
+    """LSTM (same gate order i,f,c/g,o) and plain RNN: Keras' single bias becomes bias_ih."""
+
+    def convert(cell):
+        m = torch_class(D, U, batch_first=True, dtype=torch.float64)
+        with torch.no_grad():
+            m.weight_ih_l0.copy_(cell.kernel.T)
+            m.weight_hh_l0.copy_(cell.recurrent_kernel.T)
+            m.bias_ih_l0.copy_(cell.bias)
+            m.bias_hh_l0.zero_()
+        return m
+
+    return convert
 
 
 def _gru_to_torch(cell):
@@ -33,18 +38,8 @@ def _gru_to_torch(cell):
     return m
 
 
-def _rnn_to_torch(cell):
-    m = torch.nn.RNN(D, U, batch_first=True, dtype=torch.float64)
-    with torch.no_grad():
-        m.weight_ih_l0.copy_(cell.kernel.T)
-        m.weight_hh_l0.copy_(cell.recurrent_kernel.T)
-        m.bias_ih_l0.copy_(cell.bias)
-        m.bias_hh_l0.zero_()
-    return m
-
-
-@pytest.mark.parametrize("layer_class, convert", [(layers.LSTM, _lstm_to_torch), (layers.GRU, _gru_to_torch),
-                                                  (layers.SimpleRNN, _rnn_to_torch)])
+@pytest.mark.parametrize("layer_class, convert", [(layers.LSTM, _one_bias_to_torch(torch.nn.LSTM)), (layers.GRU, _gru_to_torch),
+                                                  (layers.SimpleRNN, _one_bias_to_torch(torch.nn.RNN))])
 def test_equals_torch_nn(layer_class, convert):
     torch.manual_seed(1)
     layer = layer_class(U, return_sequences=True, return_state=True, dtype="float64", input_dim=D)
