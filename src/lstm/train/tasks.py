@@ -412,8 +412,8 @@ class CharLMTask(Task):
     name = "charlm"
     help = "character language model on Shakespeare's complete works (or --data TEXT_FILE)"
     metric, higher_is_better = "loss", False
-    defaults = {"epochs": 6, "batch_size": 128, "lr": 1e-2, "units": 256, "embedding": 32, "dropout": 0.0,
-                "seq_len": 50, "steps_per_epoch": 200, "eval_batches": 40, "eval_batch_size": 128}
+    defaults = {"epochs": 10, "batch_size": 128, "lr": 1e-2, "units": 256, "embedding": 32, "dropout": 0.0,
+                "seq_len": 50, "steps_per_epoch": 300, "eval_batches": 40, "eval_batch_size": 128}
     quick = {"epochs": 2, "steps_per_epoch": 5, "seq_len": 32, "units": 32, "eval_batches": 2, "batch_size": 16}
     target = "validation loss <= 1.60 nats per character"
 
