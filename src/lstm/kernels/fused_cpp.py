@@ -104,7 +104,7 @@ def _code(activation) -> Optional[int]:
 
 def supports(p: Recurrence) -> bool:
     cell = p.cell
-    if p.trace or cell.kind != "lstm" or _code(cell.activation) is None or _code(cell.recurrent_activation) is None:
+    if p.trace or not p.plain or cell.kind != "lstm" or _code(cell.activation) is None or _code(cell.recurrent_activation) is None:
         return False
     x = p.inputs
     dtype = x.dtype

@@ -88,7 +88,7 @@ def _code(activation) -> Optional[int]:
 
 
 def supports(p: Recurrence) -> bool:
-    if p.trace or not _HAS_NUMBA:
+    if p.trace or not p.plain or not _HAS_NUMBA:
         return False
     cell = p.cell
     if cell.kind not in ("lstm", "gru", "simple_rnn") or _code(cell.activation) is None:

@@ -26,10 +26,23 @@ class CellSpec:
     activation: Activation = "tanh"
     recurrent_activation: Activation = "sigmoid"
     reset_after: bool = True  # GRU only: reset gate applied after the recurrent matmul
+    # LSTM variants (issue 6), all off by default so the Keras cell stays exact
+    peephole: bool = False  # Gers & Schmidhuber 2000: C_{t-1} -> i, f and C_t -> o, diagonal weights
+    layer_norm: bool = False  # Ba et al. 2016 as in haste's LayerNormLSTM
+    proj_size: int = 0  # LSTMP (Sak et al. 2014): h_t = (o_t * tanh(C_t)) @ projection
+    coupled: bool = False  # CIFG: i_t = 1 - f_t
+    forget_bias: float = 0.0  # added to the forget pre-activation at run time (TF1)
+    cell_clip: Optional[float] = None  # C_t clipped to [-cell_clip, cell_clip]
 
     @property
     def gate_count(self) -> int:
         return GATE_COUNT[self.kind]
+
+    @property
+    def plain(self) -> bool:
+        """No LSTM variant: the cell the plain fused kernels run."""
+        return not (self.peephole or self.layer_norm or self.proj_size or self.coupled or self.forget_bias
+                    or self.cell_clip is not None)
 
     @property
     def state_count(self) -> int:
@@ -48,6 +61,14 @@ class Recurrence:
     mask              bool [B, T] or None; False steps keep the state (Keras masking)
     input_dropout     [1 or G, B, D] scaled keep-masks, one per gate or shared, or None
     recurrent_dropout [G, B, U] scaled keep-masks on h_{t-1}, or None
+
+    LSTM variants (only with the matching CellSpec flag; see reference.py for the maths):
+    peephole          [3, U] diagonal weights on C for the i, f, o gates
+    layer_norm        (gate_gain [2, G*U] for x@kernel and h@recurrent_kernel, cell_gain [U],
+                      cell_shift [U]) as in haste's LayerNormLSTM
+    projection        [U, P]; then recurrent_kernel is [P, G*U] and h, outputs are [B, P]
+    zoneout           [2, B, T, U] 0/1 masks in time order, 1 = keep the previous h (row 0) or
+                      C (row 1); drawn per step (Krueger et al. 2016); None at inference
     """
 
     cell: CellSpec
@@ -63,10 +84,24 @@ class Recurrence:
     input_dropout: Optional[torch.Tensor] = None
     recurrent_dropout: Optional[torch.Tensor] = None
     trace: bool = False
+    peephole: Optional[torch.Tensor] = None
+    layer_norm: Optional[tuple] = None
+    projection: Optional[torch.Tensor] = None
+    zoneout: Optional[torch.Tensor] = None
 
     @property
     def units(self) -> int:
+        """Size of the cell state (and of h unless projected)."""
+        return self.recurrent_kernel.shape[1] // self.cell.gate_count
+
+    @property
+    def output_size(self) -> int:
+        """Size of h and of the outputs: the projection's size, or `units`."""
         return self.recurrent_kernel.shape[0]
+
+    @property
+    def plain(self) -> bool:
+        return self.cell.plain and self.zoneout is None
 
 
 @dataclass

@@ -305,6 +305,9 @@ class RNN(nn.Module):
                 param.requires_grad_(False)
         self._states: Optional[list[torch.Tensor]] = None
         self._activity_losses: list[torch.Tensor] = []
+        # gate traces: `record_gates = True` keeps every call's per-step internals in `last_gates`
+        self.record_gates = False
+        self.last_gates: Optional[dict] = None
         if input_shape is not None:
             self.build(input_shape)
 
@@ -352,7 +355,9 @@ class RNN(nn.Module):
     def compute_mask(self, inputs, mask=None):
         return mask if self.return_sequences else None
 
-    def forward(self, inputs, mask=None, initial_state=None, training=None):
+    def forward(self, inputs, mask=None, initial_state=None, training=None, return_gates=False):
+        """`return_gates=True` appends a dict of per-step internals, each [B, T, U] in processing
+        order (LSTM: i, f, c_tilde, c, o, h; GRU: z, r, h_tilde, h; SimpleRNN: h)."""
         inputs = as_float_tensor(inputs, "inputs")
         if inputs.dim() != 3:
             raise ValueError(f"inputs: expected a 3-D tensor [batch, timesteps, features], got shape "
@@ -373,15 +378,20 @@ class RNN(nn.Module):
         problem = cell.recurrence(
             inputs, states, mask=mask, go_backwards=self.go_backwards,
             zero_output_for_mask=self.zero_output_for_mask, return_sequences=self.return_sequences,
-            input_dropout=input_masks, recurrent_dropout=recurrent_masks)
+            input_dropout=input_masks, recurrent_dropout=recurrent_masks,
+            trace=bool(return_gates) or self.record_gates)
         result = kernels.run(problem)
+        if self.record_gates:
+            self.last_gates = result.trace
         if self.stateful:
             self._states = [s.detach() for s in result.states]
         returned = [result.outputs, *result.states] if self.return_state else [result.outputs]
         self._activity_losses = []
         if self.activity_regularizer is not None and batch > 0:
             self._activity_losses = [self.activity_regularizer(t) / batch for t in returned]
-        return tuple(returned) if self.return_state else result.outputs
+        if return_gates:
+            returned.append(result.trace)
+        return tuple(returned) if len(returned) > 1 else result.outputs
 
     # ----- config --------------------------------------------------------------------------
     def _layer_config(self) -> dict:
