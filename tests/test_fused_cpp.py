@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lstm.kernels
 from lstm import layers
 from lstm.kernels import fused_cpp, reference
-from test_fused_kernel import ACTS, _run, assert_close, make_problem
+from test_fused_kernel import ACTS, TRACE_CASES, _run, check_against_reference, check_trace, make_problem
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,26 +24,12 @@ def _extension():
 
 
 def check_equal(p, in_hypothesis=False, tol=None):
+    """Equal to the reference (float32 ill-conditioned problems judged against float64, see
+    test_fused_kernel.check_against_reference), the no-grad path (inference; the single-step
+    route for T == 1) included."""
     assert fused_cpp.supports(p)
-    out_r, grads_r = _run(reference, p)
-    if in_hypothesis:  # unbounded activations (linear, relu) can overflow: not a comparison
-        assume(all(bool(torch.isfinite(t).all()) and float(t.abs().max()) < 1e6
-                   for t in [*out_r, *grads_r] if t.numel()))
-    out_f, grads_f = _run(fused_cpp, p)
-    dtype = p.inputs.dtype
-    tol = tol or (1e-10 if dtype == torch.float64 else 1e-5)
-    for i, (a, b) in enumerate(zip(out_f, out_r)):
-        assert_close(a, b, dtype, f"output {i}", tol)
-    names = ["inputs", "kernel", "recurrent_kernel", "bias", "h0", "c0"]
-    if p.bias is None:
-        names.remove("bias")
-    for n, a, b in zip(names, grads_f, grads_r):
-        assert_close(a, b, dtype, f"grad {n}", tol)
-    # the no-grad path (inference; the single-step route for T == 1) gives the same numbers
-    with torch.no_grad():
-        res = fused_cpp.run(p)
-    for i, (a, b) in enumerate(zip([t.detach() for t in (res.outputs, *res.states)], out_r)):
-        assert_close(a, b, dtype, f"no-grad output {i}", tol)
+    tol = tol or (1e-10 if p.inputs.dtype == torch.float64 else 1e-5)
+    check_against_reference(fused_cpp, p, in_hypothesis, tol, no_grad=True)
 
 
 problem_args = st.fixed_dictionaries({
@@ -119,7 +105,44 @@ def test_dispatch_picks_cpp_by_default():
     assert not fused_cpp.supports(r) and lstm.kernels.select(r).name == "reference"
     s = make_problem("lstm", 2, 3, 4, 5)
     s.trace = True
-    assert not fused_cpp.supports(s)
+    assert fused_cpp.supports(s) and lstm.kernels.select(s).name == "fused_cpp"  # traces too
+
+
+@pytest.mark.parametrize("case", range(len(TRACE_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trace_equals_reference(case, dtype):
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for B, T in ((3, 6), (1, 1), (6, 1), (17, 4)):  # (1, 1): the inference single-step route without a trace
+        check_trace(fused_cpp, make_problem("lstm", B, T, 4, 5, dtype=dtype, seed=case, **TRACE_CASES[case]), tol)
+
+
+def test_trace_of_empty_sequence_and_layer_gates():
+    p = make_problem("lstm", 2, 0, 3, 4)
+    p.trace = True
+    got = fused_cpp.run(p).trace
+    assert list(got) == ["i", "f", "c_tilde", "c", "o", "h"] and all(v.shape == (2, 0, 4) for v in got.values())
+    torch.manual_seed(0)
+    layer = layers.LSTM(5, go_backwards=True, return_sequences=True)
+    x = torch.randn(3, 6, 4)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6, [0] * 6], dtype=torch.bool)
+    layer.record_gates = True
+    out = layer(x, mask=mask)
+    gates = layer.last_gates
+    with lstm.kernels.use("reference"):
+        out_r = layer(x, mask=mask)
+    for k, v in layer.last_gates.items():
+        assert torch.allclose(gates[k], v, atol=1e-6), k
+    assert torch.allclose(out, out_r, atol=1e-6)
+
+
+def test_trace_with_grad_is_guarded_against_in_place_edits():
+    # the gate traces are views of the buffers the backward reads: editing one in place is an error
+    p = make_problem("lstm", 2, 4, 3, 5, dtype=torch.float64)
+    p.trace = True
+    res = fused_cpp.run(p)
+    res.trace["i"].mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        res.outputs.sum().backward()
 
 
 def test_cell_call_uses_cpp_and_equals_reference():

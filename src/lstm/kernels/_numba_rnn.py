@@ -465,9 +465,12 @@ def gru_backward(dY, seq, dh, Hs, G, EX, RT, rd, keep, zero_out, act, ract, rese
 
 # ----- SimpleRNN ------------------------------------------------------------------------------
 @njit(cache=True)
-def rnn_forward(xw, R, rd, keep, zero_out, act, Y, Hs):
+def rnn_forward(xw, R, rd, keep, zero_out, act, Y, Hs, Z):
+    """Z [T, B, U]: every step's activated output, masked steps included (for traces), or
+    shape (0, 0, 0) for "not needed"."""
     T, B, U = xw.shape
     has_mask = keep.shape[0] > 0
+    save_z = Z.shape[0] > 0
     tmp_a = np.empty((B, U), dtype=xw.dtype)
     tmp_o = np.empty((B, U), dtype=xw.dtype)
     z = np.empty((B, U), dtype=xw.dtype)
@@ -480,6 +483,8 @@ def rnn_forward(xw, R, rd, keep, zero_out, act, Y, Hs):
             for j in range(U):
                 z[b, j] += xw[s, b, j]
         _act_block(z, 0, U, act, E, KK, KF, lowp)
+        if save_z:
+            Z[s] = z
         for b in range(B):
             kept = (not has_mask) or keep[s, b] != 0
             if kept:

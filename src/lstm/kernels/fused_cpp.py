@@ -18,7 +18,15 @@ Saved for the backward: the activated gates [B,T,4U] and the states before each 
 (h and c, [B,T,U] each); tanh(c_t) is recomputed: 6·B·T·U values.
 
 Supported: LSTM, CPU float32/float64, the named activations (tanh, sigmoid, relu, linear,
-hard_sigmoid, hard_sigmoid_tf_keras), every option of a `Recurrence` except `trace`.
+hard_sigmoid, hard_sigmoid_tf_keras), every option of a plain `Recurrence` (no LSTM variant).
+
+Traces (`trace=True`): the training forward's saved buffers are the trace: the gates i, f, c̃, o
+are views of the activated gates, c and h the states after each step (at a masked step the
+step's own values, as the reference gives them, computed from the saved gates and state).
+A call with a trace therefore runs the saving forward even without grad; a call without one
+is unchanged. The traces are detached (no gradient flows back through them; the outputs and
+states stay differentiable): for gradients through gate values use the reference kernel
+(`lstm.kernels.use("reference")`).
 
 Autograd: eager calls use a torch.autograd.Function (the custom-op dispatch costs ~40 us a call
 against ~16 us, measured at batch 1, T = 1); under torch.compile the same C++ functions run as
@@ -104,7 +112,7 @@ def _code(activation) -> Optional[int]:
 
 def supports(p: Recurrence) -> bool:
     cell = p.cell
-    if p.trace or not p.plain or cell.kind != "lstm" or _code(cell.activation) is None or _code(cell.recurrent_activation) is None:
+    if not p.plain or cell.kind != "lstm" or _code(cell.activation) is None or _code(cell.recurrent_activation) is None:
         return False
     x = p.inputs
     dtype = x.dtype
@@ -121,7 +129,7 @@ def supports(p: Recurrence) -> bool:
 
 
 class _Cfg:
-    __slots__ = ("backwards", "zero_out", "seq", "act", "ract")
+    __slots__ = ("backwards", "zero_out", "seq", "act", "ract", "saved")
 
     def __init__(self, p: Recurrence):
         self.backwards = bool(p.go_backwards)
@@ -129,6 +137,7 @@ class _Cfg:
         self.seq = bool(p.return_sequences)
         self.act = _code(p.cell.activation)
         self.ract = _code(p.cell.recurrent_activation)
+        self.saved = None  # (G, Hp, Cp) of the last forward, kept only when a trace is asked for
 
 
 class _LSTMFunction(torch.autograd.Function):
@@ -143,6 +152,8 @@ class _LSTMFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.extra = (in_drop, rec_drop, mask)
         ctx.save_for_backward(x, kernel, R, G, Hp, Cp)
+        if cfg.saved is not None:  # a trace was asked for: hand the saved buffers to run()
+            cfg.saved = (G, Hp, Cp)
         return y, hT, cT
 
     @staticmethod
@@ -224,26 +235,65 @@ def _detached(t):
     return None if t is None else t.detach()
 
 
+TRACE_KEYS = ("i", "f", "c_tilde", "c", "o", "h")
+
+
+def _trace(p: Recurrence, G: Tensor, Hp: Tensor, Cp: Tensor, hT: Tensor, cT: Tensor) -> dict:
+    """The reference's per-step internals, in processing order, from the saving forward's
+    buffers: G the activated gates [B,T,4U], Hp/Cp the states before the step of each time index."""
+    G, Hp, Cp, hT, cT = (t.detach() for t in (G, Hp, Cp, hT, cT))
+    mask = p.mask
+    if p.go_backwards:
+        G, Hp, Cp = G.flip(1), Hp.flip(1), Cp.flip(1)
+        mask = None if mask is None else mask.flip(1)
+    i, f, c_tilde, o = G.chunk(4, dim=-1)
+    c = torch.cat([Cp[:, 1:], cT[:, None]], dim=1)  # the state after each step
+    h = torch.cat([Hp[:, 1:], hT[:, None]], dim=1)
+    if mask is not None:  # a masked step kept the state; its trace is the step's own values
+        from .. import activations
+
+        keep = mask[:, :, None].to(torch.bool)
+        c_step = f * Cp + i * c_tilde
+        c = torch.where(keep, c, c_step)
+        h = torch.where(keep, h, o * activations.get(p.cell.activation)(c_step))
+    return {"i": i, "f": f, "c_tilde": c_tilde, "c": c, "o": o, "h": h}
+
+
+def _empty_trace(p: Recurrence) -> dict:
+    x = p.inputs
+    return {k: x.new_zeros(x.shape[0], 0, p.units) for k in TRACE_KEYS}
+
+
 def run(p: Recurrence) -> RecurrenceResult:
     x = p.inputs
     T = x.shape[1]
     if T == 0:
         U = p.units
         out = x.new_zeros(x.shape[0], 0, U) if p.return_sequences else x.new_zeros(x.shape[0], U)
-        return RecurrenceResult(out, tuple(p.initial_state))
+        return RecurrenceResult(out, tuple(p.initial_state), _empty_trace(p) if p.trace else None)
     cfg = _Cfg(p)
     h0, c0 = p.initial_state
     in_drop, rec_drop, mask = _detached(p.input_dropout), _detached(p.recurrent_dropout), p.mask
     if torch.compiler.is_compiling():
         fwd = _ops[0]
-        y, hT, cT, *_ = fwd(x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, in_drop, rec_drop, mask, cfg.backwards,
-                            cfg.zero_out, cfg.seq, cfg.act, cfg.ract)
-    elif torch.is_grad_enabled() and (x.requires_grad or p.kernel.requires_grad or p.recurrent_kernel.requires_grad
+        y, hT, cT, G, Hp, Cp = fwd(x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, in_drop, rec_drop, mask,
+                                   cfg.backwards, cfg.zero_out, cfg.seq, cfg.act, cfg.ract)
+        return RecurrenceResult(y, (hT, cT), _trace(p, G, Hp, Cp, hT, cT) if p.trace else None)
+    if p.trace:
+        cfg.saved = ()
+    if torch.is_grad_enabled() and (x.requires_grad or p.kernel.requires_grad or p.recurrent_kernel.requires_grad
                                       or (p.bias is not None and p.bias.requires_grad) or h0.requires_grad
                                       or c0.requires_grad):
         y, hT, cT = _LSTMFunction.apply(cfg, x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, in_drop, rec_drop, mask)
+    elif p.trace:  # inference with a trace: the saving forward
+        y, hT, cT, *cfg.saved = _ext.forward(x.detach(), p.kernel.detach(), p.recurrent_kernel.detach(),
+                                             _detached(p.bias), h0.detach(), c0.detach(), in_drop, rec_drop, mask,
+                                             cfg.backwards, cfg.zero_out, cfg.seq, cfg.act, cfg.ract, True)
     else:
         y, hT, cT = _ext.forward(x.detach(), p.kernel.detach(), p.recurrent_kernel.detach(), _detached(p.bias),
                                  h0.detach(), c0.detach(), in_drop, rec_drop, mask, cfg.backwards, cfg.zero_out,
                                  cfg.seq, cfg.act, cfg.ract, False)
+    if p.trace:
+        saved, cfg.saved = cfg.saved, None  # (the graph keeps cfg: let go of the buffers)
+        return RecurrenceResult(y, (hT, cT), _trace(p, *saved, hT, cT))
     return RecurrenceResult(y, (hT, cT))

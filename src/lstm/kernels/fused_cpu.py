@@ -10,7 +10,14 @@ gates) instead of autograd through the steps.
 
 Supported: LSTM, GRU (reset_after True/False) and SimpleRNN on CPU float32/float64 tensors with
 named activations (tanh, sigmoid, relu, linear, hard_sigmoid, hard_sigmoid_tf_keras), with
-every option of a `Recurrence` except `trace` (the reference kernel answers that).
+every option of a plain `Recurrence` (no LSTM variant).
+
+Traces (`trace=True`): derived from what the forward keeps anyway (the activated gates of every
+step, masked steps included, and the states before/after each step; SimpleRNN with a mask also
+keeps every step's output): fresh [B, T, U] tensors, equal to the reference's. A call without a
+trace is unchanged. The traces are detached (no gradient flows back through them; the outputs
+and states stay differentiable): for gradients through gate values use the reference kernel
+(`lstm.kernels.use("reference")`).
 Numba is imported and the loops compiled (once, cached on disk) on the first call.
 """
 
@@ -88,7 +95,7 @@ def _code(activation) -> Optional[int]:
 
 
 def supports(p: Recurrence) -> bool:
-    if p.trace or not p.plain or not _HAS_NUMBA:
+    if not p.plain or not _HAS_NUMBA:
         return False
     cell = p.cell
     if cell.kind not in ("lstm", "gru", "simple_rnn") or _code(cell.activation) is None:
@@ -142,7 +149,7 @@ _EMPTY_KEEP = np.zeros((0, 0), dtype=np.uint8)
 
 
 class _Cfg:
-    __slots__ = ("kind", "act", "ract", "reset_after", "backwards", "zero_out", "seq", "gates")
+    __slots__ = ("kind", "act", "ract", "reset_after", "backwards", "zero_out", "seq", "gates", "trace")
 
     def __init__(self, p: Recurrence):
         cell = p.cell
@@ -154,6 +161,7 @@ class _Cfg:
         self.zero_out = bool(p.zero_output_for_mask)
         self.seq = bool(p.return_sequences)
         self.gates = cell.gate_count
+        self.trace = None  # True: the forward leaves the trace dict here
 
 
 def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, save: bool):
@@ -218,14 +226,48 @@ def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, sav
         if save:
             saved = (Hs, Gs, EX)
     else:
-        _call(B * U * G * U, nb.rnn_forward, xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, Y, Hs)
+        Z = np.empty((T, B, U) if (cfg.trace and mask is not None) else (0, 0, 0), dtype=npdt)
+        _call(B * U * G * U, nb.rnn_forward, xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, Y, Hs, Z)
         states = (torch.from_numpy(Hs[T].copy()),)
         if save:
             saved = (Hs,)
     out = torch.from_numpy(Y) if cfg.seq else torch.from_numpy(Y[:, T - 1].copy())
+    if cfg.trace:
+        extra = {"lstm": lambda: (Cs, Gs, TC), "gru": lambda: (Gs,), "simple_rnn": lambda: (Z,)}[cfg.kind]()
+        cfg.trace = _trace(cfg.kind, keep if mask is not None else None, Hs, *extra)
     if save:
         saved = saved + (xt2d, in_drop_tb, keep, rd, R_np)
     return (out, *states), saved
+
+
+TRACE_KEYS = {"lstm": ("i", "f", "c_tilde", "c", "o", "h"), "gru": ("z", "r", "h_tilde", "h"), "simple_rnn": ("h",)}
+
+
+def _trace(kind: str, keep, Hs, *extra) -> dict:
+    """The reference's per-step internals from the forward's arrays (time-major, processing
+    order): Hs [T+1, B, U] the states, keep [T, B] uint8 or None; LSTM Cs, G (activated gates),
+    TC (act(c) of every step's own c); GRU G; SimpleRNN Z (every step's output, with a mask)."""
+    H = torch.from_numpy(Hs)
+    kept = None if keep is None else torch.from_numpy(keep).to(torch.bool)[:, :, None]
+    if kind == "lstm":
+        Cs, G, TC = (torch.from_numpy(a) for a in extra)
+        i, f, c_tilde, o = G.chunk(4, dim=-1)
+        c = Cs[1:]
+        if kept is not None:  # a masked step kept the state; its trace is the step's own values
+            c = torch.where(kept, c, f * Cs[:-1] + i * c_tilde)
+        values = (i, f, c_tilde, c, o, o * TC)
+    elif kind == "gru":
+        (G,) = (torch.from_numpy(a) for a in extra)
+        z, r, h_tilde = G.chunk(3, dim=-1)
+        h = H[1:]
+        if kept is not None:
+            h = torch.where(kept, h, z * H[:-1] + (1 - z) * h_tilde)
+        values = (z, r, h_tilde, h)
+    else:
+        values = (H[1:] if kept is None else torch.from_numpy(extra[0]),)
+    # fresh batch-major tensors: never views of the arrays the backward reads
+    return {k: torch.empty((v.shape[1], v.shape[0], v.shape[2]), dtype=v.dtype).copy_(v.transpose(0, 1))
+            for k, v in zip(TRACE_KEYS[kind], values)}
 
 
 def _grad_numpy(g: Optional[torch.Tensor], shape, npdt) -> np.ndarray:
@@ -346,8 +388,11 @@ def run(p: Recurrence) -> RecurrenceResult:
     U = p.units
     if T == 0:
         out = x.new_zeros(B, 0, U) if p.return_sequences else x.new_zeros(B, U)
-        return RecurrenceResult(out, tuple(p.initial_state))
+        trace = {k: x.new_zeros(B, 0, U) for k in TRACE_KEYS[p.cell.kind]} if p.trace else None
+        return RecurrenceResult(out, tuple(p.initial_state), trace)
     cfg = _Cfg(p)
+    if p.trace:
+        cfg.trace = True
     h0 = p.initial_state[0]
     c0 = p.initial_state[1] if cfg.kind == "lstm" else None
     args = (x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, p.input_dropout, p.recurrent_dropout, p.mask)
@@ -357,4 +402,5 @@ def run(p: Recurrence) -> RecurrenceResult:
         outs = _FusedRecurrence.apply(cfg, *args)
     else:
         outs, _ = _forward(cfg, *args, save=False)
-    return RecurrenceResult(outs[0], tuple(outs[1:]))
+    trace, cfg.trace = cfg.trace, None  # (the graph keeps cfg: let go of the trace)
+    return RecurrenceResult(outs[0], tuple(outs[1:]), trace if p.trace else None)
