@@ -9,7 +9,6 @@ from torch import nn
 
 import lstm
 from lstm import layers
-from lstm.interop.torch_modules import ConversionNotSupported
 
 ATOL = 1e-10
 LAYERS = {"lstm": layers.LSTM, "gru": layers.GRU, "simple_rnn": layers.SimpleRNN}
@@ -183,9 +182,10 @@ def test_round_trip_exact(kind):
 
 
 def test_conversion_errors():
-    with pytest.raises(ValueError, match="proj_size") as info:
-        lstm.from_torch(nn.LSTM(3, 5, proj_size=2))
-    assert isinstance(info.value, NotImplementedError) and isinstance(info.value, ConversionNotSupported)
+    with pytest.raises(ValueError, match="peephole"):
+        lstm.to_torch(layers.LSTM(3, peephole=True, input_dim=2))
+    with pytest.raises(ValueError, match="proj_size"):
+        lstm.to_torch(layers.LSTMCell(3, proj_size=2, input_dim=2))
     with pytest.raises(ValueError, match="hard_sigmoid"):
         lstm.to_torch(layers.LSTM(3, recurrent_activation="hard_sigmoid", input_dim=2))
     with pytest.raises(ValueError, match="reset_after"):

@@ -50,6 +50,8 @@ class Stream:
         cell = self.cell
         if cell.kernel.device.type != "cpu" or cell.kernel.dtype not in (torch.float32, torch.float64):
             return False
+        if not cell.cell_spec().plain:  # variants step through the layer's call (the variants kernel)
+            return False
         if not fused_cpu._HAS_NUMBA or fused_cpu._code(cell.activation) is None:
             return False
         return cell.kind == "simple_rnn" or fused_cpu._code(cell.recurrent_activation) is not None
@@ -137,20 +139,20 @@ class Stream:
             return
         if state is None:
             state = self._initial
-        B, U = self.batch_size, self.cell.units
+        B, sizes = self.batch_size, self.cell.state_sizes
         n = self.cell.state_count
         if state is None:
-            values = [torch.zeros(B, U, dtype=self._dtype) for _ in range(n)]
+            values = [torch.zeros(B, size, dtype=self._dtype) for size in sizes]
         else:
             if isinstance(state, torch.Tensor):
                 state = [state]
             if len(state) != n:
                 raise ValueError(f"state: expected {n} tensors, got {len(state)}")
             values = []
-            for s in state:
+            for s, size in zip(state, sizes):
                 s = torch.as_tensor(s).detach().to(dtype=self._dtype, device="cpu")
-                if tuple(s.shape) != (B, U):
-                    raise ValueError(f"state: expected shape {(B, U)}, got {tuple(s.shape)}")
+                if tuple(s.shape) != (B, size):
+                    raise ValueError(f"state: expected shape {(B, size)}, got {tuple(s.shape)}")
                 values.append(s)
         if self._cpp is not None:
             self._cpp.set_state(values[0], values[1])

@@ -2,7 +2,7 @@
 
 from .keras_files import keras_config, load_keras, load_keras_weights, save_keras_weights
 from .onnx_export import export_onnx
-from .torch_modules import ConversionNotSupported, from_torch, to_torch
+from .torch_modules import from_torch, to_torch
 
-__all__ = ["load_keras", "load_keras_weights", "save_keras_weights", "keras_config", "to_torch", "from_torch", "export_onnx",
-           "ConversionNotSupported"]
+__all__ = ["load_keras", "load_keras_weights", "save_keras_weights", "keras_config", "to_torch", "from_torch",
+           "export_onnx"]

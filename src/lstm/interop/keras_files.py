@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
-from ..layers import RNN, Bidirectional, InputLayer, TimeDistributed, deserialize
+from ..layers import RNN, Bidirectional, InputLayer, LSTMCell, TimeDistributed, deserialize
 from ..models import Sequential
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -454,6 +454,11 @@ def save_keras_weights(model_or_layer: nn.Module, path) -> None:
     that layer on its own (`cell/vars/0..2` at the root); wrap it in a Sequential for a model file.
     """
     h5py = _h5py()
+    for module in model_or_layer.modules():
+        variants = module.variants() if isinstance(module, LSTMCell) else {}
+        if variants:
+            raise ValueError(f"save_keras_weights: {module.name!r} uses the LSTM variant options {variants}, which "
+                             "Keras' LSTM does not have")
     plan = _plan_for(model_or_layer)
     if plan is None and type(model_or_layer).__name__ not in _SUPPORTED_WRITE:
         raise ValueError(f"save_keras_weights: {type(model_or_layer).__name__} has no Keras weights layout; "

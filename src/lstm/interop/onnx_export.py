@@ -38,6 +38,10 @@ class _Recurrent(nn.Module):
     def __init__(self, layer):
         super().__init__()
         inner = layer.forward_layer if isinstance(layer, Bidirectional) else layer
+        variants = inner.cell.variants() if inner.cell.kind == "lstm" else {}
+        if variants:
+            raise ValueError(f"export_onnx: layer {layer.name!r} uses the LSTM variant options {variants}, which the "
+                             "ONNX LSTM op does not express")
         if inner.stateful:
             raise ValueError(f"export_onnx: layer {layer.name!r} is stateful; export a stateless copy (the carried "
                              "states would have to be graph inputs)")

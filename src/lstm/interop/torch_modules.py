@@ -25,11 +25,6 @@ from ..layers import (GRU, LSTM, RNN, Bidirectional, Dropout, GRUCell, InputLaye
                       SimpleRNN, SimpleRNNCell)
 from ..models import Sequential
 
-
-class ConversionNotSupported(NotImplementedError, ValueError):
-    """A module this conversion cannot express yet (catch it as ValueError or NotImplementedError)."""
-
-
 _TORCH_LAYER = {"lstm": nn.LSTM, "gru": nn.GRU, "simple_rnn": nn.RNN}
 _TORCH_CELL = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "simple_rnn": nn.RNNCell}
 
@@ -62,6 +57,10 @@ def _check_cell(cell: RecurrentCell, where: str) -> None:
     if cell.dropout or cell.recurrent_dropout:
         raise ValueError(f"{where}: dropout={cell.dropout}, recurrent_dropout={cell.recurrent_dropout}: torch.nn has no "
                          "per-call (variational) dropout inside the recurrence; set them to 0 to convert")
+    variants = {k: v for k, v in cell.variants().items() if k != "proj_size"} if cell.kind == "lstm" else {}
+    if variants:
+        raise ValueError(f"{where}: the LSTM variant options {variants} have no torch.nn.LSTM equivalent (proj_size "
+                         "alone converts)")
 
 
 def _torch_weights(cell: RecurrentCell) -> dict:
@@ -77,6 +76,8 @@ def _torch_weights(cell: RecurrentCell) -> dict:
             weights["bias_ih"], weights["bias_hh"] = _gru_to_torch(bias[0], units), _gru_to_torch(bias[1], units)
         else:
             weights["bias_ih"], weights["bias_hh"] = bias.clone(), torch.zeros_like(bias)
+    if getattr(cell, "proj_size", 0):
+        weights["weight_hr"] = cell.projection_kernel.detach().t().contiguous()
     return weights
 
 
@@ -108,6 +109,8 @@ def to_torch(layer_or_stack: Union[nn.Module, Iterable[nn.Module]]) -> nn.Module
     if isinstance(layer_or_stack, RecurrentCell):
         cell = layer_or_stack
         _check_cell(cell, f"cell {cell.name!r}")
+        if cell.output_size != cell.units:
+            raise ValueError(f"cell {cell.name!r}: torch.nn.LSTMCell has no proj_size; convert an LSTM layer instead")
         kwargs = {"nonlinearity": cell.activation} if cell.kind == "simple_rnn" else {}
         module = _TORCH_CELL[cell.kind](cell.input_dim, cell.units, bias=cell.use_bias, dtype=cell.kernel.dtype,
                                         device=cell.kernel.device, **kwargs)
@@ -150,17 +153,20 @@ def to_torch(layer_or_stack: Union[nn.Module, Iterable[nn.Module]]) -> nn.Module
     for k, pair in enumerate(cells):
         for cell in pair:
             same = (cell.kind == first.kind and cell.units == first.units and cell.use_bias == first.use_bias
-                    and cell.activation == first.activation and cell.kernel.dtype == first.kernel.dtype)
+                    and cell.activation == first.activation and cell.kernel.dtype == first.kernel.dtype
+                    and cell.output_size == first.output_size)
             if not same or directions[k] != directions[0]:
-                raise ValueError(f"to_torch: stacked layers must all be the same kind, units, use_bias, activation, "
-                                 f"dtype and direction count; layer {k} differs")
-        if k > 0 and pair[0].input_dim != first.units * directions[0]:
+                raise ValueError(f"to_torch: stacked layers must all be the same kind, units, proj_size, use_bias, "
+                                 f"activation, dtype and direction count; layer {k} differs")
+        if k > 0 and pair[0].input_dim != first.output_size * directions[0]:
             raise ValueError(f"to_torch: layer {k} has input size {pair[0].input_dim}, expected "
-                             f"{first.units * directions[0]}")
+                             f"{first.output_size * directions[0]}")
     if len(set(dropouts)) > 1 or len(dropouts) > max(len(stack) - 1, 0):
         raise ValueError(f"to_torch: torch applies one inter-layer dropout rate between stacked layers; got Dropout "
                          f"rates {dropouts}")
     kwargs = {"nonlinearity": first.activation} if first.kind == "simple_rnn" else {}
+    if first.output_size != first.units:
+        kwargs["proj_size"] = first.output_size
     module = _TORCH_LAYER[first.kind](
         first.input_dim, first.units, num_layers=len(stack), bias=first.use_bias, batch_first=True,
         dropout=dropouts[0] if dropouts else 0.0, bidirectional=directions[0] == 2, dtype=first.kernel.dtype,
@@ -210,6 +216,8 @@ def _cell_kwargs(kind: str, module: nn.Module) -> dict:
         kwargs["activation"] = module.nonlinearity
     if kind == "gru":
         kwargs["reset_after"] = True
+    if getattr(module, "proj_size", 0):
+        kwargs["proj_size"] = module.proj_size
     return kwargs
 
 
@@ -221,7 +229,7 @@ def from_torch(module: nn.Module):
       [batch, time, features] whatever the torch module's batch_first); bidirectional=True ->
       `Bidirectional(merge_mode='concat')`; num_layers > 1 -> a `Sequential` of layers, with a
       `Dropout` between them when the torch module has inter-layer dropout.
-    - `nn.LSTM(proj_size > 0)` raises `ConversionNotSupported` (a ValueError).
+    - `nn.LSTM(proj_size=P)` -> `LSTM(proj_size=P)` (the projection is `projection_kernel`).
     """
     kind = _kind_of(module)
     if isinstance(module, (nn.LSTMCell, nn.GRUCell, nn.RNNCell)):
@@ -231,23 +239,24 @@ def from_torch(module: nn.Module):
                                         module.bias_ih if module.bias else None,
                                         module.bias_hh if module.bias else None))
         return cell
-    if getattr(module, "proj_size", 0):
-        raise ConversionNotSupported(f"from_torch: nn.LSTM(proj_size={module.proj_size}) has a projected hidden "
-                                     "state; projection arrives with the LSTM variants issue")
     cls = {"lstm": LSTM, "gru": GRU, "simple_rnn": SimpleRNN}[kind]
     units = module.hidden_size
+    proj_size = getattr(module, "proj_size", 0)
     directions = 2 if module.bidirectional else 1
     built = []
     for k in range(module.num_layers):
-        input_dim = module.input_size if k == 0 else units * directions
+        input_dim = module.input_size if k == 0 else (proj_size or units) * directions
         subs = []
         for direction in range(directions):
             suffix = f"_l{k}" + ("_reverse" if direction else "")
             layer = cls(units, return_sequences=True, input_dim=input_dim, **_cell_kwargs(kind, module))
-            layer.set_weights(_keras_weights(
+            weights = _keras_weights(
                 kind, units, getattr(module, "weight_ih" + suffix), getattr(module, "weight_hh" + suffix),
                 getattr(module, "bias_ih" + suffix) if module.bias else None,
-                getattr(module, "bias_hh" + suffix) if module.bias else None))
+                getattr(module, "bias_hh" + suffix) if module.bias else None)
+            if proj_size:
+                weights.append(getattr(module, "weight_hr" + suffix).detach().t().cpu().numpy())
+            layer.set_weights(weights)
             subs.append(layer)
         if directions == 2:
             wrapper = Bidirectional(subs[0], merge_mode="concat", backward_layer=_as_backward(cls, subs[1], kind, module,
@@ -273,4 +282,4 @@ def _as_backward(cls, layer, kind, module, input_dim):
     return backward
 
 
-__all__ = ["to_torch", "from_torch", "ConversionNotSupported"]
+__all__ = ["to_torch", "from_torch"]

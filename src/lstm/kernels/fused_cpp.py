@@ -70,8 +70,10 @@ def _ext_name() -> str:
     import hashlib
 
     h = hashlib.sha1(" ".join(_FLAGS).encode())
-    with open(_SOURCE, "rb") as f:
-        h.update(f.read())
+    csrc = os.path.dirname(_SOURCE)
+    for source in sorted(os.listdir(csrc)):  # the .cpp and the headers it includes
+        with open(os.path.join(csrc, source), "rb") as f:
+            h.update(f.read())
     try:  # -march=native: a build is only for CPUs with these flags (a shared cache dir is safe)
         with open("/proc/cpuinfo") as f:
             h.update(next((ln for ln in f if ln.startswith("flags")), "").encode())

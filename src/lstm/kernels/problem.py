@@ -14,7 +14,7 @@ import torch
 
 Activation = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
-GATE_COUNT = {"lstm": 4, "gru": 3, "simple_rnn": 1}
+GATE_NAMES = {"lstm": ("i", "f", "c", "o"), "gru": ("z", "r", "h"), "simple_rnn": ("h",)}
 STATE_COUNT = {"lstm": 2, "gru": 1, "simple_rnn": 1}
 
 
@@ -35,8 +35,19 @@ class CellSpec:
     cell_clip: Optional[float] = None  # C_t clipped to [-cell_clip, cell_clip]
 
     @property
+    def gate_names(self) -> tuple:
+        """The gate blocks of the weights, in order (a coupled LSTM has no input-gate block)."""
+        names = GATE_NAMES[self.kind]
+        return names[1:] if self.coupled else names
+
+    @property
     def gate_count(self) -> int:
-        return GATE_COUNT[self.kind]
+        return len(self.gate_names)
+
+    @property
+    def peephole_gates(self) -> tuple:
+        """The gates with a peephole weight row, in the order of the rows."""
+        return ("f", "o") if self.coupled else ("i", "f", "o")
 
     @property
     def plain(self) -> bool:
@@ -54,7 +65,7 @@ class Recurrence:
     """One recurrent layer call, in Keras' weight layout.
 
     inputs            [B, T, D], in time order (the kernel applies go_backwards)
-    kernel            [D, G*U]  gate blocks in Keras order (LSTM i|f|c|o, GRU z|r|h)
+    kernel            [D, G*U]  gate blocks in Keras order (LSTM i|f|c|o, coupled f|c|o, GRU z|r|h)
     recurrent_kernel  [U, G*U]
     bias              [G*U], GRU reset_after [2, G*U] (input row, recurrent row), or None
     initial_state     tuple of [B, U]: (h, c) for LSTM, (h,) otherwise
@@ -63,12 +74,13 @@ class Recurrence:
     recurrent_dropout [G, B, U] scaled keep-masks on h_{t-1}, or None
 
     LSTM variants (only with the matching CellSpec flag; see reference.py for the maths):
-    peephole          [3, U] diagonal weights on C for the i, f, o gates
+    peephole          [3, U] diagonal weights on C for the i, f, o gates ([2, U]: f, o if coupled)
     layer_norm        (gate_gain [2, G*U] for x@kernel and h@recurrent_kernel, cell_gain [U],
                       cell_shift [U]) as in haste's LayerNormLSTM
     projection        [U, P]; then recurrent_kernel is [P, G*U] and h, outputs are [B, P]
-    zoneout           [2, B, T, U] 0/1 masks in time order, 1 = keep the previous h (row 0) or
-                      C (row 1); drawn per step (Krueger et al. 2016); None at inference
+    zoneout           (keep_h [B, T, P or U] or None, keep_c [B, T, U] or None): 0/1 masks in
+                      processing order, 1 = keep the previous h / C at that step (Krueger et al.
+                      2016, drawn per step and unit); None at inference
     """
 
     cell: CellSpec

@@ -12,6 +12,16 @@ This is the ground truth every fused kernel is tested against. It reads like the
 with Keras' weights: W = [kernel; recurrent_kernel] split into blocks i | f | c | o, σ the
 `recurrent_activation` and tanh the `activation`. Masking follows Keras (SPEC.md §6): a
 masked step keeps the state and repeats the previous output (or outputs zeros).
+
+The LSTM variants (CellSpec flags), each written from its paper:
+    peephole      z_i += p_i * C_{t-1}, z_f += p_f * C_{t-1}, z_o += p_o * C_t   (Gers & Schmidhuber 2000)
+    layer_norm    z = LN(x W) g_x + LN(h U) g_h + b; h_t = o_t * tanh(LN(C_t) g_c + b_c)   (Ba et al. 2016,
+                  haste's LayerNormLSTM; LN without its own shift on the gates, the bias is that shift)
+    proj_size     h_t = (o_t * tanh(C_t)) @ P, and h_t is what the recurrence sees   (Sak et al. 2014)
+    coupled       i_t = 1 - f_t   (CIFG)
+    forget_bias   z_f += forget_bias   (TF1's LSTMCell)
+    cell_clip     C_t = clip(C_t, -cell_clip, cell_clip)
+    zoneout       h_t = h_{t-1} where keep_h else h_t; C_t likewise   (Krueger et al. 2016)
 """
 
 from __future__ import annotations
@@ -40,25 +50,56 @@ def _per_gate(x: torch.Tensor, weight: torch.Tensor, masks: Optional[torch.Tenso
     return torch.cat([(x * masks[g]) @ blocks[g] for g in range(len(blocks))], dim=-1)
 
 
+LAYER_NORM_EPS = 1e-5  # haste's
+
+
+def layer_norm(z: torch.Tensor) -> torch.Tensor:
+    """Normalised over the last dimension, without gain or shift."""
+    return torch.nn.functional.layer_norm(z, z.shape[-1:], eps=LAYER_NORM_EPS)
+
+
 def _input_projection(p: Recurrence, x: torch.Tensor) -> torch.Tensor:
     """x_t @ kernel (+ input bias) for every step at once: [B, T, G*U]."""
     masks = None if p.input_dropout is None else p.input_dropout[:, :, None, :]
     xw = _per_gate(x, p.kernel, masks, p.cell.gate_count)
+    if p.cell.layer_norm:
+        xw = layer_norm(xw) * p.layer_norm[0][0]
     if p.bias is not None:
         xw = xw + (p.bias[0] if p.bias.dim() == 2 else p.bias)
     return xw
 
 
-def lstm_step(xw_t, state, p: Recurrence, σ, tanh):
+def lstm_step(xw_t, state, p: Recurrence, σ, tanh, keep_h=None, keep_c=None):
+    cell = p.cell
     h_prev, C_prev = state
-    z = xw_t + _per_gate(h_prev, p.recurrent_kernel, p.recurrent_dropout, 4)
-    z_i, z_f, z_c, z_o = z.chunk(4, dim=-1)
-    f_t = σ(z_f)
-    i_t = σ(z_i)
-    C_tilde = tanh(z_c)
+    hU = _per_gate(h_prev, p.recurrent_kernel, p.recurrent_dropout, cell.gate_count)
+    if cell.layer_norm:
+        hU = layer_norm(hU) * p.layer_norm[0][1]
+    z = dict(zip(cell.gate_names, (xw_t + hU).chunk(cell.gate_count, dim=-1)))
+    z["f"] = z["f"] + cell.forget_bias
+    peephole = dict(zip(cell.peephole_gates, p.peephole)) if cell.peephole else {}
+    if cell.peephole:
+        z["f"] = z["f"] + peephole["f"] * C_prev
+        if not cell.coupled:
+            z["i"] = z["i"] + peephole["i"] * C_prev
+    f_t = σ(z["f"])
+    i_t = 1 - f_t if cell.coupled else σ(z["i"])
+    C_tilde = tanh(z["c"])
     C_t = f_t * C_prev + i_t * C_tilde
-    o_t = σ(z_o)
-    h_t = o_t * tanh(C_t)
+    if cell.cell_clip is not None:
+        C_t = C_t.clamp(-cell.cell_clip, cell.cell_clip)
+    o_t = σ(z["o"] + peephole["o"] * C_t if cell.peephole else z["o"])
+    if cell.layer_norm:
+        _, cell_gain, cell_shift = p.layer_norm
+        h_t = o_t * tanh(layer_norm(C_t) * cell_gain + cell_shift)
+    else:
+        h_t = o_t * tanh(C_t)
+    if p.projection is not None:
+        h_t = h_t @ p.projection
+    if keep_h is not None:
+        h_t = torch.where(keep_h.bool(), h_prev, h_t)
+    if keep_c is not None:
+        C_t = torch.where(keep_c.bool(), C_prev, C_t)
     return h_t, (h_t, C_t), {"i": i_t, "f": f_t, "c_tilde": C_tilde, "c": C_t, "o": o_t, "h": h_t}
 
 
@@ -107,11 +148,15 @@ def run(p: Recurrence) -> RecurrenceResult:
     xw = _input_projection(p, x)
 
     state = tuple(p.initial_state)
-    zeros = torch.zeros(batch, p.units, dtype=x.dtype, device=x.device)
+    zeros = torch.zeros(batch, p.output_size, dtype=x.dtype, device=x.device)
     previous_output = zeros
     outputs, traces = [], []
+    zoneout = {}
+    if p.zoneout is not None:
+        zoneout = {name: keep for name, keep in zip(("keep_h", "keep_c"), p.zoneout) if keep is not None}
     for t in range(steps):
-        output, new_state, internals = step(xw[:, t], state, p, σ, tanh)
+        output, new_state, internals = step(xw[:, t], state, p, σ, tanh,
+                                            **{name: keep[:, t] for name, keep in zoneout.items()})
         if mask is not None:
             keep = mask[:, t, None]
             new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
@@ -122,7 +167,7 @@ def run(p: Recurrence) -> RecurrenceResult:
             traces.append(internals)
 
     if p.return_sequences:
-        out = torch.stack(outputs, dim=1) if outputs else x.new_zeros(batch, 0, p.units)
+        out = torch.stack(outputs, dim=1) if outputs else x.new_zeros(batch, 0, p.output_size)
     else:
         out = outputs[-1] if outputs else zeros
     trace = None

@@ -63,19 +63,33 @@ class RecurrentCell(nn.Module):
         self.name = name or unique_name(self.default_name)
         self.trainable = bool(trainable)
         self._cached_masks: Optional[tuple] = None
-        for weight in _WEIGHT_NAMES:
+        for weight in self.weight_names():
             self.register_parameter(weight, None)
         if input_dim is not None:
             self.build(input_dim)
 
     # ----- weights -------------------------------------------------------------------------
+    def weight_names(self) -> tuple:
+        """The weights in Keras' order (`get_weights`), then any of a variant."""
+        return _WEIGHT_NAMES
+
     @property
     def gate_count(self) -> int:
-        return CellSpec(self.kind).gate_count
+        return self.cell_spec().gate_count
 
     @property
     def state_count(self) -> int:
         return CellSpec(self.kind).state_count
+
+    @property
+    def output_size(self) -> int:
+        """Size of h and of the outputs."""
+        return self.units
+
+    @property
+    def state_sizes(self) -> tuple:
+        """Size of each state: (h, c) for LSTM, (h,) otherwise."""
+        return (self.output_size,) + (self.units,) * (self.state_count - 1)
 
     @property
     def built(self) -> bool:
@@ -91,28 +105,31 @@ class RecurrentCell(nn.Module):
     def initial_bias(self) -> torch.Tensor:
         return self.bias_initializer(self.bias_shape(), self.dtype)
 
-    def build(self, input_shape, device=None) -> None:
-        """Create the weights for inputs whose last dimension is `input_shape` (an int or a shape)."""
-        input_dim = feature_size(input_shape)
+    def initial_weights(self, input_dim: int) -> dict:
         width = self.gate_count * self.units
         values = {
             "kernel": self.kernel_initializer((input_dim, width), self.dtype),
-            "recurrent_kernel": self.recurrent_initializer((self.units, width), self.dtype),
+            "recurrent_kernel": self.recurrent_initializer((self.output_size, width), self.dtype),
         }
         if self.use_bias:
             values["bias"] = self.initial_bias()
+        return values
+
+    def build(self, input_shape, device=None) -> None:
+        """Create the weights for inputs whose last dimension is `input_shape` (an int or a shape)."""
+        values = self.initial_weights(feature_size(input_shape))
         for weight, value in values.items():
             setattr(self, weight, nn.Parameter(value.to(device), requires_grad=self.trainable))
 
     def weights(self) -> list[torch.Tensor]:
-        return [getattr(self, w) for w in _WEIGHT_NAMES if getattr(self, w) is not None]
+        return [getattr(self, w) for w in self.weight_names() if getattr(self, w) is not None]
 
     def get_weights(self) -> list[np.ndarray]:
         """[kernel, recurrent_kernel, bias] as NumPy arrays in Keras' layout."""
         return [w.detach().cpu().numpy().copy() for w in self.weights()]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
-        names = [w for w in _WEIGHT_NAMES if w != "bias" or self.use_bias]
+        names = [w for w in self.weight_names() if w != "bias" or self.use_bias]
         if not self.built:
             if len(weights) == 0:
                 raise ValueError("set_weights: got no weights")
@@ -151,8 +168,7 @@ class RecurrentCell(nn.Module):
         return CellSpec(self.kind, self.activation, self.recurrent_activation)
 
     def get_initial_state(self, batch_size: int, device=None) -> list[torch.Tensor]:
-        return [torch.zeros(batch_size, self.units, dtype=self.compute_dtype, device=device)
-                for _ in range(self.state_count)]
+        return [torch.zeros(batch_size, size, dtype=self.compute_dtype, device=device) for size in self.state_sizes]
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -175,14 +191,16 @@ class RecurrentCell(nn.Module):
         if self.dropout:
             input_masks = self._keep_mask((per_gate, batch, self.input_dim), self.dropout, device)
         if self.recurrent_dropout:
-            recurrent_masks = self._keep_mask((self.gate_count, batch, self.units), self.recurrent_dropout, device)
+            recurrent_masks = self._keep_mask((self.gate_count, batch, self.output_size), self.recurrent_dropout,
+                                              device)
         return input_masks, recurrent_masks
 
     def reset_dropout_mask(self) -> None:
         """Forget the masks a direct cell call reuses (Keras' `reset_dropout_mask`)."""
         self._cached_masks = None
 
-    def recurrence(self, inputs, initial_state, **options) -> Recurrence:
+    def recurrence(self, inputs, initial_state, training=False, **options) -> Recurrence:
+        """The kernel's problem for one call (`training` draws what a variant draws per call)."""
         return Recurrence(self.cell_spec(), inputs, self.kernel, self.recurrent_kernel, self.bias,
                           tuple(initial_state), **options)
 
@@ -202,7 +220,7 @@ class RecurrentCell(nn.Module):
             if self._cached_masks is None or self._cached_masks[0] != inputs.shape[0]:
                 self._cached_masks = (inputs.shape[0], self.dropout_masks(inputs.shape[0], inputs.device, True))
             masks = self._cached_masks[1]
-        problem = self.recurrence(inputs[:, None, :], states, return_sequences=False,
+        problem = self.recurrence(inputs[:, None, :], states, training, return_sequences=False,
                                   input_dropout=masks[0], recurrent_dropout=masks[1])
         result = kernels.run(problem)
         return result.outputs, list(result.states)
@@ -376,7 +394,7 @@ class RNN(nn.Module):
         training = self.training if training is None else bool(training)
         input_masks, recurrent_masks = cell.dropout_masks(batch, inputs.device, training)
         problem = cell.recurrence(
-            inputs, states, mask=mask, go_backwards=self.go_backwards,
+            inputs, states, training, mask=mask, go_backwards=self.go_backwards,
             zero_output_for_mask=self.zero_output_for_mask, return_sequences=self.return_sequences,
             input_dropout=input_masks, recurrent_dropout=recurrent_masks,
             trace=bool(return_gates) or self.record_gates)

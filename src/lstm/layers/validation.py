@@ -72,10 +72,10 @@ def check_initial_state(states: Any, cell, batch: int, inputs: torch.Tensor | No
         got = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
         raise ValueError(f"{argument}: expected {cell.state_count} state tensor(s) {names}, got {got}")
     checked = []
-    for k, state in enumerate(states):
+    for k, (state, size) in enumerate(zip(states, cell.state_sizes)):
         state = as_float_tensor(state, f"{argument}[{k}]")
-        if tuple(state.shape) != (batch, cell.units):
-            raise ValueError(f"{argument}[{k}]: expected shape {(batch, cell.units)} [batch, units], got "
+        if tuple(state.shape) != (batch, size):
+            raise ValueError(f"{argument}[{k}]: expected shape {(batch, size)} [batch, units], got "
                              f"{tuple(state.shape)}")
         if state.dtype != cell.compute_dtype:
             raise TypeError(f"{argument}[{k}]: dtype {state.dtype} does not match the layer's dtype "

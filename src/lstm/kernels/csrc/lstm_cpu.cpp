@@ -947,7 +947,11 @@ std::vector<double> bench_step(int64_t B, int64_t Tn, int64_t U, int64_t reps) {
   return {best_g, best_a, best_s};
 }
 
+#include "lstm_variants.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("variant_forward", &variant_forward, "LSTM variants forward (fused)");
+  m.def("variant_backward", &variant_backward, "LSTM variants backward (BPTT)");
   m.def("bench_step", &bench_step);
   m.def("set_avx512", [](int64_t on) { kUseAvx512 = on; });
   m.def("forward", &lstm_forward, "LSTM forward (fused)");

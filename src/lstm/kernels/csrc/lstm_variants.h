@@ -1,0 +1,448 @@
+// The LSTM variants' recurrence (peephole, layer norm, projection, coupled gates, cell clip,
+// zoneout), fused: included by lstm_cpu.cpp, whose helpers (activations, products, chunking) it
+// uses. The maths is reference.py's; the caller (fused_variants.py) does everything that is not
+// sequential with torch and autograd: xw = LN(x @ kernel) g_x + b (+ forget_bias), the
+// DropConnect mask on the recurrent kernel, and the weight gradients as GEMMs over all steps.
+//
+// Per step, for the rows of one chunk (each thread runs the whole sequence for its rows):
+//   A = h_{t-1} @ R (per gate when recurrent dropout masks h), LN(A) g_h with layer norm,
+//   z = xw_t + A, peepholes, gates, C = clip(f C_{t-1} + i C̃), o, hu = o tanh(C or LN(C) g_c + b_c),
+//   h = hu @ P (projection), zoneout, Keras masking.
+// Saved (training), indexed by time like xw: activated gates G, h_{t-1} (Hp), C_{t-1} (Cp),
+// C before the clip (Cn), LN's normalised values and 1/std (Ahat, rstd_h, Chat, rstd_c), hu (Hu).
+// The backward returns dxw (= dz), DA (dz through the recurrent layer norm) and dr (dh before the
+// projection) per step, from which the caller forms dR = Hp^T DA, dP = Hu^T dr, dg_h = Σ dz Ahat.
+
+namespace {
+
+struct VariantFlags {
+  bool backwards, zero_out, seq, coupled, peephole, ln, proj, save;
+  int act, ract;
+  double clip;  // < 0: no clip
+};
+
+constexpr double kLayerNormEps = 1e-5;  // reference.LAYER_NORM_EPS (haste's)
+
+// x [n] -> normalised in place; returns 1/std
+template <typename T>
+inline T normalise(T* __restrict__ x, int64_t n) {
+  double mean = 0, var = 0;
+  for (int64_t j = 0; j < n; ++j) mean += x[j];
+  mean /= n;
+  for (int64_t j = 0; j < n; ++j) var += (x[j] - mean) * (x[j] - mean);
+  const T rstd = T(1.0 / std::sqrt(var / n + kLayerNormEps));
+  for (int64_t j = 0; j < n; ++j) x[j] = T((x[j] - mean) * rstd);
+  return rstd;
+}
+
+// d/dx of normalise: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)), dy in, dx out (may alias)
+template <typename T>
+inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, T* dx, int64_t n) {
+  double m1 = 0, m2 = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    m1 += dy[j];
+    m2 += dy[j] * xhat[j];
+  }
+  const T a = T(m1 / n), b = T(m2 / n);
+  for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - a - xhat[j] * b);
+}
+
+template <typename T>
+inline T clip_value(T c, double clip) {
+  return clip < 0 ? c : std::min(std::max(c, T(-clip)), T(clip));
+}
+
+template <typename T>
+struct VariantTensors {  // raw pointers of one call; nullptr where a variant is off
+  const T *xw, *R, *RT, *rd, *peep, *gain_h, *gain_c, *shift_c, *P, *PT, *keep_h, *keep_c;
+  const bool* mask;
+  int64_t B, Tn, U, Ps, GU, G;  // Ps: size of h (projection or U); G: gate blocks (3 coupled, 4)
+};
+
+// gate offsets in a row of G*U: i f c o, or f c o when coupled (i = -1)
+struct GateOffsets {
+  int64_t i, f, c, o;
+  GateOffsets(bool coupled, int64_t U)
+      : i(coupled ? -1 : 0), f(coupled ? 0 : U), c(coupled ? U : 2 * U), o(coupled ? 2 * U : 3 * U) {}
+};
+
+template <typename T>
+void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* h0,
+                          const T* c0, T* Y, T* hT, T* cT, T* G, T* Hp, T* Cp, T* Cn, T* Ahat, T* rstd_h, T* Chat,
+                          T* rstd_c, T* Hu) {
+  const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
+  const GateOffsets off(fl.coupled, U);
+  std::vector<T> A(nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(nr * Ps, T(0));
+  std::vector<T> hm(v.rd ? nr * Ps : 0), zrow(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U), r(fl.proj ? nr * Ps : 0);
+  for (int64_t s = 0; s < Tn; ++s) {
+    const int64_t t = fl.backwards ? Tn - 1 - s : s;
+    if (fl.save) {
+      for (int64_t b = 0; b < nr; ++b) {
+        std::copy(&h[b * Ps], &h[b * Ps] + Ps, Hp + ((b0 + b) * Tn + t) * Ps);
+        std::copy(&c[b * U], &c[b * U] + U, Cp + ((b0 + b) * Tn + t) * U);
+      }
+    }
+    if (v.rd) {  // recurrent dropout: one keep-mask per gate on h_{t-1}
+      for (int64_t g = 0; g < v.G; ++g) {
+        const T* m = v.rd + (g * v.B + b0) * Ps;
+        for (int64_t j = 0; j < nr * Ps; ++j) hm[j] = h[j] * m[j];
+        mm_set<T>(nr, U, Ps, hm.data(), Ps, v.R + g * U, GU, A.data() + g * U, GU);
+      }
+    } else {
+      mm_set<T>(nr, GU, Ps, h.data(), Ps, v.R, GU, A.data(), GU);
+    }
+    for (int64_t b = 0; b < nr; ++b) {
+      const int64_t row = (b0 + b) * Tn + t;
+      T* a = &A[b * GU];
+      if (fl.ln) {
+        const T rs = normalise(a, GU);
+        if (fl.save) {
+          std::copy(a, a + GU, Ahat + row * GU);
+          rstd_h[row] = rs;
+        }
+        for (int64_t j = 0; j < GU; ++j) a[j] *= v.gain_h[j];
+      }
+      T* z = fl.save ? G + row * GU : zrow.data();
+      const T* xw = v.xw + row * GU;
+      for (int64_t j = 0; j < GU; ++j) z[j] = xw[j] + a[j];
+      const T* cp = &c[b * U];
+      if (fl.peephole) {  // rows: i f o, or f o when coupled
+        const T* pf = v.peep + (fl.coupled ? 0 : U);
+        for (int64_t j = 0; j < U; ++j) z[off.f + j] += pf[j] * cp[j];
+        if (!fl.coupled)
+          for (int64_t j = 0; j < U; ++j) z[off.i + j] += v.peep[j] * cp[j];
+      }
+      if (!fl.coupled) act_inplace(fl.ract, z + off.i, U);
+      act_inplace(fl.ract, z + off.f, U);
+      act_inplace(fl.act, z + off.c, U);
+      T* cn = &cnew[b * U];
+      for (int64_t j = 0; j < U; ++j) {
+        const T f = z[off.f + j], i = fl.coupled ? T(1) - f : z[off.i + j];
+        cn[j] = f * cp[j] + i * z[off.c + j];
+      }
+      if (fl.save) std::copy(cn, cn + U, Cn + row * U);
+      for (int64_t j = 0; j < U; ++j) cn[j] = clip_value(cn[j], fl.clip);
+      if (fl.peephole) {
+        const T* po = v.peep + (fl.coupled ? U : 2 * U);
+        for (int64_t j = 0; j < U; ++j) z[off.o + j] += po[j] * cn[j];
+      }
+      act_inplace(fl.ract, z + off.o, U);
+      T* out = &hu[b * U];
+      std::copy(cn, cn + U, out);
+      if (fl.ln) {
+        const T rs = normalise(out, U);
+        if (fl.save) {
+          std::copy(out, out + U, Chat + row * U);
+          rstd_c[row] = rs;
+        }
+        for (int64_t j = 0; j < U; ++j) out[j] = out[j] * v.gain_c[j] + v.shift_c[j];
+      }
+      act_inplace(fl.act, out, U);
+      for (int64_t j = 0; j < U; ++j) out[j] *= z[off.o + j];
+      if (fl.save && fl.proj) std::copy(out, out + U, Hu + row * U);
+    }
+    const T* hnew = hu.data();
+    if (fl.proj) {
+      mm_set<T>(nr, Ps, U, hu.data(), U, v.P, Ps, r.data(), Ps);
+      hnew = r.data();
+    }
+    for (int64_t b = 0; b < nr; ++b) {
+      const int64_t row = (b0 + b) * Tn + t, prow = (b0 + b) * Tn + s;
+      T* hb = &h[b * Ps];
+      T* cb = &c[b * U];
+      T* pb = &prev[b * Ps];
+      if (!v.mask || v.mask[row]) {
+        const T* kh = v.keep_h ? v.keep_h + prow * Ps : nullptr;
+        const T* kc = v.keep_c ? v.keep_c + prow * U : nullptr;
+        for (int64_t j = 0; j < Ps; ++j) hb[j] = (kh && kh[j] != T(0)) ? hb[j] : hnew[b * Ps + j];
+        for (int64_t j = 0; j < U; ++j) cb[j] = (kc && kc[j] != T(0)) ? cb[j] : cnew[b * U + j];
+        std::copy(hb, hb + Ps, pb);
+      } else if (fl.zero_out) {
+        std::fill(pb, pb + Ps, T(0));
+      }
+      if (fl.seq) std::copy(pb, pb + Ps, Y + prow * Ps);
+    }
+  }
+  for (int64_t b = 0; b < nr; ++b) {
+    std::copy(&h[b * Ps], &h[b * Ps] + Ps, hT + (b0 + b) * Ps);
+    std::copy(&c[b * U], &c[b * U] + U, cT + (b0 + b) * U);
+    if (!fl.seq) std::copy(&prev[b * Ps], &prev[b * Ps] + Ps, Y + (b0 + b) * Ps);
+  }
+}
+
+template <typename T>
+void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* dY,
+                           const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp, const T* Cn,
+                           const T* Ahat, const T* rstd_h, const T* Chat, const T* rstd_c, T* dXW, T* DA, T* Dr,
+                           T* dh0, T* dc0, T* dpeep, T* dnorm_c) {
+  const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
+  const GateOffsets off(fl.coupled, U);
+  std::vector<T> dh(nr * Ps, T(0)), dc(nr * U, T(0)), dprev(nr * Ps, T(0));
+  if (dhT) std::copy(dhT + b0 * Ps, dhT + b1 * Ps, dh.begin());
+  if (dcT) std::copy(dcT + b0 * U, dcT + b1 * U, dc.begin());
+  std::vector<T> dr(nr * Ps), dhu(fl.proj ? nr * U : 0), dcn(nr * U), dz(GU), tmp(v.rd ? nr * Ps : 0), th(U), dy(U);
+  std::vector<char> active(nr);
+  for (int64_t s = Tn - 1; s >= 0; --s) {
+    const int64_t t = fl.backwards ? Tn - 1 - s : s;
+    for (int64_t b = 0; b < nr; ++b) {
+      const int64_t row = (b0 + b) * Tn + t, prow = (b0 + b) * Tn + s;
+      T* pb = &dprev[b * Ps];
+      const T* dy_out = fl.seq ? (dY ? dY + prow * Ps : nullptr) : (dY && s == Tn - 1 ? dY + (b0 + b) * Ps : nullptr);
+      if (dy_out)
+        for (int64_t j = 0; j < Ps; ++j) pb[j] += dy_out[j];
+      active[b] = !v.mask || v.mask[row];
+      if (!active[b]) {  // the state passed through; the output repeated the previous one (or was zero)
+        if (fl.zero_out) std::fill(pb, pb + Ps, T(0));
+        std::fill(dXW + row * GU, dXW + row * GU + GU, T(0));
+        if (DA) std::fill(DA + row * GU, DA + row * GU + GU, T(0));
+        if (Dr) std::fill(Dr + row * Ps, Dr + row * Ps + Ps, T(0));
+        std::fill(&dr[b * Ps], &dr[b * Ps] + Ps, T(0));
+        continue;
+      }
+      const T* kh = v.keep_h ? v.keep_h + prow * Ps : nullptr;
+      const T* kc = v.keep_c ? v.keep_c + prow * U : nullptr;
+      T* dhb = &dh[b * Ps];
+      T* dcb = &dc[b * U];
+      for (int64_t j = 0; j < Ps; ++j) {
+        const T g = dhb[j] + pb[j];
+        const bool kept = kh && kh[j] != T(0);
+        dr[b * Ps + j] = kept ? T(0) : g;
+        dhb[j] = kept ? g : T(0);  // what reaches h_{t-1} directly; the recurrent product adds to it
+      }
+      std::fill(pb, pb + Ps, T(0));
+      for (int64_t j = 0; j < U; ++j) {
+        const bool kept = kc && kc[j] != T(0);
+        dcn[b * U + j] = kept ? T(0) : dcb[j];
+        dcb[j] = kept ? dcb[j] : T(0);
+      }
+      if (Dr) std::copy(&dr[b * Ps], &dr[b * Ps] + Ps, Dr + row * Ps);
+    }
+    const T* dhu_all = dr.data();
+    if (fl.proj) {
+      mm_set<T>(nr, U, Ps, dr.data(), Ps, v.PT, U, dhu.data(), U);
+      dhu_all = dhu.data();
+    }
+    for (int64_t b = 0; b < nr; ++b) {
+      if (!active[b]) continue;
+      const int64_t row = (b0 + b) * Tn + t;
+      const T* g = G + row * GU;
+      const T* cp = Cp + row * U;
+      const T* cn = Cn + row * U;
+      const T* du = dhu_all + b * U;
+      T* dcb = &dc[b * U];  // holds the zoneout part of dC_{t-1}; the cell adds the rest
+      const T* dcn_b = &dcn[b * U];
+      T* dp = dpeep ? dpeep + (b0 + b) * 3 * U : nullptr;
+      // h = o * act(y), y = C or LN(C) g_c + b_c
+      for (int64_t j = 0; j < U; ++j) th[j] = clip_value(cn[j], fl.clip);
+      if (fl.ln) {
+        const T* ch = Chat + row * U;
+        for (int64_t j = 0; j < U; ++j) th[j] = ch[j] * v.gain_c[j] + v.shift_c[j];
+      }
+      act_inplace(fl.act, th.data(), U);
+      for (int64_t j = 0; j < U; ++j) dy[j] = du[j] * g[off.o + j] * dact(fl.act, th[j]);
+      if (fl.ln) {
+        const T* ch = Chat + row * U;
+        T* dg = dnorm_c + (b0 + b) * 2 * U;
+        for (int64_t j = 0; j < U; ++j) {
+          dg[j] += dy[j] * ch[j];
+          dg[U + j] += dy[j];
+          dy[j] *= v.gain_c[j];
+        }
+        normalise_backward(dy.data(), ch, rstd_c[row], dy.data(), U);
+      }
+      // dy is now dL/dC_t through h; add the state's own gradient and the output peephole
+      for (int64_t j = 0; j < U; ++j) {
+        const T c = clip_value(cn[j], fl.clip);
+        const T dzo = du[j] * th[j] * dact(fl.ract, g[off.o + j]);
+        dz[off.o + j] = dzo;
+        T dC = dy[j] + dcn_b[j];
+        if (fl.peephole) {
+          const T po = v.peep[(fl.coupled ? U : 2 * U) + j];
+          dC += dzo * po;
+          dp[2 * U + j] += dzo * c;
+        }
+        if (fl.clip >= 0 && std::abs(cn[j]) > T(fl.clip)) dC = T(0);
+        const T f = g[off.f + j], cc = g[off.c + j], i = fl.coupled ? T(1) - f : g[off.i + j];
+        T df = dC * cp[j];
+        const T di = dC * cc;
+        dz[off.c + j] = dC * i * dact(fl.act, cc);
+        T dcprev = dC * f;
+        if (fl.coupled) {
+          df -= di;
+        } else {
+          const T dzi = di * dact(fl.ract, i);
+          dz[off.i + j] = dzi;
+          if (fl.peephole) {
+            dcprev += dzi * v.peep[j];
+            dp[j] += dzi * cp[j];
+          }
+        }
+        const T dzf = df * dact(fl.ract, f);
+        dz[off.f + j] = dzf;
+        if (fl.peephole) {
+          const T pf = v.peep[(fl.coupled ? 0 : U) + j];
+          dcprev += dzf * pf;
+          dp[U + j] += dzf * cp[j];
+        }
+        dcb[j] += dcprev;
+      }
+      std::copy(dz.begin(), dz.end(), dXW + row * GU);
+      if (fl.ln) {
+        T* da = DA + row * GU;
+        for (int64_t j = 0; j < GU; ++j) da[j] = dz[j] * v.gain_h[j];
+        normalise_backward(da, Ahat + row * GU, rstd_h[row], da, GU);
+      }
+    }
+    // dh_{t-1} += dA @ R^T (rows strided by T*GU in dXW / DA)
+    const T* dA = (fl.ln ? DA : dXW) + (b0 * Tn + t) * GU;
+    if (v.rd) {
+      for (int64_t g = 0; g < v.G; ++g) {
+        mm_set<T>(nr, Ps, U, dA + g * U, Tn * GU, v.RT + g * U * Ps, Ps, tmp.data(), Ps);
+        const T* m = v.rd + (g * v.B + b0) * Ps;
+        for (int64_t j = 0; j < nr * Ps; ++j) dh[j] += tmp[j] * m[j];
+      }
+    } else {
+      mm_acc<T>(nr, Ps, GU, dA, Tn * GU, v.RT, Ps, dh.data(), Ps);
+    }
+  }
+  std::copy(dh.begin(), dh.end(), dh0 + b0 * Ps);
+  std::copy(dc.begin(), dc.end(), dc0 + b0 * U);
+}
+
+template <typename T>
+VariantTensors<T> variant_tensors(const torch::Tensor& xw, const torch::Tensor& R, const torch::Tensor& RT,
+                                  const torch::Tensor& rd, const torch::Tensor& peep, const torch::Tensor& gain_h,
+                                  const torch::Tensor& gain_c, const torch::Tensor& shift_c, const torch::Tensor& P,
+                                  const torch::Tensor& PT, const torch::Tensor& keep_h, const torch::Tensor& keep_c,
+                                  const torch::Tensor& mask, bool coupled) {
+  auto ptr = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  VariantTensors<T> v;
+  v.xw = ptr(xw);
+  v.R = ptr(R);
+  v.RT = ptr(RT);
+  v.rd = ptr(rd);
+  v.peep = ptr(peep);
+  v.gain_h = ptr(gain_h);
+  v.gain_c = ptr(gain_c);
+  v.shift_c = ptr(shift_c);
+  v.P = ptr(P);
+  v.PT = ptr(PT);
+  v.keep_h = ptr(keep_h);
+  v.keep_c = ptr(keep_c);
+  v.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  v.B = xw.size(0);
+  v.Tn = xw.size(1);
+  v.GU = xw.size(2);
+  v.G = coupled ? 3 : 4;
+  v.U = v.GU / v.G;
+  v.Ps = R.size(0);
+  return v;
+}
+
+inline torch::Tensor contiguous_or_none(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : torch::Tensor();
+}
+
+}  // namespace
+
+// xw [B,T,GU] (time order, bias and forget_bias included), R [Ps,GU]; see the top of this file.
+// Returns Y, hT, cT and, with save, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu (undefined if unused).
+std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c10::optional<torch::Tensor> rd_o,
+                                           c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
+                                           c10::optional<torch::Tensor> gain_c_o,
+                                           c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
+                                           c10::optional<torch::Tensor> keep_h_o,
+                                           c10::optional<torch::Tensor> keep_c_o, c10::optional<torch::Tensor> mask_o,
+                                           torch::Tensor h0, torch::Tensor c0, bool backwards, bool zero_out, bool seq,
+                                           bool coupled, int64_t act, int64_t ract, double clip, bool save) {
+  at::NoGradGuard no_grad;
+  xw = xw.contiguous();
+  R = R.contiguous();
+  h0 = h0.contiguous();
+  c0 = c0.contiguous();
+  auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
+       gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
+       keep_h = contiguous_or_none(keep_h_o), keep_c = contiguous_or_none(keep_c_o);
+  auto mask = mask_o.has_value() ? mask_o->to(torch::kBool).contiguous() : torch::Tensor();
+  VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gain_h.defined(), P.defined(), save,
+                  static_cast<int>(act), static_cast<int>(ract), clip};
+  const int64_t B = xw.size(0), Tn = xw.size(1), GU = xw.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
+  auto opts = xw.options();
+  auto Y = seq ? torch::zeros({B, Tn, Ps}, opts) : torch::zeros({B, Ps}, opts);
+  auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
+  torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu;
+  if (save) {
+    G = torch::empty({B, Tn, GU}, opts);
+    Hp = torch::empty({B, Tn, Ps}, opts);
+    Cp = torch::empty({B, Tn, U}, opts);
+    Cn = torch::empty({B, Tn, U}, opts);
+    if (fl.ln) {
+      Ahat = torch::empty({B, Tn, GU}, opts);
+      rstd_h = torch::empty({B, Tn}, opts);
+      Chat = torch::empty({B, Tn, U}, opts);
+      rstd_c = torch::empty({B, Tn}, opts);
+    }
+    if (fl.proj) Hu = torch::empty({B, Tn, U}, opts);
+  }
+  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_variant_forward", [&] {
+    using T = scalar_t;
+    auto v = variant_tensors<T>(xw, R, torch::Tensor(), rd, peep, gain_h, gain_c, shift_c, P, torch::Tensor(),
+                                keep_h, keep_c, mask, coupled);
+    auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
+      *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *Hup = p(Hu);
+    const T* h0p = h0.data_ptr<T>();
+    const T* c0p = c0.data_ptr<T>();
+    over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
+      variant_forward_rows<T>(v, fl, b0, b1, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Cnp, Ap, rhp, Chp, rcp, Hup);
+    });
+  });
+  if (!save) return {Y, hT, cT};
+  return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu};
+}
+
+// Returns dxw [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxw), Dr [B,T,Ps]
+// (projection), dh0, dc0, dpeep [3,U] (rows i f o; the i row is zero when coupled), dnorm_c [2,U]
+// (d gain_c, d shift_c).
+std::vector<torch::Tensor> variant_backward(
+    c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,
+    std::vector<torch::Tensor> saved, torch::Tensor R, c10::optional<torch::Tensor> rd_o,
+    c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
+    c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
+    c10::optional<torch::Tensor> keep_h_o, c10::optional<torch::Tensor> keep_c_o,
+    c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
+    int64_t ract, double clip) {
+  at::NoGradGuard no_grad;
+  auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous(), Cn = saved[3].contiguous();
+  auto Ahat = saved[4], rstd_h = saved[5], Chat = saved[6], rstd_c = saved[7];
+  auto dY = contiguous_or_none(dY_o), dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
+  auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
+       gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
+       keep_h = contiguous_or_none(keep_h_o), keep_c = contiguous_or_none(keep_c_o);
+  auto mask = mask_o.has_value() ? mask_o->to(torch::kBool).contiguous() : torch::Tensor();
+  R = R.contiguous();
+  auto RT = R.t().contiguous();
+  auto PT = P.defined() ? P.t().contiguous() : torch::Tensor();
+  VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gain_h.defined(), P.defined(), true,
+                  static_cast<int>(act), static_cast<int>(ract), clip};
+  const int64_t B = G.size(0), Tn = G.size(1), GU = G.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
+  auto opts = G.options();
+  auto dXW = torch::empty({B, Tn, GU}, opts);
+  auto DA = fl.ln ? torch::empty({B, Tn, GU}, opts) : torch::Tensor();
+  auto Dr = fl.proj ? torch::empty({B, Tn, Ps}, opts) : torch::Tensor();
+  auto dh0 = torch::empty({B, Ps}, opts), dc0 = torch::empty({B, U}, opts);
+  auto dpeep = fl.peephole ? torch::zeros({B, 3, U}, opts) : torch::Tensor();  // per row: no races
+  auto dnorm_c = fl.ln ? torch::zeros({B, 2, U}, opts) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_variant_backward", [&] {
+    using T = scalar_t;
+    auto v = variant_tensors<T>(G, R, RT, rd, peep, gain_h, gain_c, shift_c, P, PT, keep_h, keep_c, mask, coupled);
+    auto cp = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
+      variant_backward_rows<T>(v, fl, b0, b1, cp(dY), cp(dhT), cp(dcT), cp(G), cp(Hp), cp(Cp), cp(Cn), cp(Ahat),
+                               cp(rstd_h), cp(Chat), cp(rstd_c), p(dXW), p(DA), p(Dr), p(dh0), p(dc0), p(dpeep),
+                               p(dnorm_c));
+    });
+  });
+  return {dXW, DA, Dr, dh0, dc0, fl.peephole ? dpeep.sum(0) : dpeep, fl.ln ? dnorm_c.sum(0) : dnorm_c};
+}
