@@ -35,7 +35,7 @@ def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
 
     def keep(*shape, rate=0.3):
-        return (torch.rand(*shape, generator=g, dtype=torch.float64) < rate).to(dtype)
+        return torch.rand(*shape, generator=g, dtype=torch.float64) < rate
 
     cell = CellSpec("lstm", activation, recurrent_activation, peephole=peephole, layer_norm=layer_norm,
                     proj_size=P, coupled=coupled, forget_bias=forget_bias, cell_clip=cell_clip)
@@ -45,8 +45,8 @@ def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False
         (rand(B, Ps), rand(B, U)),
         mask=(torch.rand(B, T, generator=g) < 0.7) if mask else None, go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences,
-        input_dropout=keep(input_dropout, B, D, rate=0.8) * 1.25 if input_dropout else None,
-        recurrent_dropout=keep(G, B, Ps, rate=0.8) * 1.25 if recurrent_dropout else None,
+        input_dropout=keep(input_dropout, B, D, rate=0.8).to(dtype) * 1.25 if input_dropout else None,
+        recurrent_dropout=keep(G, B, Ps, rate=0.8).to(dtype) * 1.25 if recurrent_dropout else None,
         peephole=rand(len(cell.peephole_gates), U) if peephole else None,
         layer_norm=(rand(2, G * U) + 1, rand(U) + 1, rand(U)) if layer_norm else None,
         projection=rand(U, P) if P else None,
@@ -352,3 +352,19 @@ def test_state_dict_and_streaming_of_a_variant_layer():
     assert torch.allclose(steps, expected, atol=1e-6)
     assert [s.shape for s in stream.state] == [(1, 3), (1, 5)]
     assert np.allclose(layer.get_weights()[-1], layer.cell.projection_kernel.detach().numpy())
+
+
+@pytest.mark.parametrize("options", [dict(peephole=True, cell_clip=0.5), dict(coupled=True, P=2, zoneout=(True, True)),
+                                     dict(layer_norm=True, go_backwards=True, mask=True)])
+def test_fused_variants_traces_equal_the_reference(options):
+    p = variant_problem(3, 6, 4, 4, **options)
+    p.trace = True
+    expected = reference.run(p).trace
+    with torch.no_grad():
+        traced = fused_variants.run(p)
+    grad_traced = fused_variants.run(p)
+    for got in (traced.trace, grad_traced.trace):
+        assert list(got) == list(expected)
+        for name, want in expected.items():
+            assert torch.allclose(got[name], want.detach(), atol=1e-12), name
+    assert grad_traced.outputs.requires_grad and not grad_traced.trace["c"].requires_grad

@@ -78,8 +78,8 @@ class Recurrence:
     layer_norm        (gate_gain [2, G*U] for x@kernel and h@recurrent_kernel, cell_gain [U],
                       cell_shift [U]) as in haste's LayerNormLSTM
     projection        [U, P]; then recurrent_kernel is [P, G*U] and h, outputs are [B, P]
-    zoneout           (keep_h [B, T, P or U] or None, keep_c [B, T, U] or None): 0/1 masks in
-                      processing order, 1 = keep the previous h / C at that step (Krueger et al.
+    zoneout           (keep_h [B, T, P or U] or None, keep_c [B, T, U] or None): bool masks in
+                      processing order, True = keep the previous h / C at that step (Krueger et al.
                       2016, drawn per step and unit); None at inference
     """
 

@@ -97,9 +97,9 @@ def lstm_step(xw_t, state, p: Recurrence, σ, tanh, keep_h=None, keep_c=None):
     if p.projection is not None:
         h_t = h_t @ p.projection
     if keep_h is not None:
-        h_t = torch.where(keep_h.bool(), h_prev, h_t)
+        h_t = torch.where(keep_h, h_prev, h_t)
     if keep_c is not None:
-        C_t = torch.where(keep_c.bool(), C_prev, C_t)
+        C_t = torch.where(keep_c, C_prev, C_t)
     return h_t, (h_t, C_t), {"i": i_t, "f": f_t, "c_tilde": C_tilde, "c": C_t, "o": o_t, "h": h_t}
 
 
@@ -174,7 +174,8 @@ def run(p: Recurrence) -> RecurrenceResult:
     if p.trace:
         keys = traces[0].keys() if traces else _STEPS_TRACE_KEYS[p.cell.kind]
         trace = {
-            k: torch.stack([tr[k] for tr in traces], dim=1) if traces else x.new_zeros(batch, 0, p.units)
+            k: torch.stack([tr[k] for tr in traces], dim=1) if traces
+            else x.new_zeros(batch, 0, p.output_size if k == "h" else p.units)
             for k in keys
         }
     return RecurrenceResult(out, state, trace)

@@ -162,8 +162,7 @@ class LSTMCell(RecurrentCell):
         if training and any(self.zoneout):
             batch, steps = inputs.shape[:2]
             problem.zoneout = tuple(
-                None if not rate else torch.bernoulli(torch.full((batch, steps, size), rate, dtype=self.compute_dtype),
-                                                      generator=self._generator).to(inputs.device)
+                None if not rate else (torch.rand((batch, steps, size), generator=self._generator) < rate).to(inputs.device)
                 for rate, size in zip(self.zoneout, self.state_sizes))
         return problem
 

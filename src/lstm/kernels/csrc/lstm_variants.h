@@ -11,7 +11,7 @@
 // Saved (training), indexed by time like xw: activated gates G, h_{t-1} (Hp), C_{t-1} (Cp),
 // C before the clip (Cn), LN's normalised values and 1/std (Ahat, rstd_h, Chat, rstd_c), hu (Hu).
 // The backward returns dxw (= dz), DA (dz through the recurrent layer norm) and dr (dh before the
-// projection) per step, from which the caller forms dR = Hp^T DA, dP = Hu^T dr, dg_h = Σ dz Ahat.
+// projection) per step, from which the caller forms dR = Hp^T DA and dP = Hu^T dr.
 
 namespace {
 
@@ -23,39 +23,45 @@ struct VariantFlags {
 
 constexpr double kLayerNormEps = 1e-5;  // reference.LAYER_NORM_EPS (haste's)
 
+// sum of a[j] * b[j] (b == nullptr: of a[j]) in 16 partial sums: vectorised without -ffast-math
+template <typename T>
+inline double dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T acc[16] = {};
+  int64_t j = 0;
+  if (b) {
+    for (; j + 16 <= n; j += 16)
+      for (int k = 0; k < 16; ++k) acc[k] += a[j + k] * b[j + k];
+  } else {
+    for (; j + 16 <= n; j += 16)
+      for (int k = 0; k < 16; ++k) acc[k] += a[j + k];
+  }
+  double total = 0;
+  for (int k = 0; k < 16; ++k) total += acc[k];
+  for (; j < n; ++j) total += b ? a[j] * b[j] : a[j];
+  return total;
+}
+
 // x [n] -> normalised in place; returns 1/std
 template <typename T>
 inline T normalise(T* __restrict__ x, int64_t n) {
-  double mean = 0, var = 0;
-  for (int64_t j = 0; j < n; ++j) mean += x[j];
-  mean /= n;
-  for (int64_t j = 0; j < n; ++j) var += (x[j] - mean) * (x[j] - mean);
-  const T rstd = T(1.0 / std::sqrt(var / n + kLayerNormEps));
-  for (int64_t j = 0; j < n; ++j) x[j] = T((x[j] - mean) * rstd);
+  const T mean = T(dot_or_sum<T>(x, nullptr, n) / n);
+  for (int64_t j = 0; j < n; ++j) x[j] -= mean;
+  const T rstd = T(1.0 / std::sqrt(dot_or_sum<T>(x, x, n) / n + kLayerNormEps));
+  for (int64_t j = 0; j < n; ++j) x[j] *= rstd;
   return rstd;
 }
 
 // d/dx of normalise: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)), dy in, dx out (may alias)
 template <typename T>
 inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, T* dx, int64_t n) {
-  double m1 = 0, m2 = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    m1 += dy[j];
-    m2 += dy[j] * xhat[j];
-  }
-  const T a = T(m1 / n), b = T(m2 / n);
+  const T a = T(dot_or_sum<T>(dy, nullptr, n) / n), b = T(dot_or_sum<T>(dy, xhat, n) / n);
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - a - xhat[j] * b);
 }
 
 template <typename T>
-inline T clip_value(T c, double clip) {
-  return clip < 0 ? c : std::min(std::max(c, T(-clip)), T(clip));
-}
-
-template <typename T>
 struct VariantTensors {  // raw pointers of one call; nullptr where a variant is off
-  const T *xw, *R, *RT, *rd, *peep, *gain_h, *gain_c, *shift_c, *P, *PT, *keep_h, *keep_c;
-  const bool* mask;
+  const T *xw, *R, *RT, *rd, *peep, *gain_h, *gain_c, *shift_c, *P, *PT;
+  const bool *keep_h, *keep_c, *mask;
   int64_t B, Tn, U, Ps, GU, G;  // Ps: size of h (projection or U); G: gate blocks (3 coupled, 4)
 };
 
@@ -69,7 +75,7 @@ struct GateOffsets {
 template <typename T>
 void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* h0,
                           const T* c0, T* Y, T* hT, T* cT, T* G, T* Hp, T* Cp, T* Cn, T* Ahat, T* rstd_h, T* Chat,
-                          T* rstd_c, T* Hu) {
+                          T* rstd_c, T* Hu, T* Htr, T* Ctr) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
   std::vector<T> A(nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(nr * Ps, T(0));
@@ -121,7 +127,10 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
         cn[j] = f * cp[j] + i * z[off.c + j];
       }
       if (fl.save) std::copy(cn, cn + U, Cn + row * U);
-      for (int64_t j = 0; j < U; ++j) cn[j] = clip_value(cn[j], fl.clip);
+      if (fl.clip >= 0) {
+        const T lo = T(-fl.clip), hi = T(fl.clip);
+        for (int64_t j = 0; j < U; ++j) cn[j] = std::min(std::max(cn[j], lo), hi);
+      }
       if (fl.peephole) {
         const T* po = v.peep + (fl.coupled ? U : 2 * U);
         for (int64_t j = 0; j < U; ++j) z[off.o + j] += po[j] * cn[j];
@@ -151,11 +160,25 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       T* hb = &h[b * Ps];
       T* cb = &c[b * U];
       T* pb = &prev[b * Ps];
+      const bool* kh = v.keep_h ? v.keep_h + prow * Ps : nullptr;
+      const bool* kc = v.keep_c ? v.keep_c + prow * U : nullptr;
+      const T* hn = hnew + b * Ps;
+      const T* cn = &cnew[b * U];
+      if (Htr) {  // the step's own h and C (after zoneout), masked or not, as the reference's trace
+        for (int64_t j = 0; j < Ps; ++j) Htr[prow * Ps + j] = (kh && kh[j]) ? hb[j] : hn[j];
+        for (int64_t j = 0; j < U; ++j) Ctr[prow * U + j] = (kc && kc[j]) ? cb[j] : cn[j];
+      }
       if (!v.mask || v.mask[row]) {
-        const T* kh = v.keep_h ? v.keep_h + prow * Ps : nullptr;
-        const T* kc = v.keep_c ? v.keep_c + prow * U : nullptr;
-        for (int64_t j = 0; j < Ps; ++j) hb[j] = (kh && kh[j] != T(0)) ? hb[j] : hnew[b * Ps + j];
-        for (int64_t j = 0; j < U; ++j) cb[j] = (kc && kc[j] != T(0)) ? cb[j] : cnew[b * U + j];
+        if (kh) {
+          for (int64_t j = 0; j < Ps; ++j) hb[j] = kh[j] ? hb[j] : hn[j];
+        } else {
+          std::copy(hn, hn + Ps, hb);
+        }
+        if (kc) {
+          for (int64_t j = 0; j < U; ++j) cb[j] = kc[j] ? cb[j] : cn[j];
+        } else {
+          std::copy(cn, cn + U, cb);
+        }
         std::copy(hb, hb + Ps, pb);
       } else if (fl.zero_out) {
         std::fill(pb, pb + Ps, T(0));
@@ -170,17 +193,119 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
   }
 }
 
+// The cell's part of one row's backward: from dL/dhu (du) and the state's dL/dC_t (dcn) to the
+// pre-activation gradients dz [G*U] and dL/dC_{t-1} (added to dc_prev), accumulating the
+// peephole and cell-norm weight gradients. Written as flat passes over U without branches
+// inside, so the compiler vectorises them; derivatives are taken from the activated values.
+constexpr int64_t kCellScratchRows = 6;
+template <typename T>
+inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl, const GateOffsets& off,
+                              const T* __restrict__ g, const T* __restrict__ cp, const T* __restrict__ cn,
+                              const T* __restrict__ du, const T* __restrict__ dcn, const T* __restrict__ chat,
+                              T rstd_c, T* __restrict__ dc_prev, T* __restrict__ dz, T* __restrict__ dp,
+                              T* __restrict__ dnorm, T* __restrict__ scratch) {
+  const int64_t U = v.U;
+  T* c = scratch;          // C_t after the clip
+  T* th = scratch + U;     // act(C_t) or act(LN(C_t) g_c + b_c)
+  T* dC = scratch + 2 * U; // dL/dC_t
+  T* d1 = scratch + 3 * U;
+  T* d2 = scratch + 4 * U;
+  T* d3 = scratch + 5 * U;
+  const T* o = g + off.o;
+  const T* f = g + off.f;
+  const T* cc = g + off.c;
+  if (fl.clip >= 0) {
+    const T lo = T(-fl.clip), hi = T(fl.clip);
+    for (int64_t j = 0; j < U; ++j) c[j] = std::min(std::max(cn[j], lo), hi);
+  } else {
+    std::copy(cn, cn + U, c);
+  }
+  if (fl.ln) {
+    for (int64_t j = 0; j < U; ++j) th[j] = chat[j] * v.gain_c[j] + v.shift_c[j];
+  } else {
+    std::copy(c, c + U, th);
+  }
+  act_inplace(fl.act, th, U);
+  // through h = o * th
+  dact_arr(fl.act, th, d1, U);
+  for (int64_t j = 0; j < U; ++j) dC[j] = du[j] * o[j] * d1[j];
+  if (fl.ln) {
+    for (int64_t j = 0; j < U; ++j) {
+      dnorm[j] += dC[j] * chat[j];
+      dnorm[U + j] += dC[j];
+      dC[j] *= v.gain_c[j];
+    }
+    normalise_backward(dC, chat, rstd_c, dC, U);
+  }
+  dact_arr(fl.ract, o, d1, U);
+  T* dzo = dz + off.o;
+  for (int64_t j = 0; j < U; ++j) {
+    dzo[j] = du[j] * th[j] * d1[j];
+    dC[j] += dcn[j];
+  }
+  if (fl.peephole) {
+    const T* po = v.peep + (fl.coupled ? U : 2 * U);
+    for (int64_t j = 0; j < U; ++j) {
+      dC[j] += dzo[j] * po[j];
+      dp[2 * U + j] += dzo[j] * c[j];
+    }
+  }
+  if (fl.clip >= 0) {  // no gradient where the clip was active (torch.clamp's convention)
+    const T bound = T(fl.clip);
+    for (int64_t j = 0; j < U; ++j) dC[j] = std::abs(cn[j]) > bound ? T(0) : dC[j];
+  }
+  // through C_t = f C_{t-1} + i C̃
+  dact_arr(fl.act, cc, d2, U);
+  dact_arr(fl.ract, f, d1, U);
+  T* dzf = dz + off.f;
+  T* dzc = dz + off.c;
+  if (fl.coupled) {
+    for (int64_t j = 0; j < U; ++j) {
+      const T i = T(1) - f[j];
+      dzc[j] = dC[j] * i * d2[j];
+      dzf[j] = dC[j] * (cp[j] - cc[j]) * d1[j];
+      d3[j] = dC[j] * f[j];
+    }
+  } else {
+    const T* i = g + off.i;
+    T* dzi = dz + off.i;
+    dact_arr(fl.ract, i, d3, U);
+    for (int64_t j = 0; j < U; ++j) {
+      dzc[j] = dC[j] * i[j] * d2[j];
+      dzf[j] = dC[j] * cp[j] * d1[j];
+      dzi[j] = dC[j] * cc[j] * d3[j];
+      d3[j] = dC[j] * f[j];
+    }
+  }
+  if (fl.peephole) {
+    const T* pf = v.peep + (fl.coupled ? 0 : U);
+    for (int64_t j = 0; j < U; ++j) {
+      d3[j] += dzf[j] * pf[j];
+      dp[U + j] += dzf[j] * cp[j];
+    }
+    if (!fl.coupled) {
+      const T* dzi = dz + off.i;
+      for (int64_t j = 0; j < U; ++j) {
+        d3[j] += dzi[j] * v.peep[j];
+        dp[j] += dzi[j] * cp[j];
+      }
+    }
+  }
+  for (int64_t j = 0; j < U; ++j) dc_prev[j] += d3[j];
+}
+
 template <typename T>
 void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* dY,
                            const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp, const T* Cn,
                            const T* Ahat, const T* rstd_h, const T* Chat, const T* rstd_c, T* dXW, T* DA, T* Dr,
-                           T* dh0, T* dc0, T* dpeep, T* dnorm_c) {
+                           T* dh0, T* dc0, T* dpeep, T* dnorm_c, T* dgain_h) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
   std::vector<T> dh(nr * Ps, T(0)), dc(nr * U, T(0)), dprev(nr * Ps, T(0));
   if (dhT) std::copy(dhT + b0 * Ps, dhT + b1 * Ps, dh.begin());
   if (dcT) std::copy(dcT + b0 * U, dcT + b1 * U, dc.begin());
-  std::vector<T> dr(nr * Ps), dhu(fl.proj ? nr * U : 0), dcn(nr * U), dz(GU), tmp(v.rd ? nr * Ps : 0), th(U), dy(U);
+  std::vector<T> dr(nr * Ps), dhu(fl.proj ? nr * U : 0), dcn(nr * U), dz(GU), tmp(v.rd ? nr * Ps : 0);
+  std::vector<T> scratch(kCellScratchRows * U);
   std::vector<char> active(nr);
   for (int64_t s = Tn - 1; s >= 0; --s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
@@ -199,19 +324,19 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         std::fill(&dr[b * Ps], &dr[b * Ps] + Ps, T(0));
         continue;
       }
-      const T* kh = v.keep_h ? v.keep_h + prow * Ps : nullptr;
-      const T* kc = v.keep_c ? v.keep_c + prow * U : nullptr;
+      const bool* kh = v.keep_h ? v.keep_h + prow * Ps : nullptr;
+      const bool* kc = v.keep_c ? v.keep_c + prow * U : nullptr;
       T* dhb = &dh[b * Ps];
       T* dcb = &dc[b * U];
       for (int64_t j = 0; j < Ps; ++j) {
         const T g = dhb[j] + pb[j];
-        const bool kept = kh && kh[j] != T(0);
+        const bool kept = kh && kh[j];
         dr[b * Ps + j] = kept ? T(0) : g;
         dhb[j] = kept ? g : T(0);  // what reaches h_{t-1} directly; the recurrent product adds to it
       }
       std::fill(pb, pb + Ps, T(0));
       for (int64_t j = 0; j < U; ++j) {
-        const bool kept = kc && kc[j] != T(0);
+        const bool kept = kc && kc[j];
         dcn[b * U + j] = kept ? T(0) : dcb[j];
         dcb[j] = kept ? dcb[j] : T(0);
       }
@@ -225,72 +350,20 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
     for (int64_t b = 0; b < nr; ++b) {
       if (!active[b]) continue;
       const int64_t row = (b0 + b) * Tn + t;
-      const T* g = G + row * GU;
-      const T* cp = Cp + row * U;
-      const T* cn = Cn + row * U;
-      const T* du = dhu_all + b * U;
-      T* dcb = &dc[b * U];  // holds the zoneout part of dC_{t-1}; the cell adds the rest
-      const T* dcn_b = &dcn[b * U];
-      T* dp = dpeep ? dpeep + (b0 + b) * 3 * U : nullptr;
-      // h = o * act(y), y = C or LN(C) g_c + b_c
-      for (int64_t j = 0; j < U; ++j) th[j] = clip_value(cn[j], fl.clip);
-      if (fl.ln) {
-        const T* ch = Chat + row * U;
-        for (int64_t j = 0; j < U; ++j) th[j] = ch[j] * v.gain_c[j] + v.shift_c[j];
-      }
-      act_inplace(fl.act, th.data(), U);
-      for (int64_t j = 0; j < U; ++j) dy[j] = du[j] * g[off.o + j] * dact(fl.act, th[j]);
-      if (fl.ln) {
-        const T* ch = Chat + row * U;
-        T* dg = dnorm_c + (b0 + b) * 2 * U;
-        for (int64_t j = 0; j < U; ++j) {
-          dg[j] += dy[j] * ch[j];
-          dg[U + j] += dy[j];
-          dy[j] *= v.gain_c[j];
-        }
-        normalise_backward(dy.data(), ch, rstd_c[row], dy.data(), U);
-      }
-      // dy is now dL/dC_t through h; add the state's own gradient and the output peephole
-      for (int64_t j = 0; j < U; ++j) {
-        const T c = clip_value(cn[j], fl.clip);
-        const T dzo = du[j] * th[j] * dact(fl.ract, g[off.o + j]);
-        dz[off.o + j] = dzo;
-        T dC = dy[j] + dcn_b[j];
-        if (fl.peephole) {
-          const T po = v.peep[(fl.coupled ? U : 2 * U) + j];
-          dC += dzo * po;
-          dp[2 * U + j] += dzo * c;
-        }
-        if (fl.clip >= 0 && std::abs(cn[j]) > T(fl.clip)) dC = T(0);
-        const T f = g[off.f + j], cc = g[off.c + j], i = fl.coupled ? T(1) - f : g[off.i + j];
-        T df = dC * cp[j];
-        const T di = dC * cc;
-        dz[off.c + j] = dC * i * dact(fl.act, cc);
-        T dcprev = dC * f;
-        if (fl.coupled) {
-          df -= di;
-        } else {
-          const T dzi = di * dact(fl.ract, i);
-          dz[off.i + j] = dzi;
-          if (fl.peephole) {
-            dcprev += dzi * v.peep[j];
-            dp[j] += dzi * cp[j];
-          }
-        }
-        const T dzf = df * dact(fl.ract, f);
-        dz[off.f + j] = dzf;
-        if (fl.peephole) {
-          const T pf = v.peep[(fl.coupled ? 0 : U) + j];
-          dcprev += dzf * pf;
-          dp[U + j] += dzf * cp[j];
-        }
-        dcb[j] += dcprev;
-      }
+      cell_backward_row<T>(v, fl, off, G + row * GU, Cp + row * U, Cn + row * U, dhu_all + b * U, &dcn[b * U],
+                           fl.ln ? Chat + row * U : nullptr, fl.ln ? rstd_c[row] : T(0), &dc[b * U], dz.data(),
+                           dpeep ? dpeep + (b0 + b) * 3 * U : nullptr, fl.ln ? dnorm_c + (b0 + b) * 2 * U : nullptr,
+                           scratch.data());
       std::copy(dz.begin(), dz.end(), dXW + row * GU);
-      if (fl.ln) {
+      if (fl.ln) {  // z = xw + LN(A) g_h
         T* da = DA + row * GU;
-        for (int64_t j = 0; j < GU; ++j) da[j] = dz[j] * v.gain_h[j];
-        normalise_backward(da, Ahat + row * GU, rstd_h[row], da, GU);
+        const T* ahat = Ahat + row * GU;
+        T* dg = dgain_h + (b0 + b) * GU;
+        for (int64_t j = 0; j < GU; ++j) {
+          dg[j] += dz[j] * ahat[j];
+          da[j] = dz[j] * v.gain_h[j];
+        }
+        normalise_backward(da, ahat, rstd_h[row], da, GU);
       }
     }
     // dh_{t-1} += dA @ R^T (rows strided by T*GU in dXW / DA)
@@ -327,9 +400,10 @@ VariantTensors<T> variant_tensors(const torch::Tensor& xw, const torch::Tensor& 
   v.shift_c = ptr(shift_c);
   v.P = ptr(P);
   v.PT = ptr(PT);
-  v.keep_h = ptr(keep_h);
-  v.keep_c = ptr(keep_c);
-  v.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  auto flags = [](const torch::Tensor& t) -> const bool* { return t.defined() ? t.data_ptr<bool>() : nullptr; };
+  v.keep_h = flags(keep_h);
+  v.keep_c = flags(keep_c);
+  v.mask = flags(mask);
   v.B = xw.size(0);
   v.Tn = xw.size(1);
   v.GU = xw.size(2);
@@ -343,10 +417,15 @@ inline torch::Tensor contiguous_or_none(const c10::optional<torch::Tensor>& t) {
   return t.has_value() ? t->contiguous() : torch::Tensor();
 }
 
+inline torch::Tensor bool_or_none(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() ? t->to(torch::kBool).contiguous() : torch::Tensor();
+}
+
 }  // namespace
 
 // xw [B,T,GU] (time order, bias and forget_bias included), R [Ps,GU]; see the top of this file.
-// Returns Y, hT, cT and, with save, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu (undefined if unused).
+// Returns Y, hT, cT and, with save, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu (undefined if unused)
+// and, with trace (which implies save), each step's h and C after zoneout [B,T,*] in processing order.
 std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c10::optional<torch::Tensor> rd_o,
                                            c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
                                            c10::optional<torch::Tensor> gain_c_o,
@@ -354,23 +433,28 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c1
                                            c10::optional<torch::Tensor> keep_h_o,
                                            c10::optional<torch::Tensor> keep_c_o, c10::optional<torch::Tensor> mask_o,
                                            torch::Tensor h0, torch::Tensor c0, bool backwards, bool zero_out, bool seq,
-                                           bool coupled, int64_t act, int64_t ract, double clip, bool save) {
+                                           bool coupled, int64_t act, int64_t ract, double clip, bool save,
+                                           bool trace) {
   at::NoGradGuard no_grad;
+  save = save || trace;
   xw = xw.contiguous();
   R = R.contiguous();
   h0 = h0.contiguous();
   c0 = c0.contiguous();
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
        gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       keep_h = contiguous_or_none(keep_h_o), keep_c = contiguous_or_none(keep_c_o);
-  auto mask = mask_o.has_value() ? mask_o->to(torch::kBool).contiguous() : torch::Tensor();
+       keep_h = bool_or_none(keep_h_o), keep_c = bool_or_none(keep_c_o), mask = bool_or_none(mask_o);
   VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gain_h.defined(), P.defined(), save,
                   static_cast<int>(act), static_cast<int>(ract), clip};
   const int64_t B = xw.size(0), Tn = xw.size(1), GU = xw.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
   auto opts = xw.options();
   auto Y = seq ? torch::zeros({B, Tn, Ps}, opts) : torch::zeros({B, Ps}, opts);
   auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
-  torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu;
+  torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Htr, Ctr;
+  if (trace) {
+    Htr = torch::empty({B, Tn, Ps}, opts);
+    Ctr = torch::empty({B, Tn, U}, opts);
+  }
   if (save) {
     G = torch::empty({B, Tn, GU}, opts);
     Hp = torch::empty({B, Tn, Ps}, opts);
@@ -390,20 +474,22 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c1
                                 keep_h, keep_c, mask, coupled);
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
-      *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *Hup = p(Hu);
+      *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *Hup = p(Hu), *Htrp = p(Htr), *Ctrp = p(Ctr);
     const T* h0p = h0.data_ptr<T>();
     const T* c0p = c0.data_ptr<T>();
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
-      variant_forward_rows<T>(v, fl, b0, b1, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Cnp, Ap, rhp, Chp, rcp, Hup);
+      variant_forward_rows<T>(v, fl, b0, b1, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Cnp, Ap, rhp, Chp, rcp, Hup, Htrp,
+                              Ctrp);
     });
   });
   if (!save) return {Y, hT, cT};
-  return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu};
+  if (!trace) return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu};
+  return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Htr, Ctr};
 }
 
 // Returns dxw [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxw), Dr [B,T,Ps]
 // (projection), dh0, dc0, dpeep [3,U] (rows i f o; the i row is zero when coupled), dnorm_c [2,U]
-// (d gain_c, d shift_c).
+// (d gain_c, d shift_c), d gain_h [GU].
 std::vector<torch::Tensor> variant_backward(
     c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,
     std::vector<torch::Tensor> saved, torch::Tensor R, c10::optional<torch::Tensor> rd_o,
@@ -418,8 +504,7 @@ std::vector<torch::Tensor> variant_backward(
   auto dY = contiguous_or_none(dY_o), dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
        gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       keep_h = contiguous_or_none(keep_h_o), keep_c = contiguous_or_none(keep_c_o);
-  auto mask = mask_o.has_value() ? mask_o->to(torch::kBool).contiguous() : torch::Tensor();
+       keep_h = bool_or_none(keep_h_o), keep_c = bool_or_none(keep_c_o), mask = bool_or_none(mask_o);
   R = R.contiguous();
   auto RT = R.t().contiguous();
   auto PT = P.defined() ? P.t().contiguous() : torch::Tensor();
@@ -433,6 +518,7 @@ std::vector<torch::Tensor> variant_backward(
   auto dh0 = torch::empty({B, Ps}, opts), dc0 = torch::empty({B, U}, opts);
   auto dpeep = fl.peephole ? torch::zeros({B, 3, U}, opts) : torch::Tensor();  // per row: no races
   auto dnorm_c = fl.ln ? torch::zeros({B, 2, U}, opts) : torch::Tensor();
+  auto dgain_h = fl.ln ? torch::zeros({B, GU}, opts) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_variant_backward", [&] {
     using T = scalar_t;
     auto v = variant_tensors<T>(G, R, RT, rd, peep, gain_h, gain_c, shift_c, P, PT, keep_h, keep_c, mask, coupled);
@@ -441,8 +527,9 @@ std::vector<torch::Tensor> variant_backward(
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
       variant_backward_rows<T>(v, fl, b0, b1, cp(dY), cp(dhT), cp(dcT), cp(G), cp(Hp), cp(Cp), cp(Cn), cp(Ahat),
                                cp(rstd_h), cp(Chat), cp(rstd_c), p(dXW), p(DA), p(Dr), p(dh0), p(dc0), p(dpeep),
-                               p(dnorm_c));
+                               p(dnorm_c), p(dgain_h));
     });
   });
-  return {dXW, DA, Dr, dh0, dc0, fl.peephole ? dpeep.sum(0) : dpeep, fl.ln ? dnorm_c.sum(0) : dnorm_c};
+  return {dXW, DA, Dr, dh0, dc0, fl.peephole ? dpeep.sum(0) : dpeep, fl.ln ? dnorm_c.sum(0) : dnorm_c,
+          fl.ln ? dgain_h.sum(0) : dgain_h};
 }
