@@ -15,7 +15,7 @@ from torch import nn
 
 import lstm
 from lstm import layers
-from lstm.kernels import CellSpec, Recurrence, fused_cpp, fused_variants, reference
+from lstm.kernels import CellSpec, Recurrence, Zoneout, fused_cpp, fused_variants, reference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,7 +34,7 @@ def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False
     def rand(*shape, scale=0.6):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
 
-    def keep(*shape, rate=0.3):
+    def keep(*shape, rate=0.8):
         return torch.rand(*shape, generator=g, dtype=torch.float64) < rate
 
     cell = CellSpec("lstm", activation, recurrent_activation, peephole=peephole, layer_norm=layer_norm,
@@ -45,13 +45,12 @@ def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False
         (rand(B, Ps), rand(B, U)),
         mask=(torch.rand(B, T, generator=g) < 0.7) if mask else None, go_backwards=go_backwards,
         zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences,
-        input_dropout=keep(input_dropout, B, D, rate=0.8).to(dtype) * 1.25 if input_dropout else None,
-        recurrent_dropout=keep(G, B, Ps, rate=0.8).to(dtype) * 1.25 if recurrent_dropout else None,
+        input_dropout=keep(input_dropout, B, D).to(dtype) * 1.25 if input_dropout else None,
+        recurrent_dropout=keep(G, B, Ps).to(dtype) * 1.25 if recurrent_dropout else None,
         peephole=rand(len(cell.peephole_gates), U) if peephole else None,
         layer_norm=(rand(2, G * U) + 1, rand(U) + 1, rand(U)) if layer_norm else None,
         projection=rand(U, P) if P else None,
-        zoneout=(keep(B, T, Ps) if zoneout[0] else None, keep(B, T, U) if zoneout[1] else None)
-        if any(zoneout) else None)
+        zoneout=Zoneout(seed, *(0.3 if on else 0.0 for on in zoneout)) if any(zoneout) else None)
 
 
 def leaves(p: Recurrence) -> dict:

@@ -39,13 +39,13 @@ def supports(p: Recurrence) -> bool:
                p.projection, *norm, *p.initial_state)
     if any(t is not None and (not t.is_cpu or t.dtype != dtype) for t in tensors):
         return False
-    if any(t is not None and not t.is_cpu for t in (p.mask, *(p.zoneout or ()))):
+    if p.mask is not None and not p.mask.is_cpu:
         return False
     return fused_cpp.extension() is not None
 
 
 class _Cfg:
-    __slots__ = ("backwards", "zero_out", "seq", "coupled", "act", "ract", "clip", "trace", "traced")
+    __slots__ = ("backwards", "zero_out", "seq", "coupled", "act", "ract", "clip", "zoneout", "trace", "traced")
 
     def __init__(self, p: Recurrence):
         cell = p.cell
@@ -56,6 +56,9 @@ class _Cfg:
         self.act = fused_cpp._code(cell.activation)
         self.ract = fused_cpp._code(cell.recurrent_activation)
         self.clip = -1.0 if cell.cell_clip is None else float(cell.cell_clip)
+        zoneout = p.zoneout
+        self.zoneout = (0, 0, 0) if zoneout is None else (
+            zoneout.seed, zoneout.threshold(zoneout.rate_h), zoneout.threshold(zoneout.rate_c))
         self.trace = bool(p.trace)
         self.traced = None  # (G, H, C) of the forward, when a trace was asked for
 
@@ -70,10 +73,10 @@ def _detached(t):
 class _VariantFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, masks, xw, R, peephole, gain_h, gain_c, shift_c, P, h0, c0):
-        rd, keep_h, keep_c, mask = masks
+        rd, mask = masks
         weights = [_detached(t) for t in (peephole, gain_h, gain_c, shift_c, P)]
         y, hT, cT, *saved = fused_cpp._ext.variant_forward(
-            xw.detach(), R.detach(), rd, *weights, keep_h, keep_c, mask, h0.detach(), c0.detach(), *cfg.flags(), True,
+            xw.detach(), R.detach(), rd, *weights, *cfg.zoneout, mask, h0.detach(), c0.detach(), *cfg.flags(), True,
             cfg.trace)
         if cfg.trace:
             cfg.traced = (saved[0], *saved[_SAVED:])
@@ -85,13 +88,13 @@ class _VariantFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY, dhT, dcT):
         cfg = ctx.cfg
-        rd, keep_h, keep_c, mask = ctx.masks
+        rd, mask = ctx.masks
         R, peephole, gain_h, gain_c, shift_c, P, *saved = ctx.saved_tensors
         placeholder = R.new_empty(0)
         saved_list = [placeholder if t is None else t for t in saved]
         weights = [_detached(t) for t in (peephole, gain_h, gain_c, shift_c, P)]
         dxw, dA, dr, dh0, dc0, dpeep, dnorm_c, d_gain_h = fused_cpp._ext.variant_backward(
-            dY, dhT, dcT, saved_list, R.detach(), rd, *weights, keep_h, keep_c, mask, *cfg.flags())
+            dY, dhT, dcT, saved_list, R.detach(), rd, *weights, *cfg.zoneout, mask, *cfg.flags())
         Hp, Hu = saved[1], saved[8]
         Ps, GU = R.shape
         U = GU // (3 if cfg.coupled else 4)
@@ -157,15 +160,14 @@ def run(p: Recurrence) -> RecurrenceResult:
     if p.layer_norm is not None:  # the input half of the gate gain is in xw already
         gate_gain, gain_c, shift_c = p.layer_norm
         gain_h = gate_gain[1]
-    keep_h, keep_c = p.zoneout or (None, None)
-    masks = (_detached(p.recurrent_dropout), _detached(keep_h), _detached(keep_c), p.mask)
+    masks = (_detached(p.recurrent_dropout), p.mask)
     weights = (p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c, p.projection, h0, c0)
     if torch.is_grad_enabled() and (xw.requires_grad or any(t is not None and t.requires_grad for t in weights)):
         y, hT, cT = _VariantFunction.apply(cfg, masks, xw, *weights)
     else:
         detached = [_detached(t) for t in weights]
-        y, hT, cT, *saved = ext.variant_forward(xw.detach(), detached[0], masks[0], *detached[1:6], *masks[1:],
-                                                *detached[6:], *cfg.flags(), False, cfg.trace)
+        y, hT, cT, *saved = ext.variant_forward(xw.detach(), detached[0], masks[0], *detached[1:6], *cfg.zoneout,
+                                                masks[1], *detached[6:], *cfg.flags(), False, cfg.trace)
         if cfg.trace:
             cfg.traced = (saved[0], *saved[_SAVED:])
     return RecurrenceResult(y, (hT, cT), _trace(p, *cfg.traced) if cfg.trace else None)

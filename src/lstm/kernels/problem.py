@@ -60,6 +60,45 @@ class CellSpec:
         return STATE_COUNT[self.kind]
 
 
+_GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 as int64 (splitmix64's constants)
+_MIX1 = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9
+_MIX2 = -0x6B2FB644ECCEEE15  # 0x94D049BB133111EB
+UNIFORM_BITS = 24
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) shift of int64 values."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+@dataclass(frozen=True)
+class Zoneout:
+    """Zoneout's keep-masks of one call, defined by a seed rather than stored: unit j of stream k
+    (0: h, 1: C) of row b at processing step s is kept when the top 24 bits of
+    splitmix64(seed + (n + 1) * golden), n = ((b * T + s) * size + j) * 2 + k, are below
+    rate * 2^24. The fused kernel hashes inside its loop (no mask tensors, no RNG calls); the
+    reference kernel materialises the same masks with `masks`."""
+
+    seed: int
+    rate_h: float
+    rate_c: float
+
+    def threshold(self, rate: float) -> int:
+        return int(rate * (1 << UNIFORM_BITS))
+
+    def mask(self, stream: int, batch: int, steps: int, size: int, device=None) -> Optional[torch.Tensor]:
+        """bool [batch, steps, size], True = keep the previous value; None when the rate is 0."""
+        threshold = self.threshold((self.rate_h, self.rate_c)[stream])
+        if not threshold:
+            return None
+        n = torch.arange(batch * steps * size, dtype=torch.int64, device=device) * 2 + stream
+        z = self.seed + (n + 1) * _GOLDEN
+        z = (z ^ _shift_right(z, 30)) * _MIX1
+        z = (z ^ _shift_right(z, 27)) * _MIX2
+        z = z ^ _shift_right(z, 31)
+        return (_shift_right(z, 64 - UNIFORM_BITS) < threshold).view(batch, steps, size)
+
+
 @dataclass
 class Recurrence:
     """One recurrent layer call, in Keras' weight layout.
@@ -78,9 +117,8 @@ class Recurrence:
     layer_norm        (gate_gain [2, G*U] for x@kernel and h@recurrent_kernel, cell_gain [U],
                       cell_shift [U]) as in haste's LayerNormLSTM
     projection        [U, P]; then recurrent_kernel is [P, G*U] and h, outputs are [B, P]
-    zoneout           (keep_h [B, T, P or U] or None, keep_c [B, T, U] or None): bool masks in
-                      processing order, True = keep the previous h / C at that step (Krueger et al.
-                      2016, drawn per step and unit); None at inference
+    zoneout           a `Zoneout`: per step and unit, keep the previous h / C (Krueger et al. 2016);
+                      None at inference
     """
 
     cell: CellSpec
@@ -99,7 +137,7 @@ class Recurrence:
     peephole: Optional[torch.Tensor] = None
     layer_norm: Optional[tuple] = None
     projection: Optional[torch.Tensor] = None
-    zoneout: Optional[torch.Tensor] = None
+    zoneout: Optional[Zoneout] = None
 
     @property
     def units(self) -> int:

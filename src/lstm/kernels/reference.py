@@ -153,7 +153,8 @@ def run(p: Recurrence) -> RecurrenceResult:
     outputs, traces = [], []
     zoneout = {}
     if p.zoneout is not None:
-        zoneout = {name: keep for name, keep in zip(("keep_h", "keep_c"), p.zoneout) if keep is not None}
+        masks = (p.zoneout.mask(k, batch, steps, size, x.device) for k, size in enumerate((p.output_size, p.units)))
+        zoneout = {name: keep for name, keep in zip(("keep_h", "keep_c"), masks) if keep is not None}
     for t in range(steps):
         output, new_state, internals = step(xw[:, t], state, p, σ, tanh,
                                             **{name: keep[:, t] for name, keep in zoneout.items()})

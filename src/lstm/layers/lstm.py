@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ..kernels import CellSpec
+from ..kernels import CellSpec, Zoneout
 from .base import CellLayer, RecurrentCell
 from .validation import check_fraction, check_units
 
@@ -159,11 +159,9 @@ class LSTMCell(RecurrentCell):
         if training and self.recurrent_dropconnect:
             keep = self._keep_mask(tuple(self.recurrent_kernel.shape), self.recurrent_dropconnect, inputs.device)
             problem.recurrent_kernel = self.recurrent_kernel * keep
-        if training and any(self.zoneout):
-            batch, steps = inputs.shape[:2]
-            problem.zoneout = tuple(
-                None if not rate else (torch.rand((batch, steps, size), generator=self._generator) < rate).to(inputs.device)
-                for rate, size in zip(self.zoneout, self.state_sizes))
+        if training and any(self.zoneout):  # the masks are a function of one seed per call
+            seed = int(torch.randint(0, 2 ** 62, (), generator=self._generator))
+            problem.zoneout = Zoneout(seed, *self.zoneout)
         return problem
 
     def _common_config(self) -> dict:

@@ -58,10 +58,28 @@ inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, 
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - a - xhat[j] * b);
 }
 
+// Zoneout's keep flags of one row and step (problem.Zoneout): unit j of stream k is kept when
+// the top 24 bits of splitmix64(seed + (n + 1) * golden), n = (base + j) * 2 + k, are below
+// the threshold. Counter-based, so forward and backward draw the same flags with no mask memory.
+inline void zoneout_flags(uint64_t seed, uint64_t threshold, int64_t base, int64_t n, int stream, uint8_t* keep) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint64_t z = seed + (uint64_t((base + j) * 2 + stream) + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    keep[j] = (z >> 40) < threshold;
+  }
+}
+
+struct Zoneout {  // the seed and the two keep thresholds (0: off) of problem.Zoneout
+  int64_t seed, keep_h, keep_c;
+};
+
 template <typename T>
 struct VariantTensors {  // raw pointers of one call; nullptr where a variant is off
   const T *xw, *R, *RT, *rd, *peep, *gain_h, *gain_c, *shift_c, *P, *PT;
-  const bool *keep_h, *keep_c, *mask;
+  const bool* mask;
+  uint64_t zoneout_seed, keep_h, keep_c;  // zoneout: keep thresholds of 24-bit uniforms (0: off)
   int64_t B, Tn, U, Ps, GU, G;  // Ps: size of h (projection or U); G: gate blocks (3 coupled, 4)
 };
 
@@ -80,6 +98,7 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
   const GateOffsets off(fl.coupled, U);
   std::vector<T> A(nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(nr * Ps, T(0));
   std::vector<T> hm(v.rd ? nr * Ps : 0), zrow(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U), r(fl.proj ? nr * Ps : 0);
+  std::vector<uint8_t> keep_h(Ps), keep_c(U);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
     if (fl.save) {
@@ -160,8 +179,16 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       T* hb = &h[b * Ps];
       T* cb = &c[b * U];
       T* pb = &prev[b * Ps];
-      const bool* kh = v.keep_h ? v.keep_h + prow * Ps : nullptr;
-      const bool* kc = v.keep_c ? v.keep_c + prow * U : nullptr;
+      const uint8_t* kh = nullptr;
+      const uint8_t* kc = nullptr;
+      if (v.keep_h) {
+        zoneout_flags(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h.data());
+        kh = keep_h.data();
+      }
+      if (v.keep_c) {
+        zoneout_flags(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c.data());
+        kc = keep_c.data();
+      }
       const T* hn = hnew + b * Ps;
       const T* cn = &cnew[b * U];
       if (Htr) {  // the step's own h and C (after zoneout), masked or not, as the reference's trace
@@ -307,6 +334,7 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
   std::vector<T> dr(nr * Ps), dhu(fl.proj ? nr * U : 0), dcn(nr * U), dz(GU), tmp(v.rd ? nr * Ps : 0);
   std::vector<T> scratch(kCellScratchRows * U);
   std::vector<char> active(nr);
+  std::vector<uint8_t> keep_h(Ps), keep_c(U);
   for (int64_t s = Tn - 1; s >= 0; --s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
     for (int64_t b = 0; b < nr; ++b) {
@@ -324,8 +352,16 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         std::fill(&dr[b * Ps], &dr[b * Ps] + Ps, T(0));
         continue;
       }
-      const bool* kh = v.keep_h ? v.keep_h + prow * Ps : nullptr;
-      const bool* kc = v.keep_c ? v.keep_c + prow * U : nullptr;
+      const uint8_t* kh = nullptr;
+      const uint8_t* kc = nullptr;
+      if (v.keep_h) {
+        zoneout_flags(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h.data());
+        kh = keep_h.data();
+      }
+      if (v.keep_c) {
+        zoneout_flags(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c.data());
+        kc = keep_c.data();
+      }
       T* dhb = &dh[b * Ps];
       T* dcb = &dc[b * U];
       for (int64_t j = 0; j < Ps; ++j) {
@@ -386,8 +422,8 @@ template <typename T>
 VariantTensors<T> variant_tensors(const torch::Tensor& xw, const torch::Tensor& R, const torch::Tensor& RT,
                                   const torch::Tensor& rd, const torch::Tensor& peep, const torch::Tensor& gain_h,
                                   const torch::Tensor& gain_c, const torch::Tensor& shift_c, const torch::Tensor& P,
-                                  const torch::Tensor& PT, const torch::Tensor& keep_h, const torch::Tensor& keep_c,
-                                  const torch::Tensor& mask, bool coupled) {
+                                  const torch::Tensor& PT, const Zoneout& zoneout, const torch::Tensor& mask,
+                                  bool coupled) {
   auto ptr = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
   VariantTensors<T> v;
   v.xw = ptr(xw);
@@ -400,10 +436,10 @@ VariantTensors<T> variant_tensors(const torch::Tensor& xw, const torch::Tensor& 
   v.shift_c = ptr(shift_c);
   v.P = ptr(P);
   v.PT = ptr(PT);
-  auto flags = [](const torch::Tensor& t) -> const bool* { return t.defined() ? t.data_ptr<bool>() : nullptr; };
-  v.keep_h = flags(keep_h);
-  v.keep_c = flags(keep_c);
-  v.mask = flags(mask);
+  v.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  v.zoneout_seed = uint64_t(zoneout.seed);
+  v.keep_h = uint64_t(zoneout.keep_h);
+  v.keep_c = uint64_t(zoneout.keep_c);
   v.B = xw.size(0);
   v.Tn = xw.size(1);
   v.GU = xw.size(2);
@@ -430,8 +466,8 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c1
                                            c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
                                            c10::optional<torch::Tensor> gain_c_o,
                                            c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
-                                           c10::optional<torch::Tensor> keep_h_o,
-                                           c10::optional<torch::Tensor> keep_c_o, c10::optional<torch::Tensor> mask_o,
+                                           int64_t zoneout_seed, int64_t keep_h, int64_t keep_c,
+                                           c10::optional<torch::Tensor> mask_o,
                                            torch::Tensor h0, torch::Tensor c0, bool backwards, bool zero_out, bool seq,
                                            bool coupled, int64_t act, int64_t ract, double clip, bool save,
                                            bool trace) {
@@ -443,7 +479,7 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c1
   c0 = c0.contiguous();
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
        gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       keep_h = bool_or_none(keep_h_o), keep_c = bool_or_none(keep_c_o), mask = bool_or_none(mask_o);
+       mask = bool_or_none(mask_o);
   VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gain_h.defined(), P.defined(), save,
                   static_cast<int>(act), static_cast<int>(ract), clip};
   const int64_t B = xw.size(0), Tn = xw.size(1), GU = xw.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
@@ -471,7 +507,7 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c1
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_variant_forward", [&] {
     using T = scalar_t;
     auto v = variant_tensors<T>(xw, R, torch::Tensor(), rd, peep, gain_h, gain_c, shift_c, P, torch::Tensor(),
-                                keep_h, keep_c, mask, coupled);
+                                Zoneout{zoneout_seed, keep_h, keep_c}, mask, coupled);
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
       *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *Hup = p(Hu), *Htrp = p(Htr), *Ctrp = p(Ctr);
@@ -495,7 +531,7 @@ std::vector<torch::Tensor> variant_backward(
     std::vector<torch::Tensor> saved, torch::Tensor R, c10::optional<torch::Tensor> rd_o,
     c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
     c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
-    c10::optional<torch::Tensor> keep_h_o, c10::optional<torch::Tensor> keep_c_o,
+    int64_t zoneout_seed, int64_t keep_h, int64_t keep_c,
     c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
     int64_t ract, double clip) {
   at::NoGradGuard no_grad;
@@ -504,7 +540,7 @@ std::vector<torch::Tensor> variant_backward(
   auto dY = contiguous_or_none(dY_o), dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
        gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       keep_h = bool_or_none(keep_h_o), keep_c = bool_or_none(keep_c_o), mask = bool_or_none(mask_o);
+       mask = bool_or_none(mask_o);
   R = R.contiguous();
   auto RT = R.t().contiguous();
   auto PT = P.defined() ? P.t().contiguous() : torch::Tensor();
@@ -521,7 +557,8 @@ std::vector<torch::Tensor> variant_backward(
   auto dgain_h = fl.ln ? torch::zeros({B, GU}, opts) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_variant_backward", [&] {
     using T = scalar_t;
-    auto v = variant_tensors<T>(G, R, RT, rd, peep, gain_h, gain_c, shift_c, P, PT, keep_h, keep_c, mask, coupled);
+    auto v = variant_tensors<T>(G, R, RT, rd, peep, gain_h, gain_c, shift_c, P, PT,
+                                Zoneout{zoneout_seed, keep_h, keep_c}, mask, coupled);
     auto cp = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
