@@ -27,17 +27,20 @@ import torch
 BASELINE = "torch.nn.LSTM"
 LSTM_DEFAULT = "lstm"
 LSTM_REFERENCE = "lstm (reference)"
+RECOMPUTE_CHUNK = 100
+LSTM_RECOMPUTE = f"lstm (recompute, chunks of {RECOMPUTE_CHUNK})"
 TORCH_LOOP = "torch loop (nn.LSTMCell)"
 ONNX = "onnxruntime (exported nn.LSTM)"
 
 SEQUENCE_CONTENDERS = (LSTM_DEFAULT, LSTM_REFERENCE, BASELINE, TORCH_LOOP, ONNX)
 SHORT_NAMES = {LSTM_DEFAULT: "lstm", LSTM_REFERENCE: "lstm (reference)", BASELINE: "torch.nn.LSTM",
                TORCH_LOOP: "torch loop", ONNX: "onnxruntime"}
-MEMORY_CONTENDERS = (LSTM_DEFAULT, LSTM_REFERENCE, BASELINE, TORCH_LOOP)
+MEMORY_CONTENDERS = (LSTM_DEFAULT, LSTM_RECOMPUTE, LSTM_REFERENCE, BASELINE, TORCH_LOOP)
 # --memory-contenders keys; the reference is opt-in: at T=2000 its autograd graph (one slice per
 # step) makes one training step take minutes on 2 cores
-MEMORY_KEYS = {"lstm": LSTM_DEFAULT, "reference": LSTM_REFERENCE, "torch": BASELINE, "loop": TORCH_LOOP}
-DEFAULT_MEMORY_KEYS = ("lstm", "torch", "loop")
+MEMORY_KEYS = {"lstm": LSTM_DEFAULT, "recompute": LSTM_RECOMPUTE, "reference": LSTM_REFERENCE, "torch": BASELINE,
+               "loop": TORCH_LOOP}
+DEFAULT_MEMORY_KEYS = ("lstm", "recompute", "torch", "loop")  # bench.py --memory-contenders default
 
 STREAM_LSTM = "lstm stream(1).step"
 STREAM_CELL = "lstm cell(xt, state)"
@@ -182,6 +185,11 @@ def sequence_contenders(shape: tuple, threads: int, seed: int = 0, onnx: bool = 
             def train(forward=forward):
                 forward().sum().backward()
             result.append(Contender(name, forward, train, _zero(ours), info={"module": layer}))
+        elif name == LSTM_RECOMPUTE:  # lstm.recomputed: the backward recomputes each chunk (memory row)
+            from ..long_sequences import recomputed
+
+            result.append(Contender(name, lambda: layer(x), lambda: recomputed(layer, x, RECOMPUTE_CHUNK).sum().backward(),
+                                    _zero(ours), info={"module": layer}))
         elif name == BASELINE:
             result.append(Contender(name, lambda: torch_lstm(x)[0], lambda: torch_lstm(x)[0].sum().backward(),
                                     _zero(torch_lstm.parameters()), info={"module": torch_lstm}))

@@ -1,0 +1,37 @@
+"""The reliability tally: tests that try to break the library count what they tried (bad inputs,
+fuzz iterations, kill points), and the run prints the counts at the end (README, Reliability)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+TALLY: Counter = Counter()
+
+KINDS = {
+    "bad input": "bad inputs tried (each a clear ValueError/TypeError or a defined result)",
+    "fuzz: config": "hypothesis configs (deserialize / from_config)",
+    "fuzz: inputs": "hypothesis inputs (shapes, dtypes, strides, masks, states, NaN/Inf)",
+    "fuzz: inputs compared": "of which ran, and equal the reference kernel's numbers",
+    "fuzz: keras file": "truncated or bit-flipped Keras files read",
+    "fuzz: checkpoint": "truncated or bit-flipped checkpoint files read",
+    "kill point": "training runs stopped (SIGINT, SIGTERM, SIGKILL, crash) and resumed",
+}
+
+
+@pytest.fixture(scope="session")
+def tally() -> Counter:
+    """`tally["bad input"] += 1`: counted into the summary printed after the run."""
+    return TALLY
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not TALLY:
+        return
+    terminalreporter.section("reliability: what was tried")
+    for kind, meaning in KINDS.items():
+        if TALLY[kind]:
+            terminalreporter.write_line(f"{TALLY[kind]:>7}  {meaning}")
+    for kind in sorted(set(TALLY) - set(KINDS)):
+        terminalreporter.write_line(f"{TALLY[kind]:>7}  {kind}")
