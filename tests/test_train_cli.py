@@ -51,7 +51,7 @@ def test_quick_run_metrics(runs, task, metric, baseline_key):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     folder = checkpoint.resolve(run)
     assert {p.name for p in folder.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json",
-                                                  "config.json"}
+                                                  "config.json", "checksums.json"}
     config = json.loads((folder / "config.json").read_text())
     assert config["task"] == task and set(load_file(folder / "model.safetensors")) == set(config["architecture"])
 
@@ -80,12 +80,20 @@ def final_weights(run):
     return load_file(checkpoint.latest(run) / "model.safetensors")
 
 
+def crash_after(steps):
+    """An `_after_step` hook that kills the run (as SIGKILL would, no checkpoint) after `steps` steps."""
+    def hook(done):
+        if done >= steps:
+            raise KeyboardInterrupt("simulated crash")
+    return hook
+
+
 def test_resume_continues_exactly(tmp_path):
     logs = []
     whole = train(tiny(), task_name="vowels", out=str(tmp_path / "whole"), progress=False, log=logs.append)
     with pytest.raises(KeyboardInterrupt):  # killed after step 3 of epoch 1; checkpoint at step 2
         train(tiny(), task_name="vowels", out=str(tmp_path / "cut"), progress=False, log=logs.append,
-              save_every=2, _crash_after=3)
+              save_every=2, _after_step=crash_after(3))
     assert checkpoint.latest(tmp_path / "cut").name == "epoch-001-step-00002"
     assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
     resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
@@ -152,12 +160,18 @@ def test_bad_checkpoints_and_inputs(runs, tmp_path, capsys):
     shutil.copytree(checkpoint.resolve(runs / "sentiment"), other)
     shutil.copy(checkpoint.resolve(runs / "vowels") / "model.safetensors", other / "model.safetensors")
     assert main(["predict", str(other), "fine"]) == 2
+    assert "model.safetensors does not match its checksum" in capsys.readouterr().err
+    (other / "checksums.json").unlink()  # as a checkpoint from before checksums: loaded unchecked
+    assert main(["predict", str(other), "fine"]) == 2
     assert "another architecture" in capsys.readouterr().err
     assert main(["predict", str(runs / "sentiment"), "   "]) == 2
     assert "text is empty" in capsys.readouterr().err
     assert main(["generate", str(runs / "sentiment"), "--prompt", "x"]) == 2
     assert "needs a charlm checkpoint" in capsys.readouterr().err
     (corrupt / "config.json").write_text("{not json")
+    assert main(["evaluate", str(corrupt)]) == 2
+    assert "config.json does not match its checksum" in capsys.readouterr().err
+    (corrupt / "checksums.json").unlink()
     assert main(["evaluate", str(corrupt)]) == 2
     assert "config.json is corrupt" in capsys.readouterr().err
 
@@ -181,6 +195,9 @@ def _resume_other_architecture(runs, tmp_path):
     saved = json.loads((folder / "config.json").read_text())
     saved["hp"]["units"] = 12  # the config now builds another model than the weights hold
     (folder / "config.json").write_text(json.dumps(saved))
+    # as a checkpoint from before checksums, else the edit is refused as corruption before the architecture check
+    (folder / "checksums.json").unlink()
+    (run / "latest.json").write_text(json.dumps({"checkpoint": f"checkpoints/{folder.name}"}))
     train({}, resume=str(run), progress=False, log=lambda *_: None)
 
 
@@ -199,3 +216,64 @@ def test_user_data(tmp_path):
     (tmp_path / "x.txt").write_text("to be or not to be, that is the question.\n" * 200)
     assert main(["train", "charlm", "--quick", "--no-progress", "--data", str(tmp_path / "x.txt"),
                  "--out", str(tmp_path / "c")]) == 0
+
+
+# ----- long sequences: --bptt and --recompute ------------------------------------------------------
+def test_bptt_and_recompute_keep_the_numbers_when_they_cut_nothing(runs, tmp_path):
+    """--bptt as long as the sequence and a recomputing backward give the run's own numbers."""
+    out = tmp_path / "long"
+    assert main(["train", "adding", "--quick", "--no-progress", "--bptt", "20", "--recompute", "5",
+                 "--out", str(out)]) == 0
+    plain = json.loads((runs / "adding" / "metrics.json").read_text())
+    long = json.loads((out / "metrics.json").read_text())
+    assert long["hp"]["bptt"] == 20 and long["hp"]["recompute"] == 5
+    assert long["test"]["mse"] == pytest.approx(plain["test"]["mse"], rel=1e-5)
+    assert [e["train"]["mse"] for e in long["epochs"]] == pytest.approx([e["train"]["mse"] for e in plain["epochs"]],
+                                                                        rel=1e-5)
+
+
+def test_long_sequence_models_equal_the_plain_ones():
+    """Each task model with --bptt / --recompute: the same weights (names and shapes: checkpoints do not
+    depend on the options) and, where the options cut nothing, the same gradients."""
+    from lstm.train import models
+
+    hp = {"units": 8, "embedding": 4, "dropout": 0.0, "season": 24, "horizon": 6, "read": 12, "ar": 4, "day": 3}
+    builders = {"charlm": (lambda hp: models.CharLM(11, hp), torch.randint(0, 11, (3, 16))),
+                "forecast": (models.Forecaster, torch.randn(3, 48)),
+                "adding": (lambda hp: models.sequence_regressor(2, 1, hp), torch.randn(3, 16, 2))}
+    for name, (build, x) in builders.items():
+        torch.manual_seed(0)
+        plain = build(dict(hp))
+        with torch.no_grad():  # (the forecaster's output starts at zeros: no gradient would reach its LSTM)
+            for p in plain.parameters():
+                p.normal_(0, 0.5)
+        long = build(dict(hp, bptt=16, recompute=4))
+        assert models.architecture(long) == models.architecture(plain)
+        long.load_state_dict(plain.state_dict())
+        grads = []
+        for model in (plain, long):
+            out = model(x)
+            loss = (out[0] if isinstance(out, tuple) else out).square().sum()
+            grads.append(torch.autograd.grad(loss, list(model.parameters())))
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)), name
+        truncated = build(dict(hp, bptt=4))
+        truncated.load_state_dict(plain.state_dict())
+        out = truncated(x)
+        cut = torch.autograd.grad((out[0] if isinstance(out, tuple) else out).square().sum(),
+                                  list(truncated.parameters()))
+        assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], cut)), name  # gradients were cut
+
+
+@pytest.mark.parametrize("args,message", [
+    (["adding", "--bptt", "-1"], "--bptt: expected a positive number of timesteps (0: off), got -1"),
+    (["adding", "--recompute", "-3"], "--recompute: expected a positive number of timesteps (0: off), got -3"),
+    (["adding", "--bptt", "6", "--recompute", "4"], "--recompute: expected a divisor of --bptt 6, got 4"),
+    (["sentiment", "--bptt", "5"], "--bptt: not an option of the sentiment task"),
+    (["vowels", "--recompute", "5"], "--recompute: not an option of the vowels task"),
+])
+def test_bad_long_sequence_options(tmp_path, capsys, args, message):
+    from conftest import TALLY
+
+    TALLY["bad input"] += 1
+    assert main(["train", *args, "--quick", "--no-progress", "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err

@@ -5,6 +5,7 @@ minute. Under `torchrun --nproc_per_node=N` the same command trains with Distrib
 from __future__ import annotations
 
 import argparse
+import sys
 
 # option -> (type, help); None values keep the task's default
 OPTIONS = {
@@ -26,6 +27,10 @@ OPTIONS = {
     "ar": (int, "seasonal differences the linear highway reads (forecast; 0: none)"),
     "length": (int, "sequence length of the adding problem"),
     "delay": (int, "blank steps to remember over (copy)"),
+    "bptt": (int, "truncated BPTT: gradients flow back at most K steps, the state detached every K (charlm, "
+                  "forecast, adding)"),
+    "recompute": (int, "backward recomputes chunks of N steps instead of storing them: less memory, about "
+                       "one more forward (charlm, forecast, adding; with --bptt, a divisor of it)"),
     "data": (str, "your own data: a CSV file (sentiment, forecast) or a text file (charlm)"),
     "text_column": (str, "CSV column of the texts (sentiment --data; default 'text')"),
     "label_column": (str, "CSV column of the labels (sentiment --data; default 'label')"),
@@ -56,6 +61,7 @@ def run(args) -> int:
     import torch
 
     from ..train import TrainError
+    from ..train.interrupt import TrainingInterrupted
     from ..train.loop import train
 
     if args.task is None and not args.resume:
@@ -71,6 +77,9 @@ def run(args) -> int:
     try:
         train(options, task_name=args.task, out=args.out, resume=args.resume, quick=args.quick,
               progress=not args.no_progress, save_every=args.save_every)
+    except TrainingInterrupted as stopped:
+        print(f"lstm train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     finally:
         from ..train import distributed
 

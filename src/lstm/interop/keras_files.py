@@ -369,8 +369,13 @@ def load_keras(path, weights=None) -> Sequential:
         raise FileNotFoundError(f"path: no such file {path!r}")
     try:
         model = _load(path, None if weights is None else os.fspath(weights))
-    except (ValueError, FileNotFoundError, ImportError):
+    except (FileNotFoundError, ImportError):
         raise
+    except ValueError as error:  # a config error ("layer 'lstm' (LSTM): ...") gets the file's name in front
+        files = [path] + ([os.fspath(weights)] if weights is not None else [])
+        if any(f in str(error) for f in files):
+            raise
+        raise ValueError(f"{' with weights '.join(files)}: {error}") from error
     except (OSError, KeyError, RuntimeError, TypeError, AttributeError, IndexError, EOFError) as error:
         raise ValueError(f"{path}: cannot read this Keras file ({type(error).__name__}: {error})") from error
     return model.eval()

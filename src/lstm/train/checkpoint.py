@@ -1,11 +1,14 @@
 """Checkpoints: a folder per checkpoint holding `model.safetensors`, `optimizer.safetensors`,
-`state.json` (epoch, step, history, RNG states) and `config.json` (task, hyper-parameters, data meta,
-architecture). Each is written into a temporary folder, fsync'ed, then renamed into place; the run's
-`latest.json` / `best.json` pointers are replaced the same way, so a crash at any moment leaves the
-previous checkpoint whole and pointed to."""
+`state.json` (epoch, step, history, RNG states), `config.json` (task, hyper-parameters, data meta,
+architecture) and `checksums.json` (the SHA-256 of each of the four). They are written into a
+temporary folder, fsync'ed, then renamed into place; the run's `latest.json` / `best.json` pointers
+are replaced the same way, so a crash at any moment leaves the previous checkpoint whole and pointed
+to. Every read checks the file against its checksum: a corrupt file is an error naming it, never
+weights silently changed. (Checkpoints written before checksums existed load unchecked.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,11 +17,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from . import TrainError
 
 WEIGHTS, OPTIMIZER, STATE, CONFIG = "model.safetensors", "optimizer.safetensors", "state.json", "config.json"
+CHECKSUMS = "checksums.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,7 +91,9 @@ def save(folder: Path, model, optimizer, config: dict, state: dict, write_hook=N
         for name, data in ((STATE, dict(state, optimizer=extra)), (CONFIG, config)):
             with open(tmp / name, "w") as handle:
                 json.dump(data, handle, indent=1)
-        for name in (WEIGHTS, OPTIMIZER, STATE, CONFIG):
+        sums = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in (WEIGHTS, OPTIMIZER, STATE, CONFIG)}
+        (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1))
+        for name in (WEIGHTS, OPTIMIZER, STATE, CONFIG, CHECKSUMS):
             with open(tmp / name, "rb") as handle:
                 os.fsync(handle.fileno())
         if write_hook:
@@ -114,12 +121,34 @@ def resolve(path: str | Path) -> Path:
     raise TrainError(f"checkpoint {path}: not a checkpoint (no {WEIGHTS}) nor a run folder (no latest.json)")
 
 
+def write_pointer(run: Path, pointer: str, folder: Path) -> None:
+    """`latest.json` / `best.json`: the checkpoint's folder and the SHA-256 of its checksums.json, so
+    that a corrupt pointer cannot silently lead to another checkpoint."""
+    folder = Path(folder)
+    write_json_atomic(Path(run) / pointer, {"checkpoint": f"{folder.parent.name}/{folder.name}",
+                                            "sha256": hashlib.sha256((folder / CHECKSUMS).read_bytes()).hexdigest()})
+
+
 def _follow(run: Path, pointer: str) -> Path:
     try:
-        name = json.loads((run / pointer).read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TrainError(f"checkpoint {run / pointer}: unreadable pointer ({error})") from None
-    return run / name
+        saved = json.loads((run / pointer).read_text())
+        if set(saved) not in ({"checkpoint"}, {"checkpoint", "sha256"}):  # (no sha256: an older run's pointer)
+            raise ValueError(f"keys {sorted(saved)}")
+        name, expected = saved["checkpoint"], saved.get("sha256")
+        folder = run / name
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise TrainError(f"checkpoint {run / pointer}: unreadable pointer ({type(error).__name__}: {error})") from None
+    if not folder.is_dir():
+        raise TrainError(f"checkpoint {run / pointer}: points to {name!r}, which does not exist")
+    if expected is not None:
+        try:
+            actual = hashlib.sha256((folder / CHECKSUMS).read_bytes()).hexdigest()
+        except OSError:
+            actual = None
+        if actual != expected:
+            raise TrainError(f"checkpoint {run / pointer}: points to {name!r}, whose {CHECKSUMS} is not the one it "
+                             f"recorded (a corrupt pointer, or a changed checkpoint)")
+    return folder
 
 
 def latest(run: Path) -> Path:
@@ -129,25 +158,75 @@ def latest(run: Path) -> Path:
     return _follow(run, "latest.json")
 
 
-def read_config(folder: Path) -> dict:
+def remove_temporaries(run: Path) -> None:
+    """Delete what a killed run left half-written (temporary checkpoint folders and pointer files)."""
+    for folder in (Path(run), Path(run) / "checkpoints"):
+        for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _checksums(folder: Path):
+    """{file: SHA-256} from checksums.json; None for a checkpoint written before checksums."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_bytes())["sha256"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as error:
+        raise TrainError(f"checkpoint {folder}: {CHECKSUMS} is corrupt ({type(error).__name__}: {error})") from None
+    if not isinstance(sums, dict):
+        raise TrainError(f"checkpoint {folder}: {CHECKSUMS} is corrupt (no {{file: sha256}} table)")
+    return sums
+
+
+def read_verified(folder: Path, name: str) -> bytes:
+    """The bytes of one checkpoint file, checked against checksums.json."""
     folder = Path(folder)
     try:
-        return json.loads((folder / CONFIG).read_text())
+        data = (folder / name).read_bytes()
     except FileNotFoundError:
-        raise TrainError(f"checkpoint {folder}: {CONFIG} is missing") from None
+        raise TrainError(f"checkpoint {folder}: {name} is missing") from None
+    except OSError as error:
+        raise TrainError(f"checkpoint {folder}: {name} cannot be read ({error})") from None
+    sums = _checksums(folder)
+    if sums is not None:
+        expected, actual = sums.get(name), hashlib.sha256(data).hexdigest()
+        if expected is None:
+            raise TrainError(f"checkpoint {folder}: {CHECKSUMS} has no checksum for {name}")
+        if actual != expected:
+            raise TrainError(f"checkpoint {folder}: {name} does not match its checksum (corrupt, or replaced since "
+                             f"it was saved): SHA-256 {actual[:16]}..., {CHECKSUMS} recorded {str(expected)[:16]}...")
+    return data
+
+
+def _json(folder: Path, name: str):
+    try:
+        return json.loads(read_verified(folder, name))
     except ValueError as error:
-        raise TrainError(f"checkpoint {folder}: {CONFIG} is corrupt ({error})") from None
+        if isinstance(error, TrainError):
+            raise
+        raise TrainError(f"checkpoint {folder}: {name} is corrupt ({error})") from None
+
+
+def _safetensors(folder: Path, name: str) -> dict:
+    try:
+        return load_safetensors(read_verified(folder, name))
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        if isinstance(error, TrainError):
+            raise
+        raise TrainError(f"checkpoint {folder}: {name} is corrupt or not a safetensors file ({error})") from None
+
+
+def read_config(folder: Path) -> dict:
+    return _json(Path(folder), CONFIG)
 
 
 def load_weights(folder: Path, model) -> None:
     """Load `model.safetensors` into `model`, checking the architecture first."""
     folder = Path(folder)
-    try:
-        weights = load_file(folder / WEIGHTS)
-    except FileNotFoundError:
-        raise TrainError(f"checkpoint {folder}: {WEIGHTS} is missing") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise TrainError(f"checkpoint {folder}: {WEIGHTS} is corrupt or not a safetensors file ({error})") from None
+    weights = _safetensors(folder, WEIGHTS)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != got:
@@ -163,17 +242,13 @@ def load_weights(folder: Path, model) -> None:
 def load_training_state(folder: Path, optimizer) -> dict:
     """Restore the optimizer and RNG states; returns state.json (epoch, step, history, ...)."""
     folder = Path(folder)
+    state = _json(folder, STATE)
+    tensors = _safetensors(folder, OPTIMIZER)
     try:
-        state = json.loads((folder / STATE).read_text())
-        tensors = load_file(folder / OPTIMIZER)
-    except FileNotFoundError as error:
-        raise TrainError(f"checkpoint {folder}: {Path(error.filename).name} is missing") from None
-    except (SafetensorError, OSError, ValueError) as error:
-        raise TrainError(f"checkpoint {folder}: training state is corrupt ({error})") from None
-    rng = tensors.pop("rng.torch_rng")
-    try:
+        rng = tensors.pop("rng.torch_rng")
         optimizer.load_state_dict(_optimizer_state(tensors, state.pop("optimizer")))
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise TrainError(f"checkpoint {folder}: the optimizer state does not fit this model ({error})") from None
-    torch.set_rng_state(rng)
+        torch.set_rng_state(rng)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
+        raise TrainError(f"checkpoint {folder}: the optimizer state does not fit this model "
+                         f"({type(error).__name__}: {error})") from None
     return state

@@ -34,6 +34,14 @@ def all_reduce_sums(sums: dict) -> dict:
     return {n: (packed[i, 0], float(packed[i, 1])) for i, n in enumerate(names)}
 
 
+def max_over_ranks(value: int) -> int:
+    if not active():
+        return value
+    packed = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return int(packed.item())
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -1,6 +1,7 @@
 """The training loop, in one piece: data, model, AdamW with a cosine schedule, gradient clipping,
 validation each epoch, checkpoints (each epoch and every --save-every steps), exact resume, the
-test metrics of the best epoch beside the task's baseline, metrics.json and curves.png.
+test metrics of the best epoch beside the task's baseline, metrics.json and curves.png. SIGINT and
+SIGTERM stop it at the next step boundary with a checkpoint (see interrupt.py).
 
 Exact resume: each epoch's example order comes from a generator seeded by (seed, epoch), the torch
 RNG (dropout) is saved with the optimizer, and a checkpoint records the epoch and step to continue
@@ -17,6 +18,7 @@ import torch
 
 from .. import apply_constraints, regularization_loss
 from . import TrainError, checkpoint, distributed, report
+from .interrupt import StopRequests, TrainingInterrupted
 from .models import architecture
 from .tasks import COMMON, Task, get
 
@@ -30,7 +32,17 @@ def hyperparameters(task: Task, options: dict, quick: bool) -> dict:
     if quick:
         hp.update(task.quick)
     hp.update({k: v for k, v in options.items() if v is not None})
+    _check_long_sequence_options(hp)
     return hp
+
+
+def _check_long_sequence_options(hp: dict) -> None:
+    for name in ("bptt", "recompute"):
+        value = hp.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TrainError(f"--{name}: expected a positive number of timesteps (0: off), got {value!r}")
+    if hp.get("bptt") and hp.get("recompute") and hp["bptt"] % hp["recompute"]:
+        raise TrainError(f"--recompute: expected a divisor of --bptt {hp['bptt']}, got {hp['recompute']}")
 
 
 def epoch_order(hp: dict, epoch: int, size: int) -> list:
@@ -95,9 +107,16 @@ def _progress(total: int, initial: int, description: str, enabled: bool):
 
 
 def train(options: dict, *, task_name: str | None = None, out: str | None = None, resume: str | None = None,
-          quick: bool = False, progress: bool = True, save_every: int = 0, log=print, callback=None, _crash_after=None) -> dict:
+          quick: bool = False, progress: bool = True, save_every: int = 0, log=print, callback=None,
+          _after_step=None) -> dict:
     """Train a task; returns the final metrics (also in OUT/metrics.json). `callback(model, rank)` runs
-    at the end on every rank (tests use it); `_crash_after=N` simulates a kill after N steps."""
+    at the end on every rank and `_after_step(steps done)` after each step (tests use them). Raises
+    TrainingInterrupted after saving a checkpoint when SIGINT/SIGTERM arrive."""
+    with StopRequests() as stop:
+        return _train(options, task_name, out, resume, quick, progress, save_every, log, callback, _after_step, stop)
+
+
+def _train(options, task_name, out, resume, quick, progress, save_every, log, callback, after_step, stop) -> dict:
     started = time.time()
     # ---- configuration: from the resumed checkpoint, or defaults < --quick < options
     if resume:
@@ -139,6 +158,7 @@ def train(options: dict, *, task_name: str | None = None, out: str | None = None
         log(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step']} (from {folder.name})")
     if main:
         run.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_temporaries(run)
         checkpoint.write_json_atomic(run / "config.json", config)
     net = model
     if world > 1:
@@ -146,20 +166,22 @@ def train(options: dict, *, task_name: str | None = None, out: str | None = None
     if main and not resume:
         log(f"{task.name}: {json.dumps(data.info.get('sizes'))}; run folder {run}")
 
-    def save(name: str, epoch: int, step: int, pointer_best: bool = False):
+    def save(name: str, epoch: int, step: int, pointer_best: bool = False) -> Path:
+        folder = run / "checkpoints" / name
         if not main:
-            return
+            return folder
         s = dict(state, epoch=epoch, step=step, elapsed=state["elapsed"] + time.time() - started)
         s["train_sums"] = {k: [float(v[0]), v[1]] for k, v in state["train_sums"].items()}
-        checkpoint.save(run / "checkpoints" / name, model, optimizer, config, s)
-        checkpoint.write_json_atomic(run / "latest.json", {"checkpoint": f"checkpoints/{name}"})
+        checkpoint.save(folder, model, optimizer, config, s)
+        checkpoint.write_pointer(run, "latest.json", folder)
         if pointer_best:
-            checkpoint.write_json_atomic(run / "best.json", {"checkpoint": f"checkpoints/{name}"})
+            checkpoint.write_pointer(run, "best.json", folder)
         keep = {name, _pointed(run, "best.json")}
         for old in (run / "checkpoints").iterdir():
             if old.name not in keep and not old.name.startswith("."):
                 import shutil
                 shutil.rmtree(old, ignore_errors=True)
+        return folder
 
     # ---- the loop
     steps_per_epoch = len(epoch_order(hp, 0, data.size("train")))
@@ -189,10 +211,16 @@ def train(options: dict, *, task_name: str | None = None, out: str | None = None
                 bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()} | {
                     "ex/s": f"{seen / max(1e-9, time.time() - tick):.0f}"}, refresh=False)
                 bar.update(1)
-            if _crash_after is not None and epoch * steps_per_epoch + step + 1 >= _crash_after:
-                raise KeyboardInterrupt("simulated crash")
-            if save_every and (step + 1) % save_every == 0 and step + 1 < len(batches):
-                save(f"epoch-{epoch + 1:03d}-step-{step + 1:05d}", epoch, step + 1)
+            if after_step is not None:
+                after_step(epoch * steps_per_epoch + step + 1)
+            if step + 1 < len(batches):  # the epoch's last step is saved with its validation, below
+                name = f"epoch-{epoch + 1:03d}-step-{step + 1:05d}"
+                saved = save(name, epoch, step + 1) if save_every and (step + 1) % save_every == 0 else None
+                signum = stop.requested()
+                if signum:
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingInterrupted(signum, run, saved or save(name, epoch, step + 1))
         if bar is not None:
             bar.close()
         train_metrics = summarize(task, state["train_sums"])
@@ -209,8 +237,11 @@ def train(options: dict, *, task_name: str | None = None, out: str | None = None
                 [f"train {k} {v:.4f}" for k, v in train_metrics.items() if k in ("loss", task.metric)]
                 + [f"val {k} {v:.4f}" for k, v in val_metrics.items() if k in ("loss", task.metric)]
                 + [f"{time.time() - tick:.1f}s" + ("  (best)" if is_best else "")]))
-        save(f"epoch-{epoch + 1:03d}", epoch + 1, 0, pointer_best=is_best)
+        saved = save(f"epoch-{epoch + 1:03d}", epoch + 1, 0, pointer_best=is_best)
         distributed.barrier()
+        signum = stop.requested()
+        if signum:
+            raise TrainingInterrupted(signum, run, saved)
 
     # ---- test the best epoch, beside the baseline
     best_folder = run / "checkpoints" / f"epoch-{state['best_epoch']:03d}" if state["best_epoch"] else None

@@ -8,7 +8,33 @@ import torch
 from torch import nn
 
 from .. import layers
+from ..long_sequences import recomputed, truncated_bptt
 from ..models import Sequential
+
+
+class LongSequenceLSTM(layers.LSTM):
+    """The LSTM layer, whose forward with gradients runs in chunks: the state detached every `bptt`
+    steps (truncated BPTT, `lstm.truncated_bptt`) and/or each `recompute`-step chunk recomputed in
+    the backward instead of stored (`lstm.recomputed`). Without gradients it is the plain layer; its
+    weights and their names are the LSTM's, so checkpoints do not depend on these options."""
+
+    def __init__(self, units, bptt: int = 0, recompute: int = 0, **kwargs):
+        super().__init__(units, **kwargs)
+        self.bptt, self.recompute = bptt, recompute
+
+    def forward(self, inputs, mask=None, initial_state=None, training=None):
+        if not torch.is_grad_enabled():
+            return super().forward(inputs, mask=mask, initial_state=initial_state, training=training)
+        if self.bptt:
+            return truncated_bptt(self, inputs, self.bptt, mask, initial_state, training, self.recompute or None)
+        return recomputed(self, inputs, self.recompute, mask, initial_state, training)
+
+
+def lstm_layer(units: int, hp: dict, **kwargs) -> layers.LSTM:
+    """An LSTM layer; a LongSequenceLSTM when the run asks for --bptt or --recompute."""
+    if hp.get("bptt") or hp.get("recompute"):
+        return LongSequenceLSTM(units, bptt=hp.get("bptt") or 0, recompute=hp.get("recompute") or 0, **kwargs)
+    return layers.LSTM(units, **kwargs)
 
 
 def text_classifier(vocab_size: int, classes: int, hp: dict) -> Sequential:
@@ -35,7 +61,7 @@ def sequence_classifier(channels: int, classes: int, hp: dict) -> Sequential:
 def sequence_regressor(channels: int, outputs: int, hp: dict) -> Sequential:
     """LSTM -> Dense(outputs): the adding problem's single number."""
     return Sequential([
-        layers.LSTM(hp["units"], input_dim=channels, name="lstm"),
+        lstm_layer(hp["units"], hp, input_dim=channels, name="lstm"),
         layers.Dense(outputs, input_dim=hp["units"], name="output"),
     ], name="sequence_regressor")
 
@@ -63,7 +89,7 @@ class Forecaster(nn.Module):
         self.ar = min(hp.get("ar") or 0, self.season)
         self.day = max(1, min(hp.get("day") or self.season // 7, self.season))
         self.net = Sequential([
-            layers.LSTM(hp["units"], input_dim=2, name="lstm"),
+            lstm_layer(hp["units"], hp, input_dim=2, name="lstm"),
             layers.Dense(hp["horizon"], input_dim=hp["units"], kernel_initializer="zeros", name="output"),
         ], name="forecaster")
         self.highway = layers.Dense(hp["horizon"], input_dim=self.ar, kernel_initializer="zeros",
@@ -97,8 +123,8 @@ class CharLM(nn.Module):
     def __init__(self, vocab_size: int, hp: dict):
         super().__init__()
         self.embedding = layers.Embedding(vocab_size, hp["embedding"], name="embedding")
-        self.lstm = layers.LSTM(hp["units"], input_dim=hp["embedding"], return_sequences=True,
-                                return_state=True, name="lstm")
+        self.lstm = lstm_layer(hp["units"], hp, input_dim=hp["embedding"], return_sequences=True,
+                               return_state=True, name="lstm")
         self.dropout = layers.Dropout(hp["dropout"], name="dropout")
         self.output = layers.Dense(vocab_size, input_dim=hp["units"], name="output")
 

@@ -22,6 +22,9 @@ from .text import CharVocab, WordVocab
 
 COMMON = {"epochs": 10, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.0, "clip": 1.0, "steps_per_epoch": 0,
           "eval_batch_size": 256, "seed": 0, "data": None, "device": None}
+# --bptt K (truncated BPTT) and --recompute N (recomputing backward), 0: off; for the tasks whose
+# LSTM reads long sequences (charlm, forecast, adding)
+LONG_SEQUENCES = {"bptt": 0, "recompute": 0}
 
 
 @dataclass
@@ -173,7 +176,7 @@ class Adding(Task):
     help = "the adding problem: sum of the two marked values in a sequence of --length steps (generated)"
     metric, higher_is_better = "mse", False
     defaults = {"epochs": 35, "batch_size": 128, "lr": 3e-3, "units": 64, "length": 100, "steps_per_epoch": 100,
-                "val_size": 1000, "test_size": 2000}
+                "val_size": 1000, "test_size": 2000, **LONG_SEQUENCES}
     quick = {"epochs": 2, "steps_per_epoch": 10, "length": 20, "val_size": 200, "test_size": 200}
     target = "test MSE <= 0.01 at length 100"
 
@@ -342,7 +345,7 @@ class Forecast(Task):
     metric, higher_is_better = "rmse", False
     defaults = {"epochs": 15, "batch_size": 32, "lr": 1e-3, "units": 64, "season": 336, "horizon": 48,
                 "read": 96, "ar": 48, "day": 0,
-                "column": "value", "weight_decay": 0.0}
+                "column": "value", "weight_decay": 0.0, **LONG_SEQUENCES}
     quick = {"epochs": 2, "steps_per_epoch": 5}
     target = "test RMSE <= 0.9 x seasonal-naive"
 
@@ -413,7 +416,7 @@ class CharLMTask(Task):
     help = "character language model on Shakespeare's complete works (or --data TEXT_FILE)"
     metric, higher_is_better = "loss", False
     defaults = {"epochs": 10, "batch_size": 128, "lr": 1e-2, "units": 256, "embedding": 32, "dropout": 0.0,
-                "seq_len": 50, "steps_per_epoch": 300, "eval_batches": 40, "eval_batch_size": 128}
+                "seq_len": 50, "steps_per_epoch": 300, "eval_batches": 40, "eval_batch_size": 128, **LONG_SEQUENCES}
     quick = {"epochs": 2, "steps_per_epoch": 5, "seq_len": 32, "units": 32, "eval_batches": 2, "batch_size": 16}
     target = "validation loss <= 1.60 nats per character"
 
