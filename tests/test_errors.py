@@ -1,5 +1,6 @@
 """Bad input (issue "foundation" §5): every mistake raises ValueError or TypeError whose message
-names the argument, the expected and the actual value; and the defined edge cases (B=0, T=0)."""
+names the argument, the expected and the actual value; and the defined edge cases (B=0, T=0).
+Each bad input is counted into the reliability summary (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TALLY
 from lstm.layers import GRU, LSTM, Bidirectional, GRUCell, LSTMCell, SimpleRNN, SimpleRNNCell
 
 
@@ -15,6 +17,7 @@ def raises(error, *fragments):
 
     class Check:
         def __enter__(self):
+            TALLY["bad input"] += 1
             self.ctx = pytest.raises(error)
             self.info = self.ctx.__enter__()
             return self.info
@@ -75,6 +78,53 @@ def test_mismatched_dtype():
         LSTM(3, input_dim=4)(torch.randn(2, 3, 4, dtype=torch.float64))
     with raises(TypeError, "inputs", "float32", "float64"):
         LSTM(3, input_dim=4, dtype="float64")(torch.randn(2, 3, 4))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_tensors_without_dense_data():
+    x = torch.randn(2, 3, 4)
+    with raises(TypeError, "inputs", "dense (strided)", "sparse_coo"):
+        LSTM(3)(x.to_sparse())
+    with raises(TypeError, "inputs", "dense (strided)", "nested"):
+        GRU(3)(torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(2, 4)]))
+    with raises(ValueError, "inputs", "meta device"):
+        LSTM(3)(torch.empty(2, 3, 4, device="meta"))
+    with raises(ValueError, "mask", "meta device"):
+        LSTM(3)(x, mask=torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    with raises(ValueError, "initial_state[0]", "meta device"):
+        SimpleRNN(3)(x, initial_state=torch.empty(2, 3, device="meta"))
+
+
+def test_inputs_on_another_device_than_the_weights():
+    layer = LSTM(3, input_dim=4).to("meta")  # the one other device every machine has
+    with raises(ValueError, "inputs", "the layer's device meta", "on cpu", "layer.to(device)"):
+        layer(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("inputs,fragments", [
+    ("abc", ("inputs", "str")), (None, ("inputs", "NoneType")), ([[[1.0] * 4] * 3, [[1.0] * 4] * 2], ("inputs", "list")),
+    (torch.ones(2, 3, 4, dtype=torch.bool), ("inputs", "bool")), (torch.randn(2, 3, 4, dtype=torch.complex64),
+                                                                  ("inputs", "complex64")),
+    (torch.tensor(1.0), ("inputs", "3-D", "()")),
+])
+def test_inputs_that_are_not_float_sequences(inputs, fragments):
+    with pytest.raises((ValueError, TypeError)) as info:
+        TALLY["bad input"] += 1
+        LSTM(3)(inputs)
+    assert all(f in str(info.value) for f in fragments), str(info.value)
+
+
+def test_mask_that_is_not_an_array():
+    with raises(TypeError, "mask", "bool or integer", "str"):
+        LSTM(3)(torch.randn(2, 3, 4), mask="abc")
+
+
+def test_stream_bad_steps():
+    stream = LSTM(3, input_dim=4).stream(batch_size=2)
+    with raises(ValueError, "x_t", "(2, 4)", "2, 5"):
+        stream.step(torch.randn(2, 5))
+    with raises(ValueError, "batch_size", "positive", "0"):
+        LSTM(3, input_dim=4).stream(batch_size=0)
 
 
 # ----- initial_state ---------------------------------------------------------------------------

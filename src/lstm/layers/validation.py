@@ -29,8 +29,8 @@ def feature_size(input_shape: Any) -> int:
     size = input_shape if isinstance(input_shape, numbers.Integral) else (
         input_shape[-1] if isinstance(input_shape, (tuple, list, torch.Size)) and len(input_shape) else None)
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"input_shape: expected a positive feature size (an int, or a shape ending in one), "
-                         f"got {input_shape!r}")
+        raise ValueError(f"input_shape / input_dim: expected a positive feature size (an int, or a shape ending "
+                         f"in one), got {input_shape!r}")
     return int(size)
 
 
@@ -41,9 +41,19 @@ def as_float_tensor(value: Any, argument: str) -> torch.Tensor:
             value = torch.as_tensor(np.asarray(value))
         except (TypeError, ValueError) as error:
             raise TypeError(f"{argument}: expected a float tensor or array, got {type(value).__name__}") from error
+    _check_dense(value, argument)
     if not value.is_floating_point():
         raise TypeError(f"{argument}: expected a floating-point tensor, got dtype {value.dtype}")
     return value
+
+
+def _check_dense(value: torch.Tensor, argument: str) -> None:
+    """Sparse, nested and meta tensors reach the kernels as errors from deep inside torch; refuse them here."""
+    if value.is_nested or value.layout != torch.strided:
+        kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
+        raise TypeError(f"{argument}: expected a dense (strided) tensor, got {kind}")
+    if value.is_meta:
+        raise ValueError(f"{argument}: expected a tensor with data, got one on the meta device")
 
 
 def check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
@@ -51,7 +61,11 @@ def check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
-        mask = torch.as_tensor(np.asarray(mask))
+        try:
+            mask = torch.as_tensor(np.asarray(mask))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"mask: expected a bool or integer tensor or array, got {type(mask).__name__}") from error
+    _check_dense(mask, "mask")
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"mask: expected a bool or integer tensor, got dtype {mask.dtype}")
     expected = tuple(inputs.shape[:2])
@@ -63,6 +77,10 @@ def check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
 def check_initial_state(states: Any, cell, batch: int, inputs: torch.Tensor | None, argument: str) -> list:
     """`state_count` tensors of shape [batch, units] in the layer's dtype; None means zeros."""
     device = None if inputs is None else inputs.device
+    # checked here, where both are at hand: else torch fails deep inside the kernels
+    if device is not None and cell.built and device != cell.kernel.device:
+        raise ValueError(f"inputs: expected a tensor on the layer's device {cell.kernel.device}, got one on {device}; "
+                         f"move the inputs (or the layer: layer.to(device))")
     if states is None:
         return cell.get_initial_state(batch, device=device)
     if isinstance(states, torch.Tensor):
