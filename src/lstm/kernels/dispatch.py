@@ -12,6 +12,8 @@ import contextvars
 import os
 from typing import Iterator, Protocol
 
+import torch
+
 from .problem import Recurrence, RecurrenceResult
 
 
@@ -54,8 +56,18 @@ def use(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+def _forced_name() -> str | None:
+    return _forced.get() or os.environ.get("LSTM_KERNEL")
+
+
+# Under torch.compile / torch.export the choice is made while tracing: Dynamo cannot trace a
+# ContextVar, so it runs this once and takes the answer as a constant of the graph (a kernel
+# forced after compiling does not retrace the compiled model).
+_forced_name_when_tracing = torch._dynamo.assume_constant_result(_forced_name)
+
+
 def select(problem: Recurrence) -> Kernel:
-    forced = _forced.get() or os.environ.get("LSTM_KERNEL")
+    forced = _forced_name_when_tracing() if torch.compiler.is_compiling() else _forced_name()
     if forced:
         kernel = _by_name(forced)
         if not kernel.supports(problem):

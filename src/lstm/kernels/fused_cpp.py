@@ -31,7 +31,8 @@ states stay differentiable): for gradients through gate values use the reference
 Autograd: eager calls use a torch.autograd.Function (the custom-op dispatch costs ~40 us a call
 against ~16 us, measured at batch 1, T = 1); under torch.compile the same C++ functions run as
 the custom ops lstm::fused_cpp_forward / lstm::fused_cpp_backward (fake kernels and autograd
-registered), so Dynamo traces through without a graph break.
+registered; lstm::fused_cpp_inference when nothing needs grad), so Dynamo traces through without a
+graph break, and torch.export puts them in the exported graph.
 
 The extension is compiled with torch.utils.cpp_extension.load (ninja, -O3 -march=native) on
 first use only and cached in torch's extensions directory under a name hashed from the source
@@ -82,8 +83,8 @@ def _ext_name() -> str:
     return f"lstm_cpu_{h.hexdigest()[:10]}"
 
 
-def extension():
-    """The compiled module, building it on the first call ever; None if it cannot be built."""
+def _load() -> bool:
+    """Builds (first time ever) or loads the extension once per process; True if it is there."""
     global _ext, _error
     if _ext is None:
         with _lock:
@@ -99,7 +100,20 @@ def extension():
                         _ext, _error = False, f"{type(exc).__name__}: {exc}"
                         detail = [ln for ln in _error.splitlines() if "error" in ln.lower()][-3:]
                         warnings.warn("lstm: the C++ LSTM kernel could not be built; falling back to the Numba "
-                                      "kernel: " + " | ".join(detail)[:1000], RuntimeWarning, stacklevel=2)
+                                      "kernel: " + " | ".join(detail)[:1000], RuntimeWarning, stacklevel=4)
+    return bool(_ext)
+
+
+# under torch.compile / export (a model compiled before any eager call): loaded outside the trace
+_load_when_tracing = torch._dynamo.assume_constant_result(_load)
+
+
+def extension():
+    """The compiled module, building it on the first call ever; None if it cannot be built."""
+    if torch.compiler.is_compiling():
+        _load_when_tracing()  # (before `_ext` is read: Dynamo guards on the value it reads)
+    elif _ext is None:
+        _load()
     return _ext or None
 
 
@@ -127,6 +141,8 @@ def supports(p: Recurrence) -> bool:
         return False
     if p.bias is not None and p.bias.dim() != 1:
         return False
+    if torch.compiler.is_compiling():
+        return _load_when_tracing()
     return (_ext or extension()) is not None
 
 
@@ -190,7 +206,7 @@ def _compile_ops():
             zero_out: bool, seq: bool, act: int, ract: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         outs = extension().forward(x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, backwards, zero_out, seq,
                                    act, ract, True)
-        return tuple(t.clone() if t is x else t for t in outs)
+        return tuple(t.clone() if t is x else t.contiguous() for t in outs)
 
     @fwd.register_fake
     def _(x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, backwards, zero_out, seq, act, ract):
@@ -202,17 +218,20 @@ def _compile_ops():
     @torch.library.custom_op("lstm::fused_cpp_backward", mutates_args=())
     def bwd(dY: Optional[Tensor], dhT: Optional[Tensor], dcT: Optional[Tensor], x: Tensor, kernel: Tensor, R: Tensor,
             G: Tensor, Hp: Tensor, Cp: Tensor, in_drop: Optional[Tensor], rec_drop: Optional[Tensor],
-            mask: Optional[Tensor], backwards: bool, zero_out: bool, seq: bool, act: int,
-            ract: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return tuple(extension().backward(dY, dhT, dcT, x, kernel, R, G, Hp, Cp, in_drop, rec_drop, mask, backwards,
-                                          zero_out, seq, act, ract, [True] * 6))
+            mask: Optional[Tensor], backwards: bool, zero_out: bool, seq: bool, act: int, ract: int,
+            needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(dx, dkernel, dR, dbias, dh0, dc0), each empty where `needs` (same order) is False."""
+        grads = extension().backward(dY, dhT, dcT, x, kernel, R, G, Hp, Cp, in_drop, rec_drop, mask, backwards,
+                                     zero_out, seq, act, ract, needs)
+        return tuple(t.contiguous() if need else x.new_empty(0) for t, need in zip(grads, needs))
 
     @bwd.register_fake
-    def _(dY, dhT, dcT, x, kernel, R, G, Hp, Cp, in_drop, rec_drop, mask, backwards, zero_out, seq, act, ract):
+    def _(dY, dhT, dcT, x, kernel, R, G, Hp, Cp, in_drop, rec_drop, mask, backwards, zero_out, seq, act, ract, needs):
         B = x.shape[0]
         U = R.shape[0]
-        return (torch.empty_like(x), torch.empty_like(kernel), torch.empty_like(R), R.new_empty(4 * U),
-                x.new_empty(B, U), x.new_empty(B, U))
+        # (contiguous, as the real outputs: inductor checks the strides)
+        shapes = (x.shape, kernel.shape, R.shape, (4 * U,), (B, U), (B, U))
+        return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
     def setup_context(ctx, inputs, output):
         x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, backwards, zero_out, seq, act, ract = inputs
@@ -222,11 +241,29 @@ def _compile_ops():
 
     def backward(ctx, dY, dhT, dcT, *_):
         x, kernel, R, G, Hp, Cp, in_drop, rec_drop, mask = ctx.saved_tensors
-        dX, dK, dR, db, dh0, dc0 = bwd(dY, dhT, dcT, x, kernel, R, G, Hp, Cp, in_drop, rec_drop, mask, *ctx.flags)
-        return (dX, dK, dR, db if ctx.has_bias else None, dh0, dc0) + (None,) * 8
+        needs = list(ctx.needs_input_grad[:6])  # x, kernel, R, bias, h0, c0: only what autograd asks for
+        needs[3] = needs[3] and ctx.has_bias
+        grads = bwd(dY, dhT, dcT, x, kernel, R, G, Hp, Cp, in_drop, rec_drop, mask, *ctx.flags, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    _ops = (fwd, bwd)
+
+    @torch.library.custom_op("lstm::fused_cpp_inference", mutates_args=())
+    def inference(x: Tensor, kernel: Tensor, R: Tensor, bias: Optional[Tensor], h0: Tensor, c0: Tensor,
+                  in_drop: Optional[Tensor], rec_drop: Optional[Tensor], mask: Optional[Tensor], backwards: bool,
+                  zero_out: bool, seq: bool, act: int, ract: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Without grad: the forward that saves nothing (and its faster routes)."""
+        outs = extension().forward(x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, backwards, zero_out, seq,
+                                   act, ract, False)
+        return tuple(t.clone() if t is x else t.contiguous() for t in outs)
+
+    @inference.register_fake
+    def _(x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, backwards, zero_out, seq, act, ract):
+        B, T, _ = x.shape
+        U = R.shape[0]
+        return x.new_empty(B, T, U) if seq else x.new_empty(B, U), x.new_empty(B, U), x.new_empty(B, U)
+
+    _ops = (fwd, bwd, inference)
     return _ops
 
 
@@ -276,16 +313,20 @@ def run(p: Recurrence) -> RecurrenceResult:
     cfg = _Cfg(p)
     h0, c0 = p.initial_state
     in_drop, rec_drop, mask = _detached(p.input_dropout), _detached(p.recurrent_dropout), p.mask
-    if torch.compiler.is_compiling():
-        fwd = _ops[0]
-        y, hT, cT, G, Hp, Cp = fwd(x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, in_drop, rec_drop, mask,
-                                   cfg.backwards, cfg.zero_out, cfg.seq, cfg.act, cfg.ract)
+    grad = torch.is_grad_enabled() and (x.requires_grad or p.kernel.requires_grad or p.recurrent_kernel.requires_grad
+                                        or (p.bias is not None and p.bias.requires_grad) or h0.requires_grad
+                                        or c0.requires_grad)
+    if torch.compiler.is_compiling():  # torch.compile / torch.export: the custom ops
+        args = (x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, in_drop, rec_drop, mask, cfg.backwards, cfg.zero_out,
+                cfg.seq, cfg.act, cfg.ract)
+        if not (grad or p.trace):
+            y, hT, cT = _ops[2](*args)
+            return RecurrenceResult(y, (hT, cT))
+        y, hT, cT, G, Hp, Cp = _ops[0](*args)
         return RecurrenceResult(y, (hT, cT), _trace(p, G, Hp, Cp, hT, cT) if p.trace else None)
     if p.trace:
         cfg.saved = ()
-    if torch.is_grad_enabled() and (x.requires_grad or p.kernel.requires_grad or p.recurrent_kernel.requires_grad
-                                      or (p.bias is not None and p.bias.requires_grad) or h0.requires_grad
-                                      or c0.requires_grad):
+    if grad:
         y, hT, cT = _LSTMFunction.apply(cfg, x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, in_drop, rec_drop, mask)
     elif p.trace:  # inference with a trace: the saving forward
         y, hT, cT, *cfg.saved = _ext.forward(x.detach(), p.kernel.detach(), p.recurrent_kernel.detach(),

@@ -19,6 +19,11 @@ trace is unchanged. The traces are detached (no gradient flows back through them
 and states stay differentiable): for gradients through gate values use the reference kernel
 (`lstm.kernels.use("reference")`).
 Numba is imported and the loops compiled (once, cached on disk) on the first call.
+
+Autograd: eager calls use a torch.autograd.Function; under torch.compile and torch.export the same
+forward and backward run as the custom ops lstm::fused_cpu_forward / lstm::fused_cpu_backward
+(fake kernels and autograd registered; lstm::fused_cpu_inference when nothing needs grad), so the
+graph has no break.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .problem import Recurrence, RecurrenceResult
 
@@ -151,17 +157,49 @@ _EMPTY_KEEP = np.zeros((0, 0), dtype=np.uint8)
 class _Cfg:
     __slots__ = ("kind", "act", "ract", "reset_after", "backwards", "zero_out", "seq", "gates", "trace")
 
-    def __init__(self, p: Recurrence):
+    def __init__(self, kind: str, act: int, ract: int, reset_after: bool, backwards: bool, zero_out: bool,
+                 seq: bool, trace: bool = False):
+        self.kind = kind
+        self.act = act
+        self.ract = ract
+        self.reset_after = reset_after
+        self.backwards = backwards
+        self.zero_out = zero_out
+        self.seq = seq
+        self.gates = GATES[kind]
+        # asked for a trace: the forward replaces True by its arrays (keep, Hs, per-cell extras)
+        self.trace = True if trace else None
+
+    @classmethod
+    def of(cls, p: Recurrence) -> "_Cfg":
         cell = p.cell
-        self.kind = cell.kind
-        self.act = _code(cell.activation)
-        self.ract = _code(cell.recurrent_activation) if cell.kind != "simple_rnn" else 0
-        self.reset_after = bool(cell.reset_after)
-        self.backwards = bool(p.go_backwards)
-        self.zero_out = bool(p.zero_output_for_mask)
-        self.seq = bool(p.return_sequences)
-        self.gates = cell.gate_count
-        self.trace = None  # True: the forward leaves the trace dict here
+        return cls(cell.kind, _code(cell.activation), _code(cell.recurrent_activation) if cell.kind != "simple_rnn" else 0,
+                   bool(cell.reset_after), bool(p.go_backwards), bool(p.zero_output_for_mask),
+                   bool(p.return_sequences), bool(p.trace))
+
+    def flags(self) -> tuple:
+        return (self.kind, self.act, self.ract, self.reset_after, self.backwards, self.zero_out, self.seq)
+
+
+GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
+
+
+def _keep(mask, backwards: bool) -> np.ndarray:
+    """The step mask in processing order, time-major, as uint8 [T, B] (shape (0, 0): none)."""
+    if mask is None:
+        return _EMPTY_KEEP
+    keep_t = mask.detach().t()
+    if backwards:
+        keep_t = keep_t.flip(0)
+    return keep_t.to(torch.bool).contiguous().numpy().view(np.uint8)
+
+
+def _input_drop_tb(in_drop, T: int):
+    """[G', B, D] input-dropout masks broadcast over time in the [T*B, D] layout."""
+    if in_drop is None:
+        return None
+    G_, B, D = in_drop.shape
+    return in_drop.detach().unsqueeze(1).expand(-1, T, -1, -1).reshape(G_, T * B, D)
 
 
 def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, save: bool):
@@ -184,20 +222,12 @@ def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, sav
     else:
         xt = _time_major(x.detach(), cfg.backwards)
         xt2d = xt.view(T * B, D)
-        if in_drop is not None:
-            # [G', B, D] -> broadcast over time in the [T*B, D] layout
-            in_drop_tb = in_drop.detach().unsqueeze(1).expand(-1, T, -1, -1).reshape(in_drop.shape[0], T * B, D)
+        in_drop_tb = _input_drop_tb(in_drop, T)
         with torch.no_grad():
             xw = _input_projection(xt2d, kernel.detach(), b_in, in_drop_tb, G)
         xw_np = xw.numpy().reshape(T, B, G * U)
     R_np = _np(R)
-    if mask is not None:
-        keep_t = mask.detach().t()
-        if cfg.backwards:
-            keep_t = keep_t.flip(0)
-        keep = keep_t.contiguous().numpy().view(np.uint8)
-    else:
-        keep = _EMPTY_KEEP
+    keep = _keep(mask, cfg.backwards)
     rd = _np(rec_drop) if rec_drop is not None else np.zeros((0, 0, 0), dtype=npdt)
 
     Y = np.empty((B, T, U), dtype=npdt)
@@ -211,8 +241,7 @@ def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, sav
         TC = np.empty((T, B, U), dtype=npdt)
         _call(B * U * G * U, nb.lstm_forward, xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, cfg.ract, Y, Hs, Cs, Gs, TC)
         states = (torch.from_numpy(Hs[T].copy()), torch.from_numpy(Cs[T].copy()))
-        if save:
-            saved = (Hs, Cs, Gs, TC)
+        arrays = (Hs, Cs, Gs, TC)
     elif cfg.kind == "gru":
         brec = np.zeros(0, dtype=npdt)
         if bias_d is not None and bias_d.dim() == 2:
@@ -223,50 +252,52 @@ def _forward(cfg: _Cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, sav
         _call(B * U * G * U, nb.gru_forward, xw_np, R_np, brec, rd, keep, cfg.zero_out, cfg.act, cfg.ract, cfg.reset_after,
                        Y, Hs, Gs, EX, rec)
         states = (torch.from_numpy(Hs[T].copy()),)
-        if save:
-            saved = (Hs, Gs, EX)
+        arrays = (Hs, Gs, EX)
     else:
         Z = np.empty((T, B, U) if (cfg.trace and mask is not None) else (0, 0, 0), dtype=npdt)
         _call(B * U * G * U, nb.rnn_forward, xw_np, R_np, rd, keep, cfg.zero_out, cfg.act, Y, Hs, Z)
         states = (torch.from_numpy(Hs[T].copy()),)
-        if save:
-            saved = (Hs,)
+        arrays = (Hs,)
     out = torch.from_numpy(Y) if cfg.seq else torch.from_numpy(Y[:, T - 1].copy())
     if cfg.trace:
         extra = {"lstm": lambda: (Cs, Gs, TC), "gru": lambda: (Gs,), "simple_rnn": lambda: (Z,)}[cfg.kind]()
-        cfg.trace = _trace(cfg.kind, keep if mask is not None else None, Hs, *extra)
+        cfg.trace = (keep if mask is not None else None, Hs, *extra)
     if save:
-        saved = saved + (xt2d, in_drop_tb, keep, rd, R_np)
+        saved = arrays + (xt2d, in_drop_tb, keep, rd, R_np)
     return (out, *states), saved
 
 
 TRACE_KEYS = {"lstm": ("i", "f", "c_tilde", "c", "o", "h"), "gru": ("z", "r", "h_tilde", "h"), "simple_rnn": ("h",)}
 
 
-def _trace(kind: str, keep, Hs, *extra) -> dict:
-    """The reference's per-step internals from the forward's arrays (time-major, processing
-    order): Hs [T+1, B, U] the states, keep [T, B] uint8 or None; LSTM Cs, G (activated gates),
+def _trace_of_arrays(kind: str, keep, *arrays) -> dict:
+    kept = None if keep is None else torch.from_numpy(keep).to(torch.bool)
+    return _trace(kind, kept, *(torch.from_numpy(a) for a in arrays))
+
+
+def _trace(kind: str, kept, H, *extra) -> dict:
+    """The reference's per-step internals from the forward's buffers (time-major, processing
+    order): H [T+1, B, U] the states, kept [T, B] bool or None; LSTM Cs, G (activated gates),
     TC (act(c) of every step's own c); GRU G; SimpleRNN Z (every step's output, with a mask)."""
-    H = torch.from_numpy(Hs)
-    kept = None if keep is None else torch.from_numpy(keep).to(torch.bool)[:, :, None]
+    kept = None if kept is None else kept[:, :, None]
     if kind == "lstm":
-        Cs, G, TC = (torch.from_numpy(a) for a in extra)
+        Cs, G, TC = extra
         i, f, c_tilde, o = G.chunk(4, dim=-1)
         c = Cs[1:]
         if kept is not None:  # a masked step kept the state; its trace is the step's own values
             c = torch.where(kept, c, f * Cs[:-1] + i * c_tilde)
         values = (i, f, c_tilde, c, o, o * TC)
     elif kind == "gru":
-        (G,) = (torch.from_numpy(a) for a in extra)
+        (G,) = extra
         z, r, h_tilde = G.chunk(3, dim=-1)
         h = H[1:]
         if kept is not None:
             h = torch.where(kept, h, z * H[:-1] + (1 - z) * h_tilde)
         values = (z, r, h_tilde, h)
     else:
-        values = (H[1:] if kept is None else torch.from_numpy(extra[0]),)
+        values = (H[1:] if kept is None else extra[0],)
     # fresh batch-major tensors: never views of the arrays the backward reads
-    return {k: torch.empty((v.shape[1], v.shape[0], v.shape[2]), dtype=v.dtype).copy_(v.transpose(0, 1))
+    return {k: v.transpose(0, 1).clone(memory_format=torch.contiguous_format)
             for k, v in zip(TRACE_KEYS[kind], values)}
 
 
@@ -288,6 +319,88 @@ def _weight_grad_rec(Hprev2d, dZr2d, rd, gates, U, T, B):
     return torch.cat(parts, dim=1)
 
 
+def _backward(cfg: _Cfg, saved: tuple, kernel, shapes, needs, dY, dhT, dcT):
+    """BPTT over the forward's saved arrays; needs: which of (x, kernel, R, bias, h0, c0) to
+    compute. Returns their gradients (None where not needed)."""
+    nb = _numba()
+    (B, T, D), U, bias_dim = shapes
+    G = cfg.gates
+    GU = G * U
+    npdt = np.float32 if kernel.dtype == torch.float32 else np.float64
+    needs = (None, *needs)  # (the indices of autograd's needs_input_grad: cfg, x, kernel, R, bias, h0, c0)
+    if dY is None:
+        dY_np = np.zeros((B, T if cfg.seq else 1, U), dtype=npdt)
+    else:
+        dY_np = np.ascontiguousarray(dY.detach().numpy(), dtype=npdt).reshape(B, T if cfg.seq else 1, U)
+    dh = _grad_numpy(dhT, (B, U), npdt)
+    if cfg.kind == "lstm":
+        Hs, Cs, Gs, TC, xt2d, in_drop_tb, keep, rd, R_np = saved
+        dc = _grad_numpy(dcT, (B, U), npdt)
+        dZ = np.empty((T, B, GU), dtype=npdt)
+        RT = np.ascontiguousarray(R_np.T)
+        _call(B * U * GU, nb.lstm_backward, dY_np, cfg.seq, dh, dc, Cs, Gs, TC, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract, dZ)
+        dZx = dZr = torch.from_numpy(dZ).view(T * B, GU)
+        Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
+        dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B) if needs[3] else None
+        db = dZx.sum(0) if (needs[4] and bias_dim is not None) else None
+        dc0 = torch.from_numpy(dc) if needs[6] else None
+    elif cfg.kind == "gru":
+        Hs, Gs, EX, xt2d, in_drop_tb, keep, rd, R_np = saved
+        dZx_np = np.empty((T, B, GU), dtype=npdt)
+        dZr_np = np.empty((T, B, GU), dtype=npdt)
+        RT = np.ascontiguousarray(R_np.T)
+        _call(B * U * GU, nb.gru_backward, dY_np, cfg.seq, dh, Hs, Gs, EX, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract,
+                        cfg.reset_after, dZx_np, dZr_np)
+        dZx = torch.from_numpy(dZx_np).view(T * B, GU)
+        dZr = torch.from_numpy(dZr_np).view(T * B, GU)
+        Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
+        dR = None
+        if needs[3]:
+            if cfg.reset_after:
+                dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B)
+            else:
+                d_zr = _weight_grad_rec(Hprev2d, dZr[:, : 2 * U], rd[:2] if rd.shape[0] else rd, 2, U, T, B)
+                d_h = torch.from_numpy(EX).view(T * B, U).t().mm(dZr[:, 2 * U:])
+                dR = torch.cat([d_zr, d_h], dim=1)
+        db = None
+        if needs[4] and bias_dim is not None:
+            db = torch.stack([dZx.sum(0), dZr.sum(0)]) if bias_dim == 2 else dZx.sum(0)
+        dc0 = None
+    else:
+        Hs, xt2d, in_drop_tb, keep, rd, R_np = saved
+        dZ = np.empty((T, B, GU), dtype=npdt)
+        RT = np.ascontiguousarray(R_np.T)
+        _call(B * U * GU, nb.rnn_backward, dY_np, cfg.seq, dh, Hs, RT, rd, keep, cfg.zero_out, cfg.act, dZ)
+        dZx = dZr = torch.from_numpy(dZ).view(T * B, GU)
+        Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
+        dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B) if needs[3] else None
+        db = dZx.sum(0) if (needs[4] and bias_dim is not None) else None
+        dc0 = None
+
+    dK = dX = None
+    if needs[2]:
+        if in_drop_tb is None:
+            dK = xt2d.t().mm(dZx)
+        elif in_drop_tb.shape[0] == 1:
+            dK = (xt2d * in_drop_tb[0]).t().mm(dZx)
+        else:
+            dK = torch.cat([(xt2d * in_drop_tb[g]).t().mm(dZx[:, g * U:(g + 1) * U]) for g in range(G)], dim=1)
+    if needs[1]:
+        if in_drop_tb is None:
+            dxt = dZx.mm(kernel.t())
+        elif in_drop_tb.shape[0] == 1:
+            dxt = dZx.mm(kernel.t()) * in_drop_tb[0]
+        else:
+            ks = _blocks(kernel, G)
+            dxt = sum(dZx[:, g * U:(g + 1) * U].mm(ks[g].t()) * in_drop_tb[g] for g in range(G))
+        dxt = dxt.view(T, B, D)
+        if cfg.backwards:
+            dxt = dxt.flip(0)
+        dX = dxt.transpose(0, 1)
+    dh0 = torch.from_numpy(dh) if needs[5] else None
+    return dX, dK, dR, db, dh0, dc0
+
+
 class _FusedRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask):
@@ -300,86 +413,146 @@ class _FusedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dY, dhT, *rest):
-        nb = _numba()
-        cfg = ctx.cfg
         (kernel,) = ctx.saved_tensors
-        (B, T, D), U, bias_dim = ctx.shapes
-        G = cfg.gates
-        GU = G * U
-        npdt = np.float32 if kernel.dtype == torch.float32 else np.float64
-        needs = ctx.needs_input_grad  # cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask
-        if dY is None:
-            dY_np = np.zeros((B, T if cfg.seq else 1, U), dtype=npdt)
-        else:
-            dY_np = np.ascontiguousarray(dY.detach().numpy(), dtype=npdt).reshape(B, T if cfg.seq else 1, U)
-        dh = _grad_numpy(dhT, (B, U), npdt)
-        saved = ctx.saved
-        if cfg.kind == "lstm":
-            Hs, Cs, Gs, TC, xt2d, in_drop_tb, keep, rd, R_np = saved
-            dc = _grad_numpy(rest[0] if rest else None, (B, U), npdt)
-            dZ = np.empty((T, B, GU), dtype=npdt)
-            RT = np.ascontiguousarray(R_np.T)
-            _call(B * U * GU, nb.lstm_backward, dY_np, cfg.seq, dh, dc, Cs, Gs, TC, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract, dZ)
-            dZx = dZr = torch.from_numpy(dZ).view(T * B, GU)
-            Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
-            dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B) if needs[3] else None
-            db = dZx.sum(0) if (needs[4] and bias_dim is not None) else None
-            dc0 = torch.from_numpy(dc) if needs[6] else None
-        elif cfg.kind == "gru":
-            Hs, Gs, EX, xt2d, in_drop_tb, keep, rd, R_np = saved
-            dZx_np = np.empty((T, B, GU), dtype=npdt)
-            dZr_np = np.empty((T, B, GU), dtype=npdt)
-            RT = np.ascontiguousarray(R_np.T)
-            _call(B * U * GU, nb.gru_backward, dY_np, cfg.seq, dh, Hs, Gs, EX, RT, rd, keep, cfg.zero_out, cfg.act, cfg.ract,
-                            cfg.reset_after, dZx_np, dZr_np)
-            dZx = torch.from_numpy(dZx_np).view(T * B, GU)
-            dZr = torch.from_numpy(dZr_np).view(T * B, GU)
-            Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
-            dR = None
-            if needs[3]:
-                if cfg.reset_after:
-                    dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B)
-                else:
-                    d_zr = _weight_grad_rec(Hprev2d, dZr[:, : 2 * U], rd[:2] if rd.shape[0] else rd, 2, U, T, B)
-                    d_h = torch.from_numpy(EX).view(T * B, U).t().mm(dZr[:, 2 * U:])
-                    dR = torch.cat([d_zr, d_h], dim=1)
-            db = None
-            if needs[4] and bias_dim is not None:
-                db = torch.stack([dZx.sum(0), dZr.sum(0)]) if bias_dim == 2 else dZx.sum(0)
-            dc0 = None
-        else:
-            Hs, xt2d, in_drop_tb, keep, rd, R_np = saved
-            dZ = np.empty((T, B, GU), dtype=npdt)
-            RT = np.ascontiguousarray(R_np.T)
-            _call(B * U * GU, nb.rnn_backward, dY_np, cfg.seq, dh, Hs, RT, rd, keep, cfg.zero_out, cfg.act, dZ)
-            dZx = dZr = torch.from_numpy(dZ).view(T * B, GU)
-            Hprev2d = torch.from_numpy(Hs[:T]).view(T * B, U)
-            dR = _weight_grad_rec(Hprev2d, dZr, rd, G, U, T, B) if needs[3] else None
-            db = dZx.sum(0) if (needs[4] and bias_dim is not None) else None
-            dc0 = None
+        grads = _backward(ctx.cfg, ctx.saved, kernel, ctx.shapes, ctx.needs_input_grad[1:7], dY, dhT,
+                          rest[0] if rest else None)
+        return (None, *grads, None, None, None)
 
-        dK = dX = None
-        if needs[2]:
-            if in_drop_tb is None:
-                dK = xt2d.t().mm(dZx)
-            elif in_drop_tb.shape[0] == 1:
-                dK = (xt2d * in_drop_tb[0]).t().mm(dZx)
-            else:
-                dK = torch.cat([(xt2d * in_drop_tb[g]).t().mm(dZx[:, g * U:(g + 1) * U]) for g in range(G)], dim=1)
-        if needs[1]:
-            if in_drop_tb is None:
-                dxt = dZx.mm(kernel.t())
-            elif in_drop_tb.shape[0] == 1:
-                dxt = dZx.mm(kernel.t()) * in_drop_tb[0]
-            else:
-                ks = _blocks(kernel, G)
-                dxt = sum(dZx[:, g * U:(g + 1) * U].mm(ks[g].t()) * in_drop_tb[g] for g in range(G))
-            dxt = dxt.view(T, B, D)
-            if cfg.backwards:
-                dxt = dxt.flip(0)
-            dX = dxt.transpose(0, 1)
-        dh0 = torch.from_numpy(dh) if needs[5] else None
-        return None, dX, dK, dR, db, dh0, dc0, None, None, None
+
+# ----- torch.compile / torch.export: the same kernel as two custom ops (forward, backward) -------
+# Eager calls go through the autograd.Function above (no custom-op dispatch cost). Under
+# torch.compile and torch.export (torch.compiler.is_compiling()) the ops below run instead, so
+# the graph has no break: they take and return tensors only (the forward's saved arrays become
+# outputs; the backward recomputes the cheap time-major copies), their fake kernels give the
+# shapes, and the backward op is the forward's registered autograd formula.
+def _empty(x):
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("lstm::fused_cpu_forward", mutates_args=())
+def _op_forward(x: Tensor, kernel: Tensor, R: Tensor, bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+                in_drop: Optional[Tensor], rec_drop: Optional[Tensor], mask: Optional[Tensor], kind: str, act: int,
+                ract: int, reset_after: bool, backwards: bool, zero_out: bool, seq: bool,
+                trace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, hT, cT, Hs, Cs, G, X, Z): outputs and final states (cT empty unless LSTM), then the
+    saved arrays (Hs [T+1,B,U]; LSTM Cs [T+1,B,U]; LSTM/GRU G [T,B,G*U] and X [T,B,U] (TC/EX);
+    SimpleRNN with trace and mask Z [T,B,U]; empty where not used)."""
+    cfg = _Cfg(kind, act, ract, reset_after, backwards, zero_out, seq, trace)
+    outs, saved = _forward(cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, save=True)
+    y, hT = outs[0], outs[1]
+    cT = outs[2] if kind == "lstm" else _empty(x)
+    arrays = [torch.from_numpy(a) for a in saved[:{"lstm": 4, "gru": 3, "simple_rnn": 1}[kind]]]
+    if kind == "lstm":
+        Hs, Cs, G, X = arrays
+    elif kind == "gru":
+        (Hs, G, X), Cs = arrays, _empty(x)
+    else:
+        (Hs,), Cs, G, X = arrays, _empty(x), _empty(x), _empty(x)
+    Z = torch.from_numpy(cfg.trace[-1]) if (trace and kind == "simple_rnn" and mask is not None) else _empty(x)
+    return y.contiguous(), hT, cT, Hs, Cs, G, X, Z
+
+
+@_op_forward.register_fake
+def _(x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, kind, act, ract, reset_after, backwards, zero_out, seq,
+      trace):
+    B, T, _ = x.shape
+    U, GU = R.shape
+    lstm = kind == "lstm"
+    return (x.new_empty(B, T, U) if seq else x.new_empty(B, U), x.new_empty(B, U),
+            x.new_empty(B, U) if lstm else _empty(x), x.new_empty(T + 1, B, U),
+            x.new_empty(T + 1, B, U) if lstm else _empty(x),
+            x.new_empty(T, B, GU) if kind != "simple_rnn" else _empty(x),
+            x.new_empty(T, B, U) if kind != "simple_rnn" else _empty(x),
+            x.new_empty(T, B, U) if (trace and kind == "simple_rnn" and mask is not None) else _empty(x))
+
+
+@torch.library.custom_op("lstm::fused_cpu_backward", mutates_args=())
+def _op_backward(dY: Optional[Tensor], dhT: Optional[Tensor], dcT: Optional[Tensor], x: Tensor, kernel: Tensor,
+                 R: Tensor, bias_dim: int, Hs: Tensor, Cs: Tensor, G: Tensor, X: Tensor, in_drop: Optional[Tensor],
+                 rec_drop: Optional[Tensor], mask: Optional[Tensor], kind: str, act: int, ract: int,
+                 reset_after: bool, backwards: bool, zero_out: bool, seq: bool,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dkernel, dR, dbias, dh0, dc0), each empty where `needs` (same order) is False."""
+    cfg = _Cfg(kind, act, ract, reset_after, backwards, zero_out, seq)
+    B, T, D = x.shape
+    npdt = np.float32 if x.dtype == torch.float32 else np.float64
+    arrays = {"lstm": (Hs, Cs, G, X), "gru": (Hs, G, X), "simple_rnn": (Hs,)}[kind]
+    rd = _np(rec_drop) if rec_drop is not None else np.zeros((0, 0, 0), dtype=npdt)
+    saved = tuple(_np(a) for a in arrays) + (_time_major(x.detach(), backwards).view(T * B, D),
+                                            _input_drop_tb(in_drop, T), _keep(mask, backwards), rd, _np(R))
+    grads = _backward(cfg, saved, kernel.detach(), ((B, T, D), R.shape[0], bias_dim or None), needs, dY, dhT, dcT)
+    return tuple(g.contiguous() if need else _empty(x) for g, need in zip(grads, needs))
+
+
+@_op_backward.register_fake
+def _(dY, dhT, dcT, x, kernel, R, bias_dim, Hs, Cs, G, X, in_drop, rec_drop, mask, kind, act, ract, reset_after,
+      backwards, zero_out, seq, needs):
+    B = x.shape[0]
+    U, GU = R.shape
+    # (contiguous, as the real outputs: inductor checks the strides)
+    shapes = (x.shape, kernel.shape, R.shape, (GU,) if bias_dim == 1 else (2, GU), (B, U), (B, U))
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, kind, act, ract, reset_after, backwards, zero_out, seq, _ = inputs
+    ctx.flags = (kind, act, ract, reset_after, backwards, zero_out, seq)
+    ctx.bias_dim = 0 if bias is None else bias.dim()
+    ctx.save_for_backward(x, kernel, R, *output[3:7], in_drop, rec_drop, mask)
+
+
+def _op_autograd(ctx, dY, dhT, dcT, *_):
+    x, kernel, R, Hs, Cs, G, X, in_drop, rec_drop, mask = ctx.saved_tensors
+    lstm = ctx.flags[0] == "lstm"
+    needs = list(ctx.needs_input_grad[:6])  # x, kernel, R, bias, h0, c0: only what autograd asks for
+    needs[3] = needs[3] and ctx.bias_dim > 0
+    needs[5] = needs[5] and lstm
+    grads = _op_backward(dY, dhT, dcT if lstm else None, x, kernel, R, ctx.bias_dim, Hs, Cs, G, X, in_drop, rec_drop,
+                         mask, *ctx.flags, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 11
+
+
+_op_forward.register_autograd(_op_autograd, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lstm::fused_cpu_inference", mutates_args=())
+def _op_inference(x: Tensor, kernel: Tensor, R: Tensor, bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+                  in_drop: Optional[Tensor], rec_drop: Optional[Tensor], mask: Optional[Tensor], kind: str, act: int,
+                  ract: int, reset_after: bool, backwards: bool, zero_out: bool,
+                  seq: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Without grad: (y, hT, cT), cT empty unless LSTM."""
+    cfg = _Cfg(kind, act, ract, reset_after, backwards, zero_out, seq)
+    outs, _ = _forward(cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, save=False)
+    return outs[0].contiguous(), outs[1], outs[2] if kind == "lstm" else _empty(x)
+
+
+@_op_inference.register_fake
+def _(x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask, kind, act, ract, reset_after, backwards, zero_out, seq):
+    B, T, _ = x.shape
+    U = R.shape[0]
+    return (x.new_empty(B, T, U) if seq else x.new_empty(B, U), x.new_empty(B, U),
+            x.new_empty(B, U) if kind == "lstm" else _empty(x))
+
+
+def _run_compiling(p: Recurrence, cfg: _Cfg, h0, c0, grad: bool) -> RecurrenceResult:
+    """The custom-op route (torch.compile / torch.export)."""
+    detached = [None if t is None else t.detach() for t in (p.input_dropout, p.recurrent_dropout)]
+    if not (grad or p.trace):
+        y, hT, cT = _op_inference(p.inputs, p.kernel, p.recurrent_kernel, p.bias, h0, c0, *detached, p.mask,
+                                  *cfg.flags())
+        return RecurrenceResult(y, (hT, cT) if cfg.kind == "lstm" else (hT,))
+    y, hT, cT, Hs, Cs, G, X, Z = _op_forward(p.inputs, p.kernel, p.recurrent_kernel, p.bias, h0, c0, *detached,
+                                             p.mask, *cfg.flags(), bool(p.trace))
+    states = (hT, cT) if cfg.kind == "lstm" else (hT,)
+    trace = None
+    if p.trace:  # detached, as in eager
+        kept = None
+        if p.mask is not None:
+            kept = p.mask.t().to(torch.bool)
+            kept = kept.flip(0) if cfg.backwards else kept
+        extra = {"lstm": (Cs, G, X), "gru": (G,), "simple_rnn": (Z,)}[cfg.kind]
+        trace = _trace(cfg.kind, kept, Hs.detach(), *(e.detach() for e in extra))
+    return RecurrenceResult(y, states, trace)
 
 
 def run(p: Recurrence) -> RecurrenceResult:
@@ -390,17 +563,20 @@ def run(p: Recurrence) -> RecurrenceResult:
         out = x.new_zeros(B, 0, U) if p.return_sequences else x.new_zeros(B, U)
         trace = {k: x.new_zeros(B, 0, U) for k in TRACE_KEYS[p.cell.kind]} if p.trace else None
         return RecurrenceResult(out, tuple(p.initial_state), trace)
-    cfg = _Cfg(p)
-    if p.trace:
-        cfg.trace = True
+    cfg = _Cfg.of(p)
     h0 = p.initial_state[0]
     c0 = p.initial_state[1] if cfg.kind == "lstm" else None
-    args = (x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, p.input_dropout, p.recurrent_dropout, p.mask)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, p.kernel, p.recurrent_kernel, p.bias, h0, c0))
+    if torch.compiler.is_compiling():
+        return _run_compiling(p, cfg, h0, c0, grad)
+    args = (x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, p.input_dropout, p.recurrent_dropout, p.mask)
     if grad:
         outs = _FusedRecurrence.apply(cfg, *args)
     else:
         outs, _ = _forward(cfg, *args, save=False)
-    trace, cfg.trace = cfg.trace, None  # (the graph keeps cfg: let go of the trace)
-    return RecurrenceResult(outs[0], tuple(outs[1:]), trace if p.trace else None)
+    trace = None
+    if p.trace:
+        trace = _trace_of_arrays(cfg.kind, *cfg.trace)
+        cfg.trace = None  # (the graph keeps cfg: let go of the arrays)
+    return RecurrenceResult(outs[0], tuple(outs[1:]), trace)

@@ -12,11 +12,28 @@ from torch import nn
 from .. import activations, constraints, initializers, kernels, regularizers
 from ..kernels import CellSpec, Recurrence
 from ..serialization import dtype_name, parse_dtype, unique_name
+from . import rng
 from .config import constructor_kwargs
 from .validation import (as_float_tensor, check_fraction, check_initial_state, check_mask, check_units,
                          feature_size)
 
 _WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
+
+
+def _build(layer, inputs) -> None:
+    layer.build(inputs.shape[-1], device=inputs.device)
+
+
+# Under torch.compile a lazy layer's first call builds its weights eagerly (one graph break);
+# fullgraph=True and torch.export stop there with this reason.
+_build_eagerly = torch.compiler.disable(
+    _build, reason="a layer builds its weights on its first call, which torch.compile(fullgraph=True) and "
+                   "torch.export cannot trace: build the model first (input_shape=..., or one eager call)")
+
+
+def build_now(layer, inputs) -> None:
+    """layer.build for these inputs (under torch.compile: eagerly, outside the graph)."""
+    (_build_eagerly if torch.compiler.is_compiling() else _build)(layer, inputs)
 
 
 class RecurrentCell(nn.Module):
@@ -175,7 +192,7 @@ class RecurrentCell(nn.Module):
         return self.kernel.dtype if self.built else self.dtype
 
     def _keep_mask(self, shape, rate: float, device) -> torch.Tensor:
-        keep = torch.bernoulli(torch.full(shape, 1.0 - rate, dtype=self.compute_dtype), generator=self._generator)
+        keep = rng.bernoulli(shape, 1.0 - rate, self.compute_dtype, self._generator)  # (torch.compile-safe)
         return (keep / (1.0 - rate)).to(device)
 
     def dropout_masks(self, batch: int, device, training: bool) -> tuple:
@@ -227,7 +244,7 @@ class RecurrentCell(nn.Module):
 
     def _ensure_built(self, inputs: torch.Tensor) -> None:
         if not self.built:
-            self.build(inputs.shape[-1], device=inputs.device)
+            build_now(self, inputs)
         elif inputs.shape[-1] != self.input_dim:
             raise ValueError(f"inputs: expected {self.input_dim} features (the size this layer was built for), "
                              f"got {inputs.shape[-1]} (input shape {tuple(inputs.shape)})")

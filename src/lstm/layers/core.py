@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import activations, constraints, initializers, regularizers
 from ..serialization import activation_from_config, detect_dialect, dtype_name, parse_dtype, unique_name
+from . import rng
 from .validation import check_fraction, check_units, feature_size
 
 # Keys Keras writes that change nothing at inference here (null/defaults checked where it matters).
@@ -226,7 +227,11 @@ class Embedding(_Layer):
         inputs = _to_tensor(inputs)
         if inputs.is_floating_point() or inputs.dtype == torch.bool:
             inputs = inputs.to(torch.int64)
-        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.input_dim):
+        if torch.compiler.is_compiling():  # torch.compile / export: the same check, without a graph break
+            torch._assert_async((inputs.min() >= 0) & (inputs.max() < self.input_dim) if inputs.numel()
+                                else inputs.new_ones((), dtype=torch.bool),
+                                f"inputs: {self.name!r} expects token ids in [0, {self.input_dim})")
+        elif inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.input_dim):
             raise ValueError(f"inputs: {self.name!r} expects token ids in [0, {self.input_dim}), got values in "
                              f"[{int(inputs.min())}, {int(inputs.max())}]")
         return self.embeddings[inputs.long()]
@@ -334,7 +339,9 @@ class Dense(_Layer):
         if not inputs.is_floating_point():
             raise TypeError(f"inputs: expected a floating-point tensor, got dtype {inputs.dtype}")
         if not self.built:
-            self.build(inputs.shape[-1], device=inputs.device)
+            from .base import build_now
+
+            build_now(self, inputs)  # (eagerly under torch.compile)
         elif inputs.shape[-1] != self.input_dim:
             raise ValueError(f"inputs: {self.name!r} expects {self.input_dim} features, got input shape "
                              f"{tuple(inputs.shape)}")
@@ -393,7 +400,7 @@ class Dropout(_Layer):
             return inputs
         shape = tuple(inputs.shape) if self.noise_shape is None else tuple(
             inputs.shape[k] if s is None else s for k, s in enumerate(self.noise_shape))
-        keep = torch.bernoulli(torch.full(shape, 1.0 - self.rate, dtype=inputs.dtype), generator=self._generator)
+        keep = rng.bernoulli(shape, 1.0 - self.rate, inputs.dtype, self._generator)  # (torch.compile-safe)
         return inputs * (keep / (1.0 - self.rate)).to(inputs.device)
 
     def get_config(self) -> dict:
