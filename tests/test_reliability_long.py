@@ -49,6 +49,16 @@ def test_chunked_runs_equal_one_call(cls):
     assert compared == 32 * 15 and worst < 1e-6
 
 
+@pytest.mark.parametrize("backwards", [False, True])
+def test_chunked_without_gradients_equals_one_call(backwards):
+    """(Without gradients the chunks are copied into one output tensor as they come.)"""
+    torch.manual_seed(5)
+    layer = LSTM(4, return_sequences=True, return_state=True, go_backwards=backwards)
+    x, mask = torch.randn(3, 23, 2), torch.rand(3, 23) > 0.3
+    with torch.no_grad():
+        assert max_difference(lstm.chunked(layer, x, 5, mask=mask), layer(x, mask=mask)) < 1e-6
+
+
 def test_zero_steps_and_empty_batch_equal_one_call():
     layer = LSTM(4, return_sequences=True, return_state=True)
     for shape in ((2, 0, 3), (0, 5, 3)):
@@ -84,23 +94,28 @@ def test_recomputed_gradients_equal_the_stored_backward(cls):
 
 
 def test_lstm_variants_with_per_call_draws():
-    """peephole + layer_norm + proj_size, zoneout and dropconnect drawn once per call: the chunked
-    runs see the same draws as one call (the layer's seed), so outputs and gradients are equal."""
+    """peephole + layer_norm + proj_size, and dropconnect drawn once per call: the chunked runs see
+    the same draws as one call (the layer's seed), so outputs and gradients are equal. Zoneout in
+    training is refused (its masks hash each step's place in the whole call); at inference it is off."""
     torch.manual_seed(6)
     x = torch.randn(3, 9, 2)
 
-    def layer():
+    def layer(**options):
         torch.manual_seed(7)
-        made = LSTM(5, peephole=True, layer_norm=True, proj_size=3, zoneout=0.2, recurrent_dropconnect=0.3,
-                    seed=11, return_sequences=True, return_state=True)
+        made = LSTM(5, peephole=True, layer_norm=True, proj_size=3, seed=11, return_sequences=True,
+                    return_state=True, **options)
         made(x[:, :1])
         return made
 
     initial = [torch.randn(3, 3), torch.randn(3, 5)]
-    want = _grads(layer(), x, initial, training=True)
+    want = _grads(layer(recurrent_dropconnect=0.3), x, initial, training=True)
     for run in RUNS[:2]:
-        got = _grads(layer(), x, initial, lambda *a, **k: run(*a, 4, **k), training=True)
+        got = _grads(layer(recurrent_dropconnect=0.3), x, initial, lambda *a, **k: run(*a, 4, **k), training=True)
         assert max_difference(got, want) < 1e-5
+    zoneout = layer(zoneout=0.2)
+    with pytest.raises(ValueError, match="zoneout"):
+        lstm.chunked(zoneout, x, 4, training=True)
+    assert max_difference(lstm.chunked(zoneout, x, 4, training=False), zoneout(x, training=False)) < 1e-6
 
 
 def test_truncated_bptt_is_the_detached_two_part_run():

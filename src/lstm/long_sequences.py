@@ -8,9 +8,10 @@
 
 Each returns what `layer(x, mask=..., initial_state=..., training=...)` returns (outputs, then the
 states with return_state) and updates a stateful layer's states. One call draws its dropout masks
-(and a variant's dropconnect and zoneout masks) once for all chunks, as one layer call does. Masked
-steps repeat the previous output across chunk boundaries, as in one call (Keras). Not supported: Bidirectional (run its two layers), an
-activity_regularizer, gate traces.
+(and a variant's dropconnect mask) once for all chunks, as one layer call does. Masked steps repeat
+the previous output across chunk boundaries, as in one call (Keras). Not supported: Bidirectional
+(run its two layers), an activity_regularizer, gate traces, zoneout in training (its masks are
+hashed from each step's place in the whole call).
 """
 
 from __future__ import annotations
@@ -77,9 +78,17 @@ def _positive(value, argument: str) -> int:
 
 
 def _collect(layer, plan: "_Plan"):
-    sequences = layer.return_sequences
-    outputs = [out for out, _ in plan.run(sequences)]
-    result = torch.cat(outputs, dim=1) if sequences else outputs[-1]
+    if not layer.return_sequences:
+        result = [out for out, _ in plan.run(sequences=False)][-1]
+    elif torch.is_grad_enabled():
+        result = torch.cat([out for out, _ in plan.run(sequences=True)], dim=1)
+    else:  # each chunk copied into place as it comes: the outputs are held once, not twice
+        result, done = None, 0
+        for out, _ in plan.run(sequences=True):
+            if result is None:
+                result = out.new_empty(out.shape[0], plan.inputs.shape[1], *out.shape[2:])
+            result[:, done:done + out.shape[1]] = out
+            done += out.shape[1]
     if layer.stateful:
         layer.reset_state(plan.states)
     return (result, *plan.states) if layer.return_state else result
@@ -113,6 +122,9 @@ class _Plan:
         self.problem = cell.recurrence(inputs, self.states, training, mask=check_mask(mask, inputs),
                                        go_backwards=layer.go_backwards, zero_output_for_mask=layer.zero_output_for_mask,
                                        input_dropout=input_masks, recurrent_dropout=recurrent_masks)
+        if self.problem.zoneout is not None:
+            raise ValueError("zoneout: its masks are hashed from each step's place in the whole call, which a "
+                             "chunk does not know; train with zoneout=0.0, or call the layer on the whole sequence")
         self.recompute, self.detach_every = False, 0
 
     def bounds(self) -> list:
@@ -143,26 +155,19 @@ class _Plan:
             yield out, self.states
 
 
-def _time_slice(value, start: int, stop: int):
-    """Steps start:stop of a per-step tensor [B, T, ...] (or a tuple of them); None stays None."""
-    if isinstance(value, tuple):
-        return tuple(_time_slice(v, start, stop) for v in value)
-    # contiguous: a strided chunk takes the kernels' slow path, and fused_cpp's no-grad single-step
-    # path misreads a strided mask (see tests/test_reliability_numerics.py)
-    return None if value is None else value[:, start:stop].contiguous()
-
-
 class _ChunkStep:
     """One chunk through the kernels: (x, previous output, *states) -> (outputs, *states)."""
 
     def __init__(self, problem, start: int, stop: int, sequences: bool):
         self.problem, self.sequences = problem, sequences
-        self.mask = _time_slice(problem.mask, start, stop)
-        self.zoneout = _time_slice(problem.zoneout, start, stop)
+        # contiguous: fused_cpp's no-grad single-step path misreads a strided mask (see
+        # tests/test_reliability_numerics.py)
+        self.mask = None if problem.mask is None else problem.mask[:, start:stop].contiguous()
 
     def __call__(self, x, previous, *states):
+        # contiguous: a strided chunk takes the kernels' slow path
         problem = replace(self.problem, inputs=x.contiguous(), initial_state=tuple(states), mask=self.mask,
-                          zoneout=self.zoneout, return_sequences=self.sequences)
+                          return_sequences=self.sequences)
         out = kernels.run(problem)
         result = out.outputs
         if self.mask is not None and not problem.zero_output_for_mask:
