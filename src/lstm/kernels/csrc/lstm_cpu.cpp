@@ -546,11 +546,11 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
   h0 = h0.contiguous();
   c0 = c0.contiguous();
   auto bias = opt(bias_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
+  if (mask.defined()) mask = mask.to(torch::kBool).contiguous();  // (every route reads it as dense [B, T])
   if (!save && x.size(1) == 1 && x.size(0) <= kSmallBatch && !in_drop.defined() && !rec_drop.defined() &&
       (!bias.defined() || bias.is_contiguous()))
     return single_step(x, kernel, R, bias, h0, c0, mask, seq, zero_out, act, ract);
   if (rec_drop.defined()) rec_drop = rec_drop.contiguous();
-  if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const int64_t B = x.size(0), Tn = x.size(1), U = R.size(0);
   Flags fl{backwards, zero_out, seq, static_cast<int>(act), static_cast<int>(ract)};
   auto opts = x.options();
