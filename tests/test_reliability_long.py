@@ -3,11 +3,13 @@ equal gradients, T = 100,000 in bounded memory, and the recompute backward's pea
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
 import subprocess
 import sys
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,6 +137,29 @@ def test_truncated_bptt_is_the_detached_two_part_run():
         assert max_difference(got, want) < 1e-5
     assert max_difference(_grads(layer, x, initial, lambda *a, **k: lstm.truncated_bptt(*a, 12, **k)),
                           _grads(layer, x, initial)) < 1e-6  # bptt >= T: the full gradient
+
+
+def _retained_bytes(run) -> int:
+    """Bytes of the tensors autograd keeps for the backward of `run()`, once it returned."""
+    kept = []
+
+    def pack(t):
+        kept.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    gc.collect()
+    alive = {id(t): t for t in (ref() for ref in kept) if t is not None}
+    del out
+    return sum(t.numel() * t.element_size() for t in alive.values())
+
+
+def test_truncated_bptt_keeps_one_window_of_a_many_to_one_layer():
+    layer, x = LSTM(16), torch.randn(4, 400, 8)
+    layer(x[:, :1])
+    whole, window = _retained_bytes(lambda: layer(x)), _retained_bytes(lambda: lstm.truncated_bptt(layer, x, 50))
+    assert window < whole / 4, (window, whole)
 
 
 def test_stateful_layer_and_iter_chunks():

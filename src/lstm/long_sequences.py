@@ -17,6 +17,7 @@ hashed from each step's place in the whole call).
 from __future__ import annotations
 
 import numbers
+from collections import deque
 from dataclasses import replace
 from typing import Iterator, Optional
 
@@ -79,7 +80,8 @@ def _positive(value, argument: str) -> int:
 
 def _collect(layer, plan: "_Plan"):
     if not layer.return_sequences:
-        result = [out for out, _ in plan.run(sequences=False)][-1]
+        # only the last chunk's output is kept: with truncated BPTT, so is only its window's graph
+        result = deque((out for out, _ in plan.run(sequences=False)), maxlen=1)[0]
     elif torch.is_grad_enabled():
         result = torch.cat([out for out, _ in plan.run(sequences=True)], dim=1)
     else:  # each chunk copied into place as it comes: the outputs are held once, not twice
