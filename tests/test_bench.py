@@ -7,13 +7,13 @@ import json
 import pytest
 
 from lstm import cli
-from lstm.commands import bench_cases as cases
+from lstm.commands import bench_cases as cases, bench_variants
 
 
 def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "--quick", "--shapes", "2,5,3,4", "3,4,5,6", "--repeats", "1", "--no-memory",
-                     "--stream-units", "4", "--json", str(out)])
+                     "--stream-units", "4", "--variant-shape", "2,5,3,6", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
@@ -53,6 +53,13 @@ def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
         assert title in table
     for name in cases.SEQUENCE_CONTENDERS + cases.STREAM_CONTENDERS:
         assert name in table
+    variants = {r["variant"]: r for r in report["variants"]["rows"]}
+    assert set(variants) == set(bench_variants.VARIANTS) and report["variants"]["shape"] == [2, 5, 3, 6]
+    for row in variants.values():
+        assert row["fused_min_s"] > 0 and row["loop_min_s"] > 0
+        assert row["vs_plain"] == pytest.approx(row["fused_min_s"] / row["plain_min_s"])
+    assert variants["proj_size"]["speedup_vs_torch"] > 0
+    assert "LSTM variants" in table and "layer_norm" in table
     markdown = (tmp_path / "bench.md").read_text()
     assert "| shape (B,T,D,H) | contender |" in markdown and "| 2,5,3,4 | torch.nn.LSTM |" in markdown
 

@@ -58,11 +58,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--memory-shape", default=None, metavar="B,T,D,H",
                         help=f"shape of the peak-memory rows (default {','.join(map(str, FULL_MEMORY_SHAPE))}, "
                              f"quick {','.join(map(str, QUICK_MEMORY_SHAPE))})")
-    parser.add_argument("--memory-contenders", default="lstm,torch,loop", metavar="LIST",
-                        help="comma list of lstm, reference, torch, loop (default lstm,torch,loop: the reference "
-                             "kernel takes minutes per training step at T=2000)")
+    parser.add_argument("--memory-contenders", default="lstm,recompute,torch,loop", metavar="LIST",
+                        help="comma list of lstm, recompute (lstm.recomputed), reference, torch, loop (default "
+                             "lstm,recompute,torch,loop: the reference kernel takes minutes per training step at "
+                             "T=2000)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    parser.add_argument("--variant-shape", default=None, metavar="B,T,D,H",
+                        help="shape of the LSTM variants' training-step rows (default 32,80,100,64)")
+    parser.add_argument("--no-variants", action="store_true", help="skip the LSTM variants' rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (0)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "latest.json"), metavar="PATH",
                         help="where to write every number (default benchmarks/results/latest.json)")
@@ -316,7 +320,7 @@ def _layer_grads(contender):
 
 # ----- the run ---------------------------------------------------------------------------------
 def _settings(args) -> dict:
-    from . import bench_cases as cases
+    from . import bench_cases as cases, bench_variants
 
     quick = args.quick
     shapes = ([cases.parse_shape(s) for item in args.shapes for s in item.split(";") if s.strip()]
@@ -345,6 +349,8 @@ def _settings(args) -> dict:
         "stream_units": stream_units, "memory_shape": None if args.no_memory else memory_shape,
         "memory_contenders": [cases.MEMORY_KEYS[k] for k in memory_keys],
         "onnx": not args.no_onnx, "seed": args.seed, "tolerance": TOLERANCE,
+        "variant_shape": None if args.no_variants else (
+            cases.parse_shape(args.variant_shape) if args.variant_shape else bench_variants.SHAPE),
     }
 
 
@@ -352,14 +358,14 @@ def run(args) -> int:
     import torch
 
     from .. import kernels
-    from . import bench_cases as cases
+    from . import bench_cases as cases, bench_variants
 
     settings = _settings(args)
     threads = settings["threads"]
     torch.set_num_threads(threads)
     started = time.perf_counter()
     report = {"machine": machine_info(threads), "settings": settings, "kernels_available": kernels.available(),
-              "default_kernel": {}, "correctness": [], "results": [], "memory": None,
+              "default_kernel": {}, "correctness": [], "results": [], "variants": None, "memory": None,
               "method": {"timing": __doc__.split("Timing: ", 1)[1].strip(), "memory": cases.MEMORY_METHOD}}
     _log(f"lstm bench: torch {torch.__version__}, {threads} threads, kernels {kernels.available()}, "
          f"onnxruntime {report['machine']['onnxruntime'] or 'not installed'}")
@@ -421,6 +427,16 @@ def run(args) -> int:
             if c.name == cases.STREAM_LSTM and c.status is None:
                 notes[c.name] = f"on {c.info.get('owner')}"
         report["results"] += _summarize("stream", (1, 1, D, units), timings, contenders, cases.STREAM_BASELINE, notes)
+
+    if settings["variant_shape"] is not None:
+        shape = tuple(settings["variant_shape"])
+        _log(f"LSTM variants, training step at B,T,D,H = {_shape_text(shape)}")
+        contenders = bench_variants.variant_contenders(shape, settings["seed"])
+        timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in contenders], settings["repeats"],
+                                   settings["repeats_explicit"], settings["budget_s"], settings["min_sample_s"],
+                                   "variants")
+        report["variants"] = {"shape": list(shape), "rows": bench_variants.summarize(shape, timings)}
+        del contenders
 
     if settings["memory_shape"] is not None:
         shape = tuple(settings["memory_shape"])
@@ -487,6 +503,17 @@ def _memory_rows(report):
     return rows
 
 
+def _variants_title(report) -> str:
+    return (f"LSTM variants: training step at B,T,D,H = {_shape_text(report['variants']['shape'])} (min ms; x plain "
+            f"fused = variant / plain fused LSTM; loop = the reference kernel, a PyTorch per-step loop)")
+
+
+def _variant_table(report) -> list[list[str]]:
+    from . import bench_variants
+
+    return bench_variants.table_rows(report["variants"]["rows"])
+
+
 def _header(report) -> list[str]:
     m, s = report["machine"], report["settings"]
     kernels_used = sorted({f"{k['forward']} (no_grad) / {k['train']} (autograd)"
@@ -539,6 +566,8 @@ def render_text(report) -> str:
         head = ["shape" if mode != "stream" else "D,H", "contender", f"min {unit}", f"median {unit}", "speedup (min)",
                 "speedup (median)", "note"]
         lines += ["", f"== {MODE_TITLES[mode]} =="] + _plain_table([head] + rows, right={2, 3, 4, 5})
+    if report["variants"]:
+        lines += ["", f"== {_variants_title(report)} =="] + _plain_table(_variant_table(report), right={1, 2, 3, 4})
     if report["memory"]:
         shape = _shape_text(report["memory"]["shape"])
         head = ["contender", "peak growth MiB", "saved MiB", "vs torch", "step s (that run)"]
@@ -578,6 +607,8 @@ def render_markdown(report) -> str:
         head = ["shape (B,T,D,H)" if mode != "stream" else "D,H", "contender", f"min {unit}", f"median {unit}",
                 "speedup (min)", "speedup (median)", "note"]
         lines += ["", f"### {MODE_TITLES[mode]}", ""] + _md_table([head] + rows, right={2, 3, 4, 5})
+    if report["variants"]:
+        lines += ["", f"### {_variants_title(report)}", ""] + _md_table(_variant_table(report), right={1, 2, 3, 4})
     if report["memory"]:
         shape = _shape_text(report["memory"]["shape"])
         head = ["contender", "peak growth MiB", "saved for backward MiB", "vs torch.nn.LSTM", "step s (that run)"]
