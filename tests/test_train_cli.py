@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TALLY
 from lstm.cli import main
 from lstm.train import TrainError, checkpoint
 from lstm.train.loop import train
@@ -264,16 +265,31 @@ def test_long_sequence_models_equal_the_plain_ones():
         assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], cut)), name  # gradients were cut
 
 
+# ----- impossible options ---------------------------------------------------------------------------
 @pytest.mark.parametrize("args,message", [
-    (["adding", "--bptt", "-1"], "--bptt: expected a positive number of timesteps (0: off), got -1"),
-    (["adding", "--recompute", "-3"], "--recompute: expected a positive number of timesteps (0: off), got -3"),
+    (["adding", "--epochs", "0"], "--epochs: expected a positive integer, got 0"),
+    (["adding", "--batch-size", "-4"], "--batch-size: expected a positive integer, got -4"),
+    (["adding", "--lr", "nan"], "--lr: expected a positive number, got nan"),
+    (["adding", "--lr", "-1"], "--lr: expected a positive number, got -1.0"),
+    (["adding", "--weight-decay", "-1"], "--weight-decay: expected a non-negative number, got -1.0"),
+    (["adding", "--units", "0"], "--units: expected a positive integer, got 0"),
+    (["adding", "--length", "1"], "--length: expected an integer >= 2, got 1"),
+    (["adding", "--steps-per-epoch", "-1"], "--steps-per-epoch: expected a non-negative integer, got -1"),
+    (["adding", "--save-every", "-1"], "--save-every: expected a non-negative integer, got -1"),
+    (["copy", "--delay", "-1"], "--delay: expected a non-negative integer, got -1"),
+    (["charlm", "--seq-len", "0"], "--seq-len: expected a positive integer, got 0"),
+    (["vowels", "--maxlen", "0"], "--maxlen: expected a positive integer, got 0"),
+    (["vowels", "--dropout", "1.5"], "--dropout: expected a number in [0, 1), got 1.5"),
+    (["forecast", "--season", "0"], "--season: expected a positive integer, got 0"),
+    (["forecast", "--read", "-5"], "--read: expected a non-negative integer, got -5"),
+    (["adding", "--device", "banana"], "--device: expected cpu or cuda (cuda:N), got 'banana'"),
+    (["adding", "--bptt", "-1"], "--bptt: expected a non-negative integer, got -1"),
+    (["adding", "--recompute", "-3"], "--recompute: expected a non-negative integer, got -3"),
     (["adding", "--bptt", "6", "--recompute", "4"], "--recompute: expected a divisor of --bptt 6, got 4"),
     (["sentiment", "--bptt", "5"], "--bptt: not an option of the sentiment task"),
     (["vowels", "--recompute", "5"], "--recompute: not an option of the vowels task"),
 ])
-def test_bad_long_sequence_options(tmp_path, capsys, args, message):
-    from conftest import TALLY
-
+def test_impossible_options(tmp_path, capsys, args, message):
     TALLY["bad input"] += 1
     assert main(["train", *args, "--quick", "--no-progress", "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import apply_constraints, regularization_loss
-from . import TrainError, checkpoint, distributed, report
+from . import TrainError, checkpoint, checks, distributed, report
 from .interrupt import StopRequests, TrainingInterrupted
 from .models import architecture
 from .tasks import COMMON, Task, get
@@ -32,17 +32,8 @@ def hyperparameters(task: Task, options: dict, quick: bool) -> dict:
     if quick:
         hp.update(task.quick)
     hp.update({k: v for k, v in options.items() if v is not None})
-    _check_long_sequence_options(hp)
+    checks.check(hp)
     return hp
-
-
-def _check_long_sequence_options(hp: dict) -> None:
-    for name in ("bptt", "recompute"):
-        value = hp.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TrainError(f"--{name}: expected a positive number of timesteps (0: off), got {value!r}")
-    if hp.get("bptt") and hp.get("recompute") and hp["bptt"] % hp["recompute"]:
-        raise TrainError(f"--recompute: expected a divisor of --bptt {hp['bptt']}, got {hp['recompute']}")
 
 
 def epoch_order(hp: dict, epoch: int, size: int) -> list:
@@ -125,8 +116,9 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
         saved = checkpoint.read_config(folder)
         task = get(saved["task"])
         hp = dict(saved["hp"])
-        if options.get("epochs"):
+        if options.get("epochs") is not None:
             hp["epochs"] = options["epochs"]
+            checks.check(hp)
         different = {k: v for k, v in options.items()
                      if v is not None and k != "epochs" and k in hp and hp[k] != v}
         if different:
@@ -136,7 +128,8 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
         task = get(task_name)
         hp = hyperparameters(task, options, quick)
         run = Path(out or f"runs/{task.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    device = torch.device(hp.get("device") or "cpu")
+    checks.non_negative("save_every", save_every)
+    device = checks.device(hp.get("device"))
     rank, world = distributed.setup(device)
     main = rank == 0
 
