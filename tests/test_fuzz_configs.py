@@ -5,8 +5,7 @@ through `layers.deserialize`. The contract: a layer (that then runs, or refuses 
 ValueError/TypeError), or a ValueError/TypeError whose message names a key that was changed.
 Inputs: random shapes, dtypes, strides, masks, initial states and NaN/Inf through a layer. The
 contract: the right output on every kernel (the reference's numbers), or a ValueError/TypeError
-naming the argument. The xfail tests at the end are what the fuzzing found outside this suite's
-files (reported); the fuzzing steers around them so that it guards everything else."""
+naming the argument. The tests at the end are what the fuzzing found (bugs since fixed)."""
 
 from __future__ import annotations
 
@@ -42,11 +41,10 @@ JUNK = st.one_of(
     st.just({"class_name": "L1", "config": {"l1": 0.1}}), st.just({"class_name": "Nope", "config": {}}),
 )
 
-# what the fuzzing found outside this suite's files (each pinned by an xfail test below)
+# keys whose junk values are refused by torch or Python with a message that names no key
 _SIZE_KEYS = {"units", "input_dim", "output_dim"}
 _NESTED_OBJECTS = re.compile(r"(regularizer|constraint|initializer)$")
-_UNNAMED_KNOWN = {("Embedding", "input_dim"), ("Embedding", "output_dim"), ("InputLayer", "batch_shape"),
-                  ("InputLayer", "shape"), ("Dropout", "noise_shape"), ("Bidirectional", "layer"),
+_UNNAMED_KNOWN = {("InputLayer", "shape"), ("Bidirectional", "layer"),
                   ("Bidirectional", "backward_layer"), ("TimeDistributed", "layer"), ("RNN", "cell")}
 
 
@@ -80,8 +78,6 @@ def test_fuzzed_configs_build_or_name_the_key(name, data):
     keys = data.draw(st.lists(st.sampled_from(sorted(config) + UNKNOWN_KEYS), min_size=1, max_size=3, unique=True))
     for key in keys:
         config[key] = data.draw(JUNK, label=key)
-    assume(not isinstance(config.get("seed"), bool))  # known: a bool seed reaches torch (xfail below)
-    assume(not (name == "Dropout" and "noise_shape" in keys))  # known: unchecked noise_shape (xfail below)
     try:
         module = layers.deserialize({"class_name": name, "config": config})
     except (ValueError, TypeError) as error:
@@ -186,31 +182,23 @@ def test_fuzzed_inputs_give_the_reference_numbers_or_name_the_argument(call):
             assert torch.isfinite(a).all()
 
 
-# ----- found by the fuzzing, outside this suite's files (reported) -------------------------------
-@pytest.mark.xfail(strict=True, reason="reported: a bool seed passes isinstance(seed, int) and reaches "
-                   "torch.Generator.manual_seed (RuntimeError)")
+# ----- found by the fuzzing (fixed) --------------------------------------------------------------
 @pytest.mark.parametrize("make", [lambda: SimpleRNN(3, seed=True), lambda: Dropout(0.5, seed=False)])
 def test_bool_seed_is_a_type_error(make):
     with pytest.raises(TypeError, match="seed"):
         make()
 
 
-@pytest.mark.xfail(strict=True, reason="reported: Embedding checks input_dim/output_dim with check_units, so the "
-                   "message names 'units'")
 def test_embedding_sizes_name_themselves():
     with pytest.raises(ValueError, match="output_dim"):
         Embedding(10, -1)
 
 
-@pytest.mark.xfail(strict=True, reason="reported: a regularizer config with a non-number is float()'ed bare, "
-                   "'could not convert string to float' names no argument")
 def test_regularizer_config_value_names_the_argument():
     with pytest.raises(ValueError, match="kernel_regularizer"):
         LSTM(3, kernel_regularizer={"class_name": "L1", "config": {"l1": "a"}})
 
 
-@pytest.mark.xfail(strict=True, reason="reported: InputLayer batch_shape / Dropout noise_shape are not checked "
-                   "('int' object is not iterable; a wrong-length noise_shape is a RuntimeError at the call)")
 def test_shape_arguments_are_checked():
     with pytest.raises(ValueError, match="batch_shape"):
         InputLayer(batch_shape=3)
@@ -218,8 +206,6 @@ def test_shape_arguments_are_checked():
         Dropout(0.5, noise_shape=(3,))(torch.randn(2, 5, 2), training=True)
 
 
-@pytest.mark.xfail(strict=True, reason="reported: a size too large to allocate is torch's RuntimeError "
-                   "(DefaultCPUAllocator), not a ValueError naming the size")
 def test_impossible_sizes_are_value_errors():
     with pytest.raises(ValueError, match="units"):
         LSTM(10**9, input_dim=3)

@@ -135,8 +135,6 @@ def test_masked_steps_ignore_nan_padding(kernel, kind):
     assert all(torch.equal(a, b) for a, b in zip(run_on(kernel, layer, padded, mask=mask), clean))
 
 
-@pytest.mark.xfail(strict=True, reason="kernel bug (reported): the backward multiplies a masked step's gradient "
-                   "by 0 instead of selecting it, so NaN padding gives 0 * NaN = NaN weight gradients")
 @pytest.mark.parametrize("kernel,kind", [c for c in cases() if c not in (("fused_cpp", "GRU"), ("fused_cpp", "SimpleRNN"))])
 def test_masked_nan_padding_leaves_gradients_finite(kernel, kind):
     layer, x = _layer_and_input(kind)

@@ -5,6 +5,8 @@ As in Keras 3, `L2(l)` is `l * sum(w**2)`, with no one-half.
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Any, Optional
 
 import torch
@@ -25,6 +27,8 @@ class Regularizer:
 
 
 def _non_negative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
     value = float(value)
     if value < 0 or value != value:
         raise ValueError(f"{name}: expected a non-negative number, got {value}")

@@ -63,7 +63,10 @@ class ConfigurableRegistry:
                     f"{argument}: unknown keys {sorted(unknown)} in the {cls.__name__} config; "
                     f"expected some of {sorted(accepted)}"
                 )
-            return cls(**{k: v for k, v in config.items() if k in accepted})
+            try:
+                return cls(**{k: v for k, v in config.items() if k in accepted})
+            except (TypeError, ValueError) as error:  # name the layer's argument, not only the field
+                raise type(error)(f"{argument}: {error}") from error
         raise TypeError(
             f"{argument}: expected a {self.kind} name, config dict or {self.base.__name__}, "
             f"got {type(identifier).__name__}"

@@ -14,8 +14,8 @@ from ..kernels import CellSpec, Recurrence
 from ..serialization import dtype_name, parse_dtype, unique_name
 from . import rng
 from .config import constructor_kwargs
-from .validation import (as_float_tensor, check_fraction, check_initial_state, check_mask, check_units,
-                         feature_size)
+from .validation import (as_float_tensor, check_fraction, check_initial_state, check_mask, check_seed,
+                         check_units, feature_size)
 
 _WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
 
@@ -72,9 +72,7 @@ class RecurrentCell(nn.Module):
             raise ValueError(f"implementation: expected 1 or 2, got {implementation!r}")
         # Keras: recurrent dropout needs the per-gate path
         self.implementation = 1 if self.recurrent_dropout and self.kind != "simple_rnn" else implementation
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"seed: expected an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = check_seed(seed)
         self._generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.dtype = parse_dtype(dtype if dtype is not None else "float32")
         self.name = name or unique_name(self.default_name)
@@ -134,7 +132,14 @@ class RecurrentCell(nn.Module):
 
     def build(self, input_shape, device=None) -> None:
         """Create the weights for inputs whose last dimension is `input_shape` (an int or a shape)."""
-        values = self.initial_weights(feature_size(input_shape))
+        input_dim = feature_size(input_shape)
+        try:
+            values = self.initial_weights(input_dim)
+        except RuntimeError as error:  # torch's allocator: say which sizes asked for it
+            if "alloc" not in str(error):
+                raise
+            raise ValueError(f"units: weights for units={self.units} and input size {input_dim} cannot be "
+                             f"allocated ({str(error).splitlines()[0][:200]})") from error
         for weight, value in values.items():
             setattr(self, weight, nn.Parameter(value.to(device), requires_grad=self.trainable))
 
@@ -401,6 +406,8 @@ class RNN(nn.Module):
         cell._ensure_built(inputs)
         batch = inputs.shape[0]
         mask = check_mask(mask, inputs)
+        if mask is not None:  # masked steps never reach a product: NaN padding * 0 would be NaN gradients
+            inputs = inputs.masked_fill(~mask[..., None], 0)
         if initial_state is None and self.stateful and self._states is not None:
             if self._states[0].shape[0] != batch:
                 raise ValueError(f"inputs: this stateful layer carries states for batch size "

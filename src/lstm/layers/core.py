@@ -20,7 +20,7 @@ from torch import nn
 from .. import activations, constraints, initializers, regularizers
 from ..serialization import activation_from_config, detect_dialect, dtype_name, parse_dtype, unique_name
 from . import rng
-from .validation import check_fraction, check_units, feature_size
+from .validation import check_fraction, check_seed, check_shape, check_units, feature_size
 
 # Keys Keras writes that change nothing at inference here (null/defaults checked where it matters).
 _BENIGN = {"module", "registered_name", "build_config", "batch_input_shape", "batch_shape", "input_length",
@@ -161,7 +161,7 @@ class InputLayer(_Layer):
             batch_shape = batch_input_shape
         if batch_shape is None and (shape is not None or input_shape is not None):
             batch_shape = (batch_size, *(shape if shape is not None else input_shape))
-        self.batch_shape = None if batch_shape is None else tuple(batch_shape)
+        self.batch_shape = check_shape(batch_shape, "batch_shape")
         self.input_dtype = dtype_name(parse_dtype(dtype)) if _is_float_name(dtype) else (dtype or "float32")
         if isinstance(self.input_dtype, dict):
             self.input_dtype = (self.input_dtype.get("config") or {}).get("name", "float32")
@@ -212,8 +212,8 @@ class Embedding(_Layer):
                  embeddings_constraint=None, mask_zero=False, activity_regularizer=None, weights=None,
                  name=None, trainable=True, dtype=None, input_shape=None):
         super().__init__(name, trainable, dtype)
-        self.input_dim = check_units(input_dim)
-        self.output_dim = check_units(output_dim)
+        self.input_dim = check_units(input_dim, "input_dim")
+        self.output_dim = check_units(output_dim, "output_dim")
         self.embeddings_initializer = _initializer(embeddings_initializer, "embeddings_initializer")
         self.embeddings_regularizer = regularizers.get(embeddings_regularizer, "embeddings_regularizer")
         self.embeddings_constraint = constraints.get(embeddings_constraint, "embeddings_constraint")
@@ -387,10 +387,8 @@ class Dropout(_Layer):
     def __init__(self, rate, noise_shape=None, seed=None, name=None, trainable=True, dtype=None, input_shape=None):
         super().__init__(name, trainable, dtype)
         self.rate = check_fraction(rate, "rate")
-        self.noise_shape = None if noise_shape is None else tuple(noise_shape)
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"seed: expected an int or None, got {seed!r}")
-        self.seed = seed
+        self.noise_shape = check_shape(noise_shape, "noise_shape")
+        self.seed = check_seed(seed)
         self._generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def forward(self, inputs, mask=None, training=None):
@@ -400,6 +398,9 @@ class Dropout(_Layer):
             return inputs
         shape = tuple(inputs.shape) if self.noise_shape is None else tuple(
             inputs.shape[k] if s is None else s for k, s in enumerate(self.noise_shape))
+        if len(shape) != inputs.dim() or any(s not in (1, n) for s, n in zip(shape, inputs.shape)):
+            raise ValueError(f"noise_shape: expected {inputs.dim()} sizes, each 1 or the input's (input shape "
+                             f"{tuple(inputs.shape)}), got {self.noise_shape}")
         keep = rng.bernoulli(shape, 1.0 - self.rate, inputs.dtype, self._generator)  # (torch.compile-safe)
         return inputs * (keep / (1.0 - self.rate)).to(inputs.device)
 

@@ -9,10 +9,26 @@ import numpy as np
 import torch
 
 
-def check_units(units: Any) -> int:
+def check_units(units: Any, argument: str = "units") -> int:
     if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
-        raise ValueError(f"units: expected a positive integer, got {units!r}")
+        raise ValueError(f"{argument}: expected a positive integer, got {units!r}")
     return int(units)
+
+
+def check_seed(seed: Any) -> Any:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed: expected an int or None, got {seed!r}")
+    return seed
+
+
+def check_shape(shape: Any, argument: str) -> tuple | None:
+    """None, or a tuple of positive ints and None (unknown sizes)."""
+    if shape is None:
+        return None
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+            s is None or (isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1) for s in shape):
+        raise ValueError(f"{argument}: expected a tuple of positive ints or None, got {shape!r}")
+    return tuple(shape)
 
 
 def check_fraction(rate: Any, argument: str) -> float:
