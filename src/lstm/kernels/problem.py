@@ -159,7 +159,9 @@ class RecurrenceResult:
     """outputs: [B, T, U] in processing order if return_sequences, else the last output [B, U].
 
     trace (only when asked): per-step internals, each [B, T, U] in processing order
-    (LSTM: i, f, c_tilde, c, o, h; GRU: z, r, h_tilde, h; SimpleRNN: h).
+    (LSTM: i, f, c_tilde, c, o, h; GRU: z, r, h_tilde, h; SimpleRNN: h). The reference kernel's
+    are part of the autograd graph; the fused kernels' are detached (for gradients through the
+    gates, `lstm.kernels.use("reference")`).
     """
 
     outputs: torch.Tensor
