@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import TALLY
 from lstm import kernels, layers
@@ -42,7 +42,6 @@ JUNK = st.one_of(
 )
 
 # keys whose junk values are refused by torch or Python with a message that names no key
-_SIZE_KEYS = {"units", "input_dim", "output_dim"}
 _NESTED_OBJECTS = re.compile(r"(regularizer|constraint|initializer)$")
 _UNNAMED_KNOWN = {("InputLayer", "shape"), ("Bidirectional", "layer"),
                   ("Bidirectional", "backward_layer"), ("TimeDistributed", "layer"), ("RNN", "cell")}
@@ -97,8 +96,6 @@ def test_fuzzed_constructor_arguments(name, kwargs):
     TALLY["fuzz: config"] += 1
     cls = {"LSTM": LSTM, "GRU": GRU, "SimpleRNN": SimpleRNN, "LSTMCell": LSTMCell}[name]
     units = kwargs.pop("units", 3)
-    assume(not (isinstance(units, int) and units > 100) and not (isinstance(kwargs.get("input_dim"), int)
-                                                                  and kwargs["input_dim"] > 100))
     try:
         module = cls.from_config(dict(kwargs, units=units))
     except (ValueError, TypeError) as error:
@@ -148,8 +145,6 @@ def _inputs(shape, dtype, layout, poison, generator):
 def test_fuzzed_inputs_give_the_reference_numbers_or_name_the_argument(call):
     TALLY["fuzz: inputs"] += 1
     kind, units, features, options, shape, dtype, layout, poison, mask_kind, state_kind, grad = call
-    # known: fused_cpp's no-grad single step misreads a strided mask (test_reliability_numerics)
-    assume(not (kind == "LSTM" and not grad and mask_kind == "strided" and shape[1] == 1))
     generator = torch.Generator().manual_seed(0)
     layer = {"LSTM": LSTM, "GRU": GRU, "SimpleRNN": SimpleRNN}[kind](units, input_dim=features, **options)
     x = _inputs(shape, dtype, layout, poison, generator)

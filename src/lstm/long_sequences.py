@@ -162,8 +162,7 @@ class _ChunkStep:
 
     def __init__(self, problem, start: int, stop: int, sequences: bool):
         self.problem, self.sequences = problem, sequences
-        # contiguous: fused_cpp's no-grad single-step path misreads a strided mask (see
-        # tests/test_reliability_numerics.py)
+        # the chunk's own (contiguous) mask: a strided one takes the kernels' slower paths
         self.mask = None if problem.mask is None else problem.mask[:, start:stop].contiguous()
 
     def __call__(self, x, previous, *states):
