@@ -31,6 +31,7 @@ def parts_of(names: list) -> list:
 
 
 def run(args) -> int:
+    import os
     import sys
     from pathlib import Path
 
@@ -49,7 +50,7 @@ def run(args) -> int:
     settings = sections.QUICK if args.quick else sections.FULL
     out = Path(args.out or f"runs/explain-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started, cpu_started, load_at_start = time.time(), time.process_time(), os.getloadavg()[0]
     built = []
     for part in parts:
         print(f"lstm explain: {part} ({settings.label})", flush=True)
@@ -60,7 +61,9 @@ def run(args) -> int:
         else:
             built.append(sections.memory_section(out, settings))
     command = "lstm explain " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["explain"] else "lstm explain"
-    path = report.write(out, built, command, time.time() - started)
+    timing = report.Timing(time.time() - started, time.process_time() - cpu_started, load_at_start,
+                           os.getloadavg()[0])
+    path = report.write(out, built, command, timing)
     print(f"wrote {path}, {out / 'numbers.json'} and {sum(len(s.figures) for s in built)} figures "
           f"in {time.time() - started:.0f} s")
     return 0

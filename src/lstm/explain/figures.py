@@ -3,9 +3,11 @@ so drawing here never touches the user's backend or global pyplot state."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from PIL import Image
 
 DPI = 100  # small PNGs: the committed report stays a few hundred KB
 
@@ -17,5 +19,12 @@ def new_figure(width: float, height: float) -> Figure:
 def save(figure: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI, format="png")
+    rendered = io.BytesIO()
+    figure.savefig(rendered, dpi=DPI, format="png")
+    small(Image.open(rendered)).save(path, format="png", optimize=True)
     return path
+
+
+def small(image: Image.Image) -> Image.Image:
+    """256 colours, no dithering: the same picture in about a third of the bytes."""
+    return image.convert("RGB").quantize(colors=256, dither=Image.Dither.NONE)

@@ -4,6 +4,7 @@ growing T, each trained with the same budget (updates, batch, hidden size, learn
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.ticker import LogFormatter
 
 from .figures import new_figure, save
 from .training import BASELINE_ERROR, CELL_NAMES, ERROR_NAME, TASKS, Budget, TrainedModel, trained
@@ -72,7 +73,10 @@ def plot_curves(results: list[TrainedModel], path) -> None:
                     steps, loss = zip(*r.curve)
                     axis.semilogy(steps, loss, color=COLOURS[r.cell], label=CELL_NAMES[r.cell])
             axis.set_title(f"{task}, T = {length}", fontsize=9)
-            axis.tick_params(labelsize=7)
+            # plain numbers ("2.05", "0.001"): a panel may span less than a decade of loss
+            for formatter in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+                formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+            axis.tick_params(which="both", labelsize=7)
             axis.grid(alpha=0.3, which="both")
         for column in range(len(lengths), columns):
             axes[row, column].axis("off")

@@ -77,8 +77,8 @@ def gates_section(out: Path, settings: Settings, run: Optional[str] = None, text
             for row, sigmoid_row in zip(exact, approximate)]
     table = markdown_table(["i", "f", "behaviour (the tutorial's table)", "C_t must be", "C_{t-1}", "C̃_t", "C_t",
                             "max error, hard_sigmoid", "max error, sigmoid", "sigmoid's i, f (largest)"], rows)
-    log(f"  gates: table max error hard_sigmoid {max(r.max_error for r in exact):.1e}, "
-        f"sigmoid {max(r.max_error for r in approximate):.1e}")
+    log("The tutorial's gate table on a real LSTM (C_t after step 2 of 2; max error over every sequence and unit):")
+    log(table)
     markdown = "\n\n".join([
         figure_link("lstm_cell.png", "the LSTM cell"),
         "### The gate table on a real cell",
@@ -177,7 +177,7 @@ def gradients_section(out: Path, settings: Settings, log=print) -> Section:
     gradients.plot_jacobians(measured, out / "jacobians.png")
     ks = sorted({1, min(10, settings.jacobian_steps), settings.jacobian_steps // 2, settings.jacobian_steps})
     jacobian_rows = [[radius, activation, *[f"{norms[k - 1]:.3e}" for k in ks],
-                      f"{radius ** ks[-1]:.3e}", f"{norms[-1] / radius ** ks[-1]:.4f}"]
+                      f"{radius ** ks[-1]:.3e}", f"{norms[-1] / radius ** ks[-1]:.3g}"]
                      for (radius, activation), norms in measured.items()]
     jacobian_table = markdown_table(["ρ", "activation", *[f"‖∏J‖ at k = {k}" for k in ks], f"ρ^{ks[-1]}",
                                      "measured / ρ^k"], jacobian_rows)
