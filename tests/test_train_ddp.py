@@ -4,6 +4,9 @@ step both ranks hold identical weights, and only rank 0 writes metrics and check
 import json
 import os
 import socket
+import time
+
+import pytest
 
 import torch
 import torch.multiprocessing as mp
@@ -40,7 +43,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_hold_identical_weights(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300  # a rank stuck in a collective must fail the test, not hang it
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two DDP ranks did not finish within 300 s")
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     saved = load_file(tmp_path / "run" / "checkpoints" / "epoch-001" / "model.safetensors")
