@@ -7,7 +7,6 @@ import socket
 import time
 
 import pytest
-
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
