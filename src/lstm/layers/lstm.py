@@ -73,7 +73,7 @@ class LSTMCell(RecurrentCell):
             3*units wide) and peephole_weights has rows f, o.
         zoneout: a rate, or (rate_h, rate_c): in training each unit of h and of C keeps its
             previous value with that probability, drawn per step (Krueger et al. 2016); at
-            inference the plain step runs (identity), as the issue tracker's spec asks.
+            inference zoneout is off, like dropout (the paper uses the expectation instead).
         recurrent_dropconnect: in training, drop this fraction of `recurrent_kernel`'s entries,
             one mask per call, scaled by 1/(1-rate) (AWD-LSTM's weight drop).
         forget_bias: added to the forget gate's pre-activation at run time (TF1's LSTMCell).
