@@ -71,6 +71,14 @@ inline void zoneout_flags(uint64_t seed, uint64_t threshold, int64_t base, int64
   }
 }
 
+// One stream's keep flags for one row and step, in `buffer`; nullptr when it has no zoneout.
+inline const uint8_t* zoneout_row(uint64_t seed, uint64_t threshold, int64_t base, int64_t n, int stream,
+                                  std::vector<uint8_t>& buffer) {
+  if (!threshold) return nullptr;
+  zoneout_flags(seed, threshold, base, n, stream, buffer.data());
+  return buffer.data();
+}
+
 struct Zoneout {  // the seed and the two keep thresholds (0: off) of problem.Zoneout
   int64_t seed, keep_h, keep_c;
 };
@@ -179,16 +187,8 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       T* hb = &h[b * Ps];
       T* cb = &c[b * U];
       T* pb = &prev[b * Ps];
-      const uint8_t* kh = nullptr;
-      const uint8_t* kc = nullptr;
-      if (v.keep_h) {
-        zoneout_flags(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h.data());
-        kh = keep_h.data();
-      }
-      if (v.keep_c) {
-        zoneout_flags(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c.data());
-        kc = keep_c.data();
-      }
+      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h);
+      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c);
       const T* hn = hnew + b * Ps;
       const T* cn = &cnew[b * U];
       if (Htr) {  // the step's own h and C (after zoneout), masked or not, as the reference's trace
@@ -352,16 +352,8 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         std::fill(&dr[b * Ps], &dr[b * Ps] + Ps, T(0));
         continue;
       }
-      const uint8_t* kh = nullptr;
-      const uint8_t* kc = nullptr;
-      if (v.keep_h) {
-        zoneout_flags(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h.data());
-        kh = keep_h.data();
-      }
-      if (v.keep_c) {
-        zoneout_flags(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c.data());
-        kc = keep_c.data();
-      }
+      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h);
+      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c);
       T* dhb = &dh[b * Ps];
       T* dcb = &dc[b * U];
       for (int64_t j = 0; j < Ps; ++j) {
