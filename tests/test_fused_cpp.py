@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import lstm.kernels
 from lstm import layers
 from lstm.kernels import fused_cpp, reference
-from test_fused_kernel import ACTS, TRACE_CASES, _run, check_against_reference, check_trace, make_problem
+from test_fused_kernel import (ACTS, COMMON_PROBLEM_ARGS, TRACE_CASES, _run, check_against_reference, check_trace,
+                               make_problem)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,21 +34,9 @@ def check_equal(p, in_hypothesis=False, tol=None):
 
 
 problem_args = st.fixed_dictionaries({
+    **COMMON_PROBLEM_ARGS,
     "kind": st.just("lstm"),
     "B": st.integers(0, 9),
-    "T": st.integers(0, 7),
-    "D": st.integers(1, 6),
-    "U": st.integers(1, 6),
-    "dtype": st.sampled_from([torch.float32, torch.float64]),
-    "seed": st.integers(0, 10_000),
-    "mask": st.sampled_from(["none", "holes", "holes_and_empty"]),
-    "go_backwards": st.booleans(),
-    "zero_output_for_mask": st.booleans(),
-    "return_sequences": st.booleans(),
-    "initial_state": st.booleans(),
-    "use_bias": st.booleans(),
-    "input_dropout": st.sampled_from(["none", "shared", "per_gate"]),
-    "recurrent_dropout": st.booleans(),
     "activation": st.sampled_from(ACTS[:1] * 4 + ACTS),
     "recurrent_activation": st.sampled_from(ACTS[1:2] * 4 + ACTS),
 })

@@ -196,9 +196,8 @@ def check_equal(p: Recurrence, in_hypothesis=False):
     check_against_reference(fused_cpu, p, in_hypothesis)
 
 
-problem_args = st.fixed_dictionaries({
-    "kind": st.sampled_from(["lstm", "lstm", "gru", "simple_rnn"]),
-    "B": st.integers(0, 4),
+# the options every kernel's property test draws (make_problem's arguments, less kind, B and activations)
+COMMON_PROBLEM_ARGS = {
     "T": st.integers(0, 7),
     "D": st.integers(1, 6),
     "U": st.integers(1, 6),
@@ -210,9 +209,15 @@ problem_args = st.fixed_dictionaries({
     "return_sequences": st.booleans(),
     "initial_state": st.booleans(),
     "use_bias": st.booleans(),
-    "reset_after": st.booleans(),
     "input_dropout": st.sampled_from(["none", "shared", "per_gate"]),
     "recurrent_dropout": st.booleans(),
+}
+
+problem_args = st.fixed_dictionaries({
+    **COMMON_PROBLEM_ARGS,
+    "kind": st.sampled_from(["lstm", "lstm", "gru", "simple_rnn"]),
+    "B": st.integers(0, 4),
+    "reset_after": st.booleans(),
     "activation": st.sampled_from(ACTS[:2] + ACTS),
     "recurrent_activation": st.sampled_from(ACTS[:2] + ACTS),
 })
