@@ -57,3 +57,33 @@ def test_two_ranks_hold_identical_weights(tmp_path):
     assert sorted(set(json.loads((tmp_path / "writes0.json").read_text()))) == ["checkpoint", "metrics"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["task"] == "sentiment"
+
+
+def _sums_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from lstm.train import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        # rank 1 had no batch of this split (a split smaller than world x eval batch size)
+        first = distributed.all_reduce_sums({"loss": (torch.tensor(3.0), 2.0), "accuracy": (1.0, 2.0)} if rank == 0
+                                            else {})
+        second = distributed.all_reduce_sums({"loss": (torch.tensor(1.0), 1.0)})  # the next collective
+        with open(f"{out}/sums{rank}.json", "w") as handle:
+            json.dump([{k: [float(v[0]), v[1]] for k, v in s.items()} for s in (first, second)], handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sums_add_over_ranks_when_one_rank_has_none(tmp_path):
+    ranks = mp.spawn(_sums_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("a rank skipped a collective: the two ranks did not finish within 120 s")
+    expected = [{"accuracy": [1.0, 2.0], "loss": [3.0, 2.0]}, {"loss": [2.0, 2.0]}]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"sums{rank}.json").read_text()) == expected

@@ -25,11 +25,18 @@ def active() -> bool:
 
 
 def all_reduce_sums(sums: dict) -> dict:
-    """Add {name: (sum, count)} over ranks."""
-    if not active() or not sums:
+    """Add {name: (sum, count)} over ranks. Every rank takes part, also one with nothing to add (a
+    split smaller than world x batch leaves some ranks without a batch): a collective that one rank
+    skips pairs the others' with its next one, which hangs or mixes up their data."""
+    if not active():
         return sums
-    names = sorted(sums)
-    packed = torch.tensor([[float(sums[n][0]), float(sums[n][1])] for n in names], dtype=torch.float64)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(sums))
+    names = sorted(set().union(*everyone))
+    if not names:
+        return sums
+    packed = torch.tensor([[float(sums[n][0]), float(sums[n][1])] if n in sums else [0.0, 0.0] for n in names],
+                          dtype=torch.float64)
     dist.all_reduce(packed)
     return {n: (packed[i, 0], float(packed[i, 1])) for i, n in enumerate(names)}
 
