@@ -1,10 +1,11 @@
 """The fused kernel for the LSTM variants (peephole, layer_norm, proj_size, coupled, forget_bias,
 cell_clip, zoneout), in the same C++ extension as fused_cpp (csrc/lstm_variants.h).
 
-What is not sequential runs here, in torch with autograd: xw = LN(x @ kernel) g_x + b (+
-forget_bias) for all steps, one addmm or layer_norm op. The recurrence, forward
-and hand-derived backward, runs in C++; the weight gradients are then one GEMM each over all steps:
-dR = Hp^T dA and dP = Hu^T dr (the C++ loop sums the other weights' gradients).
+The GEMMs over all steps run here, in torch: xk = x @ kernel (dropout masks first) before the
+recurrence; after it dkernel = x^T dxk, dx = dxk kernel^T, dR = Hp^T dA and dP = Hu^T dr. Everything
+per step runs in C++, forward and hand-derived backward: the bias (forget_bias included), the
+input layer norm LN(xk) g_x (xk is normalised in place and saved as such: no buffer of its own),
+the recurrence; it sums the gradients of the bias, the gains and the peepholes.
 
 Recurrent DropConnect needs nothing here: the layer hands over the masked recurrent kernel.
 It runs the plain LSTM too (so every test that runs each kernel checks it), but the dispatch
@@ -18,11 +19,11 @@ import torch
 
 from . import fused_cpp
 from .problem import Recurrence, RecurrenceResult
-from .reference import LAYER_NORM_EPS, _per_gate
+from .reference import _per_gate
 
 name = "fused_variants"
 
-_SAVED = 9  # G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu
+_SAVED = 11  # G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x
 
 
 def supports(p: Recurrence) -> bool:
@@ -70,35 +71,65 @@ def _detached(t):
     return None if t is None else t.detach()
 
 
+def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int) -> torch.Tensor:
+    """xk = x @ kernel [B, T, G*U], a new buffer (the C++ forward normalises it in place)."""
+    if in_drop is None:  # one 2-D GEMM, as matmul does with grad (a strided x would take another route)
+        B, T, D = x.shape
+        return (x.reshape(B * T, D) @ kernel).view(B, T, kernel.shape[1])
+    return _per_gate(x, kernel, in_drop[:, :, None, :], gates).contiguous()
+
+
+def _project_backward(x, kernel, in_drop, dxk, need_x: bool, need_kernel: bool):
+    """(dx, dkernel) of `_project`, None where not needed: dropout keep-masks shared or per gate."""
+    D, GU = kernel.shape
+    if in_drop is None or in_drop.shape[0] == 1:
+        xm = x if in_drop is None else x * in_drop[0][:, None, :]
+        dkernel = xm.reshape(-1, D).T @ dxk.reshape(-1, GU) if need_kernel else None
+        dx = None
+        if need_x:
+            dx = dxk @ kernel.T
+            dx = dx if in_drop is None else dx * in_drop[0][:, None, :]
+        return dx, dkernel
+    U = GU // in_drop.shape[0]
+    blocks = [(in_drop[g][:, None, :], slice(g * U, (g + 1) * U)) for g in range(in_drop.shape[0])]
+    dkernel = torch.cat([(x * m).reshape(-1, D).T @ dxk[..., cols].reshape(-1, U) for m, cols in blocks],
+                        dim=1) if need_kernel else None
+    dx = sum((dxk[..., cols] @ kernel[:, cols].T) * m for m, cols in blocks) if need_x else None
+    return dx, dkernel
+
+
 class _VariantFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, masks, xw, R, peephole, gain_h, gain_c, shift_c, P, h0, c0):
-        rd, mask = masks
+    def forward(ctx, cfg, masks, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0):
+        in_drop, rd, mask = masks
+        xk = _project(x.detach(), kernel.detach(), in_drop, 3 if cfg.coupled else 4)
         weights = [_detached(t) for t in (peephole, gain_h, gain_c, shift_c, P)]
         y, hT, cT, *saved = fused_cpp._ext.variant_forward(
-            xw.detach(), R.detach(), rd, *weights, *cfg.zoneout, mask, h0.detach(), c0.detach(), *cfg.flags(), True,
-            cfg.trace)
+            xk, _detached(gain_x), _detached(bias), R.detach(), rd, *weights, *cfg.zoneout, mask, h0.detach(),
+            c0.detach(), *cfg.flags(), True, cfg.trace)
         if cfg.trace:
             cfg.traced = (saved[0], *saved[_SAVED:])
             saved = saved[:_SAVED]
         ctx.cfg, ctx.masks = cfg, masks
-        ctx.save_for_backward(R, peephole, gain_h, gain_c, shift_c, P, *saved)
+        ctx.save_for_backward(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, *saved)
         return y, hT, cT
 
     @staticmethod
     def backward(ctx, dY, dhT, dcT):
         cfg = ctx.cfg
-        rd, mask = ctx.masks
-        R, peephole, gain_h, gain_c, shift_c, P, *saved = ctx.saved_tensors
+        in_drop, rd, mask = ctx.masks
+        x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, *saved = ctx.saved_tensors
         placeholder = R.new_empty(0)
         saved_list = [placeholder if t is None else t for t in saved]
         weights = [_detached(t) for t in (peephole, gain_h, gain_c, shift_c, P)]
-        dxw, dA, dr, dh0, dc0, dpeep, dnorm_c, d_gain_h = fused_cpp._ext.variant_backward(
-            dY, dhT, dcT, saved_list, R.detach(), rd, *weights, *cfg.zoneout, mask, *cfg.flags())
+        dxk, dA, dr, dh0, dc0, dpeep, dnorm_c, d_gain_h, d_gain_x, d_bias = fused_cpp._ext.variant_backward(
+            dY, dhT, dcT, saved_list, _detached(gain_x), _detached(bias), R.detach(), rd, *weights, *cfg.zoneout,
+            mask, *cfg.flags())
         Hp, Hu = saved[1], saved[8]
         Ps, GU = R.shape
         U = GU // (3 if cfg.coupled else 4)
-        dA = dxw if dA is None else dA
+        dx, dkernel = _project_backward(x.detach(), kernel.detach(), in_drop, dxk, *ctx.needs_input_grad[2:4])
+        dA = dxk if dA is None else dA
         if rd is None:
             dR = Hp.reshape(-1, Ps).T @ dA.reshape(-1, GU)
         else:  # one keep-mask per gate on h_{t-1}
@@ -111,29 +142,19 @@ class _VariantFunction(torch.autograd.Function):
             d_gain_c, d_shift_c = dnorm_c[0], dnorm_c[1]
         if P is not None:
             dP = Hu.reshape(-1, U).T @ dr.reshape(-1, Ps)
-        return None, None, dxw, dR, d_peephole, d_gain_h, d_gain_c, d_shift_c, dP, dh0, dc0
+        return (None, None, dx, dkernel, d_gain_x, d_bias, dR, d_peephole, d_gain_h, d_gain_c, d_shift_c, dP, dh0,
+                dc0)
 
 
-def _input_projection(p: Recurrence, x: torch.Tensor) -> torch.Tensor:
-    """xw for every step, as reference's input projection (plus forget_bias in the bias), in one
-    fused torch op where it can: addmm, or layer_norm with its gain and the bias."""
+def _bias(p: Recurrence):
+    """The bias the C++ step adds, forget_bias included (None when there is neither)."""
     cell = p.cell
-    B, T, D = x.shape
-    GU = p.kernel.shape[1]
-    bias = p.bias
-    if cell.forget_bias:
-        shift = torch.zeros(GU, dtype=x.dtype, device=x.device)
-        f = cell.gate_names.index("f") * p.units
-        shift[f:f + p.units] = cell.forget_bias
-        bias = shift if bias is None else bias + shift
-    masks = None if p.input_dropout is None else p.input_dropout[:, :, None, :]
-    if cell.layer_norm:
-        xk = _per_gate(x, p.kernel, masks, cell.gate_count)
-        return torch.nn.functional.layer_norm(xk, (GU,), p.layer_norm[0][0], bias, LAYER_NORM_EPS)
-    if masks is None and bias is not None:
-        return torch.addmm(bias, x.reshape(B * T, D), p.kernel).view(B, T, GU)
-    xw = _per_gate(x, p.kernel, masks, cell.gate_count)
-    return xw if bias is None else xw + bias
+    if not cell.forget_bias:
+        return p.bias
+    shift = torch.zeros(p.kernel.shape[1], dtype=p.inputs.dtype, device=p.inputs.device)
+    f = cell.gate_names.index("f") * p.units
+    shift[f:f + p.units] = cell.forget_bias
+    return shift if p.bias is None else p.bias + shift
 
 
 def _trace(p: Recurrence, G: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> dict:
@@ -155,19 +176,20 @@ def run(p: Recurrence) -> RecurrenceResult:
         return RecurrenceResult(out, (h0, c0), trace if p.trace else None)
     ext = fused_cpp.extension()  # loaded by supports() already, unless called directly
     cfg = _Cfg(p)
-    xw = _input_projection(p, x)
-    gain_h = gain_c = shift_c = None
-    if p.layer_norm is not None:  # the input half of the gate gain is in xw already
+    gain_x = gain_h = gain_c = shift_c = None
+    if p.layer_norm is not None:
         gate_gain, gain_c, shift_c = p.layer_norm
-        gain_h = gate_gain[1]
-    masks = (_detached(p.recurrent_dropout), p.mask)
-    weights = (p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c, p.projection, h0, c0)
-    if torch.is_grad_enabled() and (xw.requires_grad or any(t is not None and t.requires_grad for t in weights)):
-        y, hT, cT = _VariantFunction.apply(cfg, masks, xw, *weights)
+        gain_x, gain_h = gate_gain[0], gate_gain[1]
+    masks = (_detached(p.input_dropout), _detached(p.recurrent_dropout), p.mask)
+    weights = (p.kernel, gain_x, _bias(p), p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c, p.projection,
+               h0, c0)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights)):
+        y, hT, cT = _VariantFunction.apply(cfg, masks, x, *weights)
     else:
         detached = [_detached(t) for t in weights]
-        y, hT, cT, *saved = ext.variant_forward(xw.detach(), detached[0], masks[0], *detached[1:6], *cfg.zoneout,
-                                                masks[1], *detached[6:], *cfg.flags(), False, cfg.trace)
+        xk = _project(x.detach(), detached[0], masks[0], p.cell.gate_count)
+        y, hT, cT, *saved = ext.variant_forward(xk, *detached[1:4], masks[1], *detached[4:9], *cfg.zoneout,
+                                                masks[2], *detached[9:], *cfg.flags(), False, cfg.trace)
         if cfg.trace:
             cfg.traced = (saved[0], *saved[_SAVED:])
     return RecurrenceResult(y, (hT, cT), _trace(p, *cfg.traced) if cfg.trace else None)
