@@ -367,10 +367,10 @@ def test_fused_variants_ops_pass_opcheck(coupled):
     cfg = fused_variants._Cfg(p)
     gate_gain, gain_c, shift_c = p.layer_norm
     gain_x, gain_h = (g.detach().requires_grad_() for g in gate_gain)
-    seed, keep_h, keep_c = cfg.zoneout
+    seed, *zoneout = cfg.zoneout
     args = (p.inputs, p.kernel, gain_x, p.bias, p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c,
             p.projection, *p.initial_state, p.input_dropout, p.recurrent_dropout, p.mask,
-            torch.tensor(seed, dtype=torch.int64), keep_h, keep_c, *cfg.flags())
+            torch.tensor(seed, dtype=torch.int64), *zoneout, *cfg.flags())
     forward, backward = fused_variants._ops
     torch.library.opcheck(forward, args + (True, False))  # schema, fake kernel, autograd, aot dispatch
     torch.library.opcheck(forward, _detached(args) + (False, True))  # inference, with the trace's h and C

@@ -68,8 +68,8 @@ class _Cfg:
         seed = 0 if zoneout is None else zoneout.seed  # (a tensor under torch.compile: rng.zoneout_seed)
         if isinstance(seed, torch.Tensor) and not torch.compiler.is_compiling():
             seed = int(seed)
-        self.zoneout = (0, 0, 0) if zoneout is None else (
-            seed, zoneout.threshold(zoneout.rate_h), zoneout.threshold(zoneout.rate_c))
+        self.zoneout = (0, 0, 0, 0) if zoneout is None else (
+            seed, zoneout.offset, zoneout.threshold(zoneout.rate_h), zoneout.threshold(zoneout.rate_c))
         self.trace = bool(p.trace)
         self.traced = None  # (G, H, C) of the forward, when a trace was asked for
 
@@ -183,26 +183,26 @@ def _compile_ops():
     if _ops is not None:
         return _ops
 
-    def zoneout_args(seed, keep_h, keep_c):
-        return int(seed), keep_h, keep_c
+    def zoneout_args(seed, offset, keep_h, keep_c):
+        return int(seed), offset, keep_h, keep_c
 
     @torch.library.custom_op("lstm::fused_variants_forward", mutates_args=())
     def fwd(x: Tensor, kernel: Tensor, gain_x: Optional[Tensor], bias: Optional[Tensor], R: Tensor,
             peephole: Optional[Tensor], gain_h: Optional[Tensor], gain_c: Optional[Tensor],
             shift_c: Optional[Tensor], P: Optional[Tensor], h0: Tensor, c0: Tensor, in_drop: Optional[Tensor],
-            rd: Optional[Tensor], mask: Optional[Tensor], zoneout_seed: Tensor, keep_h: int, keep_c: int,
-            backwards: bool, zero_out: bool, seq: bool, coupled: bool, act: int, ract: int, clip: float,
-            save: bool, trace: bool) -> _Outputs:
+            rd: Optional[Tensor], mask: Optional[Tensor], zoneout_seed: Tensor, zoneout_offset: int, keep_h: int,
+            keep_c: int, backwards: bool, zero_out: bool, seq: bool, coupled: bool, act: int, ract: int,
+            clip: float, save: bool, trace: bool) -> _Outputs:
         """Y, hT, cT, then (empty where unused) the saved buffers (with save) and the trace's h, C."""
         flags = (backwards, zero_out, seq, coupled, act, ract, clip)
         outs = _forward(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0, in_drop, rd, mask,
-                        zoneout_args(zoneout_seed, keep_h, keep_c), flags, save, trace)
+                        zoneout_args(zoneout_seed, zoneout_offset, keep_h, keep_c), flags, save, trace)
         outs += [None] * (3 + _SAVED + 2 - len(outs))
         return tuple(x.new_empty(0) if t is None else t.contiguous() for t in outs)
 
     @fwd.register_fake
     def _(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0, in_drop, rd, mask, zoneout_seed,
-          keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, save, trace):
+          zoneout_offset, keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, save, trace):
         B, T, _ = x.shape
         Ps, GU = R.shape
         U = GU // (3 if coupled else 4)
@@ -223,17 +223,18 @@ def _compile_ops():
             kernel: Tensor, gain_x: Optional[Tensor], bias: Optional[Tensor], R: Tensor, peephole: Optional[Tensor],
             gain_h: Optional[Tensor], gain_c: Optional[Tensor], shift_c: Optional[Tensor], P: Optional[Tensor],
             in_drop: Optional[Tensor], rd: Optional[Tensor], mask: Optional[Tensor], zoneout_seed: Tensor,
-            keep_h: int, keep_c: int, backwards: bool, zero_out: bool, seq: bool, coupled: bool, act: int, ract: int,
-            clip: float, needs: list[bool]) -> _Grads:
+            zoneout_offset: int, keep_h: int, keep_c: int, backwards: bool, zero_out: bool, seq: bool, coupled: bool,
+            act: int, ract: int, clip: float, needs: list[bool]) -> _Grads:
         """The gradients of fwd's first 12 inputs, each empty where `needs` (same order) is False."""
         flags = (backwards, zero_out, seq, coupled, act, ract, clip)
         result = _backward(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P,
-                           in_drop, rd, mask, zoneout_args(zoneout_seed, keep_h, keep_c), flags, needs[0], needs[1])
+                           in_drop, rd, mask, zoneout_args(zoneout_seed, zoneout_offset, keep_h, keep_c), flags,
+                           needs[0], needs[1])
         return tuple(g.contiguous() if need else x.new_empty(0) for g, need in zip(result, needs))
 
     @bwd.register_fake
     def _(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, in_drop, rd, mask,
-          zoneout_seed, keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, needs):
+          zoneout_seed, zoneout_offset, keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, needs):
         inputs = (x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P)
         shapes = [t.shape if t is not None else (0,) for t in inputs] + [(x.shape[0], R.shape[0]), (x.shape[0], R.shape[1] // (3 if coupled else 4))]
         return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))

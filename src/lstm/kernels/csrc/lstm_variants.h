@@ -136,7 +136,7 @@ inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ 
 
 // Zoneout's keep flags of one row and step (problem.Zoneout): unit j of stream k is kept when
 // the top 24 bits of splitmix64(seed + (n + 1) * golden), n = (base + j) * 2 + k, are below
-// the threshold. Counter-based, so forward and backward draw the same flags with no mask memory.
+// the threshold; base = ((offset + step) * B + row) * size, which no chunking of the call changes. Counter-based, so forward and backward draw the same flags with no mask memory.
 inline void zoneout_flags(uint64_t seed, uint64_t threshold, int64_t base, int64_t n, int stream, uint8_t* keep) {
   for (int64_t j = 0; j < n; ++j) {
     uint64_t z = seed + (uint64_t((base + j) * 2 + stream) + 1) * 0x9E3779B97F4A7C15ull;
@@ -155,8 +155,8 @@ inline const uint8_t* zoneout_row(uint64_t seed, uint64_t threshold, int64_t bas
   return buffer.data();
 }
 
-struct Zoneout {  // the seed and the two keep thresholds (0: off) of problem.Zoneout
-  int64_t seed, keep_h, keep_c;
+struct Zoneout {  // the seed, the step offset and the two keep thresholds (0: off) of problem.Zoneout
+  int64_t seed, offset, keep_h, keep_c;
 };
 
 template <typename T>
@@ -164,6 +164,7 @@ struct VariantTensors {  // raw pointers of one call; nullptr where a variant is
   const T *gain_x, *bias, *R, *RT, *rd, *peep, *gain_h, *gain_c, *shift_c, *P, *PT;
   const bool* mask;
   uint64_t zoneout_seed, keep_h, keep_c;  // zoneout: keep thresholds of 24-bit uniforms (0: off)
+  int64_t zoneout_offset;  // the global processing step of the call's first step
   int64_t B, Tn, U, Ps, GU, G;  // Ps: size of h (projection or U); G: gate blocks (3 coupled, 4)
 };
 
@@ -267,8 +268,9 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       T* hb = &h[b * Ps];
       T* cb = &c[b * U];
       T* pb = &prev[b * Ps];
-      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h);
-      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c);
+      const int64_t zrow = (v.zoneout_offset + s) * v.B + b0 + b;  // (problem.Zoneout's numbering)
+      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, zrow * Ps, Ps, 0, keep_h);
+      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, zrow * U, U, 1, keep_c);
       const T* hn = hnew + b * Ps;
       const T* cn = &cnew[b * U];
       if (Htr) {  // the step's own h and C (after zoneout), masked or not, as the reference's trace
@@ -433,8 +435,9 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         std::fill(&dr[b * Ps], &dr[b * Ps] + Ps, T(0));
         continue;
       }
-      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h);
-      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c);
+      const int64_t zrow = (v.zoneout_offset + s) * v.B + b0 + b;  // (problem.Zoneout's numbering)
+      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, zrow * Ps, Ps, 0, keep_h);
+      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, zrow * U, U, 1, keep_c);
       T* dhb = &dh[b * Ps];
       T* dcb = &dc[b * U];
       for (int64_t j = 0; j < Ps; ++j) {
@@ -512,6 +515,7 @@ VariantTensors<T> variant_tensors(const torch::Tensor& xk, const torch::Tensor& 
   v.PT = ptr(PT);
   v.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   v.zoneout_seed = uint64_t(zoneout.seed);
+  v.zoneout_offset = zoneout.offset;
   v.keep_h = uint64_t(zoneout.keep_h);
   v.keep_c = uint64_t(zoneout.keep_c);
   v.B = xk.size(0);
@@ -544,7 +548,8 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
                                            c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
                                            c10::optional<torch::Tensor> gain_c_o,
                                            c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
-                                           int64_t zoneout_seed, int64_t keep_h, int64_t keep_c,
+                                           int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h,
+                                           int64_t keep_c,
                                            c10::optional<torch::Tensor> mask_o,
                                            torch::Tensor h0, torch::Tensor c0, bool backwards, bool zero_out, bool seq,
                                            bool coupled, int64_t act, int64_t ract, double clip, bool save,
@@ -587,7 +592,7 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
   AT_DISPATCH_FLOATING_TYPES(xk.scalar_type(), "lstm_variant_forward", [&] {
     using T = scalar_t;
     auto v = variant_tensors<T>(xk, gain_x, bias, R, torch::Tensor(), rd, peep, gain_h, gain_c, shift_c, P, torch::Tensor(),
-                                Zoneout{zoneout_seed, keep_h, keep_c}, mask, coupled);
+                                Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
       *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *rxp = p(rstd_x), *Hup = p(Hu), *Htrp = p(Htr),
@@ -614,7 +619,7 @@ std::vector<torch::Tensor> variant_backward(
     torch::Tensor R, c10::optional<torch::Tensor> rd_o,
     c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
     c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
-    int64_t zoneout_seed, int64_t keep_h, int64_t keep_c,
+    int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
     c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
     int64_t ract, double clip) {
   at::NoGradGuard no_grad;
@@ -644,7 +649,7 @@ std::vector<torch::Tensor> variant_backward(
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_variant_backward", [&] {
     using T = scalar_t;
     auto v = variant_tensors<T>(G, gain_x, bias, R, RT, rd, peep, gain_h, gain_c, shift_c, P, PT,
-                                Zoneout{zoneout_seed, keep_h, keep_c}, mask, coupled);
+                                Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto cp = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
