@@ -5,8 +5,9 @@
 Dynamo cannot put a `torch.Generator` in a graph, so a seeded draw under torch.compile goes
 through a custom op (`lstm::seeded_bernoulli`, `lstm::seeded_randint`), which draws from the same
 generator when the compiled graph runs: a seeded layer gives the same masks compiled and eager.
-(A zoneout seed is a 0-dim int64 tensor there: the graph cannot turn a draw into a Python int.) (The generator is
-found by a key fixed when the graph is traced: reseed it with `manual_seed`, do not replace it.)
+(A zoneout seed is a 0-dim int64 tensor there: the graph cannot turn a draw into a Python int.)
+(The generator is found by a key fixed when the graph is traced: reseed it with `manual_seed`, do
+not replace it.)
 Unseeded draws use torch's global RNG as usual (under inductor that is inductor's own RNG unless
 `torch._inductor.config.fallback_random = True`).
 """
