@@ -25,7 +25,8 @@ def _extension():
 
 
 def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False, layer_norm=False,
-                    coupled=False, forget_bias=0.0, cell_clip=None, zoneout=(False, False), zoneout_offset=0, mask=False,
+                    coupled=False, forget_bias=0.0, cell_clip=None, zoneout=(False, False), zoneout_offset=0,
+                    mask=False,
                     go_backwards=False, zero_output_for_mask=False, return_sequences=True, use_bias=True,
                     input_dropout=0, recurrent_dropout=False, activation="tanh",
                     recurrent_activation="sigmoid") -> Recurrence:
@@ -50,7 +51,8 @@ def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False
         peephole=rand(len(cell.peephole_gates), U) if peephole else None,
         layer_norm=(rand(2, G * U) + 1, rand(U) + 1, rand(U)) if layer_norm else None,
         projection=rand(U, P) if P else None,
-        zoneout=Zoneout(seed, *(0.3 if on else 0.0 for on in zoneout), offset=zoneout_offset) if any(zoneout) else None)
+        zoneout=Zoneout(seed, *(0.3 if on else 0.0 for on in zoneout), offset=zoneout_offset) if any(zoneout)
+        else None)
 
 
 def leaves(p: Recurrence) -> dict:

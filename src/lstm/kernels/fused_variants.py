@@ -113,8 +113,8 @@ def _forward(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h
     """The C++ forward on detached tensors: Y, hT, cT, then with save the _SAVED buffers, then with
     trace each step's h and C."""
     xk = _project(x, kernel, in_drop, 3 if flags[3] else 4)
-    return fused_cpp.extension().variant_forward(xk, gain_x, bias, R, rd, peephole, gain_h, gain_c, shift_c, P, *zoneout,
-                                          mask, h0, c0, *flags, save, trace)
+    return fused_cpp.extension().variant_forward(xk, gain_x, bias, R, rd, peephole, gain_h, gain_c, shift_c, P,
+                                                 *zoneout, mask, h0, c0, *flags, save, trace)
 
 
 def _backward(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, in_drop, rd,
@@ -138,9 +138,7 @@ def _backward(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h,
     d_peephole = d_gain_c = d_shift_c = dP = None
     if peephole is not None:
         d_peephole = dpeep[1:].clone() if flags[3] else dpeep  # (custom-op outputs start at offset 0)
-    if gain_h is None:
-        d_gain_h = d_gain_x = None
-    else:
+    if gain_h is not None:
         d_gain_c, d_shift_c = dnorm_c[0].clone(), dnorm_c[1].clone()  # (custom-op outputs may not alias)
     if P is not None:
         dP = Hu.reshape(-1, U).T @ dr.reshape(-1, Ps)
@@ -236,7 +234,8 @@ def _compile_ops():
     def _(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, in_drop, rd, mask,
           zoneout_seed, zoneout_offset, keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, needs):
         inputs = (x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P)
-        shapes = [t.shape if t is not None else (0,) for t in inputs] + [(x.shape[0], R.shape[0]), (x.shape[0], R.shape[1] // (3 if coupled else 4))]
+        B, (Ps, GU) = x.shape[0], R.shape
+        shapes = [(0,) if t is None else t.shape for t in inputs] + [(B, Ps), (B, GU // (3 if coupled else 4))]
         return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
     def setup_context(ctx, inputs, output):

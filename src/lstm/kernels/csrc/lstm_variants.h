@@ -136,7 +136,8 @@ inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ 
 
 // Zoneout's keep flags of one row and step (problem.Zoneout): unit j of stream k is kept when
 // the top 24 bits of splitmix64(seed + (n + 1) * golden), n = (base + j) * 2 + k, are below
-// the threshold; base = ((offset + step) * B + row) * size, which no chunking of the call changes. Counter-based, so forward and backward draw the same flags with no mask memory.
+// the threshold; base = ((offset + step) * B + row) * size, which no chunking of the call changes.
+// Counter-based, so forward and backward draw the same flags with no mask memory.
 inline void zoneout_flags(uint64_t seed, uint64_t threshold, int64_t base, int64_t n, int stream, uint8_t* keep) {
   for (int64_t j = 0; j < n; ++j) {
     uint64_t z = seed + (uint64_t((base + j) * 2 + stream) + 1) * 0x9E3779B97F4A7C15ull;
@@ -591,8 +592,8 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
   }
   AT_DISPATCH_FLOATING_TYPES(xk.scalar_type(), "lstm_variant_forward", [&] {
     using T = scalar_t;
-    auto v = variant_tensors<T>(xk, gain_x, bias, R, torch::Tensor(), rd, peep, gain_h, gain_c, shift_c, P, torch::Tensor(),
-                                Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
+    auto v = variant_tensors<T>(xk, gain_x, bias, R, torch::Tensor(), rd, peep, gain_h, gain_c, shift_c, P,
+                                torch::Tensor(), Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
       *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *rxp = p(rstd_x), *Hup = p(Hu), *Htrp = p(Htr),
