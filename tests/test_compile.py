@@ -318,3 +318,63 @@ def test_fused_cpu_under_compile_equals_reference(kind):
     assert list(trace_a) == list(trace_b)
     for k in trace_a:
         assert not trace_a[k].requires_grad and torch.allclose(trace_a[k], trace_b[k], atol=1e-12)
+
+
+# ----- the LSTM variants (lstm::fused_variants_* ops; zoneout seeds drawn in the graph) -------------
+from test_variants import variant_problem  # noqa: E402
+from lstm.kernels import fused_variants  # noqa: E402
+
+
+def test_variant_lstm_fullgraph_equals_eager():
+    torch.manual_seed(6)
+    model = models.Sequential([layers.Embedding(20, 8, mask_zero=True),
+                               layers.LSTM(6, return_sequences=True, layer_norm=True, peephole=True, proj_size=3),
+                               layers.Dense(3)])
+    x = _tokens(3, 7)
+    model(x)
+    model.eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _assert_same(_step(compiled, x), _step(model, x), tol=1e-6)
+    assert "fused_variants" in _kernels_used(model, x)
+
+
+def test_zoneout_training_fullgraph_equals_eager():
+    torch.manual_seed(7)
+    model = models.Sequential([layers.Embedding(20, 8, mask_zero=True),
+                               layers.LSTM(6, return_sequences=True, zoneout=(0.2, 0.4), coupled=True, seed=3),
+                               layers.Dense(3)])
+    x = _tokens(3, 7)
+    model(x)
+    model.train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # the seed draw breaks no graph
+    generator = model.layers[1].cell._generator
+    generator.manual_seed(3)
+    a = [_step(compiled, x) for _ in range(2)]  # a new seed per call, from the layer's generator
+    generator.manual_seed(3)
+    b = [_step(model, x) for _ in range(2)]
+    for u, v in zip(a, b):
+        _assert_same(u, v, tol=1e-6)
+    assert not torch.equal(a[0][0], a[1][0])
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_fused_variants_ops_pass_opcheck(coupled):
+    if fused_cpp.extension() is None:
+        pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
+    p = variant_problem(3, 4, 2, 5, P=3, peephole=True, layer_norm=True, zoneout=(True, True), mask=True,
+                        go_backwards=True, input_dropout=3 if coupled else 4, recurrent_dropout=True,
+                        forget_bias=0.5, cell_clip=2.0, coupled=coupled)
+    cfg = fused_variants._Cfg(p)
+    gate_gain, gain_c, shift_c = p.layer_norm
+    gain_x, gain_h = (g.detach().requires_grad_() for g in gate_gain)
+    seed, *zoneout = cfg.zoneout
+    args = (p.inputs, p.kernel, gain_x, p.bias, p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c,
+            p.projection, *p.initial_state, p.input_dropout, p.recurrent_dropout, p.mask,
+            torch.tensor(seed, dtype=torch.int64), *zoneout, *cfg.flags())
+    forward, backward = fused_variants._ops
+    torch.library.opcheck(forward, args + (True, False))  # schema, fake kernel, autograd, aot dispatch
+    torch.library.opcheck(forward, _detached(args) + (False, True))  # inference, with the trace's h and C
+    outs = forward(*_detached(args), True, False)
+    saved = list(outs[3:3 + fused_variants._SAVED])
+    grads = tuple(torch.randn_like(t) for t in outs[:3])
+    torch.library.opcheck(backward, (*grads, saved, *_detached(args[:10]), *args[12:], [True] * 12))

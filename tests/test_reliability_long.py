@@ -96,11 +96,13 @@ def test_recomputed_gradients_equal_the_stored_backward(cls):
 
 
 def test_lstm_variants_with_per_call_draws():
-    """peephole + layer_norm + proj_size, and dropconnect drawn once per call: the chunked runs see
-    the same draws as one call (the layer's seed), so outputs and gradients are equal. Zoneout in
-    training is refused (its masks hash each step's place in the whole call); at inference it is off."""
+    """peephole + layer_norm + proj_size, with dropconnect or zoneout drawn once per call: the
+    chunked runs see the same draws as one call (the layer's seed), each chunk the zoneout masks of
+    its steps in the whole call (Zoneout.offset, in processing order: go_backwards too), so outputs
+    and gradients are equal; at inference zoneout is off."""
     torch.manual_seed(6)
     x = torch.randn(3, 9, 2)
+    mask = torch.rand(3, 9) > 0.2
 
     def layer(**options):
         torch.manual_seed(7)
@@ -110,13 +112,14 @@ def test_lstm_variants_with_per_call_draws():
         return made
 
     initial = [torch.randn(3, 3), torch.randn(3, 5)]
-    want = _grads(layer(recurrent_dropconnect=0.3), x, initial, training=True)
-    for run in RUNS[:2]:
-        got = _grads(layer(recurrent_dropconnect=0.3), x, initial, lambda *a, **k: run(*a, 4, **k), training=True)
-        assert max_difference(got, want) < 1e-5
+    for options in ({"recurrent_dropconnect": 0.3}, {"zoneout": (0.3, 0.5)}, {"zoneout": 0.4, "go_backwards": True}):
+        want = _grads(layer(**options), x, initial, mask=mask, training=True)
+        for run in RUNS[:2]:
+            got = _grads(layer(**options), x, initial, lambda *a, **k: run(*a, 4, **k), mask=mask, training=True)
+            assert max(max_difference(a, b) / (b.abs().max().item() + 1e-12) for a, b in zip(got, want)) < 1e-5, options
+        truncated = lstm.truncated_bptt(layer(**options), x, 4, mask=mask, initial_state=initial, training=True)
+        assert max_difference(truncated, want[:1]) < 1e-6, options  # (the forward of one call)
     zoneout = layer(zoneout=0.2)
-    with pytest.raises(ValueError, match="zoneout"):
-        lstm.chunked(zoneout, x, 4, training=True)
     assert max_difference(lstm.chunked(zoneout, x, 4, training=False), zoneout(x, training=False)) < 1e-6
 
 

@@ -25,7 +25,8 @@ def _extension():
 
 
 def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False, layer_norm=False,
-                    coupled=False, forget_bias=0.0, cell_clip=None, zoneout=(False, False), mask=False,
+                    coupled=False, forget_bias=0.0, cell_clip=None, zoneout=(False, False), zoneout_offset=0,
+                    mask=False,
                     go_backwards=False, zero_output_for_mask=False, return_sequences=True, use_bias=True,
                     input_dropout=0, recurrent_dropout=False, activation="tanh",
                     recurrent_activation="sigmoid") -> Recurrence:
@@ -50,7 +51,8 @@ def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False
         peephole=rand(len(cell.peephole_gates), U) if peephole else None,
         layer_norm=(rand(2, G * U) + 1, rand(U) + 1, rand(U)) if layer_norm else None,
         projection=rand(U, P) if P else None,
-        zoneout=Zoneout(seed, *(0.3 if on else 0.0 for on in zoneout)) if any(zoneout) else None)
+        zoneout=Zoneout(seed, *(0.3 if on else 0.0 for on in zoneout), offset=zoneout_offset) if any(zoneout)
+        else None)
 
 
 def leaves(p: Recurrence) -> dict:
@@ -129,6 +131,7 @@ variant_args = st.fixed_dictionaries({
     "P": st.integers(0, 1), "seed": st.integers(0, 2 ** 16), "peephole": st.booleans(),
     "layer_norm": st.booleans(), "coupled": st.booleans(), "forget_bias": st.sampled_from([0.0, 1.0, -0.5]),
     "cell_clip": st.sampled_from([None, 0.25, 3.0]), "zoneout": st.tuples(st.booleans(), st.booleans()),
+    "zoneout_offset": st.sampled_from([0, 5]),
     "mask": st.booleans(), "go_backwards": st.booleans(), "zero_output_for_mask": st.booleans(),
     "return_sequences": st.booleans(), "use_bias": st.booleans(), "input_dropout": st.sampled_from([0, 1, 3]),
     "recurrent_dropout": st.booleans(), "dtype": st.sampled_from([torch.float32, torch.float64]),
@@ -263,6 +266,21 @@ def test_zoneout_keeps_states_in_training_and_is_identity_at_inference():
     again = layers.LSTM(8, return_sequences=True, dtype="float64", input_dim=3, zoneout=(0.3, 0.6), seed=7)
     again.set_weights(zoned.get_weights())
     assert torch.allclose(again.train()(x), y, atol=1e-12)  # seeded: the same masks
+
+
+def test_zoneout_offset_draws_the_whole_calls_masks_of_its_steps():
+    """A call that starts at global step `offset` draws the masks of those steps of one longer call
+    (what chunked runs rely on), in the reference's masks and the fused kernel alike."""
+    whole = Zoneout(12345, 0.3, 0.6)
+    for stream, size in ((0, 3), (1, 4)):
+        full = whole.mask(stream, 2, 9, size)
+        assert full.any() and not full.all()
+        for offset, steps in ((0, 4), (4, 5), (7, 2)):
+            part = dataclasses.replace(whole, offset=offset).mask(stream, 2, steps, size)
+            assert torch.equal(part, full[:, offset:offset + steps])
+    for go_backwards in (False, True):
+        p = variant_problem(3, 4, 2, 4, zoneout=(True, True), zoneout_offset=6, mask=True, go_backwards=go_backwards)
+        assert_equal_to_reference(p)
 
 
 def test_recurrent_dropconnect_drops_weights_with_one_mask_per_call():

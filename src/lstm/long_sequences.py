@@ -8,10 +8,10 @@
 
 Each returns what `layer(x, mask=..., initial_state=..., training=...)` returns (outputs, then the
 states with return_state) and updates a stateful layer's states. One call draws its dropout masks
-(and a variant's dropconnect mask) once for all chunks, as one layer call does. Masked steps repeat
-the previous output across chunk boundaries, as in one call (Keras). Not supported: Bidirectional
-(run its two layers), an activity_regularizer, gate traces, zoneout in training (its masks are
-hashed from each step's place in the whole call).
+(and a variant's dropconnect mask and zoneout seed) once for all chunks, as one layer call does;
+each chunk's zoneout masks are those of its steps in the whole call (Zoneout.offset). Masked steps
+repeat the previous output across chunk boundaries, as in one call (Keras). Not supported:
+Bidirectional (run its two layers), an activity_regularizer, gate traces.
 """
 
 from __future__ import annotations
@@ -124,9 +124,6 @@ class _Plan:
         self.problem = cell.recurrence(inputs, self.states, training, mask=check_mask(mask, inputs),
                                        go_backwards=layer.go_backwards, zero_output_for_mask=layer.zero_output_for_mask,
                                        input_dropout=input_masks, recurrent_dropout=recurrent_masks)
-        if self.problem.zoneout is not None:
-            raise ValueError("zoneout: its masks are hashed from each step's place in the whole call, which a "
-                             "chunk does not know; train with zoneout=0.0, or call the layer on the whole sequence")
         self.recompute, self.detach_every = False, 0
 
     def bounds(self) -> list:
@@ -139,8 +136,10 @@ class _Plan:
         # the last output so far, which masked steps repeat (zeros before the first step, as in Keras)
         previous = self.inputs.new_zeros(self.inputs.shape[0], self.problem.output_size)
         bounds = self.bounds()
+        done = 0  # steps processed before the chunk: its zoneout offset
         for k, (start, stop) in enumerate(bounds):
-            step = _ChunkStep(self.problem, start, stop, sequences)
+            step = _ChunkStep(self.problem, start, stop, sequences, done)
+            done += stop - start
             x = self.inputs[:, start:stop]
             if self.recompute:
                 params = [p for p in self.layer.parameters() if p.requires_grad]
@@ -160,7 +159,9 @@ class _Plan:
 class _ChunkStep:
     """One chunk through the kernels: (x, previous output, *states) -> (outputs, *states)."""
 
-    def __init__(self, problem, start: int, stop: int, sequences: bool):
+    def __init__(self, problem, start: int, stop: int, sequences: bool, processed: int):
+        if problem.zoneout is not None:  # the masks of these steps in the whole call
+            problem = replace(problem, zoneout=replace(problem.zoneout, offset=problem.zoneout.offset + processed))
         self.problem, self.sequences = problem, sequences
         # the chunk's own (contiguous) mask: a strided one takes the kernels' slower paths
         self.mask = None if problem.mask is None else problem.mask[:, start:stop].contiguous()

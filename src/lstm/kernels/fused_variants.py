@@ -1,28 +1,36 @@
 """The fused kernel for the LSTM variants (peephole, layer_norm, proj_size, coupled, forget_bias,
 cell_clip, zoneout), in the same C++ extension as fused_cpp (csrc/lstm_variants.h).
 
-What is not sequential runs here, in torch with autograd: xw = LN(x @ kernel) g_x + b (+
-forget_bias) for all steps, one addmm or layer_norm op. The recurrence, forward
-and hand-derived backward, runs in C++; the weight gradients are then one GEMM each over all steps:
-dR = Hp^T dA and dP = Hu^T dr (the C++ loop sums the other weights' gradients).
+The GEMMs over all steps run here, in torch: xk = x @ kernel (dropout masks first) before the
+recurrence; after it dkernel = x^T dxk, dx = dxk kernel^T, dR = Hp^T dA and dP = Hu^T dr. Everything
+per step runs in C++, forward and hand-derived backward: the bias (forget_bias included), the
+input layer norm LN(xk) g_x (xk is normalised in place and saved as such: no buffer of its own),
+the recurrence; it sums the gradients of the bias, the gains and the peepholes.
 
 Recurrent DropConnect needs nothing here: the layer hands over the masked recurrent kernel.
 It runs the plain LSTM too (so every test that runs each kernel checks it), but the dispatch
 gives plain problems to fused_cpp, which is faster for them. Traces come from the forward's
 buffers (the activated gates it saves anyway, plus each step's h and C), detached.
+
+Autograd: eager calls use a torch.autograd.Function; under torch.compile / torch.export the same
+functions run as the custom ops lstm::fused_variants_forward / lstm::fused_variants_backward (fake
+kernels and autograd registered), so Dynamo traces a variant LSTM without a graph break.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import fused_cpp
 from .problem import Recurrence, RecurrenceResult
-from .reference import LAYER_NORM_EPS, _per_gate
+from .reference import _per_gate
 
 name = "fused_variants"
 
-_SAVED = 9  # G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu
+_SAVED = 11  # G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x
 
 
 def supports(p: Recurrence) -> bool:
@@ -57,8 +65,11 @@ class _Cfg:
         self.ract = fused_cpp._code(cell.recurrent_activation)
         self.clip = -1.0 if cell.cell_clip is None else float(cell.cell_clip)
         zoneout = p.zoneout
-        self.zoneout = (0, 0, 0) if zoneout is None else (
-            zoneout.seed, zoneout.threshold(zoneout.rate_h), zoneout.threshold(zoneout.rate_c))
+        seed = 0 if zoneout is None else zoneout.seed  # (a tensor under torch.compile: rng.zoneout_seed)
+        if isinstance(seed, torch.Tensor) and not torch.compiler.is_compiling():
+            seed = int(seed)
+        self.zoneout = (0, 0, 0, 0) if zoneout is None else (
+            seed, zoneout.offset, zoneout.threshold(zoneout.rate_h), zoneout.threshold(zoneout.rate_c))
         self.trace = bool(p.trace)
         self.traced = None  # (G, H, C) of the forward, when a trace was asked for
 
@@ -70,70 +81,192 @@ def _detached(t):
     return None if t is None else t.detach()
 
 
+def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int) -> torch.Tensor:
+    """xk = x @ kernel [B, T, G*U], a new buffer (the C++ forward normalises it in place)."""
+    if in_drop is None:  # one 2-D GEMM, as matmul does with grad (a strided x would take another route)
+        B, T, D = x.shape
+        return (x.reshape(B * T, D) @ kernel).view(B, T, kernel.shape[1])
+    return _per_gate(x, kernel, in_drop[:, :, None, :], gates).contiguous()
+
+
+def _project_backward(x, kernel, in_drop, dxk, need_x: bool, need_kernel: bool):
+    """(dx, dkernel) of `_project`, None where not needed: dropout keep-masks shared or per gate."""
+    D, GU = kernel.shape
+    if in_drop is None or in_drop.shape[0] == 1:
+        xm = x if in_drop is None else x * in_drop[0][:, None, :]
+        dkernel = xm.reshape(-1, D).T @ dxk.reshape(-1, GU) if need_kernel else None
+        dx = None
+        if need_x:
+            dx = dxk @ kernel.T
+            dx = dx if in_drop is None else dx * in_drop[0][:, None, :]
+        return dx, dkernel
+    U = GU // in_drop.shape[0]
+    blocks = [(in_drop[g][:, None, :], slice(g * U, (g + 1) * U)) for g in range(in_drop.shape[0])]
+    dkernel = torch.cat([(x * m).reshape(-1, D).T @ dxk[..., cols].reshape(-1, U) for m, cols in blocks],
+                        dim=1) if need_kernel else None
+    dx = sum((dxk[..., cols] @ kernel[:, cols].T) * m for m, cols in blocks) if need_x else None
+    return dx, dkernel
+
+
+def _forward(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0, in_drop, rd, mask, zoneout,
+             flags, save: bool, trace: bool) -> list:
+    """The C++ forward on detached tensors: Y, hT, cT, then with save the _SAVED buffers, then with
+    trace each step's h and C."""
+    xk = _project(x, kernel, in_drop, 3 if flags[3] else 4)
+    return fused_cpp.extension().variant_forward(xk, gain_x, bias, R, rd, peephole, gain_h, gain_c, shift_c, P,
+                                                 *zoneout, mask, h0, c0, *flags, save, trace)
+
+
+def _backward(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, in_drop, rd,
+              mask, zoneout, flags, need_x: bool, need_kernel: bool) -> tuple:
+    """The gradients of x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0
+    (None where the input is None, or for x and kernel where not needed); detached tensors."""
+    placeholder = R.new_empty(0)
+    saved_list = [placeholder if t is None else t for t in saved]
+    dxk, dA, dr, dh0, dc0, dpeep, dnorm_c, d_gain_h, d_gain_x, d_bias = fused_cpp.extension().variant_backward(
+        dY, dhT, dcT, saved_list, gain_x, bias, R, rd, peephole, gain_h, gain_c, shift_c, P, *zoneout, mask, *flags)
+    Hp, Hu = saved[1], saved[8]
+    Ps, GU = R.shape
+    U = GU // (3 if flags[3] else 4)
+    dx, dkernel = _project_backward(x, kernel, in_drop, dxk, need_x, need_kernel)
+    dA = dxk if dA is None else dA
+    if rd is None:
+        dR = Hp.reshape(-1, Ps).T @ dA.reshape(-1, GU)
+    else:  # one keep-mask per gate on h_{t-1}
+        dR = torch.cat([(Hp * rd[g][:, None, :]).reshape(-1, Ps).T @ dA[..., g * U:(g + 1) * U].reshape(-1, U)
+                        for g in range(rd.shape[0])], dim=1)
+    d_peephole = d_gain_c = d_shift_c = dP = None
+    if peephole is not None:
+        d_peephole = dpeep[1:].clone() if flags[3] else dpeep  # (custom-op outputs start at offset 0)
+    if gain_h is not None:
+        d_gain_c, d_shift_c = dnorm_c[0].clone(), dnorm_c[1].clone()  # (custom-op outputs may not alias)
+    if P is not None:
+        dP = Hu.reshape(-1, U).T @ dr.reshape(-1, Ps)
+    return dx, dkernel, d_gain_x, d_bias, dR, d_peephole, d_gain_h, d_gain_c, d_shift_c, dP, dh0, dc0
+
+
 class _VariantFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, masks, xw, R, peephole, gain_h, gain_c, shift_c, P, h0, c0):
-        rd, mask = masks
-        weights = [_detached(t) for t in (peephole, gain_h, gain_c, shift_c, P)]
-        y, hT, cT, *saved = fused_cpp._ext.variant_forward(
-            xw.detach(), R.detach(), rd, *weights, *cfg.zoneout, mask, h0.detach(), c0.detach(), *cfg.flags(), True,
-            cfg.trace)
+    def forward(ctx, cfg, masks, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0):
+        weights = [_detached(t) for t in (x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0)]
+        y, hT, cT, *saved = _forward(*weights, *masks, cfg.zoneout, cfg.flags(), True, cfg.trace)
         if cfg.trace:
             cfg.traced = (saved[0], *saved[_SAVED:])
             saved = saved[:_SAVED]
         ctx.cfg, ctx.masks = cfg, masks
-        ctx.save_for_backward(R, peephole, gain_h, gain_c, shift_c, P, *saved)
+        ctx.save_for_backward(*weights[:10], *saved)
         return y, hT, cT
 
     @staticmethod
     def backward(ctx, dY, dhT, dcT):
         cfg = ctx.cfg
-        rd, mask = ctx.masks
-        R, peephole, gain_h, gain_c, shift_c, P, *saved = ctx.saved_tensors
-        placeholder = R.new_empty(0)
-        saved_list = [placeholder if t is None else t for t in saved]
-        weights = [_detached(t) for t in (peephole, gain_h, gain_c, shift_c, P)]
-        dxw, dA, dr, dh0, dc0, dpeep, dnorm_c, d_gain_h = fused_cpp._ext.variant_backward(
-            dY, dhT, dcT, saved_list, R.detach(), rd, *weights, *cfg.zoneout, mask, *cfg.flags())
-        Hp, Hu = saved[1], saved[8]
+        weights, saved = ctx.saved_tensors[:10], ctx.saved_tensors[10:]
+        grads = _backward(dY, dhT, dcT, saved, *weights, *ctx.masks, cfg.zoneout, cfg.flags(),
+                          *ctx.needs_input_grad[2:4])
+        return (None, None) + grads
+
+
+# ----- torch.compile: the same kernel as custom ops (forward, backward), as fused_cpp's ------------
+# Eager calls go through the autograd.Function above (less dispatch cost); under torch.compile the
+# ops below run instead, so Dynamo traces through without a graph break. The zoneout seed is a
+# 0-dim int64 tensor there (drawn when the graph runs: layers.rng.zoneout_seed).
+_ops = None
+_DIFFERENTIABLE = 12  # x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0
+_Outputs = tuple[(Tensor,) * (3 + _SAVED + 2)]  # Y, hT, cT, the saved buffers, the trace's h and C
+_Grads = tuple[(Tensor,) * _DIFFERENTIABLE]
+
+
+def _compile_ops():
+    global _ops
+    if _ops is not None:
+        return _ops
+
+    def zoneout_args(seed, offset, keep_h, keep_c):
+        return int(seed), offset, keep_h, keep_c
+
+    @torch.library.custom_op("lstm::fused_variants_forward", mutates_args=())
+    def fwd(x: Tensor, kernel: Tensor, gain_x: Optional[Tensor], bias: Optional[Tensor], R: Tensor,
+            peephole: Optional[Tensor], gain_h: Optional[Tensor], gain_c: Optional[Tensor],
+            shift_c: Optional[Tensor], P: Optional[Tensor], h0: Tensor, c0: Tensor, in_drop: Optional[Tensor],
+            rd: Optional[Tensor], mask: Optional[Tensor], zoneout_seed: Tensor, zoneout_offset: int, keep_h: int,
+            keep_c: int, backwards: bool, zero_out: bool, seq: bool, coupled: bool, act: int, ract: int,
+            clip: float, save: bool, trace: bool) -> _Outputs:
+        """Y, hT, cT, then (empty where unused) the saved buffers (with save) and the trace's h, C."""
+        flags = (backwards, zero_out, seq, coupled, act, ract, clip)
+        outs = _forward(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0, in_drop, rd, mask,
+                        zoneout_args(zoneout_seed, zoneout_offset, keep_h, keep_c), flags, save, trace)
+        outs += [None] * (3 + _SAVED + 2 - len(outs))
+        return tuple(x.new_empty(0) if t is None else t.contiguous() for t in outs)
+
+    @fwd.register_fake
+    def _(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0, in_drop, rd, mask, zoneout_seed,
+          zoneout_offset, keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, save, trace):
+        B, T, _ = x.shape
         Ps, GU = R.shape
-        U = GU // (3 if cfg.coupled else 4)
-        dA = dxw if dA is None else dA
-        if rd is None:
-            dR = Hp.reshape(-1, Ps).T @ dA.reshape(-1, GU)
-        else:  # one keep-mask per gate on h_{t-1}
-            dR = torch.cat([(Hp * rd[g][:, None, :]).reshape(-1, Ps).T @ dA[..., g * U:(g + 1) * U].reshape(-1, U)
-                            for g in range(rd.shape[0])], dim=1)
-        d_peephole = d_gain_c = d_shift_c = dP = None
-        if peephole is not None:
-            d_peephole = dpeep[1:] if cfg.coupled else dpeep
-        if gain_h is not None:
-            d_gain_c, d_shift_c = dnorm_c[0], dnorm_c[1]
-        if P is not None:
-            dP = Hu.reshape(-1, U).T @ dr.reshape(-1, Ps)
-        return None, None, dxw, dR, d_peephole, d_gain_h, d_gain_c, d_shift_c, dP, dh0, dc0
+        U = GU // (3 if coupled else 4)
+        save = save or trace
+        ln, proj = gain_h is not None, P is not None
+
+        def new(*shape, on=True):
+            return x.new_empty(shape if on else (0,))
+
+        saved = (new(B, T, GU), new(B, T, Ps), new(B, T, U), new(B, T, U), new(B, T, GU, on=ln), new(B, T, on=ln),
+                 new(B, T, U, on=ln), new(B, T, on=ln), new(B, T, U, on=proj), new(B, T, GU, on=ln), new(B, T, on=ln))
+        saved = tuple(t if save else new(0) for t in saved)
+        y = new(B, T, Ps) if seq else new(B, Ps)
+        return (y, new(B, Ps), new(B, U), *saved, new(B, T, Ps, on=trace), new(B, T, U, on=trace))
+
+    @torch.library.custom_op("lstm::fused_variants_backward", mutates_args=())
+    def bwd(dY: Optional[Tensor], dhT: Optional[Tensor], dcT: Optional[Tensor], saved: list[Tensor], x: Tensor,
+            kernel: Tensor, gain_x: Optional[Tensor], bias: Optional[Tensor], R: Tensor, peephole: Optional[Tensor],
+            gain_h: Optional[Tensor], gain_c: Optional[Tensor], shift_c: Optional[Tensor], P: Optional[Tensor],
+            in_drop: Optional[Tensor], rd: Optional[Tensor], mask: Optional[Tensor], zoneout_seed: Tensor,
+            zoneout_offset: int, keep_h: int, keep_c: int, backwards: bool, zero_out: bool, seq: bool, coupled: bool,
+            act: int, ract: int, clip: float, needs: list[bool]) -> _Grads:
+        """The gradients of fwd's first 12 inputs, each empty where `needs` (same order) is False."""
+        flags = (backwards, zero_out, seq, coupled, act, ract, clip)
+        result = _backward(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P,
+                           in_drop, rd, mask, zoneout_args(zoneout_seed, zoneout_offset, keep_h, keep_c), flags,
+                           needs[0], needs[1])
+        return tuple(g.contiguous() if need else x.new_empty(0) for g, need in zip(result, needs))
+
+    @bwd.register_fake
+    def _(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, in_drop, rd, mask,
+          zoneout_seed, zoneout_offset, keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, needs):
+        inputs = (x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P)
+        B, (Ps, GU) = x.shape[0], R.shape
+        shapes = [(0,) if t is None else t.shape for t in inputs] + [(B, Ps), (B, GU // (3 if coupled else 4))]
+        return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs[_DIFFERENTIABLE:]  # masks, zoneout, flags
+        ctx.present = [t is not None for t in inputs[:_DIFFERENTIABLE]]
+        ctx.save_for_backward(*inputs[:10], *output[3:3 + _SAVED])
+
+    def backward(ctx, dY, dhT, dcT, *_):
+        weights, saved = ctx.saved_tensors[:10], list(ctx.saved_tensors[10:])
+        needs = [bool(n and present) for n, present in zip(ctx.needs_input_grad[:_DIFFERENTIABLE], ctx.present)]
+        in_drop, rd, mask, *rest = ctx.inputs
+        result = bwd(dY, dhT, dcT, saved, *weights, in_drop, rd, mask, *rest[:-2], needs)
+        return tuple(g if need else None for g, need in zip(result, needs)) + (None,) * (len(ctx.inputs))
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _ops = (fwd, bwd)
+    return _ops
 
 
-def _input_projection(p: Recurrence, x: torch.Tensor) -> torch.Tensor:
-    """xw for every step, as reference's input projection (plus forget_bias in the bias), in one
-    fused torch op where it can: addmm, or layer_norm with its gain and the bias."""
+_compile_ops()  # Python definitions only (no C++ build): Dynamo cannot trace their creation
+
+
+def _bias(p: Recurrence):
+    """The bias the C++ step adds, forget_bias included (None when there is neither)."""
     cell = p.cell
-    B, T, D = x.shape
-    GU = p.kernel.shape[1]
-    bias = p.bias
-    if cell.forget_bias:
-        shift = torch.zeros(GU, dtype=x.dtype, device=x.device)
-        f = cell.gate_names.index("f") * p.units
-        shift[f:f + p.units] = cell.forget_bias
-        bias = shift if bias is None else bias + shift
-    masks = None if p.input_dropout is None else p.input_dropout[:, :, None, :]
-    if cell.layer_norm:
-        xk = _per_gate(x, p.kernel, masks, cell.gate_count)
-        return torch.nn.functional.layer_norm(xk, (GU,), p.layer_norm[0][0], bias, LAYER_NORM_EPS)
-    if masks is None and bias is not None:
-        return torch.addmm(bias, x.reshape(B * T, D), p.kernel).view(B, T, GU)
-    xw = _per_gate(x, p.kernel, masks, cell.gate_count)
-    return xw if bias is None else xw + bias
+    if not cell.forget_bias:
+        return p.bias
+    shift = torch.zeros(p.kernel.shape[1], dtype=p.inputs.dtype, device=p.inputs.device)
+    f = cell.gate_names.index("f") * p.units
+    shift[f:f + p.units] = cell.forget_bias
+    return shift if p.bias is None else p.bias + shift
 
 
 def _trace(p: Recurrence, G: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> dict:
@@ -153,21 +286,27 @@ def run(p: Recurrence) -> RecurrenceResult:
         out = x.new_zeros(B, 0, P) if p.return_sequences else x.new_zeros(B, P)
         trace = {k: x.new_zeros(B, 0, P if k == "h" else U) for k in ("i", "f", "c_tilde", "c", "o", "h")}
         return RecurrenceResult(out, (h0, c0), trace if p.trace else None)
-    ext = fused_cpp.extension()  # loaded by supports() already, unless called directly
+    fused_cpp.extension()  # loaded by supports() already, unless called directly
     cfg = _Cfg(p)
-    xw = _input_projection(p, x)
-    gain_h = gain_c = shift_c = None
-    if p.layer_norm is not None:  # the input half of the gate gain is in xw already
+    gain_x = gain_h = gain_c = shift_c = None
+    if p.layer_norm is not None:
         gate_gain, gain_c, shift_c = p.layer_norm
-        gain_h = gate_gain[1]
-    masks = (_detached(p.recurrent_dropout), p.mask)
-    weights = (p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c, p.projection, h0, c0)
-    if torch.is_grad_enabled() and (xw.requires_grad or any(t is not None and t.requires_grad for t in weights)):
-        y, hT, cT = _VariantFunction.apply(cfg, masks, xw, *weights)
+        gain_x, gain_h = gate_gain[0], gate_gain[1]
+    masks = (_detached(p.input_dropout), _detached(p.recurrent_dropout), p.mask)
+    weights = (p.kernel, gain_x, _bias(p), p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c, p.projection,
+               h0, c0)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
+    if torch.compiler.is_compiling():  # torch.compile / torch.export: the custom ops
+        seed, *zoneout = cfg.zoneout
+        seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+        outs = _ops[0](x, *weights, *masks, seed, *zoneout, *cfg.flags(), grad, cfg.trace)
+        trace = _trace(p, outs[3], *outs[3 + _SAVED:]) if cfg.trace else None
+        return RecurrenceResult(outs[0], (outs[1], outs[2]), trace)
+    if grad:
+        y, hT, cT = _VariantFunction.apply(cfg, masks, x, *weights)
     else:
         detached = [_detached(t) for t in weights]
-        y, hT, cT, *saved = ext.variant_forward(xw.detach(), detached[0], masks[0], *detached[1:6], *cfg.zoneout,
-                                                masks[1], *detached[6:], *cfg.flags(), False, cfg.trace)
+        y, hT, cT, *saved = _forward(x.detach(), *detached, *masks, cfg.zoneout, cfg.flags(), False, cfg.trace)
         if cfg.trace:
             cfg.traced = (saved[0], *saved[_SAVED:])
     return RecurrenceResult(y, (hT, cT), _trace(p, *cfg.traced) if cfg.trace else None)

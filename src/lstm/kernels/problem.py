@@ -8,6 +8,7 @@ and hand it to `lstm.kernels.run`; kernels return a `RecurrenceResult`. Nothing 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional, Union
 
 import torch
@@ -74,14 +75,20 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Zoneout:
     """Zoneout's keep-masks of one call, defined by a seed rather than stored: unit j of stream k
-    (0: h, 1: C) of row b at processing step s is kept when the top 24 bits of
-    splitmix64(seed + (n + 1) * golden), n = ((b * T + s) * size + j) * 2 + k, are below
-    rate * 2^24. The fused kernel hashes inside its loop (no mask tensors, no RNG calls); the
-    reference kernel materialises the same masks with `masks`."""
+    (0: h, 1: C) of row b (of B) at processing step s is kept when the top 24 bits of
+    splitmix64(seed + (n + 1) * golden), n = (((offset + s) * B + b) * size + j) * 2 + k, are
+    below rate * 2^24. The fused kernel hashes inside its loop (no mask tensors, no RNG calls); the
+    reference kernel materialises the same masks with `mask`.
 
-    seed: int
+    offset: the global processing step of the call's first step, so that a sequence run in chunks
+    (lstm.chunked, ...) draws the masks of one call over it with the same seed: a chunk passes the
+    number of steps processed before it (with go_backwards, processing order: the last chunk first).
+    seed: an int; under torch.compile a 0-dim int64 tensor (drawn in the graph: layers.rng)."""
+
+    seed: Union[int, torch.Tensor]
     rate_h: float
     rate_c: float
+    offset: int = 0
 
     def threshold(self, rate: float) -> int:
         return int(rate * (1 << UNIFORM_BITS))
@@ -91,12 +98,14 @@ class Zoneout:
         threshold = self.threshold((self.rate_h, self.rate_c)[stream])
         if not threshold:
             return None
-        n = torch.arange(batch * steps * size, dtype=torch.int64, device=device) * 2 + stream
+        arange = partial(torch.arange, dtype=torch.int64, device=device)
+        row = (self.offset + arange(steps))[None, :, None] * batch + arange(batch)[:, None, None]
+        n = (row * size + arange(size)) * 2 + stream
         z = self.seed + (n + 1) * _GOLDEN
         z = (z ^ _shift_right(z, 30)) * _MIX1
         z = (z ^ _shift_right(z, 27)) * _MIX2
         z = z ^ _shift_right(z, 31)
-        return (_shift_right(z, 64 - UNIFORM_BITS) < threshold).view(batch, steps, size)
+        return _shift_right(z, 64 - UNIFORM_BITS) < threshold
 
 
 @dataclass

@@ -7,6 +7,7 @@ import numbers
 import torch
 
 from ..kernels import CellSpec, Zoneout
+from . import rng
 from .base import CellLayer, RecurrentCell
 from .validation import check_fraction, check_units
 
@@ -160,8 +161,7 @@ class LSTMCell(RecurrentCell):
             keep = self._keep_mask(tuple(self.recurrent_kernel.shape), self.recurrent_dropconnect, inputs.device)
             problem.recurrent_kernel = self.recurrent_kernel * keep
         if training and any(self.zoneout):  # the masks are a function of one seed per call
-            seed = int(torch.randint(0, 2 ** 62, (), generator=self._generator))
-            problem.zoneout = Zoneout(seed, *self.zoneout)
+            problem.zoneout = Zoneout(rng.zoneout_seed(self._generator), *self.zoneout)
         return problem
 
     def _common_config(self) -> dict:

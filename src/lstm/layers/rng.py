@@ -1,10 +1,13 @@
-"""Random draws of the layers (dropout keep-masks) that also work inside torch.compile.
+"""Random draws of the layers (dropout keep-masks, zoneout seeds) that also work inside torch.compile.
 
-`bernoulli(shape, p, dtype, generator)` is `torch.bernoulli(torch.full(shape, p), generator=...)`.
+`bernoulli(shape, p, dtype, generator)` is `torch.bernoulli(torch.full(shape, p), generator=...)`;
+`zoneout_seed(generator)` is `int(torch.randint(0, 2**62, (), generator=...))`.
 Dynamo cannot put a `torch.Generator` in a graph, so a seeded draw under torch.compile goes
-through the custom op `lstm::seeded_bernoulli`, which draws from the same generator when the
-compiled graph runs: a seeded layer gives the same masks compiled and eager. (The generator is
-found by a key fixed when the graph is traced: reseed it with `manual_seed`, do not replace it.)
+through a custom op (`lstm::seeded_bernoulli`, `lstm::seeded_randint`), which draws from the same
+generator when the compiled graph runs: a seeded layer gives the same masks compiled and eager.
+(A zoneout seed is a 0-dim int64 tensor there: the graph cannot turn a draw into a Python int.)
+(The generator is found by a key fixed when the graph is traced: reseed it with `manual_seed`, do
+not replace it.)
 Unseeded draws use torch's global RNG as usual (under inductor that is inductor's own RNG unless
 `torch._inductor.config.fallback_random = True`).
 """
@@ -43,3 +46,26 @@ def bernoulli(shape, p: float, dtype: torch.dtype, generator: Optional[torch.Gen
     if generator is not None and torch.compiler.is_compiling():
         return _seeded_bernoulli(_key_when_tracing(generator), list(shape), float(p), dtype)
     return torch.bernoulli(torch.full(shape, p, dtype=dtype), generator=generator)
+
+
+@torch.library.custom_op("lstm::seeded_randint", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _seeded_randint(key: int, high: int) -> Tensor:
+    return torch.randint(0, high, (), generator=_generators[key])
+
+
+@_seeded_randint.register_fake
+def _(key, high):
+    return torch.empty((), dtype=torch.int64)
+
+
+SEED_BOUND = 2 ** 62
+
+
+def zoneout_seed(generator: Optional[torch.Generator] = None):
+    """A seed in [0, 2**62) from `generator` or torch's RNG: an int, or under torch.compile a
+    0-dim int64 tensor drawn when the graph runs (the same draw as eagerly)."""
+    if not torch.compiler.is_compiling():
+        return int(torch.randint(0, SEED_BOUND, (), generator=generator))
+    if generator is not None:
+        return _seeded_randint(_key_when_tracing(generator), SEED_BOUND)
+    return torch.randint(0, SEED_BOUND, ())

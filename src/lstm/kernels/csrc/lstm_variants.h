@@ -1,17 +1,20 @@
 // The LSTM variants' recurrence (peephole, layer norm, projection, coupled gates, cell clip,
 // zoneout), fused: included by lstm_cpu.cpp, whose helpers (activations, products, chunking) it
-// uses. The maths is reference.py's; the caller (fused_variants.py) does everything that is not
-// sequential with torch and autograd: xw = LN(x @ kernel) g_x + b (+ forget_bias), the
-// DropConnect mask on the recurrent kernel, and the weight gradients as GEMMs over all steps.
+// uses. The maths is reference.py's; the caller (fused_variants.py) does the GEMMs over all steps
+// with torch: xk = x @ kernel (dropout masks first), the DropConnect mask on the recurrent
+// kernel, and the weight gradients.
 //
 // Per step, for the rows of one chunk (each thread runs the whole sequence for its rows):
-//   A = h_{t-1} @ R (per gate when recurrent dropout masks h), LN(A) g_h with layer norm,
-//   z = xw_t + A, peepholes, gates, C = clip(f C_{t-1} + i C̃), o, hu = o tanh(C or LN(C) g_c + b_c),
-//   h = hu @ P (projection), zoneout, Keras masking.
-// Saved (training), indexed by time like xw: activated gates G, h_{t-1} (Hp), C_{t-1} (Cp),
-// C before the clip (Cn), LN's normalised values and 1/std (Ahat, rstd_h, Chat, rstd_c), hu (Hu).
-// The backward returns dxw (= dz), DA (dz through the recurrent layer norm) and dr (dh before the
-// projection) per step, from which the caller forms dR = Hp^T DA and dP = Hu^T dr.
+//   xw = LN(xk) g_x + b or xk + b (b: the bias, forget_bias included), A = h_{t-1} @ R (per gate
+//   when recurrent dropout masks h), LN(A) g_h with layer norm, z = xw + A, peepholes, gates,
+//   C = clip(f C_{t-1} + i C̃), o, hu = o tanh(C or LN(C) g_c + b_c), h = hu @ P (projection),
+//   zoneout, Keras masking.
+// Saved (training), indexed by time like xk: activated gates G, h_{t-1} (Hp), C_{t-1} (Cp),
+// C before the clip (Cn), LN's normalised values and 1/std (Ahat, rstd_h, Chat, rstd_c, and
+// Xhat, rstd_x: xk normalised in place, so the input norm needs no buffer of its own), hu (Hu).
+// The backward returns dxk, DA (dz through the recurrent layer norm; dz = dxk without it) and dr
+// (dh before the projection) per step, from which the caller forms dkernel = x^T dxk,
+// dR = Hp^T DA and dP = Hu^T dr, and the sums of the per-row gradients of b, g_x, g_h.
 
 namespace {
 
@@ -41,12 +44,30 @@ inline double dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64
   return total;
 }
 
+// x [n] -> x - mean(x) in place; returns 1/std (x is not scaled: the caller does it in its own pass)
+template <typename T>
+inline T centre(T* __restrict__ x, int64_t n) {
+  const T mean = T(dot_or_sum<T>(x, nullptr, n) / n);
+  T acc[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int k = 0; k < 16; ++k) {
+      x[j + k] -= mean;
+      acc[k] += x[j + k] * x[j + k];
+    }
+  double total = 0;
+  for (int k = 0; k < 16; ++k) total += acc[k];
+  for (; j < n; ++j) {
+    x[j] -= mean;
+    total += x[j] * x[j];
+  }
+  return T(1.0 / std::sqrt(total / n + kLayerNormEps));
+}
+
 // x [n] -> normalised in place; returns 1/std
 template <typename T>
 inline T normalise(T* __restrict__ x, int64_t n) {
-  const T mean = T(dot_or_sum<T>(x, nullptr, n) / n);
-  for (int64_t j = 0; j < n; ++j) x[j] -= mean;
-  const T rstd = T(1.0 / std::sqrt(dot_or_sum<T>(x, x, n) / n + kLayerNormEps));
+  const T rstd = centre(x, n);
   for (int64_t j = 0; j < n; ++j) x[j] *= rstd;
   return rstd;
 }
@@ -58,9 +79,65 @@ inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, 
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - a - xhat[j] * b);
 }
 
+// z = xhat g_x + ahat g_h + b from the centred xk and A (scaled in place to xhat, ahat), one pass
+template <typename T>
+inline void gate_norms_forward(T* __restrict__ xk, T* __restrict__ a, T rstd_x, T rstd_a, const T* __restrict__ gx,
+                               const T* __restrict__ gh, const T* __restrict__ bias, T* __restrict__ z, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    xk[j] *= rstd_x;
+    a[j] *= rstd_a;
+    z[j] = xk[j] * gx[j] + a[j] * gh[j] + bias[j];
+  }
+}
+
+// Backward of z = xhat g_x + ahat g_h (+ b), xhat = LN(xk), ahat = LN(A), for one row in two passes:
+// accumulates d g_x, d g_h (and d b if db), writes dxk and dA (d/dx of LN as in normalise_backward).
+template <typename T>
+inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ xhat, const T* __restrict__ ahat,
+                                T rstd_x, T rstd_a, const T* __restrict__ gx, const T* __restrict__ gh,
+                                T* __restrict__ dgx, T* __restrict__ dgh, T* __restrict__ db, T* __restrict__ dx,
+                                T* __restrict__ da, int64_t n) {
+  T sx[16] = {}, sxx[16] = {}, sa[16] = {}, saa[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int k = 0; k < 16; ++k) {
+      const T d = dz[j + k], yx = d * gx[j + k], ya = d * gh[j + k];
+      sx[k] += yx;
+      sxx[k] += yx * xhat[j + k];
+      sa[k] += ya;
+      saa[k] += ya * ahat[j + k];
+      dgx[j + k] += d * xhat[j + k];
+      dgh[j + k] += d * ahat[j + k];
+    }
+  double tx = 0, txx = 0, ta = 0, taa = 0;
+  for (int k = 0; k < 16; ++k) {
+    tx += sx[k];
+    txx += sxx[k];
+    ta += sa[k];
+    taa += saa[k];
+  }
+  for (; j < n; ++j) {
+    const T d = dz[j], yx = d * gx[j], ya = d * gh[j];
+    tx += yx;
+    txx += yx * xhat[j];
+    ta += ya;
+    taa += ya * ahat[j];
+    dgx[j] += d * xhat[j];
+    dgh[j] += d * ahat[j];
+  }
+  if (db)
+    for (j = 0; j < n; ++j) db[j] += dz[j];
+  const T mx = T(tx / n), mxx = T(txx / n), ma = T(ta / n), maa = T(taa / n);
+  for (j = 0; j < n; ++j) {
+    dx[j] = rstd_x * (dz[j] * gx[j] - mx - xhat[j] * mxx);
+    da[j] = rstd_a * (dz[j] * gh[j] - ma - ahat[j] * maa);
+  }
+}
+
 // Zoneout's keep flags of one row and step (problem.Zoneout): unit j of stream k is kept when
 // the top 24 bits of splitmix64(seed + (n + 1) * golden), n = (base + j) * 2 + k, are below
-// the threshold. Counter-based, so forward and backward draw the same flags with no mask memory.
+// the threshold; base = ((offset + step) * B + row) * size, which no chunking of the call changes.
+// Counter-based, so forward and backward draw the same flags with no mask memory.
 inline void zoneout_flags(uint64_t seed, uint64_t threshold, int64_t base, int64_t n, int stream, uint8_t* keep) {
   for (int64_t j = 0; j < n; ++j) {
     uint64_t z = seed + (uint64_t((base + j) * 2 + stream) + 1) * 0x9E3779B97F4A7C15ull;
@@ -79,15 +156,16 @@ inline const uint8_t* zoneout_row(uint64_t seed, uint64_t threshold, int64_t bas
   return buffer.data();
 }
 
-struct Zoneout {  // the seed and the two keep thresholds (0: off) of problem.Zoneout
-  int64_t seed, keep_h, keep_c;
+struct Zoneout {  // the seed, the step offset and the two keep thresholds (0: off) of problem.Zoneout
+  int64_t seed, offset, keep_h, keep_c;
 };
 
 template <typename T>
 struct VariantTensors {  // raw pointers of one call; nullptr where a variant is off
-  const T *xw, *R, *RT, *rd, *peep, *gain_h, *gain_c, *shift_c, *P, *PT;
+  const T *gain_x, *bias, *R, *RT, *rd, *peep, *gain_h, *gain_c, *shift_c, *P, *PT;
   const bool* mask;
   uint64_t zoneout_seed, keep_h, keep_c;  // zoneout: keep thresholds of 24-bit uniforms (0: off)
+  int64_t zoneout_offset;  // the global processing step of the call's first step
   int64_t B, Tn, U, Ps, GU, G;  // Ps: size of h (projection or U); G: gate blocks (3 coupled, 4)
 };
 
@@ -99,14 +177,16 @@ struct GateOffsets {
 };
 
 template <typename T>
-void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* h0,
-                          const T* c0, T* Y, T* hT, T* cT, T* G, T* Hp, T* Cp, T* Cn, T* Ahat, T* rstd_h, T* Chat,
-                          T* rstd_c, T* Hu, T* Htr, T* Ctr) {
+void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, T* X,
+                          const T* h0, const T* c0, T* Y, T* hT, T* cT, T* G, T* Hp, T* Cp, T* Cn, T* Ahat,
+                          T* rstd_h, T* Chat, T* rstd_c, T* rstd_x, T* Hu, T* Htr, T* Ctr) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
   std::vector<T> A(nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(nr * Ps, T(0));
   std::vector<T> hm(v.rd ? nr * Ps : 0), zrow(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U), r(fl.proj ? nr * Ps : 0);
   std::vector<uint8_t> keep_h(Ps), keep_c(U);
+  std::vector<T> no_bias(v.bias ? 0 : GU, T(0));
+  const T* bias = v.bias ? v.bias : no_bias.data();
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
     if (fl.save) {
@@ -127,17 +207,19 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
     for (int64_t b = 0; b < nr; ++b) {
       const int64_t row = (b0 + b) * Tn + t;
       T* a = &A[b * GU];
-      if (fl.ln) {
-        const T rs = normalise(a, GU);
+      T* z = fl.save ? G + row * GU : zrow.data();
+      T* xk = X + row * GU;
+      if (fl.ln) {  // z = LN(xk) g_x + LN(A) g_h + b in one pass after the centring; xk becomes xhat
+        const T rsa = centre(a, GU), rsx = centre(xk, GU);
+        gate_norms_forward(xk, a, rsx, rsa, v.gain_x, v.gain_h, bias, z, GU);
         if (fl.save) {
           std::copy(a, a + GU, Ahat + row * GU);
-          rstd_h[row] = rs;
+          rstd_h[row] = rsa;
+          rstd_x[row] = rsx;
         }
-        for (int64_t j = 0; j < GU; ++j) a[j] *= v.gain_h[j];
+      } else {
+        for (int64_t j = 0; j < GU; ++j) z[j] = xk[j] + a[j] + bias[j];
       }
-      T* z = fl.save ? G + row * GU : zrow.data();
-      const T* xw = v.xw + row * GU;
-      for (int64_t j = 0; j < GU; ++j) z[j] = xw[j] + a[j];
       const T* cp = &c[b * U];
       if (fl.peephole) {  // rows: i f o, or f o when coupled
         const T* pf = v.peep + (fl.coupled ? 0 : U);
@@ -187,8 +269,9 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       T* hb = &h[b * Ps];
       T* cb = &c[b * U];
       T* pb = &prev[b * Ps];
-      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h);
-      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c);
+      const int64_t zrow = (v.zoneout_offset + s) * v.B + b0 + b;  // (problem.Zoneout's numbering)
+      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, zrow * Ps, Ps, 0, keep_h);
+      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, zrow * U, U, 1, keep_c);
       const T* hn = hnew + b * Ps;
       const T* cn = &cnew[b * U];
       if (Htr) {  // the step's own h and C (after zoneout), masked or not, as the reference's trace
@@ -324,8 +407,9 @@ inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl
 template <typename T>
 void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* dY,
                            const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp, const T* Cn,
-                           const T* Ahat, const T* rstd_h, const T* Chat, const T* rstd_c, T* dXW, T* DA, T* Dr,
-                           T* dh0, T* dc0, T* dpeep, T* dnorm_c, T* dgain_h) {
+                           const T* Ahat, const T* rstd_h, const T* Chat, const T* rstd_c, const T* Xhat,
+                           const T* rstd_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep, T* dnorm_c, T* dgain_h,
+                           T* dgain_x, T* dbias) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
   std::vector<T> dh(nr * Ps, T(0)), dc(nr * U, T(0)), dprev(nr * Ps, T(0));
@@ -352,8 +436,9 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         std::fill(&dr[b * Ps], &dr[b * Ps] + Ps, T(0));
         continue;
       }
-      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, prow * Ps, Ps, 0, keep_h);
-      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, prow * U, U, 1, keep_c);
+      const int64_t zrow = (v.zoneout_offset + s) * v.B + b0 + b;  // (problem.Zoneout's numbering)
+      const uint8_t* kh = zoneout_row(v.zoneout_seed, v.keep_h, zrow * Ps, Ps, 0, keep_h);
+      const uint8_t* kc = zoneout_row(v.zoneout_seed, v.keep_c, zrow * U, U, 1, keep_c);
       T* dhb = &dh[b * Ps];
       T* dcb = &dc[b * U];
       for (int64_t j = 0; j < Ps; ++j) {
@@ -380,18 +465,17 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
       const int64_t row = (b0 + b) * Tn + t;
       cell_backward_row<T>(v, fl, off, G + row * GU, Cp + row * U, Cn + row * U, dhu_all + b * U, &dcn[b * U],
                            fl.ln ? Chat + row * U : nullptr, fl.ln ? rstd_c[row] : T(0), &dc[b * U], dz.data(),
-                           dpeep ? dpeep + (b0 + b) * 3 * U : nullptr, fl.ln ? dnorm_c + (b0 + b) * 2 * U : nullptr,
+                           dpeep ? dpeep + b0 * 3 * U : nullptr, fl.ln ? dnorm_c + b0 * 2 * U : nullptr,
                            scratch.data());
-      std::copy(dz.begin(), dz.end(), dXW + row * GU);
-      if (fl.ln) {  // z = xw + LN(A) g_h
-        T* da = DA + row * GU;
-        const T* ahat = Ahat + row * GU;
-        T* dg = dgain_h + (b0 + b) * GU;
-        for (int64_t j = 0; j < GU; ++j) {
-          dg[j] += dz[j] * ahat[j];
-          da[j] = dz[j] * v.gain_h[j];
-        }
-        normalise_backward(da, ahat, rstd_h[row], da, GU);
+      T* dx = dXW + row * GU;
+      T* db = dbias ? dbias + b0 * GU : nullptr;
+      if (fl.ln) {  // z = LN(xk) g_x + LN(A) g_h + b
+        gate_norms_backward(dz.data(), Xhat + row * GU, Ahat + row * GU, rstd_x[row], rstd_h[row], v.gain_x,
+                            v.gain_h, dgain_x + b0 * GU, dgain_h + b0 * GU, db, dx, DA + row * GU, GU);
+      } else {
+        std::copy(dz.begin(), dz.end(), dx);
+        if (db)
+          for (int64_t j = 0; j < GU; ++j) db[j] += dz[j];
       }
     }
     // dh_{t-1} += dA @ R^T (rows strided by T*GU in dXW / DA)
@@ -411,14 +495,16 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
 }
 
 template <typename T>
-VariantTensors<T> variant_tensors(const torch::Tensor& xw, const torch::Tensor& R, const torch::Tensor& RT,
+VariantTensors<T> variant_tensors(const torch::Tensor& xk, const torch::Tensor& gain_x, const torch::Tensor& bias,
+                                  const torch::Tensor& R, const torch::Tensor& RT,
                                   const torch::Tensor& rd, const torch::Tensor& peep, const torch::Tensor& gain_h,
                                   const torch::Tensor& gain_c, const torch::Tensor& shift_c, const torch::Tensor& P,
                                   const torch::Tensor& PT, const Zoneout& zoneout, const torch::Tensor& mask,
                                   bool coupled) {
   auto ptr = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
   VariantTensors<T> v;
-  v.xw = ptr(xw);
+  v.gain_x = ptr(gain_x);
+  v.bias = ptr(bias);
   v.R = ptr(R);
   v.RT = ptr(RT);
   v.rd = ptr(rd);
@@ -430,11 +516,12 @@ VariantTensors<T> variant_tensors(const torch::Tensor& xw, const torch::Tensor& 
   v.PT = ptr(PT);
   v.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   v.zoneout_seed = uint64_t(zoneout.seed);
+  v.zoneout_offset = zoneout.offset;
   v.keep_h = uint64_t(zoneout.keep_h);
   v.keep_c = uint64_t(zoneout.keep_c);
-  v.B = xw.size(0);
-  v.Tn = xw.size(1);
-  v.GU = xw.size(2);
+  v.B = xk.size(0);
+  v.Tn = xk.size(1);
+  v.GU = xk.size(2);
   v.G = coupled ? 3 : 4;
   v.U = v.GU / v.G;
   v.Ps = R.size(0);
@@ -451,34 +538,39 @@ inline torch::Tensor bool_or_none(const c10::optional<torch::Tensor>& t) {
 
 }  // namespace
 
-// xw [B,T,GU] (time order, bias and forget_bias included), R [Ps,GU]; see the top of this file.
-// Returns Y, hT, cT and, with save, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu (undefined if unused)
-// and, with trace (which implies save), each step's h and C after zoneout [B,T,*] in processing order.
-std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c10::optional<torch::Tensor> rd_o,
+// xk = x @ kernel [B,T,GU] (time order; contiguous, and normalised in place with layer norm: the
+// caller hands over a buffer of its own), bias [GU] (forget_bias included), R [Ps,GU]; see the top
+// of this file. Returns Y, hT, cT and, with save, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu,
+// Xhat (xk itself), rstd_x (undefined if unused) and, with trace (which implies save), each step's
+// h and C after zoneout [B,T,*] in processing order.
+std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gain_x_o,
+                                           c10::optional<torch::Tensor> bias_o, torch::Tensor R,
+                                           c10::optional<torch::Tensor> rd_o,
                                            c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
                                            c10::optional<torch::Tensor> gain_c_o,
                                            c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
-                                           int64_t zoneout_seed, int64_t keep_h, int64_t keep_c,
+                                           int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h,
+                                           int64_t keep_c,
                                            c10::optional<torch::Tensor> mask_o,
                                            torch::Tensor h0, torch::Tensor c0, bool backwards, bool zero_out, bool seq,
                                            bool coupled, int64_t act, int64_t ract, double clip, bool save,
                                            bool trace) {
   at::NoGradGuard no_grad;
   save = save || trace;
-  xw = xw.contiguous();
+  TORCH_CHECK(xk.is_contiguous(), "variant_forward: xk must be contiguous (it is normalised in place)");
   R = R.contiguous();
   h0 = h0.contiguous();
   c0 = c0.contiguous();
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
        gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       mask = bool_or_none(mask_o);
+       gain_x = contiguous_or_none(gain_x_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
   VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gain_h.defined(), P.defined(), save,
                   static_cast<int>(act), static_cast<int>(ract), clip};
-  const int64_t B = xw.size(0), Tn = xw.size(1), GU = xw.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
-  auto opts = xw.options();
+  const int64_t B = xk.size(0), Tn = xk.size(1), GU = xk.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
+  auto opts = xk.options();
   auto Y = seq ? torch::zeros({B, Tn, Ps}, opts) : torch::zeros({B, Ps}, opts);
   auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
-  torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Htr, Ctr;
+  torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x, Htr, Ctr;
   if (trace) {
     Htr = torch::empty({B, Tn, Ps}, opts);
     Ctr = torch::empty({B, Tn, U}, opts);
@@ -493,46 +585,51 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xw, torch::Tensor R, c1
       rstd_h = torch::empty({B, Tn}, opts);
       Chat = torch::empty({B, Tn, U}, opts);
       rstd_c = torch::empty({B, Tn}, opts);
+      Xhat = xk;
+      rstd_x = torch::empty({B, Tn}, opts);
     }
     if (fl.proj) Hu = torch::empty({B, Tn, U}, opts);
   }
-  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_variant_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(xk.scalar_type(), "lstm_variant_forward", [&] {
     using T = scalar_t;
-    auto v = variant_tensors<T>(xw, R, torch::Tensor(), rd, peep, gain_h, gain_c, shift_c, P, torch::Tensor(),
-                                Zoneout{zoneout_seed, keep_h, keep_c}, mask, coupled);
+    auto v = variant_tensors<T>(xk, gain_x, bias, R, torch::Tensor(), rd, peep, gain_h, gain_c, shift_c, P,
+                                torch::Tensor(), Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
-      *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *Hup = p(Hu), *Htrp = p(Htr), *Ctrp = p(Ctr);
+      *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *rxp = p(rstd_x), *Hup = p(Hu), *Htrp = p(Htr),
+      *Ctrp = p(Ctr), *Xp = xk.data_ptr<T>();
     const T* h0p = h0.data_ptr<T>();
     const T* c0p = c0.data_ptr<T>();
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
-      variant_forward_rows<T>(v, fl, b0, b1, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Cnp, Ap, rhp, Chp, rcp, Hup, Htrp,
-                              Ctrp);
+      variant_forward_rows<T>(v, fl, b0, b1, Xp, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Cnp, Ap, rhp, Chp, rcp, rxp,
+                              Hup, Htrp, Ctrp);
     });
   });
   if (!save) return {Y, hT, cT};
-  if (!trace) return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu};
-  return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Htr, Ctr};
+  if (!trace) return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x};
+  return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x, Htr, Ctr};
 }
 
-// Returns dxw [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxw), Dr [B,T,Ps]
+// saved: the forward's G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x (empty if unused).
+// Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxk), Dr [B,T,Ps]
 // (projection), dh0, dc0, dpeep [3,U] (rows i f o; the i row is zero when coupled), dnorm_c [2,U]
-// (d gain_c, d shift_c), d gain_h [GU].
+// (d gain_c, d shift_c), d gain_h [GU], d gain_x [GU] (layer norm), d bias [GU] (with a bias).
 std::vector<torch::Tensor> variant_backward(
     c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,
-    std::vector<torch::Tensor> saved, torch::Tensor R, c10::optional<torch::Tensor> rd_o,
+    std::vector<torch::Tensor> saved, c10::optional<torch::Tensor> gain_x_o, c10::optional<torch::Tensor> bias_o,
+    torch::Tensor R, c10::optional<torch::Tensor> rd_o,
     c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
     c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
-    int64_t zoneout_seed, int64_t keep_h, int64_t keep_c,
+    int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
     c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
     int64_t ract, double clip) {
   at::NoGradGuard no_grad;
   auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous(), Cn = saved[3].contiguous();
-  auto Ahat = saved[4], rstd_h = saved[5], Chat = saved[6], rstd_c = saved[7];
+  auto Ahat = saved[4], rstd_h = saved[5], Chat = saved[6], rstd_c = saved[7], Xhat = saved[9], rstd_x = saved[10];
   auto dY = contiguous_or_none(dY_o), dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
        gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       mask = bool_or_none(mask_o);
+       gain_x = contiguous_or_none(gain_x_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
   R = R.contiguous();
   auto RT = R.t().contiguous();
   auto PT = P.defined() ? P.t().contiguous() : torch::Tensor();
@@ -544,21 +641,24 @@ std::vector<torch::Tensor> variant_backward(
   auto DA = fl.ln ? torch::empty({B, Tn, GU}, opts) : torch::Tensor();
   auto Dr = fl.proj ? torch::empty({B, Tn, Ps}, opts) : torch::Tensor();
   auto dh0 = torch::empty({B, Ps}, opts), dc0 = torch::empty({B, U}, opts);
-  auto dpeep = fl.peephole ? torch::zeros({B, 3, U}, opts) : torch::Tensor();  // per row: no races
+  // weight-gradient sums, one row per chunk (its first batch row's): no races between threads
+  auto dpeep = fl.peephole ? torch::zeros({B, 3, U}, opts) : torch::Tensor();
   auto dnorm_c = fl.ln ? torch::zeros({B, 2, U}, opts) : torch::Tensor();
   auto dgain_h = fl.ln ? torch::zeros({B, GU}, opts) : torch::Tensor();
+  auto dgain_x = fl.ln ? torch::zeros({B, GU}, opts) : torch::Tensor();
+  auto dbias = bias.defined() ? torch::zeros({B, GU}, opts) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_variant_backward", [&] {
     using T = scalar_t;
-    auto v = variant_tensors<T>(G, R, RT, rd, peep, gain_h, gain_c, shift_c, P, PT,
-                                Zoneout{zoneout_seed, keep_h, keep_c}, mask, coupled);
+    auto v = variant_tensors<T>(G, gain_x, bias, R, RT, rd, peep, gain_h, gain_c, shift_c, P, PT,
+                                Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto cp = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
       variant_backward_rows<T>(v, fl, b0, b1, cp(dY), cp(dhT), cp(dcT), cp(G), cp(Hp), cp(Cp), cp(Cn), cp(Ahat),
-                               cp(rstd_h), cp(Chat), cp(rstd_c), p(dXW), p(DA), p(Dr), p(dh0), p(dc0), p(dpeep),
-                               p(dnorm_c), p(dgain_h));
+                               cp(rstd_h), cp(Chat), cp(rstd_c), cp(Xhat), cp(rstd_x), p(dXW), p(DA), p(Dr), p(dh0),
+                               p(dc0), p(dpeep), p(dnorm_c), p(dgain_h), p(dgain_x), p(dbias));
     });
   });
-  return {dXW, DA, Dr, dh0, dc0, fl.peephole ? dpeep.sum(0) : dpeep, fl.ln ? dnorm_c.sum(0) : dnorm_c,
-          fl.ln ? dgain_h.sum(0) : dgain_h};
+  auto total = [](const torch::Tensor& per_row) { return per_row.defined() ? per_row.sum(0) : per_row; };
+  return {dXW, DA, Dr, dh0, dc0, total(dpeep), total(dnorm_c), total(dgain_h), total(dgain_x), total(dbias)};
 }
