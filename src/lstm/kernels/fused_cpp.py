@@ -52,6 +52,7 @@ import torch
 
 from torch import Tensor
 
+from . import dispatch
 from .problem import Recurrence, RecurrenceResult
 
 name = "fused_cpp"
@@ -144,6 +145,51 @@ def supports(p: Recurrence) -> bool:
     if torch.compiler.is_compiling():
         return _load_when_tracing()
     return (_ext or extension()) is not None
+
+
+class CellCall:
+    """The Keras cell call `out, [h, c] = cell(x_t, [h, c])` of a plain LSTM cell as one C++ call
+    (`cell_step`), for the calls that need no autograd. What does not change between calls (the
+    activation codes, whether the cell draws random masks in training) is kept here; the cell
+    drops it when an attribute or a weight is set. Every per-call check of the full route is
+    made in C++ on the tensors as they are: a call it does not take (autograd, a conversion or
+    an error to report, a forced kernel, torch.compile, masks drawn in training) returns None,
+    and the cell takes the full route, which computes the same numbers (the same C++ step) or
+    raises its error."""
+
+    __slots__ = ("act", "ract", "draws")
+
+    def __init__(self, cell):
+        self.act = _code(cell.activation)
+        self.ract = _code(cell.recurrent_activation)
+        # dropout masks, and the LSTM cell's training-only zoneout and DropConnect
+        self.draws = bool(cell.dropout or cell.recurrent_dropout or getattr(cell, "recurrent_dropconnect", 0)
+                          or any(getattr(cell, "zoneout", ())))
+
+    def __call__(self, cell, x, states, training):
+        if (self.draws and (cell.training if training is None else training)) or dispatch._forced_name():
+            return None
+        if states is None:
+            h = c = None
+        elif type(states) is list or type(states) is tuple:
+            if len(states) != 2:
+                return None
+            h, c = states
+            if type(h) is not Tensor or type(c) is not Tensor:
+                return None
+        else:
+            return None
+        params = cell._parameters
+        out = _ext.cell_step(x, h, c, params["kernel"], params["recurrent_kernel"], params["bias"], self.act, self.ract)
+        return (out[0], out[1:]) if out else None
+
+
+def cell_call(cell):
+    """The lean route of `cell`'s calls (a CellCall), or False where it never applies."""
+    if (cell.kind != "lstm" or not cell.built or not cell.cell_spec().plain or _code(cell.activation) is None
+            or _code(cell.recurrent_activation) is None or extension() is None):
+        return False
+    return CellCall(cell)
 
 
 class _Cfg:
