@@ -213,32 +213,11 @@ inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   c.addmm_(a, b);
 }
 
-// Tiny batches: a register loop beats the BLAS call. C[M,N] += A[M,K] @ B[K,N]. k-blocks
-// outermost, so each block of B's rows is read from L2 once and reused from L1 by every row m.
+// Tiny batches: a register loop beats the BLAS call. C[M,N] += A[M,K] @ B[K,N] (small_gemm.h).
 template <typename T>
 inline void small_mm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict__ A, int64_t lda,
                          const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc) {
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    const T* b0 = B + k * ldb;
-    const T* b1 = b0 + ldb;
-    const T* b2 = b1 + ldb;
-    const T* b3 = b2 + ldb;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* a = A + m * lda + k;
-      const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-      T* c = C + m * ldc;
-      for (int64_t n = 0; n < N; ++n) c[n] += a0 * b0[n] + a1 * b1[n] + a2 * b2[n] + a3 * b3[n];
-    }
-  }
-  for (; k < K; ++k) {
-    const T* b0 = B + k * ldb;
-    for (int64_t m = 0; m < M; ++m) {
-      const T a0 = A[m * lda + k];
-      T* c = C + m * ldc;
-      for (int64_t n = 0; n < N; ++n) c[n] += a0 * b0[n];
-    }
-  }
+  small_gemm::small_gemm_acc<T>(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
 // C[M,N] += A[M,K] @ B[K,N]: loop or BLAS by size.
