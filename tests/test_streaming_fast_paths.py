@@ -250,7 +250,8 @@ def test_cell_call_route_is_taken_for_the_common_case_only():
         assert route(x[:, :3], h, c, *weights, 0, 1) == []
         assert route(x, h[:1], c, *weights, 0, 1) == []
         assert route(x.to_sparse(), h, c, *weights, 0, 1) == []
-    assert route(x, h, c, *weights, 0, 1) == []  # grad mode and weights that need grad: autograd
+    assert route(x, h, c, *weights, 0, 1) == [None]  # grad mode and weights that need grad: autograd
+    assert route(x.double(), h, c, *weights, 0, 1) == []  # (the checks come first)
     cell(x, [h, c])
     assert isinstance(cell._lean_call, fused_cpp.CellCall)  # derived on the first call
     assert layers.GRUCell(3, input_dim=2)(torch.randn(1, 2))[0].shape == (1, 3)  # other cells: the full route

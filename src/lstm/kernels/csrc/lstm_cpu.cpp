@@ -285,7 +285,7 @@ inline void gate_row(T* __restrict__ z, const T* __restrict__ cp, T* __restrict_
 // synchronisation at all. One thread, or one row: the caller's thread.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 int64_t kMinChunkRows = 4;  // tunable (set_tuning)
-int64_t kStreamParallelWork = int64_t(1) << 62;  // multiply-adds of a streaming step from which it uses the threads (off: measured slower on the busy 2-core machine; set_tuning)
+int64_t kStreamParallelWork = int64_t(1) << 17;  // multiply-adds of a streaming step from which it uses the threads (measured on 2 cores: from about D=128, H=128; set_stream_parallel_work)
 int64_t kXhMinBytes = 0;  // inference without a projection buffer from this xw size (set_tuning)
 // Only while a chunk's per-step GEMM is small: big steps go faster on MKL's own threads
 // (measured on 2 cores: 64,100,128,256 inference 32 ms on MKL threads vs 57 ms in chunks).
@@ -513,11 +513,12 @@ std::vector<torch::Tensor> single_step(const torch::Tensor& x, const torch::Tens
   return {Y, hT, cT};
 }
 
-// The Keras cell call's lean route (`out, [h, c] = cell(x_t, [h, c])` without autograd): the
-// layer route's checks answered here, then single_step. Returns an empty list when the call is
-// not this route's (a dtype, device, layout or shape the full route converts or reports, a
-// tensor that needs grad, a batch over kSmallBatch): the caller then takes the full route,
-// which gives the same numbers or the error. h and c absent: zeros.
+// The Keras cell call's lean route (`out, [h, c] = cell(x_t, [h, c])`): the layer route's checks
+// answered here, then single_step. Returns an empty list when the call is not this route's (a
+// dtype, device, layout or shape the full route converts or reports, a batch over kSmallBatch):
+// the caller then takes the full route, which gives the same numbers or the error; [None] when
+// every check passes but a tensor needs grad (the caller runs the autograd Function). h and c
+// absent: zeros.
 std::vector<torch::Tensor> cell_step(const torch::Tensor& x, const c10::optional<torch::Tensor>& h_o,
                                      const c10::optional<torch::Tensor>& c_o, const torch::Tensor& kernel,
                                      const torch::Tensor& R, const c10::optional<torch::Tensor>& bias_o, int64_t act,
@@ -525,13 +526,14 @@ std::vector<torch::Tensor> cell_step(const torch::Tensor& x, const c10::optional
   const auto st = kernel.scalar_type();
   if (st != at::kFloat && st != at::kDouble) return {};
   const bool grad = at::GradMode::is_enabled();
+  bool needs_grad = false;
   auto plain = [&](const torch::Tensor& t) {
-    return t.layout() == at::kStrided && !t.is_nested() && t.device().is_cpu() && t.scalar_type() == st &&
-           !(grad && t.requires_grad());
+    needs_grad = needs_grad || (grad && t.requires_grad());
+    return t.layout() == at::kStrided && !t.is_nested() && t.device().is_cpu() && t.scalar_type() == st;
   };
   if (h_o.has_value() != c_o.has_value() || kernel.dim() != 2 || R.dim() != 2 || x.dim() != 2) return {};
   const int64_t B = x.size(0), D = kernel.size(0), U = R.size(0);
-  if (B < 1 || B > kSmallBatch || x.size(1) != D || kernel.size(1) != 4 * U || R.size(1) != 4 * U) return {};
+  if (B < 1 || x.size(1) != D || kernel.size(1) != 4 * U || R.size(1) != 4 * U) return {};
   if (!plain(x) || !plain(kernel) || !plain(R)) return {};
   torch::Tensor bias;
   if (bias_o.has_value()) {
@@ -545,7 +547,10 @@ std::vector<torch::Tensor> cell_step(const torch::Tensor& x, const c10::optional
     if (!plain(h) || !plain(c) || h.dim() != 2 || c.dim() != 2 || h.size(0) != B || h.size(1) != U ||
         c.size(0) != B || c.size(1) != U)
       return {};
-  } else {
+  }
+  if (needs_grad) return {torch::Tensor()};
+  if (B > kSmallBatch) return {};
+  if (!h.defined()) {
     h = at::zeros({B, U}, at::TensorOptions().dtype(st));
     c = at::zeros({B, U}, at::TensorOptions().dtype(st));
   }
@@ -1001,7 +1006,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_stream_parallel_work", [](int64_t w) { return std::exchange(kStreamParallelWork, w); },
         "multiply-adds of a streaming step from which its units are split over the threads; returns the previous");
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
-  m.def("cell_step", &cell_step, "the cell call's lean route (no grad); [] when it does not apply");
+  m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");
   pybind11::class_<LSTMStep>(m, "LSTMStep")
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())
       .def("refresh", &LSTMStep::refresh)
