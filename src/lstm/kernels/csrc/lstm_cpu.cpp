@@ -856,6 +856,11 @@ struct LSTMStep {
   torch::Tensor Wp, bias_p, xh, c, z;
   int64_t B, D, U, UP, P, NB;
   int act, ract;
+  // Splitting a step over the threads pays only while they get a core at once; on a busy machine
+  // a split step can wait milliseconds for one. A split step far slower than the best one turns
+  // splitting off for `backoff` steps (doubling while that recurs, halving after a good split).
+  double best_split_s = 1e300;
+  int64_t serial_steps = 0, backoff = 64;
   LSTMStep(torch::Tensor kernel, torch::Tensor rec, c10::optional<torch::Tensor> bias_o, int64_t batch, int64_t act_,
            int64_t ract_)
       : kernel_ref(kernel), rec_ref(rec), bias_ref(opt(bias_o)), B(batch), act(static_cast<int>(act_)),
@@ -939,10 +944,23 @@ struct LSTMStep {
     const int64_t DU = D + U;
     for (int64_t b = 0; b < B; ++b) std::memcpy(xhp + b * DU, x + b * D, D * sizeof(T));
     const int64_t nt = std::min<int64_t>(at::get_num_threads(), P);
-    if (nt > 1 && B <= kSmallBatch && B * DU * 4 * U >= kStreamParallelWork && !at::in_parallel_region()) {
+    const bool split = nt > 1 && B <= kSmallBatch && B * DU * 4 * U >= kStreamParallelWork && !at::in_parallel_region();
+    if (split && serial_steps == 0) {
+      const auto start = std::chrono::steady_clock::now();
       at::parallel_for(0, nt, 1, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) panels<T>(P * k / nt, P * (k + 1) / nt, op);
       });
+      const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      best_split_s = std::min(best_split_s, took);
+      if (took > 8 * best_split_s + 50e-6) {
+        serial_steps = backoff;
+        backoff = std::min<int64_t>(2 * backoff, int64_t(1) << 16);
+      } else {
+        backoff = std::max<int64_t>(64, backoff / 2);
+      }
+    } else if (split) {
+      --serial_steps;
+      panels<T>(0, P, op);
     } else if (B > kSmallBatch) {
       int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
       panels<T>(0, P, op);
