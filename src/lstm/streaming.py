@@ -9,7 +9,10 @@
 An LSTM step is one call into the C++ kernel (`lstm.kernels.fused_cpp`): a small C++ object holds
 the weights, (x_t, h), c and the gate scratch, updates them in place and returns h_t in a new
 tensor (never aliased with the state); it re-reads the weights itself when a parameter's
-in-place version changes. Other cells (or without the C++ extension): a step is one Numba call
+in-place version changes. It keeps [kernel; recurrent_kernel] packed in panels, the four gate
+columns of 32 units each (16 in float64; csrc/small_gemm.h), so a step is one register-tiled pass
+over contiguous memory; big steps split the panels over the threads. Other cells (or without the
+C++ extension): a step is one Numba call
 on preallocated NumPy buffers: the input and the state sit side by
 side in one buffer so that the input and recurrent products are one product against the
 stacked weight [kernel; recurrent_kernel]; no autograd, no torch op. The weights are read

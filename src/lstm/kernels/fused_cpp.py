@@ -7,6 +7,10 @@
               then dR = H_prev^T @ dZ, dkernel = x^T @ dZ, dx = dZ @ kernel^T, db = ΣdZ
     inference batch > 4: no [B,T,4U] buffer; per step one GEMM [x_t, h] @ [kernel; R]
               batch <= 4: as training, without saving; T == 1 (cell calls): one fused step
+    cell call `cell(x_t, [h, c])`: `CellCall`, one C++ call (`cell_step`) that makes the layer's
+              checks and runs that fused step (with autograd: the autograd Function directly),
+              skipping the `Recurrence` and the dispatch
+    batch <= 4 products: register tiles (csrc/small_gemm.h, AVX-512 where the CPU has it)
 
 Threads: the recurrence is independent across batch rows, so with N threads each thread runs
 the whole sequence for B/N rows (single-threaded BLAS inside): no synchronisation per step.
@@ -52,6 +56,7 @@ import torch
 
 from torch import Tensor
 
+from . import dispatch
 from .problem import Recurrence, RecurrenceResult
 
 name = "fused_cpp"
@@ -59,7 +64,9 @@ name = "fused_cpp"
 ACT_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "linear": 3, "hard_sigmoid": 4, "hard_sigmoid_tf_keras": 5}
 _DTYPES = (torch.float32, torch.float64)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "lstm_cpu.cpp")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
+# -fopenmp: at::parallel_for is inline, and without _OPENMP it runs its range on the calling
+# thread (the extension then links torch's own libgomp.so.1, one OpenMP runtime in the process)
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 _ext = None  # the loaded module, False when it cannot be built
 _error: Optional[str] = None
@@ -95,7 +102,8 @@ def _load() -> bool:
                     try:
                         from torch.utils.cpp_extension import load
 
-                        _ext = load(name=_ext_name(), sources=[_SOURCE], extra_cflags=_FLAGS, verbose=False)
+                        _ext = load(name=_ext_name(), sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                                    verbose=False)
                     except Exception as exc:  # no compiler, no ninja, ...
                         _ext, _error = False, f"{type(exc).__name__}: {exc}"
                         detail = [ln for ln in _error.splitlines() if "error" in ln.lower()][-3:]
@@ -146,16 +154,81 @@ def supports(p: Recurrence) -> bool:
     return (_ext or extension()) is not None
 
 
+class CellCall:
+    """The Keras cell call `out, [h, c] = cell(x_t, [h, c])` of a plain LSTM cell as one C++ call
+    (`cell_step`), skipping the `Recurrence` and the dispatch. What does not change between calls
+    (the activation codes, whether the cell draws random masks in training) is kept here; the
+    cell drops it when an attribute or a weight is set. Every per-call check of the full route is
+    made in C++ on the tensors as they are. Without autograd the C++ call is the step (the one the
+    full route runs for T == 1); with it, the autograd Function runs directly, as the full route
+    runs it. A call it does not take (a conversion or an error to report, a forced kernel,
+    torch.compile, masks drawn in training) returns None, and the cell takes the full route, which
+    computes the same numbers or raises its error."""
+
+    __slots__ = ("act", "ract", "draws", "cfg")
+
+    def __init__(self, cell):
+        self.act = _code(cell.activation)
+        self.ract = _code(cell.recurrent_activation)
+        # dropout masks, and the LSTM cell's training-only zoneout and DropConnect
+        self.draws = bool(cell.dropout or cell.recurrent_dropout or getattr(cell, "recurrent_dropconnect", 0)
+                          or any(getattr(cell, "zoneout", ())))
+        self.cfg = _Cfg.one_step(self.act, self.ract)
+
+    def __call__(self, cell, x, states, training):
+        if (self.draws and (cell.training if training is None else training)) or dispatch._forced_name():
+            return None
+        if states is None:
+            h = c = None
+        elif type(states) is list or type(states) is tuple:
+            if len(states) != 2:
+                return None
+            h, c = states
+            if type(h) is not Tensor or type(c) is not Tensor:
+                return None
+        else:
+            return None
+        params = cell._parameters
+        kernel, recurrent_kernel, bias = params["kernel"], params["recurrent_kernel"], params["bias"]
+        out = _ext.cell_step(x, h, c, kernel, recurrent_kernel, bias, self.act, self.ract)
+        if len(out) == 3:
+            return out[0], out[1:]
+        if not out:
+            return None
+        if h is None:  # (the full route's zero states)
+            h, c = x.new_zeros(x.shape[0], cell.units), x.new_zeros(x.shape[0], cell.units)
+        y, h, c = _LSTMFunction.apply(self.cfg, x[:, None, :], kernel, recurrent_kernel, bias, h, c, None, None, None)
+        return y, [h, c]
+
+
+def cell_call(cell):
+    """The lean route of `cell`'s calls (a CellCall), or False where it never applies."""
+    if (cell.kind != "lstm" or not cell.built or not cell.cell_spec().plain or _code(cell.activation) is None
+            or _code(cell.recurrent_activation) is None or extension() is None):
+        return False
+    return CellCall(cell)
+
+
 class _Cfg:
     __slots__ = ("backwards", "zero_out", "seq", "act", "ract", "saved")
 
-    def __init__(self, p: Recurrence):
-        self.backwards = bool(p.go_backwards)
-        self.zero_out = bool(p.zero_output_for_mask)
-        self.seq = bool(p.return_sequences)
-        self.act = _code(p.cell.activation)
-        self.ract = _code(p.cell.recurrent_activation)
+    def __init__(self, p: Optional[Recurrence]):
+        if p is not None:
+            self.backwards = bool(p.go_backwards)
+            self.zero_out = bool(p.zero_output_for_mask)
+            self.seq = bool(p.return_sequences)
+            self.act = _code(p.cell.activation)
+            self.ract = _code(p.cell.recurrent_activation)
         self.saved = None  # (G, Hp, Cp) of the last forward, kept only when a trace is asked for
+
+    @classmethod
+    def one_step(cls, act: int, ract: int) -> "_Cfg":
+        """A cell call's: the last output, no mask, no trace (so `saved` stays None and one
+        config serves every call)."""
+        cfg = cls(None)
+        cfg.backwards = cfg.zero_out = cfg.seq = False
+        cfg.act, cfg.ract = act, ract
+        return cfg
 
 
 class _LSTMFunction(torch.autograd.Function):

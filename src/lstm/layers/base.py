@@ -226,8 +226,20 @@ class RecurrentCell(nn.Module):
         return Recurrence(self.cell_spec(), inputs, self.kernel, self.recurrent_kernel, self.bias,
                           tuple(initial_state), **options)
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        self.__dict__["_lean_call"] = None  # options or weights changed: the cell call's route is re-derived
+
     def forward(self, inputs, states=None, training=None):
         """One step: `out, new_states = cell(x_t, [h, c])`, x_t [B, D]; states=None means zeros."""
+        if not torch.compiler.is_compiling():
+            lean = self._lean_call
+            if lean is None:
+                lean = self.__dict__["_lean_call"] = kernels.fused_cpp.cell_call(self)
+            if lean and type(inputs) is torch.Tensor:
+                result = lean(self, inputs, states, training)
+                if result is not None:
+                    return result
         inputs = as_float_tensor(inputs, "inputs")
         if inputs.dim() != 2:
             raise ValueError(f"inputs: expected a 2-D tensor [batch, features] for one step, got shape "

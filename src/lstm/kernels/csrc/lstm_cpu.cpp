@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/EmptyTensor.h>
 
+#include "small_gemm.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -211,32 +213,11 @@ inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   c.addmm_(a, b);
 }
 
-// Tiny batches: a register loop beats the BLAS call. C[M,N] += A[M,K] @ B[K,N]. k-blocks
-// outermost, so each block of B's rows is read from L2 once and reused from L1 by every row m.
+// Tiny batches: a register loop beats the BLAS call. C[M,N] += A[M,K] @ B[K,N] (small_gemm.h).
 template <typename T>
 inline void small_mm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict__ A, int64_t lda,
                          const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc) {
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    const T* b0 = B + k * ldb;
-    const T* b1 = b0 + ldb;
-    const T* b2 = b1 + ldb;
-    const T* b3 = b2 + ldb;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* a = A + m * lda + k;
-      const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-      T* c = C + m * ldc;
-      for (int64_t n = 0; n < N; ++n) c[n] += a0 * b0[n] + a1 * b1[n] + a2 * b2[n] + a3 * b3[n];
-    }
-  }
-  for (; k < K; ++k) {
-    const T* b0 = B + k * ldb;
-    for (int64_t m = 0; m < M; ++m) {
-      const T a0 = A[m * lda + k];
-      T* c = C + m * ldc;
-      for (int64_t n = 0; n < N; ++n) c[n] += a0 * b0[n];
-    }
-  }
+  small_gemm::small_gemm_acc<T>(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
 // C[M,N] += A[M,K] @ B[K,N]: loop or BLAS by size.
@@ -304,7 +285,7 @@ inline void gate_row(T* __restrict__ z, const T* __restrict__ cp, T* __restrict_
 // synchronisation at all. One thread, or one row: the caller's thread.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 int64_t kMinChunkRows = 4;  // tunable (set_tuning)
-int64_t kStreamParallelWork = int64_t(1) << 62;  // multiply-adds of a streaming step from which it uses the threads (off: measured slower on the busy 2-core machine; set_tuning)
+int64_t kStreamParallelWork = int64_t(1) << 17;  // multiply-adds of a streaming step from which it uses the threads (measured on 2 cores: from about D=128, H=128; set_stream_parallel_work)
 int64_t kXhMinBytes = 0;  // inference without a projection buffer from this xw size (set_tuning)
 // Only while a chunk's per-step GEMM is small: big steps go faster on MKL's own threads
 // (measured on 2 cores: 64,100,128,256 inference 32 ms on MKL threads vs 57 ms in chunks).
@@ -494,7 +475,7 @@ std::vector<torch::Tensor> single_step(const torch::Tensor& x, const torch::Tens
                                        const torch::Tensor& bias, const torch::Tensor& h0, const torch::Tensor& c0,
                                        const torch::Tensor& mask, bool seq, bool zero_out, int64_t act,
                                        int64_t ract) {
-  const int64_t B = x.size(0), D = x.size(2), U = R.size(0), GU = 4 * U;
+  const int64_t B = x.size(0), D = kernel.size(0), U = R.size(0), GU = 4 * U;  // x [B, 1, D] or [B, D]
   auto st = x.scalar_type();
   at::Tensor Y = seq ? at::Tensor(at::detail::empty_cpu({B, 1, U}, st, false))
                      : at::Tensor(at::detail::empty_cpu({B, U}, st, false));
@@ -512,8 +493,8 @@ std::vector<torch::Tensor> single_step(const torch::Tensor& x, const torch::Tens
       if (bias.defined()) std::memcpy(zp + b * GU, bias.data_ptr<T>(), GU * sizeof(T));
       else std::fill(zp + b * GU, zp + (b + 1) * GU, T(0));
     }
-    small_mm_acc<T>(B, GU, D, xp, D, kernel.data_ptr<T>(), GU, zp, GU);
-    small_mm_acc<T>(B, GU, U, hp, U, R.data_ptr<T>(), GU, zp, GU);
+    small_gemm::small_gemm_acc<T>(B, GU, D, xp, D, kernel.data_ptr<T>(), GU, zp, GU);
+    small_gemm::small_gemm_acc<T>(B, GU, U, hp, U, R.data_ptr<T>(), GU, zp, GU);
     T* Yp = Y.data_ptr<T>();
     T* hTp = hT.data_ptr<T>();
     T* cTp = cT.data_ptr<T>();
@@ -530,6 +511,52 @@ std::vector<torch::Tensor> single_step(const torch::Tensor& x, const torch::Tens
     }
   });
   return {Y, hT, cT};
+}
+
+// The Keras cell call's lean route (`out, [h, c] = cell(x_t, [h, c])`): the layer route's checks
+// answered here, then single_step. Returns an empty list when the call is not this route's (a
+// dtype, device, layout or shape the full route converts or reports, a batch over kSmallBatch):
+// the caller then takes the full route, which gives the same numbers or the error; [None] when
+// every check passes but a tensor needs grad (the caller runs the autograd Function). h and c
+// absent: zeros.
+std::vector<torch::Tensor> cell_step(const torch::Tensor& x, const c10::optional<torch::Tensor>& h_o,
+                                     const c10::optional<torch::Tensor>& c_o, const torch::Tensor& kernel,
+                                     const torch::Tensor& R, const c10::optional<torch::Tensor>& bias_o, int64_t act,
+                                     int64_t ract) {
+  const auto st = kernel.scalar_type();
+  if (st != at::kFloat && st != at::kDouble) return {};
+  const bool grad = at::GradMode::is_enabled();
+  bool needs_grad = false;
+  auto plain = [&](const torch::Tensor& t) {
+    needs_grad = needs_grad || (grad && t.requires_grad());
+    return t.layout() == at::kStrided && !t.is_nested() && t.device().is_cpu() && t.scalar_type() == st;
+  };
+  if (h_o.has_value() != c_o.has_value() || kernel.dim() != 2 || R.dim() != 2 || x.dim() != 2) return {};
+  const int64_t B = x.size(0), D = kernel.size(0), U = R.size(0);
+  if (B < 1 || x.size(1) != D || kernel.size(1) != 4 * U || R.size(1) != 4 * U) return {};
+  if (!plain(x) || !plain(kernel) || !plain(R)) return {};
+  torch::Tensor bias;
+  if (bias_o.has_value()) {
+    bias = *bias_o;
+    if (!plain(bias) || bias.dim() != 1 || bias.size(0) != 4 * U) return {};
+  }
+  torch::Tensor h, c;
+  if (h_o.has_value()) {
+    h = *h_o;
+    c = *c_o;
+    if (!plain(h) || !plain(c) || h.dim() != 2 || c.dim() != 2 || h.size(0) != B || h.size(1) != U ||
+        c.size(0) != B || c.size(1) != U)
+      return {};
+  }
+  if (needs_grad) return {torch::Tensor()};
+  if (B > kSmallBatch) return {};
+  if (!h.defined()) {
+    h = at::zeros({B, U}, at::TensorOptions().dtype(st));
+    c = at::zeros({B, U}, at::TensorOptions().dtype(st));
+  }
+  auto dense = [](const torch::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); };
+  return single_step(dense(x), dense(kernel), dense(R), bias.defined() ? dense(bias) : bias, dense(h), dense(c),
+                     torch::Tensor(), false, false, act, ract);
 }
 
 // ----- forward ------------------------------------------------------------------------------------
@@ -815,35 +842,51 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
 
 // ----- streaming: one step on preallocated buffers --------------------------------------------------
 // xh [B, D+U] holds (x_t, h) side by side so the input and recurrent products are one product
-// against W = [kernel; recurrent_kernel] [D+U, 4U]. The object keeps references to the weight
-// tensors and re-reads them when their in-place version changes. step(x) writes h into a new
-// [B, U] tensor (one allocation; never aliased with the state), or returns None when x is not a
-// tensor of the weights' dtype (the caller converts it).
+// against W = [kernel; recurrent_kernel] [D+U, 4U]. W is kept packed in panels (small_gemm.h):
+// panel p holds the four gates' columns of units [p*UP, (p+1)*UP) (UP = kPanel/4, zero columns
+// past U), contiguous, so one register tile gives all four gates of UP units and the gate math
+// follows at once; with several threads each takes a range of panels (its share of W stays in
+// its core's L2 from step to step). The object keeps references to the weight tensors and
+// re-packs them when their in-place version changes. step(x) writes h into a new [B, U] tensor
+// (one allocation; never aliased with the state), or returns None when x is not a tensor of
+// the weights' dtype (the caller converts it).
 struct LSTMStep {
   torch::Tensor kernel_ref, rec_ref, bias_ref;
   int64_t kv = -1, rv = -1, bv = -1;
-  torch::Tensor W, bias, xh, c, z;
-  int64_t B, D, U;
+  torch::Tensor Wp, bias_p, xh, c, z;
+  int64_t B, D, U, UP, P, NB;
   int act, ract;
+  // Splitting a step over the threads pays only while they get a core at once; on a busy machine
+  // a split step can wait milliseconds for one. A split step far slower than the best one turns
+  // splitting off for `backoff` steps (doubling while that recurs, halving after a good split).
+  double best_split_s = 1e300;
+  int64_t serial_steps = 0, backoff = 64;
   LSTMStep(torch::Tensor kernel, torch::Tensor rec, c10::optional<torch::Tensor> bias_o, int64_t batch, int64_t act_,
            int64_t ract_)
       : kernel_ref(kernel), rec_ref(rec), bias_ref(opt(bias_o)), B(batch), act(static_cast<int>(act_)),
         ract(static_cast<int>(ract_)) {
     D = kernel.size(0);
     U = rec.size(0);
+    NB = kernel.scalar_type() == at::kFloat ? small_gemm::kPanel<float> : small_gemm::kPanel<double>;
+    UP = NB / 4;
+    P = (U + UP - 1) / UP;
     auto o = kernel.options().requires_grad(false);
-    W = torch::empty({D + U, 4 * U}, o);
-    bias = torch::zeros({4 * U}, o);
     xh = torch::zeros({B, D + U}, o);
     c = torch::zeros({B, U}, o);
-    z = torch::empty({B, 4 * U}, o);
+    z = torch::empty({B, P * NB}, o);
     refresh();
+  }
+  // [rows, 4U] gate-major columns -> [P, rows, NB] panels (zero columns past U)
+  torch::Tensor pack(const torch::Tensor& w) const {
+    const int64_t rows = w.size(0);
+    auto padded = at::constant_pad_nd(w.reshape({rows, 4, U}), {0, P * UP - U});
+    return padded.view({rows, 4, P, UP}).permute({2, 0, 1, 3}).contiguous().view({P, rows, NB});
   }
   void refresh() {
     at::NoGradGuard ng;
-    W.narrow(0, 0, D).copy_(kernel_ref.detach());
-    W.narrow(0, D, U).copy_(rec_ref.detach());
-    if (bias_ref.defined()) bias.copy_(bias_ref.detach());
+    Wp = pack(at::cat({kernel_ref.detach(), rec_ref.detach()}, 0));
+    bias_p = bias_ref.defined() ? pack(bias_ref.detach().reshape({1, 4 * U})).view({P, NB})
+                                : torch::zeros({P, NB}, Wp.options());
     kv = kernel_ref._version();
     rv = rec_ref._version();
     bv = bias_ref.defined() ? bias_ref._version() : -1;
@@ -855,71 +898,87 @@ struct LSTMStep {
   }
   std::vector<torch::Tensor> state() { return {xh.narrow(1, D, U).clone(), c.clone()}; }
 
+  // panels [p0, p1): z = bias + xh @ W for their columns, then the gate math of their units
+  template <typename T>
+  void panels(int64_t p0, int64_t p1, T* op) {
+    const int64_t DU = D + U, ldz = P * NB;
+    const T* xhp = xh.data_ptr<T>();
+    const T* Wpp = Wp.data_ptr<T>();
+    const T* bp = bias_p.data_ptr<T>();
+    T* zp = z.data_ptr<T>();
+    T* cp = c.data_ptr<T>();
+    for (int64_t p = p0; p < p1; ++p) {
+      T* zpan = zp + p * NB;
+      for (int64_t b = 0; b < B; ++b) std::memcpy(zpan + b * ldz, bp + p * NB, NB * sizeof(T));
+      if (B <= kSmallBatch) {
+        small_gemm::panel_gemm_acc<T>(B, DU, xhp, DU, Wpp + p * DU * NB, zpan, ldz);
+      } else {
+        gemm_nn<T>(B, NB, DU, xhp, DU, Wpp + p * DU * NB, NB, T(1), zpan, ldz);
+      }
+      const int64_t u0 = p * UP, n = std::min(UP, U - u0);
+      for (int64_t b = 0; b < B; ++b) {
+        T* zr = zpan + b * ldz;
+        if (act == ract) {
+          act_inplace(act, zr, NB);
+        } else {
+          act_inplace(ract, zr, 2 * UP);
+          act_inplace(act, zr + 2 * UP, UP);
+          act_inplace(ract, zr + 3 * UP, UP);
+        }
+        T* cr = cp + b * U + u0;
+        T* hr = op + b * U + u0;
+        for (int64_t j = 0; j < n; ++j) {
+          T cv = zr[UP + j] * cr[j] + zr[j] * zr[2 * UP + j];
+          cr[j] = cv;
+          hr[j] = cv;
+        }
+        act_inplace(act, hr, n);
+        for (int64_t j = 0; j < n; ++j) hr[j] *= zr[3 * UP + j];
+      }
+    }
+  }
+
   template <typename T>
   void run(const T* x, T* op) {
     T* xhp = xh.data_ptr<T>();
-    T* zp = z.data_ptr<T>();
-    T* cp = c.data_ptr<T>();
-    const T* bp = bias.data_ptr<T>();
-    const T* Wp = W.data_ptr<T>();
-    const int64_t GU = 4 * U, DU = D + U;
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(xhp + b * DU, x + b * D, D * sizeof(T));
-      std::memcpy(zp + b * GU, bp, GU * sizeof(T));
-    }
-    if (B <= kSmallBatch && B * DU * GU >= kStreamParallelWork && at::get_num_threads() > 1 &&
-        !at::in_parallel_region() && U >= 32) {
-      // big weights: each thread takes a range of units (their four gate columns) and does
-      // the product and the gate math for them, reading only its share of W
-      const int64_t nt = std::min<int64_t>(at::get_num_threads(), U / 16);
+    const int64_t DU = D + U;
+    for (int64_t b = 0; b < B; ++b) std::memcpy(xhp + b * DU, x + b * D, D * sizeof(T));
+    const int64_t nt = std::min<int64_t>(at::get_num_threads(), P);
+    const bool split = nt > 1 && B <= kSmallBatch && B * DU * 4 * U >= kStreamParallelWork && !at::in_parallel_region();
+    if (split && serial_steps == 0) {
+      const auto start = std::chrono::steady_clock::now();
       at::parallel_for(0, nt, 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t u0 = (U * k / nt) & ~int64_t(15), u1 = k + 1 == nt ? U : (U * (k + 1) / nt) & ~int64_t(15);
-          const int64_t n = u1 - u0;
-          for (int64_t g = 0; g < 4; ++g) small_mm_acc<T>(B, n, DU, xhp, DU, Wp + g * U + u0, GU, zp + g * U + u0, GU);
-          for (int64_t b = 0; b < B; ++b) {
-            T* zr = zp + b * GU;
-            act_inplace(ract, zr + u0, n);
-            act_inplace(ract, zr + U + u0, n);
-            act_inplace(act, zr + 2 * U + u0, n);
-            act_inplace(ract, zr + 3 * U + u0, n);
-            T* cr = cp + b * U;
-            T* hr = op + b * U;
-            for (int64_t j = u0; j < u1; ++j) {
-              T cv = zr[U + j] * cr[j] + zr[j] * zr[2 * U + j];
-              cr[j] = cv;
-              hr[j] = cv;
-            }
-            act_inplace(act, hr + u0, n);
-            for (int64_t j = u0; j < u1; ++j) hr[j] *= zr[3 * U + j];
-          }
-        }
+        for (int64_t k = k0; k < k1; ++k) panels<T>(P * k / nt, P * (k + 1) / nt, op);
       });
-      for (int64_t b = 0; b < B; ++b) std::memcpy(xhp + b * DU + D, op + b * U, U * sizeof(T));
-      return;
-    }
-    if (B <= kSmallBatch) {
-      small_mm_acc<T>(B, GU, DU, xhp, DU, Wp, GU, zp, GU);
-    } else {
+      const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      best_split_s = std::min(best_split_s, took);
+      if (took > 8 * best_split_s + 50e-6) {
+        serial_steps = backoff;
+        backoff = std::min<int64_t>(2 * backoff, int64_t(1) << 16);
+      } else {
+        backoff = std::max<int64_t>(64, backoff / 2);
+      }
+    } else if (split) {
+      --serial_steps;
+      panels<T>(0, P, op);
+    } else if (B > kSmallBatch) {
       int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-      gemm_nn<T>(B, GU, DU, xhp, DU, Wp, GU, T(1), zp, GU);
+      panels<T>(0, P, op);
       if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+    } else {
+      panels<T>(0, P, op);
     }
-    for (int64_t b = 0; b < B; ++b) {
-      T* hrow = op + b * U;
-      gate_row(zp + b * GU, cp + b * U, cp + b * U, hrow, U, act, ract);
-      std::memcpy(xhp + b * DU + D, hrow, U * sizeof(T));
-    }
+    for (int64_t b = 0; b < B; ++b) std::memcpy(xhp + b * DU + D, op + b * U, U * sizeof(T));
   }
   torch::Tensor step(const torch::Tensor& x) {
-    if (x.scalar_type() != W.scalar_type() || !x.device().is_cpu()) return torch::Tensor();
+    if (x.scalar_type() != Wp.scalar_type() || !x.device().is_cpu()) return torch::Tensor();
     TORCH_CHECK_VALUE(x.dim() <= 2 && x.dim() >= 1 && x.size(-1) == D && x.numel() == B * D,
                 "x_t: expected shape (", B, ", ", D, "), got ", x.sizes());
     if (kernel_ref._version() != kv || rec_ref._version() != rv || (bias_ref.defined() && bias_ref._version() != bv))
       refresh();
     auto xc = x.is_contiguous() ? x : x.contiguous();
-    at::Tensor out = at::detail::empty_cpu({B, U}, W.scalar_type(), false);
-    if (W.scalar_type() == at::kFloat) run<float>(xc.data_ptr<float>(), out.data_ptr<float>());
+    at::Tensor out = at::detail::empty_cpu({B, U}, Wp.scalar_type(), false);
+    if (Wp.scalar_type() == at::kFloat) run<float>(xc.data_ptr<float>(), out.data_ptr<float>());
     else run<double>(xc.data_ptr<double>(), out.data_ptr<double>());
     return out;
   }
@@ -962,7 +1021,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     kStreamParallelWork = stream_parallel;
   });
   m.def("set_chunk_max_work", [](int64_t w) { kChunkMaxWork = w; });
+  m.def("set_stream_parallel_work", [](int64_t w) { return std::exchange(kStreamParallelWork, w); },
+        "multiply-adds of a streaming step from which its units are split over the threads; returns the previous");
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
+  m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");
   pybind11::class_<LSTMStep>(m, "LSTMStep")
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())
       .def("refresh", &LSTMStep::refresh)
