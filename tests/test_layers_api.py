@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import os
 import tempfile
 from pathlib import Path
@@ -1109,6 +1110,7 @@ def _ddp_worker(rank, init_file, out_dir):
         loss.backward()
         opt.step()
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), *model.get_weights())
+        dist.barrier()  # both ranks done before the teardown (gloo's can hang otherwise: pytorch#75097)
     finally:
         dist.destroy_process_group()
 
@@ -1127,7 +1129,13 @@ def test_distributed_data_parallel_two_ranks():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        ranks = mp.spawn(_ddp_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=False)
+        deadline = time.monotonic() + 300  # a rank stuck in a collective must fail the test, not hang it
+        while not ranks.join(timeout=2):
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                pytest.fail("the two DDP ranks did not finish within 300 s")
         ranks = []
         for r in range(2):
             with np.load(os.path.join(tmp, f"rank{r}.npz")) as data:

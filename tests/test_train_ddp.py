@@ -72,6 +72,7 @@ def _sums_worker(rank: int, init: str, out: str) -> None:
         second = distributed.all_reduce_sums({"loss": (torch.tensor(1.0), 1.0)})  # the next collective
         with open(f"{out}/sums{rank}.json", "w") as handle:
             json.dump([{k: [float(v[0]), v[1]] for k, v in s.items()} for s in (first, second)], handle)
+        dist.barrier()  # both ranks done before the teardown (gloo's can hang otherwise: pytorch#75097)
     finally:
         dist.destroy_process_group()
 

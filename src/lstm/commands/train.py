@@ -74,14 +74,16 @@ def run(args) -> int:
     options = {name: getattr(args, name) for name in OPTIONS}
     if args.device:
         options["device"] = args.device
+    from ..train import distributed
+
+    # the process group is torn down after a run every rank ended (done, or stopped at the same step);
+    # not after an error, when the other ranks may be inside a collective and the teardown would hang
     try:
         train(options, task_name=args.task, out=args.out, resume=args.resume, quick=args.quick,
               progress=not args.no_progress, save_every=args.save_every)
     except TrainingInterrupted as stopped:
+        distributed.cleanup()
         print(f"lstm train: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    finally:
-        from ..train import distributed
-
-        distributed.cleanup()
+    distributed.cleanup()
     return 0

@@ -56,4 +56,5 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if active():
+        dist.barrier()  # every rank done before the teardown, which can hang in gloo otherwise (pytorch#75097)
         dist.destroy_process_group()
