@@ -495,32 +495,39 @@ void forward_loop_xh(int64_t B, int64_t Tn, int64_t D, int64_t U, const T* x, co
   const int64_t GU = 4 * U, DU = D + U;
   std::vector<T> xh(B * DU), z(B * GU), c(B * U), ylast(fl.seq ? 0 : B * U, T(0));
   const StepOperand<T> w(B, GU, DU, W, GU, Tn);
+  auto time_of = [&](int64_t s) { return fl.backwards ? Tn - 1 - s : s; };
+  auto load_row = [&](int64_t b, int64_t t) {  // x_t next to h, the bias into z
+    std::memcpy(xh.data() + b * DU, x + (b * Tn + t) * D, D * sizeof(T));
+    if (bias) std::memcpy(z.data() + b * GU, bias, GU * sizeof(T));
+    else std::fill(z.data() + b * GU, z.data() + (b + 1) * GU, T(0));
+  };
   for (int64_t b = 0; b < B; ++b) {
     std::memcpy(xh.data() + b * DU + D, h0 + b * U, U * sizeof(T));
     std::memcpy(c.data() + b * U, c0 + b * U, U * sizeof(T));
+    if (Tn > 0) load_row(b, time_of(0));
   }
   for (int64_t s = 0; s < Tn; ++s) {
-    const int64_t t = fl.backwards ? Tn - 1 - s : s;
-    for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(xh.data() + b * DU, x + (b * Tn + t) * D, D * sizeof(T));
-      if (bias) std::memcpy(z.data() + b * GU, bias, GU * sizeof(T));
-      else std::fill(z.data() + b * GU, z.data() + (b + 1) * GU, T(0));
-    }
+    const int64_t t = time_of(s);
     w.acc(xh.data(), DU, z.data(), GU);
-    for (int64_t b = 0; b < B; ++b) {
-      const bool kept = keep == nullptr || keep[b * Tn + t];
-      T* yrow = fl.seq ? Y + (b * Tn + s) * U : ylast.data() + b * U;
-      T* hrow = xh.data() + b * DU + D;
-      if (kept) {
-        gate_row(z.data() + b * GU, c.data() + b * U, c.data() + b * U, hrow, U, fl.act, fl.ract);
-        std::memcpy(yrow, hrow, U * sizeof(T));
-      } else if (fl.seq) {
-        if (fl.zero_out || s == 0) std::memset(yrow, 0, U * sizeof(T));
-        else std::memcpy(yrow, Y + (b * Tn + s - 1) * U, U * sizeof(T));
-      } else if (fl.zero_out) {
-        std::memset(yrow, 0, U * sizeof(T));
+    // the rows' gate math, then their next step's inputs: one pass over the threads per step
+    // (the rows of a call that runs on MKL's threads would otherwise wait on one thread)
+    over_rows(B, 5 * U + DU, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const bool kept = keep == nullptr || keep[b * Tn + t];
+        T* yrow = fl.seq ? Y + (b * Tn + s) * U : ylast.data() + b * U;
+        T* hrow = xh.data() + b * DU + D;
+        if (kept) {
+          gate_row(z.data() + b * GU, c.data() + b * U, c.data() + b * U, hrow, U, fl.act, fl.ract);
+          std::memcpy(yrow, hrow, U * sizeof(T));
+        } else if (fl.seq) {
+          if (fl.zero_out || s == 0) std::memset(yrow, 0, U * sizeof(T));
+          else std::memcpy(yrow, Y + (b * Tn + s - 1) * U, U * sizeof(T));
+        } else if (fl.zero_out) {
+          std::memset(yrow, 0, U * sizeof(T));
+        }
+        if (s + 1 < Tn) load_row(b, time_of(s + 1));
       }
-    }
+    });
   }
   for (int64_t b = 0; b < B; ++b) {
     std::memcpy(hT + b * U, xh.data() + b * DU + D, U * sizeof(T));
