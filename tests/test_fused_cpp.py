@@ -259,3 +259,17 @@ def test_packed_long_sequences_float32(packed_everywhere, B, T, D, U):
 @given(problem_args)
 def test_packed_cpp_equals_reference(packed_everywhere, args):
     check_equal(make_problem(**args), in_hypothesis=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_big_steps_on_mkl_threads_equal_reference(dtype):
+    # steps too big for a thread's row chunk: MKL's threads run each step's (packed, in float32)
+    # product and the rows' gate math is split over the threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for backwards in (False, True):
+            check_equal(make_problem("lstm", 54, 6, 32, 128, dtype=dtype, mask="holes", go_backwards=backwards),
+                        tol=2e-5)
+    finally:
+        torch.set_num_threads(before)
