@@ -226,3 +226,50 @@ def test_torch_compile_traces_through_without_graph_breaks():
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def packed_everywhere():
+    """Every per-step product with more than the register-loop rows and at least 4 steps runs on
+    MKL's packed GEMM (float32; float64 and a torch without the symbols keep the plain GEMM)."""
+    ext = fused_cpp.extension()
+    previous = ext.set_pack_min_work(0)
+    yield
+    ext.set_pack_min_work(previous)
+
+
+@pytest.mark.parametrize("B", [5, 17])  # 4 rows and fewer: the register loop, never packed
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [3, 9])  # fewer than 4 steps: not worth packing
+def test_packed_step_products_equal_reference(packed_everywhere, B, dtype, T):
+    for rd in (False, True):  # recurrent dropout: four plain products per step
+        for backwards in (False, True):
+            for mask in ("holes_and_empty", "none"):
+                check_equal(make_problem("lstm", B, T, 5, 7, dtype=dtype, mask=mask, recurrent_dropout=rd,
+                                         go_backwards=backwards, return_sequences=B % 2 == 1, seed=B + T))
+
+
+@pytest.mark.parametrize("B, T, D, U", [(6, 30, 8, 40), (9, 12, 50, 16)])  # [x_t, h] route (D <= U), projection route
+def test_packed_long_sequences_float32(packed_everywhere, B, T, D, U):
+    check_equal(make_problem("lstm", B, T, D, U, dtype=torch.float32, mask="holes", go_backwards=True), tol=2e-5)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(problem_args)
+def test_packed_cpp_equals_reference(packed_everywhere, args):
+    check_equal(make_problem(**args), in_hypothesis=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_big_steps_on_mkl_threads_equal_reference(dtype):
+    # steps too big for a thread's row chunk: MKL's threads run each step's (packed, in float32)
+    # product and the rows' gate math is split over the threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for backwards in (False, True):
+            check_equal(make_problem("lstm", 54, 6, 32, 128, dtype=dtype, mask="holes", go_backwards=backwards),
+                        tol=2e-5)
+    finally:
+        torch.set_num_threads(before)
