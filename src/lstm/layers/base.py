@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import activations, constraints, initializers, kernels, regularizers
 from ..kernels import CellSpec, Recurrence
+from ..kernels.problem import STATE_COUNT
 from ..serialization import dtype_name, parse_dtype, unique_name
 from . import rng
 from .config import constructor_kwargs
@@ -94,7 +95,7 @@ class RecurrentCell(nn.Module):
 
     @property
     def state_count(self) -> int:
-        return CellSpec(self.kind).state_count
+        return STATE_COUNT[self.kind]
 
     @property
     def output_size(self) -> int:
@@ -108,7 +109,7 @@ class RecurrentCell(nn.Module):
 
     @property
     def built(self) -> bool:
-        return self.kernel is not None
+        return self._parameters["kernel"] is not None  # (not through nn.Module.__getattr__: called every step)
 
     @property
     def input_dim(self) -> Optional[int]:
@@ -190,11 +191,13 @@ class RecurrentCell(nn.Module):
         return CellSpec(self.kind, self.activation, self.recurrent_activation)
 
     def get_initial_state(self, batch_size: int, device=None) -> list[torch.Tensor]:
-        return [torch.zeros(batch_size, size, dtype=self.compute_dtype, device=device) for size in self.state_sizes]
+        dtype = self.compute_dtype
+        return [torch.zeros(batch_size, size, dtype=dtype, device=device) for size in self.state_sizes]
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.kernel.dtype if self.built else self.dtype
+        kernel = self._parameters["kernel"]
+        return self.dtype if kernel is None else kernel.dtype
 
     def _keep_mask(self, shape, rate: float, device) -> torch.Tensor:
         keep = rng.bernoulli(shape, 1.0 - rate, self.compute_dtype, self._generator)  # (torch.compile-safe)
