@@ -286,7 +286,7 @@ def test_fused_cpp_ops_pass_opcheck():
         pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
     p = make_problem("lstm", 3, 4, 2, 5, dtype=torch.float64, mask="holes", recurrent_dropout=True,
                      input_dropout="shared", return_sequences=False)
-    cfg = fused_cpp._Cfg(p)
+    cfg = fused_cpp._Cfg.of(p)
     args = (p.inputs, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state, p.input_dropout, p.recurrent_dropout,
             p.mask, cfg.backwards, cfg.zero_out, cfg.seq, cfg.act, cfg.ract)
     torch.library.opcheck(fused_cpp._ops[0], args)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import os
 import tempfile
 from pathlib import Path
@@ -1126,16 +1125,10 @@ def _ddp_data(rank):
 
 
 def test_distributed_data_parallel_two_ranks():
-    import torch.multiprocessing as mp
+    from two_ranks import spawn_two_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
-        ranks = mp.spawn(_ddp_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=False)
-        deadline = time.monotonic() + 300  # a rank stuck in a collective must fail the test, not hang it
-        while not ranks.join(timeout=2):
-            if time.monotonic() > deadline:
-                for process in ranks.processes:
-                    process.kill()
-                pytest.fail("the two DDP ranks did not finish within 300 s")
+        spawn_two_ranks(_ddp_worker, (os.path.join(tmp, "init"), tmp), seconds=300)
         ranks = []
         for r in range(2):
             with np.load(os.path.join(tmp, f"rank{r}.npz")) as data:

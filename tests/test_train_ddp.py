@@ -4,12 +4,10 @@ step both ranks hold identical weights, and only rank 0 writes metrics and check
 import json
 import os
 import socket
-import time
 
-import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from two_ranks import spawn_two_ranks
 
 
 def _free_port() -> int:
@@ -42,13 +40,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_hold_identical_weights(tmp_path):
-    ranks = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300  # a rank stuck in a collective must fail the test, not hang it
-    while not ranks.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("the two DDP ranks did not finish within 300 s")
+    spawn_two_ranks(_worker, (2, _free_port(), str(tmp_path)), seconds=300)
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     saved = load_file(tmp_path / "run" / "checkpoints" / "epoch-001" / "model.safetensors")
@@ -78,13 +70,7 @@ def _sums_worker(rank: int, init: str, out: str) -> None:
 
 
 def test_sums_add_over_ranks_when_one_rank_has_none(tmp_path):
-    ranks = mp.spawn(_sums_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ranks.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("a rank skipped a collective: the two ranks did not finish within 120 s")
+    spawn_two_ranks(_sums_worker, (str(tmp_path / "init"), str(tmp_path)), seconds=120)
     expected = [{"accuracy": [1.0, 2.0], "loss": [3.0, 2.0]}, {"loss": [2.0, 2.0]}]
     for rank in range(2):
         assert json.loads((tmp_path / f"sums{rank}.json").read_text()) == expected

@@ -212,23 +212,20 @@ def cell_call(cell):
 class _Cfg:
     __slots__ = ("backwards", "zero_out", "seq", "act", "ract", "saved")
 
-    def __init__(self, p: Optional[Recurrence]):
-        if p is not None:
-            self.backwards = bool(p.go_backwards)
-            self.zero_out = bool(p.zero_output_for_mask)
-            self.seq = bool(p.return_sequences)
-            self.act = _code(p.cell.activation)
-            self.ract = _code(p.cell.recurrent_activation)
+    def __init__(self, backwards: bool, zero_out: bool, seq: bool, act: int, ract: int):
+        self.backwards, self.zero_out, self.seq, self.act, self.ract = backwards, zero_out, seq, act, ract
         self.saved = None  # (G, Hp, Cp) of the last forward, kept only when a trace is asked for
+
+    @classmethod
+    def of(cls, p: Recurrence) -> "_Cfg":
+        return cls(bool(p.go_backwards), bool(p.zero_output_for_mask), bool(p.return_sequences),
+                   _code(p.cell.activation), _code(p.cell.recurrent_activation))
 
     @classmethod
     def one_step(cls, act: int, ract: int) -> "_Cfg":
         """A cell call's: the last output, no mask, no trace (so `saved` stays None and one
         config serves every call)."""
-        cfg = cls(None)
-        cfg.backwards = cfg.zero_out = cfg.seq = False
-        cfg.act, cfg.ract = act, ract
-        return cfg
+        return cls(False, False, False, act, ract)
 
 
 class _LSTMFunction(torch.autograd.Function):
@@ -383,7 +380,7 @@ def run(p: Recurrence) -> RecurrenceResult:
         U = p.units
         out = x.new_zeros(x.shape[0], 0, U) if p.return_sequences else x.new_zeros(x.shape[0], U)
         return RecurrenceResult(out, tuple(p.initial_state), _empty_trace(p) if p.trace else None)
-    cfg = _Cfg(p)
+    cfg = _Cfg.of(p)
     h0, c0 = p.initial_state
     in_drop, rec_drop, mask = _detached(p.input_dropout), _detached(p.recurrent_dropout), p.mask
     grad = torch.is_grad_enabled() and (x.requires_grad or p.kernel.requires_grad or p.recurrent_kernel.requires_grad

@@ -1074,7 +1074,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_chunk_max_work", [](int64_t w) { kChunkMaxWork = w; });
   m.def("set_stream_parallel_work", [](int64_t w) { return std::exchange(kStreamParallelWork, w); },
         "multiply-adds of a streaming step from which its units are split over the threads; returns the previous");
-  m.def("set_pack_min_work", [](int64_t w) { std::swap(kPackMinWork, w); return w; });  // returns the previous
+  m.def("set_pack_min_work", [](int64_t w) { return std::exchange(kPackMinWork, w); },
+        "multiply-adds of a step's product from which its right operand is packed; returns the previous");
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
   m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");
   pybind11::class_<LSTMStep>(m, "LSTMStep")
