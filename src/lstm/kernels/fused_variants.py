@@ -85,7 +85,8 @@ def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int) -> torc
     """xk = x @ kernel [B, T, G*U], a new buffer (the C++ forward normalises it in place)."""
     if in_drop is None:  # one 2-D GEMM, as matmul does with grad (a strided x would take another route)
         B, T, D = x.shape
-        return (x.reshape(B * T, D) @ kernel).view(B, T, kernel.shape[1])
+        xk = fused_cpp.extension().pooled_empty([B * T, kernel.shape[1]], x)
+        return torch.mm(x.reshape(B * T, D), kernel, out=xk).view(B, T, kernel.shape[1])
     return _per_gate(x, kernel, in_drop[:, :, None, :], gates).contiguous()
 
 

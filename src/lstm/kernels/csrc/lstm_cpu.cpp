@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "packed_gemm.h"
+#include "buffer_pool.h"
 
 namespace {
 
@@ -360,15 +361,17 @@ torch::Tensor input_projection(const torch::Tensor& x, const torch::Tensor& kern
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const int64_t GU = kernel.size(1), U = GU / 4;
   auto x2 = x.reshape({B * T, D});
-  if (!in_drop.defined()) {
-    auto out = bias.defined() ? at::addmm(bias, x2, kernel) : at::mm(x2, kernel);
+  auto project = [&](const torch::Tensor& rows) {  // rows @ kernel + bias into a pooled buffer
+    auto out = buffer_pool::empty({B * T, GU}, x.options());
+    if (bias.defined()) {
+      at::addmm_out(out, bias, rows, kernel);
+    } else {
+      at::mm_out(out, rows, kernel);
+    }
     return out.view({B, T, GU});
-  }
-  if (in_drop.size(0) == 1) {
-    auto xm = (x * in_drop[0].unsqueeze(1)).reshape({B * T, D});
-    auto out = bias.defined() ? at::addmm(bias, xm, kernel) : at::mm(xm, kernel);
-    return out.view({B, T, GU});
-  }
+  };
+  if (!in_drop.defined()) return project(x2);
+  if (in_drop.size(0) == 1) return project((x * in_drop[0].unsqueeze(1)).reshape({B * T, D}));
   std::vector<torch::Tensor> parts;
   for (int64_t g = 0; g < 4; ++g) {
     auto xm = (x * in_drop[g].unsqueeze(1)).reshape({B * T, D});
@@ -636,7 +639,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
     // (measured, 2 cores: with D > U the one big projection GEMM wins, e.g. 32,80,100,64
     // 1.44 ms vs 1.66 ms; with D <= U the per-step [x_t, h] GEMM, e.g. 256,50,64,512 136 vs 177 ms)
     auto W = at::cat({kernel, R}, 0).contiguous();
-    auto Y = seq ? torch::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
+    auto Y = seq ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
     auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
     if (bias.defined()) bias = bias.contiguous();
     const int64_t D = x.size(2);
@@ -659,12 +662,12 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
     return {Y, hT, cT};
   }
   auto xw = input_projection(x, kernel, bias, in_drop).contiguous();
-  auto Y = seq ? torch::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
+  auto Y = seq ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
   auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
   torch::Tensor Hp, Cp;
   if (save) {
-    Hp = torch::empty({B, Tn, U}, opts);
-    Cp = torch::empty({B, Tn, U}, opts);
+    Hp = buffer_pool::empty({B, Tn, U}, opts);
+    Cp = buffer_pool::empty({B, Tn, U}, opts);
   }
   if (Tn == 0) {
     hT.copy_(h0);
@@ -823,11 +826,11 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
   auto opts = x.options();
   auto dh = dhT_o.has_value() ? dhT_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
   auto dc = dcT_o.has_value() ? dcT_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
-  if (dY.defined()) dY = dY.to(x.scalar_type()).contiguous();
+  if (dY.defined()) dY = buffer_pool::contiguous(dY.to(x.scalar_type()));
   if (rec_drop.defined()) rec_drop = rec_drop.contiguous();
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   auto RT = R.t().contiguous();
-  auto dZ = torch::empty({B, Tn, GU}, opts);
+  auto dZ = buffer_pool::empty({B, Tn, GU}, opts);
   if (Tn > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward", [&] {
       using T = scalar_t;
@@ -852,10 +855,11 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
   torch::Tensor dX, dK, dR, db;
   auto x2 = x.view({B * Tn, D});
   if (needs[0]) {
-    if (!in_drop.defined()) {
-      dX = at::mm(dZ2, kernel.t()).view({B, Tn, D});
-    } else if (in_drop.size(0) == 1) {
-      dX = at::mm(dZ2, kernel.t()).view({B, Tn, D}) * in_drop[0].unsqueeze(1);
+    if (!in_drop.defined() || in_drop.size(0) == 1) {
+      dX = buffer_pool::empty({B * Tn, D}, opts);
+      at::mm_out(dX, dZ2, kernel.t());
+      dX = dX.view({B, Tn, D});
+      if (in_drop.defined()) dX.mul_(in_drop[0].unsqueeze(1));
     } else {
       for (int64_t g = 0; g < 4; ++g) {
         auto part = at::mm(dZ2.narrow(1, g * U, U), kernel.narrow(1, g * U, U).t()).view({B, Tn, D}) *
@@ -1077,6 +1081,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pack_min_work", [](int64_t w) { return std::exchange(kPackMinWork, w); },
         "multiply-adds of a step's product from which its right operand is packed; returns the previous");
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
+  m.def("pooled_empty", [](std::vector<int64_t> sizes, torch::Tensor like) { return buffer_pool::empty(sizes, like.options()); },
+        "an uninitialised contiguous CPU tensor of like's dtype from the buffer pool");
+  m.def("pool_stats", [] { return buffer_pool::Pool::instance().stats(); },
+        "the buffer pool's (idle bytes, idle blocks, allocations it served from idle blocks)");
+  m.def("pool_clear", [] { return buffer_pool::Pool::instance().clear(); },
+        "gives the buffer pool's idle blocks back to the OS; returns their bytes");
   m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");
   pybind11::class_<LSTMStep>(m, "LSTMStep")
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())

@@ -568,27 +568,27 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
                   static_cast<int>(act), static_cast<int>(ract), clip};
   const int64_t B = xk.size(0), Tn = xk.size(1), GU = xk.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
   auto opts = xk.options();
-  auto Y = seq ? torch::zeros({B, Tn, Ps}, opts) : torch::zeros({B, Ps}, opts);
+  auto Y = seq ? buffer_pool::zeros({B, Tn, Ps}, opts) : torch::zeros({B, Ps}, opts);
   auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
   torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x, Htr, Ctr;
   if (trace) {
-    Htr = torch::empty({B, Tn, Ps}, opts);
-    Ctr = torch::empty({B, Tn, U}, opts);
+    Htr = buffer_pool::empty({B, Tn, Ps}, opts);
+    Ctr = buffer_pool::empty({B, Tn, U}, opts);
   }
   if (save) {
-    G = torch::empty({B, Tn, GU}, opts);
-    Hp = torch::empty({B, Tn, Ps}, opts);
-    Cp = torch::empty({B, Tn, U}, opts);
-    Cn = torch::empty({B, Tn, U}, opts);
+    G = buffer_pool::empty({B, Tn, GU}, opts);
+    Hp = buffer_pool::empty({B, Tn, Ps}, opts);
+    Cp = buffer_pool::empty({B, Tn, U}, opts);
+    Cn = buffer_pool::empty({B, Tn, U}, opts);
     if (fl.ln) {
-      Ahat = torch::empty({B, Tn, GU}, opts);
-      rstd_h = torch::empty({B, Tn}, opts);
-      Chat = torch::empty({B, Tn, U}, opts);
-      rstd_c = torch::empty({B, Tn}, opts);
+      Ahat = buffer_pool::empty({B, Tn, GU}, opts);
+      rstd_h = buffer_pool::empty({B, Tn}, opts);
+      Chat = buffer_pool::empty({B, Tn, U}, opts);
+      rstd_c = buffer_pool::empty({B, Tn}, opts);
       Xhat = xk;
-      rstd_x = torch::empty({B, Tn}, opts);
+      rstd_x = buffer_pool::empty({B, Tn}, opts);
     }
-    if (fl.proj) Hu = torch::empty({B, Tn, U}, opts);
+    if (fl.proj) Hu = buffer_pool::empty({B, Tn, U}, opts);
   }
   AT_DISPATCH_FLOATING_TYPES(xk.scalar_type(), "lstm_variant_forward", [&] {
     using T = scalar_t;
@@ -626,7 +626,7 @@ std::vector<torch::Tensor> variant_backward(
   at::NoGradGuard no_grad;
   auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous(), Cn = saved[3].contiguous();
   auto Ahat = saved[4], rstd_h = saved[5], Chat = saved[6], rstd_c = saved[7], Xhat = saved[9], rstd_x = saved[10];
-  auto dY = contiguous_or_none(dY_o), dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
+  auto dY = dY_o.has_value() ? buffer_pool::contiguous(*dY_o) : torch::Tensor(), dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
        gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
        gain_x = contiguous_or_none(gain_x_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
@@ -637,9 +637,9 @@ std::vector<torch::Tensor> variant_backward(
                   static_cast<int>(act), static_cast<int>(ract), clip};
   const int64_t B = G.size(0), Tn = G.size(1), GU = G.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
   auto opts = G.options();
-  auto dXW = torch::empty({B, Tn, GU}, opts);
-  auto DA = fl.ln ? torch::empty({B, Tn, GU}, opts) : torch::Tensor();
-  auto Dr = fl.proj ? torch::empty({B, Tn, Ps}, opts) : torch::Tensor();
+  auto dXW = buffer_pool::empty({B, Tn, GU}, opts);
+  auto DA = fl.ln ? buffer_pool::empty({B, Tn, GU}, opts) : torch::Tensor();
+  auto Dr = fl.proj ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::Tensor();
   auto dh0 = torch::empty({B, Ps}, opts), dc0 = torch::empty({B, U}, opts);
   // weight-gradient sums, one row per chunk (its first batch row's): no races between threads
   auto dpeep = fl.peephole ? torch::zeros({B, 3, U}, opts) : torch::Tensor();
