@@ -26,9 +26,18 @@ struct VariantFlags {
 
 constexpr double kLayerNormEps = 1e-5;  // reference.LAYER_NORM_EPS (haste's)
 
+// the sum of 16 partial sums as a tree: 4 dependent additions, not 16 (the layer norms' row
+// reductions sit on the recurrence's critical path)
+template <typename T>
+inline T lane_sum(T (&acc)[16]) {
+  for (int width = 8; width; width >>= 1)
+    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+  return acc[0];
+}
+
 // sum of a[j] * b[j] (b == nullptr: of a[j]) in 16 partial sums: vectorised without -ffast-math
 template <typename T>
-inline double dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+inline T dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   T acc[16] = {};
   int64_t j = 0;
   if (b) {
@@ -38,8 +47,7 @@ inline double dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64
     for (; j + 16 <= n; j += 16)
       for (int k = 0; k < 16; ++k) acc[k] += a[j + k];
   }
-  double total = 0;
-  for (int k = 0; k < 16; ++k) total += acc[k];
+  T total = lane_sum(acc);
   for (; j < n; ++j) total += b ? a[j] * b[j] : a[j];
   return total;
 }
@@ -47,7 +55,7 @@ inline double dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64
 // x [n] -> x - mean(x) in place; returns 1/std (x is not scaled: the caller does it in its own pass)
 template <typename T>
 inline T centre(T* __restrict__ x, int64_t n) {
-  const T mean = T(dot_or_sum<T>(x, nullptr, n) / n);
+  const T mean = dot_or_sum<T>(x, nullptr, n) / T(n);
   T acc[16] = {};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
@@ -55,27 +63,18 @@ inline T centre(T* __restrict__ x, int64_t n) {
       x[j + k] -= mean;
       acc[k] += x[j + k] * x[j + k];
     }
-  double total = 0;
-  for (int k = 0; k < 16; ++k) total += acc[k];
+  T total = lane_sum(acc);
   for (; j < n; ++j) {
     x[j] -= mean;
     total += x[j] * x[j];
   }
-  return T(1.0 / std::sqrt(total / n + kLayerNormEps));
-}
-
-// x [n] -> normalised in place; returns 1/std
-template <typename T>
-inline T normalise(T* __restrict__ x, int64_t n) {
-  const T rstd = centre(x, n);
-  for (int64_t j = 0; j < n; ++j) x[j] *= rstd;
-  return rstd;
+  return T(1) / std::sqrt(total / T(n) + T(kLayerNormEps));
 }
 
 // d/dx of normalise: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)), dy in, dx out (may alias)
 template <typename T>
 inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, T* dx, int64_t n) {
-  const T a = T(dot_or_sum<T>(dy, nullptr, n) / n), b = T(dot_or_sum<T>(dy, xhat, n) / n);
+  const T a = dot_or_sum<T>(dy, nullptr, n) / T(n), b = dot_or_sum<T>(dy, xhat, n) / T(n);
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - a - xhat[j] * b);
 }
 
@@ -109,13 +108,7 @@ inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ 
       dgx[j + k] += d * xhat[j + k];
       dgh[j + k] += d * ahat[j + k];
     }
-  double tx = 0, txx = 0, ta = 0, taa = 0;
-  for (int k = 0; k < 16; ++k) {
-    tx += sx[k];
-    txx += sxx[k];
-    ta += sa[k];
-    taa += saa[k];
-  }
+  T tx = lane_sum(sx), txx = lane_sum(sxx), ta = lane_sum(sa), taa = lane_sum(saa);
   for (; j < n; ++j) {
     const T d = dz[j], yx = d * gx[j], ya = d * gh[j];
     tx += yx;
@@ -127,7 +120,7 @@ inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ 
   }
   if (db)
     for (j = 0; j < n; ++j) db[j] += dz[j];
-  const T mx = T(tx / n), mxx = T(txx / n), ma = T(ta / n), maa = T(taa / n);
+  const T mx = tx / T(n), mxx = txx / T(n), ma = ta / T(n), maa = taa / T(n);
   for (j = 0; j < n; ++j) {
     dx[j] = rstd_x * (dz[j] * gx[j] - mx - xhat[j] * mxx);
     da[j] = rstd_a * (dz[j] * gh[j] - ma - ahat[j] * maa);
@@ -182,10 +175,10 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
                           T* rstd_h, T* Chat, T* rstd_c, T* rstd_x, T* Hu, T* Htr, T* Ctr) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
-  std::vector<T> A(nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(nr * Ps, T(0));
+  std::vector<T> A(fl.ln && fl.save ? 0 : nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(nr * Ps, T(0));
   std::vector<T> hm(v.rd ? nr * Ps : 0), zrow(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U), r(fl.proj ? nr * Ps : 0);
   std::vector<uint8_t> keep_h(Ps), keep_c(U);
-  std::vector<T> no_bias(v.bias ? 0 : GU, T(0));
+  std::vector<T> no_bias(v.bias ? 0 : GU, T(0)), rs_a(nr), rs_x(nr);
   const T* bias = v.bias ? v.bias : no_bias.data();
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
@@ -195,27 +188,34 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
         std::copy(&c[b * U], &c[b * U] + U, Cp + ((b0 + b) * Tn + t) * U);
       }
     }
+    // A = h_{t-1} @ R; with layer norm in training straight into Ahat (normalised there in place)
+    const bool in_ahat = fl.ln && fl.save;
+    T* A0 = in_ahat ? Ahat + (b0 * Tn + t) * GU : A.data();
+    const int64_t lda = in_ahat ? Tn * GU : GU;
     if (v.rd) {  // recurrent dropout: one keep-mask per gate on h_{t-1}
       for (int64_t g = 0; g < v.G; ++g) {
         const T* m = v.rd + (g * v.B + b0) * Ps;
         for (int64_t j = 0; j < nr * Ps; ++j) hm[j] = h[j] * m[j];
-        mm_set<T>(nr, U, Ps, hm.data(), Ps, v.R + g * U, GU, A.data() + g * U, GU);
+        mm_set<T>(nr, U, Ps, hm.data(), Ps, v.R + g * U, GU, A0 + g * U, lda);
       }
     } else {
-      mm_set<T>(nr, GU, Ps, h.data(), Ps, v.R, GU, A.data(), GU);
+      mm_set<T>(nr, GU, Ps, h.data(), Ps, v.R, GU, A0, lda);
     }
+    if (fl.ln)  // the rows' statistics first, apart: independent reductions the CPU overlaps
+      for (int64_t b = 0; b < nr; ++b) {
+        rs_a[b] = centre(A0 + b * lda, GU);
+        rs_x[b] = centre(X + ((b0 + b) * Tn + t) * GU, GU);
+      }
     for (int64_t b = 0; b < nr; ++b) {
       const int64_t row = (b0 + b) * Tn + t;
-      T* a = &A[b * GU];
+      T* a = A0 + b * lda;
       T* z = fl.save ? G + row * GU : zrow.data();
       T* xk = X + row * GU;
       if (fl.ln) {  // z = LN(xk) g_x + LN(A) g_h + b in one pass after the centring; xk becomes xhat
-        const T rsa = centre(a, GU), rsx = centre(xk, GU);
-        gate_norms_forward(xk, a, rsx, rsa, v.gain_x, v.gain_h, bias, z, GU);
+        gate_norms_forward(xk, a, rs_x[b], rs_a[b], v.gain_x, v.gain_h, bias, z, GU);
         if (fl.save) {
-          std::copy(a, a + GU, Ahat + row * GU);
-          rstd_h[row] = rsa;
-          rstd_x[row] = rsx;
+          rstd_h[row] = rs_a[b];
+          rstd_x[row] = rs_x[b];
         }
       } else {
         for (int64_t j = 0; j < GU; ++j) z[j] = xk[j] + a[j] + bias[j];
@@ -247,13 +247,14 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       act_inplace(fl.ract, z + off.o, U);
       T* out = &hu[b * U];
       std::copy(cn, cn + U, out);
-      if (fl.ln) {
-        const T rs = normalise(out, U);
-        if (fl.save) {
-          std::copy(out, out + U, Chat + row * U);
-          rstd_c[row] = rs;
+      if (fl.ln) {  // out = LN(C) g_c + b_c; LN(C) saved as Chat
+        const T rs = centre(out, U);
+        T* chat = fl.save ? Chat + row * U : out;
+        for (int64_t j = 0; j < U; ++j) {
+          chat[j] = out[j] * rs;
+          out[j] = chat[j] * v.gain_c[j] + v.shift_c[j];
         }
-        for (int64_t j = 0; j < U; ++j) out[j] = out[j] * v.gain_c[j] + v.shift_c[j];
+        if (fl.save) rstd_c[row] = rs;
       }
       act_inplace(fl.act, out, U);
       for (int64_t j = 0; j < U; ++j) out[j] *= z[off.o + j];
