@@ -366,15 +366,14 @@ def test_fused_variants_ops_pass_opcheck(coupled):
                         forget_bias=0.5, cell_clip=2.0, coupled=coupled)
     cfg = fused_variants._Cfg(p)
     gate_gain, gain_c, shift_c = p.layer_norm
-    gain_x, gain_h = (g.detach().requires_grad_() for g in gate_gain)
     seed, *zoneout = cfg.zoneout
-    args = (p.inputs, p.kernel, gain_x, p.bias, p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c,
-            p.projection, *p.initial_state, p.input_dropout, p.recurrent_dropout, p.mask,
-            torch.tensor(seed, dtype=torch.int64), *zoneout, *cfg.flags())
+    args = (p.inputs, p.kernel, gate_gain, p.bias, p.recurrent_kernel, p.peephole, gain_c, shift_c, p.projection,
+            *p.initial_state, p.input_dropout, p.recurrent_dropout, p.mask, torch.tensor(seed, dtype=torch.int64),
+            *zoneout, *cfg.flags())
     forward, backward = fused_variants._ops
     torch.library.opcheck(forward, args + (True, False))  # schema, fake kernel, autograd, aot dispatch
     torch.library.opcheck(forward, _detached(args) + (False, True))  # inference, with the trace's h and C
     outs = forward(*_detached(args), True, False)
     saved = list(outs[3:3 + fused_variants._SAVED])
     grads = tuple(torch.randn_like(t) for t in outs[:3])
-    torch.library.opcheck(backward, (*grads, saved, *_detached(args[:10]), *args[12:], [True] * 12))
+    torch.library.opcheck(backward, (*grads, saved, *_detached(args[:9]), *args[11:], [True] * 11))

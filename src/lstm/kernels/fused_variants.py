@@ -109,23 +109,23 @@ def _project_backward(x, kernel, in_drop, dxk, need_x: bool, need_kernel: bool):
     return dx, dkernel
 
 
-def _forward(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0, in_drop, rd, mask, zoneout,
-             flags, save: bool, trace: bool) -> list:
+def _forward(x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0, in_drop, rd, mask, zoneout, flags,
+             save: bool, trace: bool) -> list:
     """The C++ forward on detached tensors: Y, hT, cT, then with save the _SAVED buffers, then with
     trace each step's h and C."""
     xk = _project(x, kernel, in_drop, 3 if flags[3] else 4)
-    return fused_cpp.extension().variant_forward(xk, gain_x, bias, R, rd, peephole, gain_h, gain_c, shift_c, P,
-                                                 *zoneout, mask, h0, c0, *flags, save, trace)
+    return fused_cpp.extension().variant_forward(xk, gate_gain, bias, R, rd, peephole, gain_c, shift_c, P, *zoneout,
+                                                 mask, h0, c0, *flags, save, trace)
 
 
-def _backward(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, in_drop, rd,
-              mask, zoneout, flags, need_x: bool, need_kernel: bool) -> tuple:
-    """The gradients of x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0
-    (None where the input is None, or for x and kernel where not needed); detached tensors."""
+def _backward(dY, dhT, dcT, saved, x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, in_drop, rd, mask,
+              zoneout, flags, need_x: bool, need_kernel: bool) -> tuple:
+    """The gradients of x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0 (None
+    where the input is None, or for x and kernel where not needed); detached tensors."""
     placeholder = R.new_empty(0)
     saved_list = [placeholder if t is None else t for t in saved]
-    dxk, dA, dr, dh0, dc0, dpeep, dnorm_c, d_gain_h, d_gain_x, d_bias = fused_cpp.extension().variant_backward(
-        dY, dhT, dcT, saved_list, gain_x, bias, R, rd, peephole, gain_h, gain_c, shift_c, P, *zoneout, mask, *flags)
+    dxk, dA, dr, dh0, dc0, d_peephole, d_gain_c, d_shift_c, d_gate_gain, d_bias = fused_cpp.extension().variant_backward(
+        dY, dhT, dcT, saved_list, gate_gain, bias, R, rd, peephole, gain_c, shift_c, P, *zoneout, mask, *flags)
     Hp, Hu = saved[1], saved[8]
     Ps, GU = R.shape
     U = GU // (3 if flags[3] else 4)
@@ -136,32 +136,26 @@ def _backward(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h,
     else:  # one keep-mask per gate on h_{t-1}
         dR = torch.cat([(Hp * rd[g][:, None, :]).reshape(-1, Ps).T @ dA[..., g * U:(g + 1) * U].reshape(-1, U)
                         for g in range(rd.shape[0])], dim=1)
-    d_peephole = d_gain_c = d_shift_c = dP = None
-    if peephole is not None:
-        d_peephole = dpeep[1:].clone() if flags[3] else dpeep  # (custom-op outputs start at offset 0)
-    if gain_h is not None:
-        d_gain_c, d_shift_c = dnorm_c[0].clone(), dnorm_c[1].clone()  # (custom-op outputs may not alias)
-    if P is not None:
-        dP = Hu.reshape(-1, U).T @ dr.reshape(-1, Ps)
-    return dx, dkernel, d_gain_x, d_bias, dR, d_peephole, d_gain_h, d_gain_c, d_shift_c, dP, dh0, dc0
+    dP = None if P is None else Hu.reshape(-1, U).T @ dr.reshape(-1, Ps)
+    return dx, dkernel, d_gate_gain, d_bias, dR, d_peephole, d_gain_c, d_shift_c, dP, dh0, dc0
 
 
 class _VariantFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, masks, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0):
-        weights = [_detached(t) for t in (x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0)]
+    def forward(ctx, cfg, masks, x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0):
+        weights = [_detached(t) for t in (x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0)]
         y, hT, cT, *saved = _forward(*weights, *masks, cfg.zoneout, cfg.flags(), True, cfg.trace)
         if cfg.trace:
             cfg.traced = (saved[0], *saved[_SAVED:])
             saved = saved[:_SAVED]
         ctx.cfg, ctx.masks = cfg, masks
-        ctx.save_for_backward(*weights[:10], *saved)
+        ctx.save_for_backward(*weights[:9], *saved)
         return y, hT, cT
 
     @staticmethod
     def backward(ctx, dY, dhT, dcT):
         cfg = ctx.cfg
-        weights, saved = ctx.saved_tensors[:10], ctx.saved_tensors[10:]
+        weights, saved = ctx.saved_tensors[:9], ctx.saved_tensors[9:]
         grads = _backward(dY, dhT, dcT, saved, *weights, *ctx.masks, cfg.zoneout, cfg.flags(),
                           *ctx.needs_input_grad[2:4])
         return (None, None) + grads
@@ -172,7 +166,7 @@ class _VariantFunction(torch.autograd.Function):
 # ops below run instead, so Dynamo traces through without a graph break. The zoneout seed is a
 # 0-dim int64 tensor there (drawn when the graph runs: layers.rng.zoneout_seed).
 _ops = None
-_DIFFERENTIABLE = 12  # x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0
+_DIFFERENTIABLE = 11  # x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0
 _Outputs = tuple[(Tensor,) * (3 + _SAVED + 2)]  # Y, hT, cT, the saved buffers, the trace's h and C
 _Grads = tuple[(Tensor,) * _DIFFERENTIABLE]
 
@@ -186,27 +180,27 @@ def _compile_ops():
         return int(seed), offset, keep_h, keep_c
 
     @torch.library.custom_op("lstm::fused_variants_forward", mutates_args=())
-    def fwd(x: Tensor, kernel: Tensor, gain_x: Optional[Tensor], bias: Optional[Tensor], R: Tensor,
-            peephole: Optional[Tensor], gain_h: Optional[Tensor], gain_c: Optional[Tensor],
-            shift_c: Optional[Tensor], P: Optional[Tensor], h0: Tensor, c0: Tensor, in_drop: Optional[Tensor],
+    def fwd(x: Tensor, kernel: Tensor, gate_gain: Optional[Tensor], bias: Optional[Tensor], R: Tensor,
+            peephole: Optional[Tensor], gain_c: Optional[Tensor], shift_c: Optional[Tensor], P: Optional[Tensor],
+            h0: Tensor, c0: Tensor, in_drop: Optional[Tensor],
             rd: Optional[Tensor], mask: Optional[Tensor], zoneout_seed: Tensor, zoneout_offset: int, keep_h: int,
             keep_c: int, backwards: bool, zero_out: bool, seq: bool, coupled: bool, act: int, ract: int,
             clip: float, save: bool, trace: bool) -> _Outputs:
         """Y, hT, cT, then (empty where unused) the saved buffers (with save) and the trace's h, C."""
         flags = (backwards, zero_out, seq, coupled, act, ract, clip)
-        outs = _forward(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0, in_drop, rd, mask,
+        outs = _forward(x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0, in_drop, rd, mask,
                         zoneout_args(zoneout_seed, zoneout_offset, keep_h, keep_c), flags, save, trace)
         outs += [None] * (3 + _SAVED + 2 - len(outs))
         return tuple(x.new_empty(0) if t is None else t.contiguous() for t in outs)
 
     @fwd.register_fake
-    def _(x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, h0, c0, in_drop, rd, mask, zoneout_seed,
+    def _(x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0, in_drop, rd, mask, zoneout_seed,
           zoneout_offset, keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, save, trace):
         B, T, _ = x.shape
         Ps, GU = R.shape
         U = GU // (3 if coupled else 4)
         save = save or trace
-        ln, proj = gain_h is not None, P is not None
+        ln, proj = gate_gain is not None, P is not None
 
         def new(*shape, on=True):
             return x.new_empty(shape if on else (0,))
@@ -219,22 +213,22 @@ def _compile_ops():
 
     @torch.library.custom_op("lstm::fused_variants_backward", mutates_args=())
     def bwd(dY: Optional[Tensor], dhT: Optional[Tensor], dcT: Optional[Tensor], saved: list[Tensor], x: Tensor,
-            kernel: Tensor, gain_x: Optional[Tensor], bias: Optional[Tensor], R: Tensor, peephole: Optional[Tensor],
-            gain_h: Optional[Tensor], gain_c: Optional[Tensor], shift_c: Optional[Tensor], P: Optional[Tensor],
+            kernel: Tensor, gate_gain: Optional[Tensor], bias: Optional[Tensor], R: Tensor, peephole: Optional[Tensor],
+            gain_c: Optional[Tensor], shift_c: Optional[Tensor], P: Optional[Tensor],
             in_drop: Optional[Tensor], rd: Optional[Tensor], mask: Optional[Tensor], zoneout_seed: Tensor,
             zoneout_offset: int, keep_h: int, keep_c: int, backwards: bool, zero_out: bool, seq: bool, coupled: bool,
             act: int, ract: int, clip: float, needs: list[bool]) -> _Grads:
-        """The gradients of fwd's first 12 inputs, each empty where `needs` (same order) is False."""
+        """The gradients of fwd's first 11 inputs, each empty where `needs` (same order) is False."""
         flags = (backwards, zero_out, seq, coupled, act, ract, clip)
-        result = _backward(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P,
+        result = _backward(dY, dhT, dcT, saved, x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P,
                            in_drop, rd, mask, zoneout_args(zoneout_seed, zoneout_offset, keep_h, keep_c), flags,
                            needs[0], needs[1])
         return tuple(g.contiguous() if need else x.new_empty(0) for g, need in zip(result, needs))
 
     @bwd.register_fake
-    def _(dY, dhT, dcT, saved, x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P, in_drop, rd, mask,
+    def _(dY, dhT, dcT, saved, x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, in_drop, rd, mask,
           zoneout_seed, zoneout_offset, keep_h, keep_c, backwards, zero_out, seq, coupled, act, ract, clip, needs):
-        inputs = (x, kernel, gain_x, bias, R, peephole, gain_h, gain_c, shift_c, P)
+        inputs = (x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P)
         B, (Ps, GU) = x.shape[0], R.shape
         shapes = [(0,) if t is None else t.shape for t in inputs] + [(B, Ps), (B, GU // (3 if coupled else 4))]
         return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
@@ -242,10 +236,10 @@ def _compile_ops():
     def setup_context(ctx, inputs, output):
         ctx.inputs = inputs[_DIFFERENTIABLE:]  # masks, zoneout, flags
         ctx.present = [t is not None for t in inputs[:_DIFFERENTIABLE]]
-        ctx.save_for_backward(*inputs[:10], *output[3:3 + _SAVED])
+        ctx.save_for_backward(*inputs[:9], *output[3:3 + _SAVED])
 
     def backward(ctx, dY, dhT, dcT, *_):
-        weights, saved = ctx.saved_tensors[:10], list(ctx.saved_tensors[10:])
+        weights, saved = ctx.saved_tensors[:9], list(ctx.saved_tensors[9:])
         needs = [bool(n and present) for n, present in zip(ctx.needs_input_grad[:_DIFFERENTIABLE], ctx.present)]
         in_drop, rd, mask, *rest = ctx.inputs
         result = bwd(dY, dhT, dcT, saved, *weights, in_drop, rd, mask, *rest[:-2], needs)
@@ -289,13 +283,9 @@ def run(p: Recurrence) -> RecurrenceResult:
         return RecurrenceResult(out, (h0, c0), trace if p.trace else None)
     fused_cpp.extension()  # loaded by supports() already, unless called directly
     cfg = _Cfg(p)
-    gain_x = gain_h = gain_c = shift_c = None
-    if p.layer_norm is not None:
-        gate_gain, gain_c, shift_c = p.layer_norm
-        gain_x, gain_h = gate_gain[0], gate_gain[1]
+    gate_gain, gain_c, shift_c = p.layer_norm or (None, None, None)
     masks = (_detached(p.input_dropout), _detached(p.recurrent_dropout), p.mask)
-    weights = (p.kernel, gain_x, _bias(p), p.recurrent_kernel, p.peephole, gain_h, gain_c, shift_c, p.projection,
-               h0, c0)
+    weights = (p.kernel, gate_gain, _bias(p), p.recurrent_kernel, p.peephole, gain_c, shift_c, p.projection, h0, c0)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
     if torch.compiler.is_compiling():  # torch.compile / torch.export: the custom ops
         seed, *zoneout = cfg.zoneout

@@ -409,8 +409,8 @@ template <typename T>
 void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* dY,
                            const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp, const T* Cn,
                            const T* Ahat, const T* rstd_h, const T* Chat, const T* rstd_c, const T* Xhat,
-                           const T* rstd_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep, T* dnorm_c, T* dgain_h,
-                           T* dgain_x, T* dbias) {
+                           const T* rstd_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep, T* dnorm_c, T* dgate_gain,
+                           T* dbias) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
   std::vector<T> dh(nr * Ps, T(0)), dc(nr * U, T(0)), dprev(nr * Ps, T(0));
@@ -472,7 +472,8 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
       T* db = dbias ? dbias + b0 * GU : nullptr;
       if (fl.ln) {  // z = LN(xk) g_x + LN(A) g_h + b
         gate_norms_backward(dz.data(), Xhat + row * GU, Ahat + row * GU, rstd_x[row], rstd_h[row], v.gain_x,
-                            v.gain_h, dgain_x + b0 * GU, dgain_h + b0 * GU, db, dx, DA + row * GU, GU);
+                            v.gain_h, dgate_gain + b0 * 2 * GU, dgate_gain + (b0 * 2 + 1) * GU, db, dx, DA + row * GU,
+                            GU);
       } else {
         std::copy(dz.begin(), dz.end(), dx);
         if (db)
@@ -496,21 +497,20 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
 }
 
 template <typename T>
-VariantTensors<T> variant_tensors(const torch::Tensor& xk, const torch::Tensor& gain_x, const torch::Tensor& bias,
+VariantTensors<T> variant_tensors(const torch::Tensor& xk, const torch::Tensor& gate_gain, const torch::Tensor& bias,
                                   const torch::Tensor& R, const torch::Tensor& RT,
-                                  const torch::Tensor& rd, const torch::Tensor& peep, const torch::Tensor& gain_h,
-                                  const torch::Tensor& gain_c, const torch::Tensor& shift_c, const torch::Tensor& P,
+                                  const torch::Tensor& rd, const torch::Tensor& peep, const torch::Tensor& gain_c, const torch::Tensor& shift_c, const torch::Tensor& P,
                                   const torch::Tensor& PT, const Zoneout& zoneout, const torch::Tensor& mask,
                                   bool coupled) {
   auto ptr = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
   VariantTensors<T> v;
-  v.gain_x = ptr(gain_x);
+  v.gain_x = ptr(gate_gain);
+  v.gain_h = v.gain_x ? v.gain_x + xk.size(2) : nullptr;
   v.bias = ptr(bias);
   v.R = ptr(R);
   v.RT = ptr(RT);
   v.rd = ptr(rd);
   v.peep = ptr(peep);
-  v.gain_h = ptr(gain_h);
   v.gain_c = ptr(gain_c);
   v.shift_c = ptr(shift_c);
   v.P = ptr(P);
@@ -540,14 +540,14 @@ inline torch::Tensor bool_or_none(const c10::optional<torch::Tensor>& t) {
 }  // namespace
 
 // xk = x @ kernel [B,T,GU] (time order; contiguous, and normalised in place with layer norm: the
-// caller hands over a buffer of its own), bias [GU] (forget_bias included), R [Ps,GU]; see the top
+// caller hands over a buffer of its own), gate_gain [2,GU] (layer norm: g_x, g_h), bias [GU]
+// (forget_bias included), R [Ps,GU]; see the top
 // of this file. Returns Y, hT, cT and, with save, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu,
 // Xhat (xk itself), rstd_x (undefined if unused) and, with trace (which implies save), each step's
 // h and C after zoneout [B,T,*] in processing order.
-std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gain_x_o,
+std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gate_gain_o,
                                            c10::optional<torch::Tensor> bias_o, torch::Tensor R,
-                                           c10::optional<torch::Tensor> rd_o,
-                                           c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
+                                           c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
                                            c10::optional<torch::Tensor> gain_c_o,
                                            c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
                                            int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h,
@@ -562,14 +562,14 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
   R = R.contiguous();
   h0 = h0.contiguous();
   c0 = c0.contiguous();
-  auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
-       gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       gain_x = contiguous_or_none(gain_x_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
-  VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gain_h.defined(), P.defined(), save,
+  auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_c = contiguous_or_none(gain_c_o),
+       shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
+       gate_gain = contiguous_or_none(gate_gain_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
+  VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gate_gain.defined(), P.defined(), save,
                   static_cast<int>(act), static_cast<int>(ract), clip};
   const int64_t B = xk.size(0), Tn = xk.size(1), GU = xk.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
   auto opts = xk.options();
-  auto Y = seq ? buffer_pool::zeros({B, Tn, Ps}, opts) : torch::zeros({B, Ps}, opts);
+  auto Y = seq ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::empty({B, Ps}, opts);  // (every row is written)
   auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
   torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x, Htr, Ctr;
   if (trace) {
@@ -593,7 +593,7 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
   }
   AT_DISPATCH_FLOATING_TYPES(xk.scalar_type(), "lstm_variant_forward", [&] {
     using T = scalar_t;
-    auto v = variant_tensors<T>(xk, gain_x, bias, R, torch::Tensor(), rd, peep, gain_h, gain_c, shift_c, P,
+    auto v = variant_tensors<T>(xk, gate_gain, bias, R, torch::Tensor(), rd, peep, gain_c, shift_c, P,
                                 torch::Tensor(), Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
@@ -613,13 +613,12 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
 
 // saved: the forward's G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x (empty if unused).
 // Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxk), Dr [B,T,Ps]
-// (projection), dh0, dc0, dpeep [3,U] (rows i f o; the i row is zero when coupled), dnorm_c [2,U]
-// (d gain_c, d shift_c), d gain_h [GU], d gain_x [GU] (layer norm), d bias [GU] (with a bias).
+// (projection), dh0, dc0, d peephole ([3,U] rows i f o, or [2,U] f o when coupled), d gain_c,
+// d shift_c [U] and d gate_gain [2,GU] (layer norm), d bias [GU] (with a bias).
 std::vector<torch::Tensor> variant_backward(
     c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,
-    std::vector<torch::Tensor> saved, c10::optional<torch::Tensor> gain_x_o, c10::optional<torch::Tensor> bias_o,
-    torch::Tensor R, c10::optional<torch::Tensor> rd_o,
-    c10::optional<torch::Tensor> peep_o, c10::optional<torch::Tensor> gain_h_o,
+    std::vector<torch::Tensor> saved, c10::optional<torch::Tensor> gate_gain_o, c10::optional<torch::Tensor> bias_o,
+    torch::Tensor R, c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
     c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
     int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
     c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
@@ -628,13 +627,13 @@ std::vector<torch::Tensor> variant_backward(
   auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous(), Cn = saved[3].contiguous();
   auto Ahat = saved[4], rstd_h = saved[5], Chat = saved[6], rstd_c = saved[7], Xhat = saved[9], rstd_x = saved[10];
   auto dY = dY_o.has_value() ? buffer_pool::contiguous(*dY_o) : torch::Tensor(), dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
-  auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_h = contiguous_or_none(gain_h_o),
-       gain_c = contiguous_or_none(gain_c_o), shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       gain_x = contiguous_or_none(gain_x_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
+  auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_c = contiguous_or_none(gain_c_o),
+       shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
+       gate_gain = contiguous_or_none(gate_gain_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
   R = R.contiguous();
   auto RT = R.t().contiguous();
   auto PT = P.defined() ? P.t().contiguous() : torch::Tensor();
-  VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gain_h.defined(), P.defined(), true,
+  VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gate_gain.defined(), P.defined(), true,
                   static_cast<int>(act), static_cast<int>(ract), clip};
   const int64_t B = G.size(0), Tn = G.size(1), GU = G.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
   auto opts = G.options();
@@ -645,21 +644,28 @@ std::vector<torch::Tensor> variant_backward(
   // weight-gradient sums, one row per chunk (its first batch row's): no races between threads
   auto dpeep = fl.peephole ? torch::zeros({B, 3, U}, opts) : torch::Tensor();
   auto dnorm_c = fl.ln ? torch::zeros({B, 2, U}, opts) : torch::Tensor();
-  auto dgain_h = fl.ln ? torch::zeros({B, GU}, opts) : torch::Tensor();
-  auto dgain_x = fl.ln ? torch::zeros({B, GU}, opts) : torch::Tensor();
+  auto dgate_gain = fl.ln ? torch::zeros({B, 2, GU}, opts) : torch::Tensor();  // rows g_x, g_h
   auto dbias = bias.defined() ? torch::zeros({B, GU}, opts) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_variant_backward", [&] {
     using T = scalar_t;
-    auto v = variant_tensors<T>(G, gain_x, bias, R, RT, rd, peep, gain_h, gain_c, shift_c, P, PT,
+    auto v = variant_tensors<T>(G, gate_gain, bias, R, RT, rd, peep, gain_c, shift_c, P, PT,
                                 Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto cp = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
       variant_backward_rows<T>(v, fl, b0, b1, cp(dY), cp(dhT), cp(dcT), cp(G), cp(Hp), cp(Cp), cp(Cn), cp(Ahat),
                                cp(rstd_h), cp(Chat), cp(rstd_c), cp(Xhat), cp(rstd_x), p(dXW), p(DA), p(Dr), p(dh0),
-                               p(dc0), p(dpeep), p(dnorm_c), p(dgain_h), p(dgain_x), p(dbias));
+                               p(dc0), p(dpeep), p(dnorm_c), p(dgate_gain), p(dbias));
     });
   });
   auto total = [](const torch::Tensor& per_row) { return per_row.defined() ? per_row.sum(0) : per_row; };
-  return {dXW, DA, Dr, dh0, dc0, total(dpeep), total(dnorm_c), total(dgain_h), total(dgain_x), total(dbias)};
+  auto dpeep_total = total(dpeep);
+  if (fl.peephole && coupled) dpeep_total = dpeep_total.narrow(0, 1, 2).clone();  // rows f o
+  torch::Tensor dgain_c, dshift_c;
+  if (fl.ln) {
+    auto dnorm = total(dnorm_c);
+    dgain_c = dnorm[0].clone();  // (separate storages: custom-op outputs may not alias)
+    dshift_c = dnorm[1].clone();
+  }
+  return {dXW, DA, Dr, dh0, dc0, dpeep_total, dgain_c, dshift_c, total(dgate_gain), total(dbias)};
 }
