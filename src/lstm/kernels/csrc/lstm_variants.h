@@ -30,6 +30,11 @@ constexpr double kLayerNormEps = 1e-5;  // reference.LAYER_NORM_EPS (haste's)
 // reductions sit on the recurrence's critical path)
 template <typename T>
 inline T lane_sum(T (&acc)[16]) {
+#ifdef __AVX512F__  // (the portable tree below goes through the stack with narrowing reloads)
+  if constexpr (std::is_same_v<T, float>) return _mm512_reduce_add_ps(_mm512_loadu_ps(acc));
+  if constexpr (std::is_same_v<T, double>)
+    return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_loadu_pd(acc), _mm512_loadu_pd(acc + 8)));
+#endif
   for (int width = 8; width; width >>= 1)
     for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
   return acc[0];
@@ -208,6 +213,22 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       }
     for (int64_t b = 0; b < nr; ++b) {
       const int64_t row = (b0 + b) * Tn + t;
+      if (s + 1 < Tn && kPrefetch) {  // this row's buffers at the next step
+        const int64_t next = row + (fl.backwards ? -1 : 1), pnext = (b0 + b) * Tn + s + 1;
+        prefetch_write(X + next * GU, GU);
+        if (fl.save) {
+          prefetch_write(G + next * GU, GU);
+          prefetch_write(Hp + next * Ps, Ps);
+          prefetch_write(Cp + next * U, U);
+          prefetch_write(Cn + next * U, U);
+          if (fl.ln) {
+            prefetch_write(Ahat + next * GU, GU);
+            prefetch_write(Chat + next * U, U);
+          }
+          if (fl.proj) prefetch_write(Hu + next * U, U);
+        }
+        if (fl.seq) prefetch_write(Y + pnext * Ps, Ps);
+      }
       T* a = A0 + b * lda;
       T* z = fl.save ? G + row * GU : zrow.data();
       T* xk = X + row * GU;
@@ -462,8 +483,23 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
       dhu_all = dhu.data();
     }
     for (int64_t b = 0; b < nr; ++b) {
-      if (!active[b]) continue;
       const int64_t row = (b0 + b) * Tn + t;
+      if (s > 0 && kPrefetch) {  // this row's buffers at the next step (the previous one in time)
+        const int64_t next = row + (fl.backwards ? 1 : -1);
+        prefetch_read(G + next * GU, GU);
+        prefetch_read(Cp + next * U, U);
+        prefetch_read(Cn + next * U, U);
+        prefetch_write(dXW + next * GU, GU);
+        if (fl.ln) {
+          prefetch_read(Xhat + next * GU, GU);
+          prefetch_read(Ahat + next * GU, GU);
+          prefetch_read(Chat + next * U, U);
+          prefetch_write(DA + next * GU, GU);
+        }
+        if (Dr) prefetch_write(Dr + next * Ps, Ps);
+        if (dY && fl.seq) prefetch_read(dY + ((b0 + b) * Tn + s - 1) * Ps, Ps);
+      }
+      if (!active[b]) continue;
       cell_backward_row<T>(v, fl, off, G + row * GU, Cp + row * U, Cn + row * U, dhu_all + b * U, &dcn[b * U],
                            fl.ln ? Chat + row * U : nullptr, fl.ln ? rstd_c[row] : T(0), &dc[b * U], dz.data(),
                            dpeep ? dpeep + b0 * 3 * U : nullptr, fl.ln ? dnorm_c + b0 * 2 * U : nullptr,
