@@ -4,8 +4,8 @@ cell_clip, zoneout), in the same C++ extension as fused_cpp (csrc/lstm_variants.
 The GEMMs over all steps run here, in torch: xk = x @ kernel (dropout masks first) before the
 recurrence; after it dkernel = x^T dxk, dx = dxk kernel^T, dR = Hp^T dA and dP = Hu^T dr. Everything
 per step runs in C++, forward and hand-derived backward: the bias (forget_bias included), the
-input layer norm LN(xk) g_x (xk is normalised in place and saved as such: no buffer of its own),
-the recurrence; it sums the gradients of the bias, the gains and the peepholes.
+input layer norm LN(xk) g_x (xk is saved with its rows' mean and 1/std, and normalised again in
+the backward), the recurrence; it sums the gradients of the bias, the gains and the peepholes.
 
 Recurrent DropConnect needs nothing here: the layer hands over the masked recurrent kernel.
 It runs the plain LSTM too (so every test that runs each kernel checks it), but the dispatch
@@ -30,7 +30,7 @@ from .reference import _per_gate
 
 name = "fused_variants"
 
-_SAVED = 11  # G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x
+_SAVED = 12  # G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, xk, rstd_x, mean_x
 
 
 def supports(p: Recurrence) -> bool:
@@ -82,7 +82,7 @@ def _detached(t):
 
 
 def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int) -> torch.Tensor:
-    """xk = x @ kernel [B, T, G*U], a new buffer (the C++ forward normalises it in place)."""
+    """xk = x @ kernel [B, T, G*U], contiguous."""
     if in_drop is None:  # one 2-D GEMM, as matmul does with grad (a strided x would take another route)
         B, T, D = x.shape
         xk = fused_cpp.extension().pooled_empty([B * T, kernel.shape[1]], x)
@@ -206,7 +206,8 @@ def _compile_ops():
             return x.new_empty(shape if on else (0,))
 
         saved = (new(B, T, GU), new(B, T, Ps), new(B, T, U), new(B, T, U), new(B, T, GU, on=ln), new(B, T, on=ln),
-                 new(B, T, U, on=ln), new(B, T, on=ln), new(B, T, U, on=proj), new(B, T, GU, on=ln), new(B, T, on=ln))
+                 new(B, T, on=ln), new(B, T, on=ln), new(B, T, U, on=proj), new(B, T, GU, on=ln), new(B, T, on=ln),
+                 new(B, T, on=ln))
         saved = tuple(t if save else new(0) for t in saved)
         y = new(B, T, Ps) if seq else new(B, Ps)
         return (y, new(B, Ps), new(B, U), *saved, new(B, T, Ps, on=trace), new(B, T, U, on=trace))

@@ -10,8 +10,10 @@
 //   C = clip(f C_{t-1} + i C̃), o, hu = o tanh(C or LN(C) g_c + b_c), h = hu @ P (projection),
 //   zoneout, Keras masking.
 // Saved (training), indexed by time like xk: activated gates G, h_{t-1} (Hp), C_{t-1} (Cp),
-// C before the clip (Cn), LN's normalised values and 1/std (Ahat, rstd_h, Chat, rstd_c, and
-// Xhat, rstd_x: xk normalised in place, so the input norm needs no buffer of its own), hu (Hu).
+// C before the clip (Cn), hu (Hu), and for the layer norms LN(A) (Ahat), each row's 1/std
+// (rstd_h, rstd_c, rstd_x) and the means of C and xk (mean_c, mean_x): LN(C) and LN(xk) are
+// recomputed in the backward from C and xk (which is saved as it is): less memory traffic than
+// writing them in the forward and reading them back.
 // The backward returns dxk, DA (dz through the recurrent layer norm; dz = dxk without it) and dr
 // (dh before the projection) per step, from which the caller forms dkernel = x^T dxk,
 // dR = Hp^T DA and dP = Hu^T dr, and the sums of the per-row gradients of b, g_x, g_h.
@@ -57,10 +59,11 @@ inline T dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64_t n)
   return total;
 }
 
-// x [n] -> x - mean(x) in place; returns 1/std (x is not scaled: the caller does it in its own pass)
+// x [n] -> x - mean(x) in place; returns 1/std (x is not scaled: the caller does it in its own
+// pass) and the mean in `mean`
 template <typename T>
-inline T centre(T* __restrict__ x, int64_t n) {
-  const T mean = dot_or_sum<T>(x, nullptr, n) / T(n);
+inline T centre(T* __restrict__ x, int64_t n, T& mean) {
+  mean = dot_or_sum<T>(x, nullptr, n) / T(n);
   T acc[16] = {};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
@@ -76,6 +79,22 @@ inline T centre(T* __restrict__ x, int64_t n) {
   return T(1) / std::sqrt(total / T(n) + T(kLayerNormEps));
 }
 
+// 1/std of x [n] and its mean (in `mean`), x left as it is
+template <typename T>
+inline T row_stats(const T* __restrict__ x, int64_t n, T& mean) {
+  mean = dot_or_sum<T>(x, nullptr, n) / T(n);
+  T acc[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int k = 0; k < 16; ++k) {
+      const T d = x[j + k] - mean;
+      acc[k] += d * d;
+    }
+  T total = lane_sum(acc);
+  for (; j < n; ++j) total += (x[j] - mean) * (x[j] - mean);
+  return T(1) / std::sqrt(total / T(n) + T(kLayerNormEps));
+}
+
 // d/dx of normalise: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)), dy in, dx out (may alias)
 template <typename T>
 inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, T* dx, int64_t n) {
@@ -83,51 +102,53 @@ inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, 
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - a - xhat[j] * b);
 }
 
-// z = xhat g_x + ahat g_h + b from the centred xk and A (scaled in place to xhat, ahat), one pass
+// z = xhat g_x + ahat g_h + b, xhat = (xk - mean_x) rstd_x, from the centred A (scaled in place
+// to ahat), one pass
 template <typename T>
-inline void gate_norms_forward(T* __restrict__ xk, T* __restrict__ a, T rstd_x, T rstd_a, const T* __restrict__ gx,
-                               const T* __restrict__ gh, const T* __restrict__ bias, T* __restrict__ z, int64_t n) {
+inline void gate_norms_forward(const T* __restrict__ xk, T mean_x, T rstd_x, T* __restrict__ a, T rstd_a,
+                               const T* __restrict__ gx, const T* __restrict__ gh, const T* __restrict__ bias,
+                               T* __restrict__ z, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    xk[j] *= rstd_x;
     a[j] *= rstd_a;
-    z[j] = xk[j] * gx[j] + a[j] * gh[j] + bias[j];
+    z[j] = (xk[j] - mean_x) * rstd_x * gx[j] + a[j] * gh[j] + bias[j];
   }
 }
 
-// Backward of z = xhat g_x + ahat g_h (+ b), xhat = LN(xk), ahat = LN(A), for one row in two passes:
-// accumulates d g_x, d g_h (and d b if db), writes dxk and dA (d/dx of LN as in normalise_backward).
+// Backward of z = xhat g_x + ahat g_h (+ b), xhat = LN(xk) = (xk - mean_x) rstd_x, ahat = LN(A), for
+// one row in two passes: accumulates d g_x, d g_h (and d b if db), writes dxk and dA (d/dx of LN as
+// in normalise_backward).
 template <typename T>
-inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ xhat, const T* __restrict__ ahat,
-                                T rstd_x, T rstd_a, const T* __restrict__ gx, const T* __restrict__ gh,
-                                T* __restrict__ dgx, T* __restrict__ dgh, T* __restrict__ db, T* __restrict__ dx,
-                                T* __restrict__ da, int64_t n) {
+inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ xk, T mean_x, T rstd_x,
+                                const T* __restrict__ ahat, T rstd_a, const T* __restrict__ gx,
+                                const T* __restrict__ gh, T* __restrict__ dgx, T* __restrict__ dgh,
+                                T* __restrict__ db, T* __restrict__ dx, T* __restrict__ da, int64_t n) {
   T sx[16] = {}, sxx[16] = {}, sa[16] = {}, saa[16] = {};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
     for (int k = 0; k < 16; ++k) {
-      const T d = dz[j + k], yx = d * gx[j + k], ya = d * gh[j + k];
+      const T d = dz[j + k], yx = d * gx[j + k], ya = d * gh[j + k], xhat = (xk[j + k] - mean_x) * rstd_x;
       sx[k] += yx;
-      sxx[k] += yx * xhat[j + k];
+      sxx[k] += yx * xhat;
       sa[k] += ya;
       saa[k] += ya * ahat[j + k];
-      dgx[j + k] += d * xhat[j + k];
+      dgx[j + k] += d * xhat;
       dgh[j + k] += d * ahat[j + k];
     }
   T tx = lane_sum(sx), txx = lane_sum(sxx), ta = lane_sum(sa), taa = lane_sum(saa);
   for (; j < n; ++j) {
-    const T d = dz[j], yx = d * gx[j], ya = d * gh[j];
+    const T d = dz[j], yx = d * gx[j], ya = d * gh[j], xhat = (xk[j] - mean_x) * rstd_x;
     tx += yx;
-    txx += yx * xhat[j];
+    txx += yx * xhat;
     ta += ya;
     taa += ya * ahat[j];
-    dgx[j] += d * xhat[j];
+    dgx[j] += d * xhat;
     dgh[j] += d * ahat[j];
   }
   if (db)
     for (j = 0; j < n; ++j) db[j] += dz[j];
   const T mx = tx / T(n), mxx = txx / T(n), ma = ta / T(n), maa = taa / T(n);
   for (j = 0; j < n; ++j) {
-    dx[j] = rstd_x * (dz[j] * gx[j] - mx - xhat[j] * mxx);
+    dx[j] = rstd_x * (dz[j] * gx[j] - mx - (xk[j] - mean_x) * rstd_x * mxx);
     da[j] = rstd_a * (dz[j] * gh[j] - ma - ahat[j] * maa);
   }
 }
@@ -177,13 +198,13 @@ struct GateOffsets {
 template <typename T>
 void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, T* X,
                           const T* h0, const T* c0, T* Y, T* hT, T* cT, T* G, T* Hp, T* Cp, T* Cn, T* Ahat,
-                          T* rstd_h, T* Chat, T* rstd_c, T* rstd_x, T* Hu, T* Htr, T* Ctr) {
+                          T* rstd_h, T* mean_c, T* rstd_c, T* rstd_x, T* mean_x, T* Hu, T* Htr, T* Ctr) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
   std::vector<T> A(fl.ln && fl.save ? 0 : nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(nr * Ps, T(0));
   std::vector<T> hm(v.rd ? nr * Ps : 0), zrow(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U), r(fl.proj ? nr * Ps : 0);
   std::vector<uint8_t> keep_h(Ps), keep_c(U);
-  std::vector<T> no_bias(v.bias ? 0 : GU, T(0)), rs_a(nr), rs_x(nr);
+  std::vector<T> no_bias(v.bias ? 0 : GU, T(0)), rs_a(nr), rs_x(nr), mu_x(nr);
   const T* bias = v.bias ? v.bias : no_bias.data();
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
@@ -208,23 +229,21 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
     }
     if (fl.ln)  // the rows' statistics first, apart: independent reductions the CPU overlaps
       for (int64_t b = 0; b < nr; ++b) {
-        rs_a[b] = centre(A0 + b * lda, GU);
-        rs_x[b] = centre(X + ((b0 + b) * Tn + t) * GU, GU);
+        T mean_a;
+        rs_a[b] = centre(A0 + b * lda, GU, mean_a);
+        rs_x[b] = row_stats(X + ((b0 + b) * Tn + t) * GU, GU, mu_x[b]);
       }
     for (int64_t b = 0; b < nr; ++b) {
       const int64_t row = (b0 + b) * Tn + t;
       if (s + 1 < Tn && kPrefetch) {  // this row's buffers at the next step
         const int64_t next = row + (fl.backwards ? -1 : 1), pnext = (b0 + b) * Tn + s + 1;
-        prefetch_write(X + next * GU, GU);
+        prefetch_read(X + next * GU, GU);
         if (fl.save) {
           prefetch_write(G + next * GU, GU);
           prefetch_write(Hp + next * Ps, Ps);
           prefetch_write(Cp + next * U, U);
           prefetch_write(Cn + next * U, U);
-          if (fl.ln) {
-            prefetch_write(Ahat + next * GU, GU);
-            prefetch_write(Chat + next * U, U);
-          }
+          if (fl.ln) prefetch_write(Ahat + next * GU, GU);
           if (fl.proj) prefetch_write(Hu + next * U, U);
         }
         if (fl.seq) prefetch_write(Y + pnext * Ps, Ps);
@@ -232,11 +251,12 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       T* a = A0 + b * lda;
       T* z = fl.save ? G + row * GU : zrow.data();
       T* xk = X + row * GU;
-      if (fl.ln) {  // z = LN(xk) g_x + LN(A) g_h + b in one pass after the centring; xk becomes xhat
-        gate_norms_forward(xk, a, rs_x[b], rs_a[b], v.gain_x, v.gain_h, bias, z, GU);
+      if (fl.ln) {  // z = LN(xk) g_x + LN(A) g_h + b in one pass after the statistics
+        gate_norms_forward(xk, mu_x[b], rs_x[b], a, rs_a[b], v.gain_x, v.gain_h, bias, z, GU);
         if (fl.save) {
           rstd_h[row] = rs_a[b];
           rstd_x[row] = rs_x[b];
+          mean_x[row] = mu_x[b];
         }
       } else {
         for (int64_t j = 0; j < GU; ++j) z[j] = xk[j] + a[j] + bias[j];
@@ -268,14 +288,14 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       act_inplace(fl.ract, z + off.o, U);
       T* out = &hu[b * U];
       std::copy(cn, cn + U, out);
-      if (fl.ln) {  // out = LN(C) g_c + b_c; LN(C) saved as Chat
-        const T rs = centre(out, U);
-        T* chat = fl.save ? Chat + row * U : out;
-        for (int64_t j = 0; j < U; ++j) {
-          chat[j] = out[j] * rs;
-          out[j] = chat[j] * v.gain_c[j] + v.shift_c[j];
+      if (fl.ln) {  // out = LN(C) g_c + b_c
+        T mean;
+        const T rs = centre(out, U, mean);
+        for (int64_t j = 0; j < U; ++j) out[j] = out[j] * rs * v.gain_c[j] + v.shift_c[j];
+        if (fl.save) {
+          mean_c[row] = mean;
+          rstd_c[row] = rs;
         }
-        if (fl.save) rstd_c[row] = rs;
       }
       act_inplace(fl.act, out, U);
       for (int64_t j = 0; j < U; ++j) out[j] *= z[off.o + j];
@@ -329,12 +349,12 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
 // pre-activation gradients dz [G*U] and dL/dC_{t-1} (added to dc_prev), accumulating the
 // peephole and cell-norm weight gradients. Written as flat passes over U without branches
 // inside, so the compiler vectorises them; derivatives are taken from the activated values.
-constexpr int64_t kCellScratchRows = 6;
+constexpr int64_t kCellScratchRows = 7;
 template <typename T>
 inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl, const GateOffsets& off,
                               const T* __restrict__ g, const T* __restrict__ cp, const T* __restrict__ cn,
-                              const T* __restrict__ du, const T* __restrict__ dcn, const T* __restrict__ chat,
-                              T rstd_c, T* __restrict__ dc_prev, T* __restrict__ dz, T* __restrict__ dp,
+                              const T* __restrict__ du, const T* __restrict__ dcn, T mean_c, T rstd_c,
+                              T* __restrict__ dc_prev, T* __restrict__ dz, T* __restrict__ dp,
                               T* __restrict__ dnorm, T* __restrict__ scratch) {
   const int64_t U = v.U;
   T* c = scratch;          // C_t after the clip
@@ -343,6 +363,7 @@ inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl
   T* d1 = scratch + 3 * U;
   T* d2 = scratch + 4 * U;
   T* d3 = scratch + 5 * U;
+  T* chat = scratch + 6 * U;  // LN(C_t)
   const T* o = g + off.o;
   const T* f = g + off.f;
   const T* cc = g + off.c;
@@ -353,7 +374,10 @@ inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl
     std::copy(cn, cn + U, c);
   }
   if (fl.ln) {
-    for (int64_t j = 0; j < U; ++j) th[j] = chat[j] * v.gain_c[j] + v.shift_c[j];
+    for (int64_t j = 0; j < U; ++j) {
+      chat[j] = (c[j] - mean_c) * rstd_c;
+      th[j] = chat[j] * v.gain_c[j] + v.shift_c[j];
+    }
   } else {
     std::copy(c, c + U, th);
   }
@@ -429,8 +453,8 @@ inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl
 template <typename T>
 void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* dY,
                            const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp, const T* Cn,
-                           const T* Ahat, const T* rstd_h, const T* Chat, const T* rstd_c, const T* Xhat,
-                           const T* rstd_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep, T* dnorm_c, T* dgate_gain,
+                           const T* Ahat, const T* rstd_h, const T* mean_c, const T* rstd_c, const T* Xk,
+                           const T* rstd_x, const T* mean_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep, T* dnorm_c, T* dgate_gain,
                            T* dbias) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
@@ -491,9 +515,8 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         prefetch_read(Cn + next * U, U);
         prefetch_write(dXW + next * GU, GU);
         if (fl.ln) {
-          prefetch_read(Xhat + next * GU, GU);
+          prefetch_read(Xk + next * GU, GU);
           prefetch_read(Ahat + next * GU, GU);
-          prefetch_read(Chat + next * U, U);
           prefetch_write(DA + next * GU, GU);
         }
         if (Dr) prefetch_write(Dr + next * Ps, Ps);
@@ -501,15 +524,15 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
       }
       if (!active[b]) continue;
       cell_backward_row<T>(v, fl, off, G + row * GU, Cp + row * U, Cn + row * U, dhu_all + b * U, &dcn[b * U],
-                           fl.ln ? Chat + row * U : nullptr, fl.ln ? rstd_c[row] : T(0), &dc[b * U], dz.data(),
+                           fl.ln ? mean_c[row] : T(0), fl.ln ? rstd_c[row] : T(0), &dc[b * U], dz.data(),
                            dpeep ? dpeep + b0 * 3 * U : nullptr, fl.ln ? dnorm_c + b0 * 2 * U : nullptr,
                            scratch.data());
       T* dx = dXW + row * GU;
       T* db = dbias ? dbias + b0 * GU : nullptr;
       if (fl.ln) {  // z = LN(xk) g_x + LN(A) g_h + b
-        gate_norms_backward(dz.data(), Xhat + row * GU, Ahat + row * GU, rstd_x[row], rstd_h[row], v.gain_x,
-                            v.gain_h, dgate_gain + b0 * 2 * GU, dgate_gain + (b0 * 2 + 1) * GU, db, dx, DA + row * GU,
-                            GU);
+        gate_norms_backward(dz.data(), Xk + row * GU, mean_x[row], rstd_x[row], Ahat + row * GU, rstd_h[row],
+                            v.gain_x, v.gain_h, dgate_gain + b0 * 2 * GU, dgate_gain + (b0 * 2 + 1) * GU, db, dx,
+                            DA + row * GU, GU);
       } else {
         std::copy(dz.begin(), dz.end(), dx);
         if (db)
@@ -575,12 +598,11 @@ inline torch::Tensor bool_or_none(const c10::optional<torch::Tensor>& t) {
 
 }  // namespace
 
-// xk = x @ kernel [B,T,GU] (time order; contiguous, and normalised in place with layer norm: the
-// caller hands over a buffer of its own), gate_gain [2,GU] (layer norm: g_x, g_h), bias [GU]
-// (forget_bias included), R [Ps,GU]; see the top
-// of this file. Returns Y, hT, cT and, with save, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu,
-// Xhat (xk itself), rstd_x (undefined if unused) and, with trace (which implies save), each step's
-// h and C after zoneout [B,T,*] in processing order.
+// xk = x @ kernel [B,T,GU] (time order, contiguous), gate_gain [2,GU] (layer norm: g_x, g_h),
+// bias [GU] (forget_bias included), R [Ps,GU]; see the top of this file. Returns Y, hT, cT and,
+// with save, G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, xk itself, rstd_x, mean_x (undefined
+// where unused) and, with trace (which implies save), each step's h and C after zoneout [B,T,*] in
+// processing order.
 std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gate_gain_o,
                                            c10::optional<torch::Tensor> bias_o, torch::Tensor R,
                                            c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
@@ -594,7 +616,7 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
                                            bool trace) {
   at::NoGradGuard no_grad;
   save = save || trace;
-  TORCH_CHECK(xk.is_contiguous(), "variant_forward: xk must be contiguous (it is normalised in place)");
+  TORCH_CHECK(xk.is_contiguous(), "variant_forward: xk must be contiguous");
   R = R.contiguous();
   h0 = h0.contiguous();
   c0 = c0.contiguous();
@@ -607,7 +629,7 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
   auto opts = xk.options();
   auto Y = seq ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::empty({B, Ps}, opts);  // (every row is written)
   auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
-  torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x, Htr, Ctr;
+  torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr;
   if (trace) {
     Htr = buffer_pool::empty({B, Tn, Ps}, opts);
     Ctr = buffer_pool::empty({B, Tn, U}, opts);
@@ -619,11 +641,12 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
     Cn = buffer_pool::empty({B, Tn, U}, opts);
     if (fl.ln) {
       Ahat = buffer_pool::empty({B, Tn, GU}, opts);
-      rstd_h = buffer_pool::empty({B, Tn}, opts);
-      Chat = buffer_pool::empty({B, Tn, U}, opts);
-      rstd_c = buffer_pool::empty({B, Tn}, opts);
-      Xhat = xk;
-      rstd_x = buffer_pool::empty({B, Tn}, opts);
+      rstd_h = torch::empty({B, Tn}, opts);
+      mean_c = torch::empty({B, Tn}, opts);
+      rstd_c = torch::empty({B, Tn}, opts);
+      Xk = xk;
+      rstd_x = torch::empty({B, Tn}, opts);
+      mean_x = torch::empty({B, Tn}, opts);
     }
     if (fl.proj) Hu = buffer_pool::empty({B, Tn, U}, opts);
   }
@@ -633,21 +656,22 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
                                 torch::Tensor(), Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
-      *rhp = p(rstd_h), *Chp = p(Chat), *rcp = p(rstd_c), *rxp = p(rstd_x), *Hup = p(Hu), *Htrp = p(Htr),
-      *Ctrp = p(Ctr), *Xp = xk.data_ptr<T>();
+      *rhp = p(rstd_h), *mcp = p(mean_c), *rcp = p(rstd_c), *rxp = p(rstd_x), *mxp = p(mean_x), *Hup = p(Hu),
+      *Htrp = p(Htr), *Ctrp = p(Ctr), *Xp = xk.data_ptr<T>();
     const T* h0p = h0.data_ptr<T>();
     const T* c0p = c0.data_ptr<T>();
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
-      variant_forward_rows<T>(v, fl, b0, b1, Xp, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Cnp, Ap, rhp, Chp, rcp, rxp,
-                              Hup, Htrp, Ctrp);
+      variant_forward_rows<T>(v, fl, b0, b1, Xp, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Cnp, Ap, rhp, mcp, rcp, rxp,
+                              mxp, Hup, Htrp, Ctrp);
     });
   });
   if (!save) return {Y, hT, cT};
-  if (!trace) return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x};
-  return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x, Htr, Ctr};
+  if (!trace) return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x};
+  return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr};
 }
 
-// saved: the forward's G, Hp, Cp, Cn, Ahat, rstd_h, Chat, rstd_c, Hu, Xhat, rstd_x (empty if unused).
+// saved: the forward's G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, xk, rstd_x, mean_x (empty
+// where unused).
 // Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxk), Dr [B,T,Ps]
 // (projection), dh0, dc0, d peephole ([3,U] rows i f o, or [2,U] f o when coupled), d gain_c,
 // d shift_c [U] and d gate_gain [2,GU] (layer norm), d bias [GU] (with a bias).
@@ -661,8 +685,10 @@ std::vector<torch::Tensor> variant_backward(
     int64_t ract, double clip) {
   at::NoGradGuard no_grad;
   auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous(), Cn = saved[3].contiguous();
-  auto Ahat = saved[4], rstd_h = saved[5], Chat = saved[6], rstd_c = saved[7], Xhat = saved[9], rstd_x = saved[10];
-  auto dY = dY_o.has_value() ? buffer_pool::contiguous(*dY_o) : torch::Tensor(), dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
+  auto Ahat = saved[4], rstd_h = saved[5], mean_c = saved[6], rstd_c = saved[7], Xk = saved[9], rstd_x = saved[10],
+       mean_x = saved[11];
+  auto dY = dY_o.has_value() ? buffer_pool::contiguous(*dY_o) : torch::Tensor();
+  auto dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_c = contiguous_or_none(gain_c_o),
        shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
        gate_gain = contiguous_or_none(gate_gain_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
@@ -690,8 +716,8 @@ std::vector<torch::Tensor> variant_backward(
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
       variant_backward_rows<T>(v, fl, b0, b1, cp(dY), cp(dhT), cp(dcT), cp(G), cp(Hp), cp(Cp), cp(Cn), cp(Ahat),
-                               cp(rstd_h), cp(Chat), cp(rstd_c), cp(Xhat), cp(rstd_x), p(dXW), p(DA), p(Dr), p(dh0),
-                               p(dc0), p(dpeep), p(dnorm_c), p(dgate_gain), p(dbias));
+                               cp(rstd_h), cp(mean_c), cp(rstd_c), cp(Xk), cp(rstd_x), cp(mean_x), p(dXW), p(DA),
+                               p(Dr), p(dh0), p(dc0), p(dpeep), p(dnorm_c), p(dgate_gain), p(dbias));
     });
   });
   auto total = [](const torch::Tensor& per_row) { return per_row.defined() ? per_row.sum(0) : per_row; };
