@@ -116,7 +116,7 @@ inline void gate_norms_forward(const T* __restrict__ xk, T mean_x, T rstd_x, T* 
 
 // Backward of z = xhat g_x + ahat g_h (+ b), xhat = LN(xk) = (xk - mean_x) rstd_x, ahat = LN(A), for
 // one row in two passes: accumulates d g_x, d g_h (and d b if db), writes dxk and dA (d/dx of LN as
-// in normalise_backward).
+// in normalise_backward, its per-row terms folded: dxk = rstd_x dz g_x + c_x + k_x (xk - mean_x)).
 template <typename T>
 inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ xk, T mean_x, T rstd_x,
                                 const T* __restrict__ ahat, T rstd_a, const T* __restrict__ gx,
@@ -133,6 +133,7 @@ inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ 
       saa[k] += ya * ahat[j + k];
       dgx[j + k] += d * xhat;
       dgh[j + k] += d * ahat[j + k];
+      if (db) db[j + k] += d;
     }
   T tx = lane_sum(sx), txx = lane_sum(sxx), ta = lane_sum(sa), taa = lane_sum(saa);
   for (; j < n; ++j) {
@@ -143,13 +144,13 @@ inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ 
     taa += ya * ahat[j];
     dgx[j] += d * xhat;
     dgh[j] += d * ahat[j];
+    if (db) db[j] += d;
   }
-  if (db)
-    for (j = 0; j < n; ++j) db[j] += dz[j];
-  const T mx = tx / T(n), mxx = txx / T(n), ma = ta / T(n), maa = taa / T(n);
+  const T kx = -rstd_x * rstd_x * (txx / T(n)), cx = -rstd_x * (tx / T(n));
+  const T ka = -rstd_a * (taa / T(n)), ca = -rstd_a * (ta / T(n));
   for (j = 0; j < n; ++j) {
-    dx[j] = rstd_x * (dz[j] * gx[j] - mx - (xk[j] - mean_x) * rstd_x * mxx);
-    da[j] = rstd_a * (dz[j] * gh[j] - ma - ahat[j] * maa);
+    dx[j] = rstd_x * (dz[j] * gx[j]) + (cx + kx * (xk[j] - mean_x));
+    da[j] = rstd_a * (dz[j] * gh[j]) + (ca + ka * ahat[j]);
   }
 }
 
