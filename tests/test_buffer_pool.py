@@ -81,3 +81,14 @@ def test_graphs_alive_together_keep_their_own_buffers(ext, options):
         assert torch.equal(y, y_ref)
         assert torch.equal(torch.autograd.grad(y.square().sum(), x)[0], dx_ref)
     assert ext.pool_stats()[2] > reused_before  # the backward passes reused freed blocks
+
+
+def test_empty_cache_gives_idle_buffers_back(ext):
+    import lstm.kernels
+
+    layer = layers.LSTM(16, return_sequences=True, input_dim=8)
+    layer(torch.randn(8, 300, 8)).sum().backward()  # [B, T, *] buffers over 64 KiB go back to the pool
+    idle_bytes = ext.pool_stats()[0]
+    assert idle_bytes > 0
+    assert lstm.kernels.empty_cache() == idle_bytes
+    assert ext.pool_stats()[:2] == (0, 0)

@@ -9,4 +9,15 @@ register(fused_cpu, priority=10)
 register(fused_cpp, priority=20)
 register(fused_variants, priority=15)  # the LSTM variants; plain LSTMs go to fused_cpp first
 
-__all__ = ["CellSpec", "Recurrence", "RecurrenceResult", "Zoneout", "available", "register", "run", "select", "use"]
+
+
+def empty_cache() -> int:
+    """Gives the C++ kernels' idle buffers back to the OS; returns their bytes (0 without the
+    extension). The kernels keep up to 256 MiB of freed [B, T, *] buffers mapped for their next
+    call (csrc/buffer_pool.h), as torch.cuda's caching allocator does for GPU memory."""
+    ext = fused_cpp._ext  # (None or False: not loaded, nothing is pooled; no build just for this)
+    return int(ext.pool_clear()) if ext else 0
+
+
+__all__ = ["CellSpec", "Recurrence", "RecurrenceResult", "Zoneout", "available", "empty_cache", "register", "run",
+           "select", "use"]

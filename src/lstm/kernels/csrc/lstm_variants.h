@@ -236,7 +236,7 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       }
     for (int64_t b = 0; b < nr; ++b) {
       const int64_t row = (b0 + b) * Tn + t;
-      if (s + 1 < Tn && kPrefetch) {  // this row's buffers at the next step
+      if (s + 1 < Tn) {  // this row's buffers at the next step
         const int64_t next = row + (fl.backwards ? -1 : 1), pnext = (b0 + b) * Tn + s + 1;
         prefetch_read(X + next * GU, GU);
         if (fl.save) {
@@ -509,7 +509,7 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
     }
     for (int64_t b = 0; b < nr; ++b) {
       const int64_t row = (b0 + b) * Tn + t;
-      if (s > 0 && kPrefetch) {  // this row's buffers at the next step (the previous one in time)
+      if (s > 0) {  // this row's buffers at the next step (the previous one in time)
         const int64_t next = row + (fl.backwards ? 1 : -1);
         prefetch_read(G + next * GU, GU);
         prefetch_read(Cp + next * U, U);
