@@ -16,6 +16,7 @@ import io
 import pytest
 import torch
 
+import lstm
 import lstm.kernels
 from lstm import layers, models
 
@@ -355,6 +356,24 @@ def test_zoneout_training_fullgraph_equals_eager():
     for u, v in zip(a, b):
         _assert_same(u, v, tol=1e-6)
     assert not torch.equal(a[0][0], a[1][0])
+
+
+def test_chunked_zoneout_training_compiles_to_one_graph():
+    # each chunk's zoneout offset is a constant of the one traced graph: no recompile per chunk
+    torch.manual_seed(8)
+    layer = layers.LSTM(6, return_sequences=True, input_dim=4, zoneout=0.3, seed=5).train()
+    x = torch.randn(3, 12, 4)
+    layer(x)
+    generator = layer.cell._generator
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(lambda x: lstm.chunked(layer, x, 4), fullgraph=True, backend="aot_eager")
+    generator.manual_seed(5)
+    a = [compiled(x) for _ in range(2)]
+    generator.manual_seed(5)
+    b = [lstm.chunked(layer, x, 4) for _ in range(2)]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("coupled", [False, True])
