@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TALLY
+from lstm import layers, models
 from lstm.layers import GRU, LSTM, Bidirectional, GRUCell, LSTMCell, SimpleRNN, SimpleRNNCell
 
 
@@ -279,6 +280,23 @@ def test_from_config_unknown_keys():
         Bidirectional.from_config({**Bidirectional(GRU(2)).get_config(), "extra": 0})
     with raises(ValueError, "time_major"):
         LSTM.from_config({**config, "time_major": True})
+
+
+def test_nested_config_errors_name_the_key_path():
+    wrapped = Bidirectional(LSTM(3)).get_config()
+    wrapped["layer"]["config"]["bogus"] = 1
+    with raises(ValueError, "config['layer']['config']: unknown keys ['bogus'] for LSTM"):
+        Bidirectional.from_config(wrapped)
+    model = models.Sequential([LSTM(3, input_dim=2), layers.Dense(1)]).get_config()
+    model["layers"][1]["config"]["units"] = -1
+    with raises(ValueError, "config['layers'][1]['config']: units", "-1"):
+        models.Sequential.from_config(model)
+    rnn = layers.RNN(LSTMCell(2)).get_config()
+    rnn["cell"]["config"]["zzz"] = 0
+    with raises(ValueError, "config['cell']['config']: unknown keys ['zzz'] for LSTMCell"):
+        layers.RNN.from_config(rnn)
+    with raises(ValueError, "config['layers'][0]: expected {'class_name'"):
+        models.Sequential.from_config({"layers": [{"config": {}}]})
 
 
 def test_bidirectional_bad_arguments():

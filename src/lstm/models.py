@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers.config import nested
 from .serialization import unique_name
 
 
@@ -145,7 +146,7 @@ class Sequential(nn.Module):
 
         if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
             raise ValueError(f"config: a Sequential config needs a 'layers' list, got {config!r}")
-        layers = [deserialize(entry, dialect) for entry in config["layers"]]
+        layers = [nested(f"['layers'][{i}]", deserialize, entry, dialect) for i, entry in enumerate(config["layers"])]
         return cls(layers, name=config.get("name"), trainable=config.get("trainable", True))
 
     def extra_repr(self) -> str:

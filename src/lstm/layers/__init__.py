@@ -7,6 +7,7 @@ from typing import Optional
 
 from .base import RNN, RecurrentCell
 from .bidirectional import Bidirectional
+from .config import nested
 from .core import Dense, Dropout, Embedding, Input, InputLayer, Masking, TimeDistributed
 from .gru import GRU, GRUCell
 from .lstm import LSTM, LSTMCell
@@ -23,7 +24,7 @@ def deserialize(config: dict, dialect: Optional[str] = None):
     name = config["class_name"]
     if name not in _CLASSES:
         raise ValueError(f"config: unsupported layer class {name!r}; expected one of {sorted(_CLASSES)}")
-    return _CLASSES[name].from_config(config.get("config") or {}, dialect)
+    return nested("['config']", _CLASSES[name].from_config, config.get("config") or {}, dialect)
 
 
 def serialize(layer) -> dict:

@@ -14,7 +14,7 @@ from ..kernels import CellSpec, Recurrence
 from ..kernels.problem import STATE_COUNT
 from ..serialization import dtype_name, parse_dtype, unique_name
 from . import rng
-from .config import constructor_kwargs
+from .config import constructor_kwargs, nested
 from .validation import (as_float_tensor, check_fraction, check_initial_state, check_mask, check_seed,
                          check_units, feature_size)
 
@@ -478,7 +478,7 @@ class RNN(nn.Module):
         cell = config.pop("cell", None)
         if not isinstance(cell, dict):
             raise ValueError(f"config: an RNN config needs a 'cell' dict, got {cell!r}")
-        return cls(deserialize(cell, dialect), **constructor_kwargs(cls, config, dialect))
+        return cls(nested("['cell']", deserialize, cell, dialect), **constructor_kwargs(cls, config, dialect))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

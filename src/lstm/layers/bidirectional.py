@@ -10,6 +10,7 @@ from torch import nn
 
 from ..serialization import dtype_name, parse_dtype, unique_name
 from .base import RNN
+from .config import nested
 
 MERGE_MODES = ("concat", "sum", "ave", "mul", None)
 
@@ -166,9 +167,9 @@ class Bidirectional(nn.Module):
         for key in ("layer",):
             if not isinstance(config.get(key), dict):
                 raise ValueError(f"config: a Bidirectional config needs a '{key}' dict, got {config.get(key)!r}")
-        layer = deserialize(config.pop("layer"), dialect)
+        layer = nested("['layer']", deserialize, config.pop("layer"), dialect)
         backward = config.pop("backward_layer", None)
-        backward = None if backward is None else deserialize(backward, dialect)
+        backward = None if backward is None else nested("['backward_layer']", deserialize, backward, dialect)
         for key in ("module", "registered_name", "build_config"):
             config.pop(key, None)
         config.pop("dtype", None)  # the wrapped layers carry it

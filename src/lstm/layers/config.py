@@ -32,3 +32,16 @@ def constructor_kwargs(cls, config: dict, dialect: str | None = None) -> dict:
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)} for {cls.__name__}")
     return kwargs
+
+
+def nested(path: str, build, *args):
+    """build(*args) for a config nested at `path` (e.g. "['layer']") inside the one being read: its
+    errors name the key path from the outer config, "config['layer']: ..." rather than "config: ..."."""
+    try:
+        return build(*args)
+    except (ValueError, TypeError) as exc:
+        if type(exc) not in (ValueError, TypeError):
+            raise
+        message = str(exc)
+        message = message[len("config"):] if message.startswith("config") else ": " + message
+        raise type(exc)(f"config{path}{message}") from None

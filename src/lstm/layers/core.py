@@ -20,6 +20,7 @@ from torch import nn
 from .. import activations, constraints, initializers, regularizers
 from ..serialization import activation_from_config, detect_dialect, dtype_name, parse_dtype, unique_name
 from . import rng
+from .config import nested
 from .validation import check_fraction, check_seed, check_shape, check_units, feature_size
 
 # Keys Keras writes that change nothing at inference here (null/defaults checked where it matters).
@@ -454,7 +455,7 @@ class TimeDistributed(_Layer):
         kwargs = _check_keys(cls, config, cls._accepted())
         if not isinstance(kwargs.get("layer"), dict):
             raise ValueError(f"config: a TimeDistributed config needs a 'layer' dict, got {kwargs.get('layer')!r}")
-        kwargs["layer"] = deserialize(kwargs["layer"], dialect)
+        kwargs["layer"] = nested("['layer']", deserialize, kwargs["layer"], dialect)
         kwargs.pop("dtype", None)
         return cls(**kwargs)
 
