@@ -124,8 +124,9 @@ def _backward(dY, dhT, dcT, saved, x, kernel, gate_gain, bias, R, peephole, gain
     where the input is None, or for x and kernel where not needed); detached tensors."""
     placeholder = R.new_empty(0)
     saved_list = [placeholder if t is None else t for t in saved]
-    dxk, dA, dr, dh0, dc0, d_peephole, d_gain_c, d_shift_c, d_gate_gain, d_bias = fused_cpp.extension().variant_backward(
-        dY, dhT, dcT, saved_list, gate_gain, bias, R, rd, peephole, gain_c, shift_c, P, *zoneout, mask, *flags)
+    grads = fused_cpp.extension().variant_backward(dY, dhT, dcT, saved_list, gate_gain, bias, R, rd, peephole, gain_c,
+                                                   shift_c, P, *zoneout, mask, *flags)
+    dxk, dA, dr, dh0, dc0, d_peephole, d_gain_c, d_shift_c, d_gate_gain, d_bias = grads
     Hp, Hu = saved[1], saved[8]
     Ps, GU = R.shape
     U = GU // (3 if flags[3] else 4)

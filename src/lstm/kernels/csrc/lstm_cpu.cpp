@@ -1111,8 +1111,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pack_min_work", [](int64_t w) { return std::exchange(kPackMinWork, w); },
         "multiply-adds of a step's product from which its right operand is packed; returns the previous");
   m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
-  m.def("pooled_empty", [](std::vector<int64_t> sizes, torch::Tensor like) { return buffer_pool::empty(sizes, like.options()); },
-        "an uninitialised contiguous CPU tensor of like's dtype from the buffer pool");
+  m.def(
+      "pooled_empty",
+      [](std::vector<int64_t> sizes, torch::Tensor like) { return buffer_pool::empty(sizes, like.options()); },
+      "an uninitialised contiguous CPU tensor of like's dtype from the buffer pool");
   m.def("pool_stats", [] { return buffer_pool::Pool::instance().stats(); },
         "the buffer pool's (idle bytes, idle blocks, allocations it served from idle blocks)");
   m.def("pool_clear", [] { return buffer_pool::Pool::instance().clear(); },

@@ -202,7 +202,8 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
                           T* rstd_h, T* mean_c, T* rstd_c, T* rstd_x, T* mean_x, T* Hu, T* Htr, T* Ctr) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
-  std::vector<T> A(fl.ln && fl.save ? 0 : nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(nr * Ps, T(0));
+  std::vector<T> A(fl.ln && fl.save ? 0 : nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U),
+      prev(nr * Ps, T(0));
   std::vector<T> hm(v.rd ? nr * Ps : 0), zrow(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U), r(fl.proj ? nr * Ps : 0);
   std::vector<uint8_t> keep_h(Ps), keep_c(U);
   std::vector<T> no_bias(v.bias ? 0 : GU, T(0)), rs_a(nr), rs_x(nr), mu_x(nr);
@@ -455,8 +456,8 @@ template <typename T>
 void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* dY,
                            const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp, const T* Cn,
                            const T* Ahat, const T* rstd_h, const T* mean_c, const T* rstd_c, const T* Xk,
-                           const T* rstd_x, const T* mean_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep, T* dnorm_c, T* dgate_gain,
-                           T* dbias) {
+                           const T* rstd_x, const T* mean_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep,
+                           T* dnorm_c, T* dgate_gain, T* dbias) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
   std::vector<T> dh(nr * Ps, T(0)), dc(nr * U, T(0)), dprev(nr * Ps, T(0));
@@ -559,7 +560,8 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
 template <typename T>
 VariantTensors<T> variant_tensors(const torch::Tensor& xk, const torch::Tensor& gate_gain, const torch::Tensor& bias,
                                   const torch::Tensor& R, const torch::Tensor& RT,
-                                  const torch::Tensor& rd, const torch::Tensor& peep, const torch::Tensor& gain_c, const torch::Tensor& shift_c, const torch::Tensor& P,
+                                  const torch::Tensor& rd, const torch::Tensor& peep, const torch::Tensor& gain_c,
+                                  const torch::Tensor& shift_c, const torch::Tensor& P,
                                   const torch::Tensor& PT, const Zoneout& zoneout, const torch::Tensor& mask,
                                   bool coupled) {
   auto ptr = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
