@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -351,8 +352,9 @@ MEMORY_METHOD = (
     "weights and input, returns freed heap pages to the OS (malloc_trim(0)), resets the kernel's peak-RSS mark (echo 5 > /proc/self/clear_refs), runs one training "
     "step (forward + backward of a sum loss) and reports VmHWM - VmRSS(before): the resident memory "
     "the step added at its peak (activations, saved tensors, workspaces, gradients). 'saved' is the "
-    "size of the tensors autograd kept for backward (saved_tensors_hooks), allocator-independent; a "
-    "custom autograd Function that keeps its buffers on ctx (not save_for_backward) shows ~0 there."
+    "peak size of the tensors autograd kept for backward at one time (saved_tensors_hooks), "
+    "allocator-independent; a custom autograd Function that keeps its buffers on ctx (not "
+    "save_for_backward) shows ~0 there."
 )
 
 
@@ -400,6 +402,8 @@ def _malloc_trim() -> bool:
 
 
 def memory_worker(name: str, shape: tuple, threads: int, seed: int = 0) -> dict:
+    from .. import kernels
+
     torch.set_num_threads(threads)
     # warm-up on a short sequence (one-time work: imports, numba loading, first-call allocations;
     # a full-length warm-up would double the cost of the slow per-step contenders at T=2000)
@@ -411,15 +415,29 @@ def memory_worker(name: str, shape: tuple, threads: int, seed: int = 0) -> dict:
     contenders, x = sequence_contenders(shape, threads, seed, onnx=False, names=(name,))
     contender = contenders[0]
     gc.collect()
+    kernels.empty_cache()  # the C++ kernels' pooled buffers too
     trimmed = _malloc_trim()  # hand the warm-up's freed heap pages back, so the step's reuse shows as growth
-    saved = {}
+    live = {}  # saved tensors alive now: key -> [bytes, packs alive]
+    saved = {"now": 0, "peak": 0}
+
+    def release(key):
+        entry = live[key]
+        entry[1] -= 1
+        if not entry[1]:
+            saved["now"] -= entry[0]
+            del live[key]
 
     def pack(t):
         try:
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-            saved[key] = t.numel() * t.element_size()
         except Exception:
-            pass
+            return t
+        entry = live.setdefault(key, [t.numel() * t.element_size(), 0])
+        if not entry[1]:
+            saved["now"] += entry[0]
+            saved["peak"] = max(saved["peak"], saved["now"])
+        entry[1] += 1
+        weakref.finalize(t, release, key)
         return t
 
     before = _proc_status_kb("VmRSS")
@@ -438,7 +456,7 @@ def memory_worker(name: str, shape: tuple, threads: int, seed: int = 0) -> dict:
     peak = sampler.peak if sampler else _proc_status_kb("VmHWM")
     return {"contender": name, "shape": list(shape), "rss_before_bytes": before * 1024,
             "peak_rss_bytes": peak * 1024, "peak_growth_bytes": max(0, peak - before) * 1024,
-            "saved_tensor_bytes": int(sum(saved.values())), "step_seconds": seconds, "method": method,
+            "saved_tensor_bytes": int(saved["peak"]), "step_seconds": seconds, "method": method,
             "malloc_trim": trimmed}
 
 
