@@ -10,7 +10,6 @@ register(fused_cpp, priority=20)
 register(fused_variants, priority=15)  # the LSTM variants; plain LSTMs go to fused_cpp first
 
 
-
 def empty_cache() -> int:
     """Gives the C++ kernels' idle buffers back to the OS; returns their bytes (0 without the
     extension). The kernels keep up to 256 MiB of freed [B, T, *] buffers mapped for their next
