@@ -108,10 +108,6 @@ inline torch::Tensor empty(at::IntArrayRef sizes, const torch::TensorOptions& op
                                    c10::typeMetaToScalarType(opts.dtype()), c10::nullopt);
 }
 
-inline torch::Tensor zeros(at::IntArrayRef sizes, const torch::TensorOptions& opts) {
-  return empty(sizes, opts).zero_();
-}
-
 // t itself when contiguous, else a contiguous copy on the pool
 inline torch::Tensor contiguous(const torch::Tensor& t) {
   if (t.is_contiguous()) return t;

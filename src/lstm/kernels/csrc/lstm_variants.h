@@ -59,6 +59,12 @@ inline T dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64_t n)
   return total;
 }
 
+// 1/std of a row of n values whose squared deviations from the mean sum to sum_sq
+template <typename T>
+inline T inverse_std(T sum_sq, int64_t n) {
+  return T(1) / std::sqrt(sum_sq / T(n) + T(kLayerNormEps));
+}
+
 // x [n] -> x - mean(x) in place; returns 1/std (x is not scaled: the caller does it in its own
 // pass) and the mean in `mean`
 template <typename T>
@@ -76,7 +82,7 @@ inline T centre(T* __restrict__ x, int64_t n, T& mean) {
     x[j] -= mean;
     total += x[j] * x[j];
   }
-  return T(1) / std::sqrt(total / T(n) + T(kLayerNormEps));
+  return inverse_std(total, n);
 }
 
 // 1/std of x [n] and its mean (in `mean`), x left as it is
@@ -92,10 +98,11 @@ inline T row_stats(const T* __restrict__ x, int64_t n, T& mean) {
     }
   T total = lane_sum(acc);
   for (; j < n; ++j) total += (x[j] - mean) * (x[j] - mean);
-  return T(1) / std::sqrt(total / T(n) + T(kLayerNormEps));
+  return inverse_std(total, n);
 }
 
-// d/dx of normalise: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)), dy in, dx out (may alias)
+// d/dx of xhat = (x - mean(x)) rstd: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)), dy in, dx out
+// (may alias)
 template <typename T>
 inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, T* dx, int64_t n) {
   const T a = dot_or_sum<T>(dy, nullptr, n) / T(n), b = dot_or_sum<T>(dy, xhat, n) / T(n);
