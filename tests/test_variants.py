@@ -203,6 +203,19 @@ def test_layer_norm_makes_the_cell_invariant_to_the_kernels_scale():
     assert torch.isfinite(gates["c"]).all()
 
 
+
+@pytest.mark.parametrize("units", [4, 40])
+def test_layer_norm_is_accurate_for_pre_activations_with_a_large_mean(units):
+    """Weights with a common offset give every row of x·W and h·U a mean ~100x its spread: the
+    kernel's one-pass statistics (shifted by a value of the row) must not cancel there. 40 units:
+    the rows are long enough for the vectorised loops."""
+    p = variant_problem(3, 4, 5, units, dtype=torch.float32, layer_norm=True)
+    offset = {name: (getattr(p, name).detach() + 100.0).requires_grad_() for name in ("kernel", "recurrent_kernel")}
+    p = dataclasses.replace(p, **offset)
+    spread = (p.inputs.detach() @ p.kernel.detach()).std(-1)
+    assert float((p.inputs.detach() @ p.kernel.detach()).mean(-1).abs().median() / spread.median()) > 50
+    assert_equal_to_reference(p)
+
 def test_coupled_input_gate_is_one_minus_forget():
     layer = layers.LSTM(4, return_sequences=True, input_dim=3, coupled=True)
     assert layer.cell.kernel.shape == (3, 12) and layer.cell.bias.shape == (12,)

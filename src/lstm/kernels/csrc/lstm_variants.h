@@ -28,10 +28,32 @@ struct VariantFlags {
 
 constexpr double kLayerNormEps = 1e-5;  // reference.LAYER_NORM_EPS (haste's)
 
-// the sum of 16 partial sums as a tree: 4 dependent additions, not 16 (the layer norms' row
-// reductions sit on the recurrence's critical path)
+// 16 lanes of T as one value (GCC/Clang vector extension: one zmm for float with AVX-512): the
+// layer norms' row reductions keep their partial sums in it, so the compiler neither serialises
+// them nor interleaves iterations with shuffles (what it made of arrays of 16 partial sums)
 template <typename T>
-inline T lane_sum(T (&acc)[16]) {
+struct Lanes {
+  typedef T V __attribute__((vector_size(16 * sizeof(T))));
+};
+
+template <typename T>
+inline typename Lanes<T>::V load_lanes(const T* p) {
+  typename Lanes<T>::V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+inline void store_lanes(T* p, typename Lanes<T>::V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// the sum of the 16 lanes as a tree: 4 dependent additions, not 16 (the row reductions sit on
+// the recurrence's critical path)
+template <typename T>
+inline T lane_sum(typename Lanes<T>::V v) {
+  T acc[16];
+  std::memcpy(acc, &v, sizeof v);
 #ifdef __AVX512F__  // (the portable tree below goes through the stack with narrowing reloads)
   if constexpr (std::is_same_v<T, float>) return _mm512_reduce_add_ps(_mm512_loadu_ps(acc));
   if constexpr (std::is_same_v<T, double>)
@@ -42,81 +64,58 @@ inline T lane_sum(T (&acc)[16]) {
   return acc[0];
 }
 
-// sum of a[j] * b[j] (b == nullptr: of a[j]) in 16 partial sums: vectorised without -ffast-math
-template <typename T>
-inline T dot_or_sum(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  T acc[16] = {};
-  int64_t j = 0;
-  if (b) {
-    for (; j + 16 <= n; j += 16)
-      for (int k = 0; k < 16; ++k) acc[k] += a[j + k] * b[j + k];
-  } else {
-    for (; j + 16 <= n; j += 16)
-      for (int k = 0; k < 16; ++k) acc[k] += a[j + k];
-  }
-  T total = lane_sum(acc);
-  for (; j < n; ++j) total += b ? a[j] * b[j] : a[j];
-  return total;
-}
-
-// 1/std of a row of n values whose squared deviations from the mean sum to sum_sq
-template <typename T>
-inline T inverse_std(T sum_sq, int64_t n) {
-  return T(1) / std::sqrt(sum_sq / T(n) + T(kLayerNormEps));
-}
-
-// x [n] -> x - mean(x) in place; returns 1/std (x is not scaled: the caller does it in its own
-// pass) and the mean in `mean`
-template <typename T>
-inline T centre(T* __restrict__ x, int64_t n, T& mean) {
-  mean = dot_or_sum<T>(x, nullptr, n) / T(n);
-  T acc[16] = {};
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int k = 0; k < 16; ++k) {
-      x[j + k] -= mean;
-      acc[k] += x[j + k] * x[j + k];
-    }
-  T total = lane_sum(acc);
-  for (; j < n; ++j) {
-    x[j] -= mean;
-    total += x[j] * x[j];
-  }
-  return inverse_std(total, n);
-}
-
-// 1/std of x [n] and its mean (in `mean`), x left as it is
+// 1/std of x [n] and its mean (in `mean`), in one pass: the sums of d = x - x[0] and d^2 give
+// var = E[d^2] - E[d]^2, which does not cancel for a row with a large mean (x[0] is one of its
+// values, so E[d] is of the order of the std)
 template <typename T>
 inline T row_stats(const T* __restrict__ x, int64_t n, T& mean) {
-  mean = dot_or_sum<T>(x, nullptr, n) / T(n);
-  T acc[16] = {};
+  const T shift = x[0];
+  typename Lanes<T>::V acc = {}, acc2 = {};
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int k = 0; k < 16; ++k) {
-      const T d = x[j + k] - mean;
-      acc[k] += d * d;
-    }
-  T total = lane_sum(acc);
-  for (; j < n; ++j) total += (x[j] - mean) * (x[j] - mean);
-  return inverse_std(total, n);
+  for (; j + 16 <= n; j += 16) {
+    const auto d = load_lanes(x + j) - shift;
+    acc += d;
+    acc2 += d * d;
+  }
+  T sum = lane_sum<T>(acc), sum_sq = lane_sum<T>(acc2);
+  for (; j < n; ++j) {
+    const T d = x[j] - shift;
+    sum += d;
+    sum_sq += d * d;
+  }
+  const T m = sum / T(n);
+  mean = shift + m;
+  return T(1) / std::sqrt(std::max(sum_sq / T(n) - m * m, T(0)) + T(kLayerNormEps));
 }
 
 // d/dx of xhat = (x - mean(x)) rstd: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)), dy in, dx out
 // (may alias)
 template <typename T>
 inline void normalise_backward(const T* dy, const T* __restrict__ xhat, T rstd, T* dx, int64_t n) {
-  const T a = dot_or_sum<T>(dy, nullptr, n) / T(n), b = dot_or_sum<T>(dy, xhat, n) / T(n);
-  for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - a - xhat[j] * b);
+  typename Lanes<T>::V acc = {}, acc2 = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const auto d = load_lanes(dy + j);
+    acc += d;
+    acc2 += d * load_lanes(xhat + j);
+  }
+  T sum = lane_sum<T>(acc), dot = lane_sum<T>(acc2);
+  for (; j < n; ++j) {
+    sum += dy[j];
+    dot += dy[j] * xhat[j];
+  }
+  const T a = sum / T(n), b = dot / T(n);
+  for (j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - a - xhat[j] * b);
 }
 
-// z = xhat g_x + ahat g_h + b, xhat = (xk - mean_x) rstd_x, from the centred A (scaled in place
-// to ahat), one pass
+// z = xhat g_x + ahat g_h + b, xhat = (xk - mean_x) rstd_x, ahat = (A - mean_a) rstd_a (written over
+// A), one pass
 template <typename T>
-inline void gate_norms_forward(const T* __restrict__ xk, T mean_x, T rstd_x, T* __restrict__ a, T rstd_a,
+inline void gate_norms_forward(const T* __restrict__ xk, T mean_x, T rstd_x, T* __restrict__ a, T mean_a, T rstd_a,
                                const T* __restrict__ gx, const T* __restrict__ gh, const T* __restrict__ bias,
                                T* __restrict__ z, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    a[j] *= rstd_a;
+    a[j] = (a[j] - mean_a) * rstd_a;
     z[j] = (xk[j] - mean_x) * rstd_x * gx[j] + a[j] * gh[j] + bias[j];
   }
 }
@@ -129,20 +128,20 @@ inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ 
                                 const T* __restrict__ ahat, T rstd_a, const T* __restrict__ gx,
                                 const T* __restrict__ gh, T* __restrict__ dgx, T* __restrict__ dgh,
                                 T* __restrict__ db, T* __restrict__ dx, T* __restrict__ da, int64_t n) {
-  T sx[16] = {}, sxx[16] = {}, sa[16] = {}, saa[16] = {};
+  typename Lanes<T>::V sx = {}, sxx = {}, sa = {}, saa = {};
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int k = 0; k < 16; ++k) {
-      const T d = dz[j + k], yx = d * gx[j + k], ya = d * gh[j + k], xhat = (xk[j + k] - mean_x) * rstd_x;
-      sx[k] += yx;
-      sxx[k] += yx * xhat;
-      sa[k] += ya;
-      saa[k] += ya * ahat[j + k];
-      dgx[j + k] += d * xhat;
-      dgh[j + k] += d * ahat[j + k];
-      if (db) db[j + k] += d;
-    }
-  T tx = lane_sum(sx), txx = lane_sum(sxx), ta = lane_sum(sa), taa = lane_sum(saa);
+  for (; j + 16 <= n; j += 16) {
+    const auto d = load_lanes(dz + j), yx = d * load_lanes(gx + j), ya = d * load_lanes(gh + j),
+               xhat = (load_lanes(xk + j) - mean_x) * rstd_x, ahat_j = load_lanes(ahat + j);
+    sx += yx;
+    sxx += yx * xhat;
+    sa += ya;
+    saa += ya * ahat_j;
+    store_lanes(dgx + j, load_lanes(dgx + j) + d * xhat);
+    store_lanes(dgh + j, load_lanes(dgh + j) + d * ahat_j);
+    if (db) store_lanes(db + j, load_lanes(db + j) + d);
+  }
+  T tx = lane_sum<T>(sx), txx = lane_sum<T>(sxx), ta = lane_sum<T>(sa), taa = lane_sum<T>(saa);
   for (; j < n; ++j) {
     const T d = dz[j], yx = d * gx[j], ya = d * gh[j], xhat = (xk[j] - mean_x) * rstd_x;
     tx += yx;
@@ -213,7 +212,7 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       prev(nr * Ps, T(0));
   std::vector<T> hm(v.rd ? nr * Ps : 0), zrow(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U), r(fl.proj ? nr * Ps : 0);
   std::vector<uint8_t> keep_h(Ps), keep_c(U);
-  std::vector<T> no_bias(v.bias ? 0 : GU, T(0)), rs_a(nr), rs_x(nr), mu_x(nr);
+  std::vector<T> no_bias(v.bias ? 0 : GU, T(0)), rs_a(nr), mu_a(nr), rs_x(nr), mu_x(nr);
   const T* bias = v.bias ? v.bias : no_bias.data();
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
@@ -238,30 +237,19 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
     }
     if (fl.ln)  // the rows' statistics first, apart: independent reductions the CPU overlaps
       for (int64_t b = 0; b < nr; ++b) {
-        T mean_a;
-        rs_a[b] = centre(A0 + b * lda, GU, mean_a);
+        rs_a[b] = row_stats(A0 + b * lda, GU, mu_a[b]);
         rs_x[b] = row_stats(X + ((b0 + b) * Tn + t) * GU, GU, mu_x[b]);
       }
     for (int64_t b = 0; b < nr; ++b) {
       const int64_t row = (b0 + b) * Tn + t;
-      if (s + 1 < Tn) {  // this row's buffers at the next step
-        const int64_t next = row + (fl.backwards ? -1 : 1), pnext = (b0 + b) * Tn + s + 1;
-        prefetch_read(X + next * GU, GU);
-        if (fl.save) {
-          prefetch_write(G + next * GU, GU);
-          prefetch_write(Hp + next * Ps, Ps);
-          prefetch_write(Cp + next * U, U);
-          prefetch_write(Cn + next * U, U);
-          if (fl.ln) prefetch_write(Ahat + next * GU, GU);
-          if (fl.proj) prefetch_write(Hu + next * U, U);
-        }
-        if (fl.seq) prefetch_write(Y + pnext * Ps, Ps);
-      }
+      // this row's input at the next step (rows only written are left to the store buffer: write
+      // prefetches held fill buffers and slowed the loop, measured 0.82 -> 0.76 ms at (32,80,100,64))
+      if (s + 1 < Tn) prefetch_read(X + (row + (fl.backwards ? -1 : 1)) * GU, GU);
       T* a = A0 + b * lda;
       T* z = fl.save ? G + row * GU : zrow.data();
       T* xk = X + row * GU;
       if (fl.ln) {  // z = LN(xk) g_x + LN(A) g_h + b in one pass after the statistics
-        gate_norms_forward(xk, mu_x[b], rs_x[b], a, rs_a[b], v.gain_x, v.gain_h, bias, z, GU);
+        gate_norms_forward(xk, mu_x[b], rs_x[b], a, mu_a[b], rs_a[b], v.gain_x, v.gain_h, bias, z, GU);
         if (fl.save) {
           rstd_h[row] = rs_a[b];
           rstd_x[row] = rs_x[b];
@@ -299,8 +287,8 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       std::copy(cn, cn + U, out);
       if (fl.ln) {  // out = LN(C) g_c + b_c
         T mean;
-        const T rs = centre(out, U, mean);
-        for (int64_t j = 0; j < U; ++j) out[j] = out[j] * rs * v.gain_c[j] + v.shift_c[j];
+        const T rs = row_stats(out, U, mean);
+        for (int64_t j = 0; j < U; ++j) out[j] = (out[j] - mean) * rs * v.gain_c[j] + v.shift_c[j];
         if (fl.save) {
           mean_c[row] = mean;
           rstd_c[row] = rs;
@@ -522,13 +510,10 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         prefetch_read(G + next * GU, GU);
         prefetch_read(Cp + next * U, U);
         prefetch_read(Cn + next * U, U);
-        prefetch_write(dXW + next * GU, GU);
         if (fl.ln) {
           prefetch_read(Xk + next * GU, GU);
           prefetch_read(Ahat + next * GU, GU);
-          prefetch_write(DA + next * GU, GU);
         }
-        if (Dr) prefetch_write(Dr + next * Ps, Ps);
         if (dY && fl.seq) prefetch_read(dY + ((b0 + b) * Tn + s - 1) * Ps, Ps);
       }
       if (!active[b]) continue;
