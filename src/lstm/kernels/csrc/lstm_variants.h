@@ -44,14 +44,14 @@ inline typename Lanes<T>::V load_lanes(const T* p) {
 }
 
 template <typename T>
-inline void store_lanes(T* p, typename Lanes<T>::V v) {
+inline void store_lanes(T* p, const typename Lanes<T>::V& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
 // the sum of the 16 lanes as a tree: 4 dependent additions, not 16 (the row reductions sit on
 // the recurrence's critical path)
 template <typename T>
-inline T lane_sum(typename Lanes<T>::V v) {
+inline T lane_sum(const typename Lanes<T>::V& v) {
   T acc[16];
   std::memcpy(acc, &v, sizeof v);
 #ifdef __AVX512F__  // (the portable tree below goes through the stack with narrowing reloads)
