@@ -207,8 +207,8 @@ def test_layer_norm_makes_the_cell_invariant_to_the_kernels_scale():
 @pytest.mark.parametrize("units", [4, 40])
 def test_layer_norm_is_accurate_for_pre_activations_with_a_large_mean(units):
     """Weights with a common offset give every row of x·W and h·U a mean ~100x its spread: the
-    kernel's one-pass statistics (shifted by a value of the row) must not cancel there. 40 units:
-    the rows are long enough for the vectorised loops."""
+    kernel's variances (of deviations from the mean, not E[x^2] - E[x]^2) must not cancel there.
+    40 units: the rows are long enough for the vectorised loops."""
     p = variant_problem(3, 4, 5, units, dtype=torch.float32, layer_norm=True)
     offset = {name: (getattr(p, name).detach() + 100.0).requires_grad_() for name in ("kernel", "recurrent_kernel")}
     p = dataclasses.replace(p, **offset)

@@ -64,28 +64,25 @@ inline T lane_sum(const typename Lanes<T>::V& v) {
   return acc[0];
 }
 
-// 1/std of x [n] and its mean (in `mean`), in one pass: the sums of d = x - x[0] and d^2 give
-// var = E[d^2] - E[d]^2, which does not cancel for a row with a large mean (x[0] is one of its
-// values, so E[d] is of the order of the std)
+// 1/std of x [n] and its mean (in `mean`): the mean first, then the squared deviations from it
+// (two passes: a one-pass E[x^2] - E[x]^2, even shifted by one of the row's values, lost up to
+// ~1000 float32 epsilons on heavy-tailed rows)
 template <typename T>
 inline T row_stats(const T* __restrict__ x, int64_t n, T& mean) {
-  const T shift = x[0];
-  typename Lanes<T>::V acc = {}, acc2 = {};
+  typename Lanes<T>::V acc = {};
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const auto d = load_lanes(x + j) - shift;
-    acc += d;
+  for (; j + 16 <= n; j += 16) acc += load_lanes(x + j);
+  T sum = lane_sum<T>(acc);
+  for (; j < n; ++j) sum += x[j];
+  mean = sum / T(n);
+  typename Lanes<T>::V acc2 = {};
+  for (j = 0; j + 16 <= n; j += 16) {
+    const auto d = load_lanes(x + j) - mean;
     acc2 += d * d;
   }
-  T sum = lane_sum<T>(acc), sum_sq = lane_sum<T>(acc2);
-  for (; j < n; ++j) {
-    const T d = x[j] - shift;
-    sum += d;
-    sum_sq += d * d;
-  }
-  const T m = sum / T(n);
-  mean = shift + m;
-  return T(1) / std::sqrt(std::max(sum_sq / T(n) - m * m, T(0)) + T(kLayerNormEps));
+  T sum_sq = lane_sum<T>(acc2);
+  for (; j < n; ++j) sum_sq += (x[j] - mean) * (x[j] - mean);
+  return T(1) / std::sqrt(sum_sq / T(n) + T(kLayerNormEps));
 }
 
 // d/dx of xhat = (x - mean(x)) rstd: dx = rstd (dy - mean(dy) - xhat mean(dy xhat)), dy in, dx out
