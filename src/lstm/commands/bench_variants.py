@@ -64,6 +64,11 @@ def variant_contenders(shape: tuple = SHAPE, seed: int = 0) -> list[Contender]:
     return result
 
 
+def is_fused(contender: Contender) -> bool:
+    """The plain fused LSTM and the fused variants: timed in a group of their own (see bench.py)."""
+    return contender.name == PLAIN or contender.name.endswith(" (fused)")
+
+
 def summarize(shape: tuple, timings: dict) -> list[dict]:
     """One row per variant: min times, the ratio to the plain fused LSTM (target <= 1.3) and the
     speedup over its loop (target >= 5); proj_size also the speedup over torch.nn.LSTM (>= 1)."""
