@@ -433,8 +433,9 @@ def run(args) -> int:
         _log(f"LSTM variants, training step at B,T,D,H = {_shape_text(shape)}")
         contenders = bench_variants.variant_contenders(shape, settings["seed"])
         # The ratios to the plain fused LSTM come from a group of the fused contenders alone, with
-        # three times the repetitions: interleaved with the ~45 ms per-step loops, their minima
-        # swung by about +-0.1 from run to run (every variant together); alone, by about +-0.02.
+        # three times the repetitions, paired round by round (bench_variants.paired_ratio):
+        # interleaved with the ~45 ms per-step loops, their minima swung by about +-0.1 from run to
+        # run (cell_clip 1.05 to 1.27), every variant together.
         fused = [c for c in contenders if bench_variants.is_fused(c)]
         others = [c for c in contenders if not bench_variants.is_fused(c)]
         timings = {}
@@ -512,7 +513,8 @@ def _memory_rows(report):
 
 def _variants_title(report) -> str:
     return (f"LSTM variants: training step at B,T,D,H = {_shape_text(report['variants']['shape'])} (min ms; x plain "
-            f"fused = variant / plain fused LSTM; loop = the reference kernel, a PyTorch per-step loop)")
+            f"fused = the median over rounds of the variant's time / the plain fused LSTM's in the same round, "
+            f"x plain (mins) = their minima's ratio; loop = the reference kernel, a PyTorch per-step loop)")
 
 
 def _variant_table(report) -> list[list[str]]:
@@ -574,7 +576,7 @@ def render_text(report) -> str:
                 "speedup (median)", "note"]
         lines += ["", f"== {MODE_TITLES[mode]} =="] + _plain_table([head] + rows, right={2, 3, 4, 5})
     if report["variants"]:
-        lines += ["", f"== {_variants_title(report)} =="] + _plain_table(_variant_table(report), right={1, 2, 3, 4})
+        lines += ["", f"== {_variants_title(report)} =="] + _plain_table(_variant_table(report), right={1, 2, 3, 4, 5})
     if report["memory"]:
         shape = _shape_text(report["memory"]["shape"])
         head = ["contender", "peak growth MiB", "saved MiB", "vs torch", "step s (that run)"]
@@ -615,7 +617,7 @@ def render_markdown(report) -> str:
                 "speedup (min)", "speedup (median)", "note"]
         lines += ["", f"### {MODE_TITLES[mode]}", ""] + _md_table([head] + rows, right={2, 3, 4, 5})
     if report["variants"]:
-        lines += ["", f"### {_variants_title(report)}", ""] + _md_table(_variant_table(report), right={1, 2, 3, 4})
+        lines += ["", f"### {_variants_title(report)}", ""] + _md_table(_variant_table(report), right={1, 2, 3, 4, 5})
     if report["memory"]:
         shape = _shape_text(report["memory"]["shape"])
         head = ["contender", "peak growth MiB", "saved for backward MiB", "vs torch.nn.LSTM", "step s (that run)"]
