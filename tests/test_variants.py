@@ -203,7 +203,6 @@ def test_layer_norm_makes_the_cell_invariant_to_the_kernels_scale():
     assert torch.isfinite(gates["c"]).all()
 
 
-
 @pytest.mark.parametrize("units", [4, 40])
 def test_layer_norm_is_accurate_for_pre_activations_with_a_large_mean(units):
     """Weights with a common offset give every row of x·W and h·U a mean ~100x its spread: the
@@ -215,6 +214,7 @@ def test_layer_norm_is_accurate_for_pre_activations_with_a_large_mean(units):
     spread = (p.inputs.detach() @ p.kernel.detach()).std(-1)
     assert float((p.inputs.detach() @ p.kernel.detach()).mean(-1).abs().median() / spread.median()) > 50
     assert_equal_to_reference(p)
+
 
 def test_coupled_input_gate_is_one_minus_forget():
     layer = layers.LSTM(4, return_sequences=True, input_dim=3, coupled=True)
