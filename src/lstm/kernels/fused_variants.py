@@ -30,7 +30,7 @@ from .reference import _per_gate
 
 name = "fused_variants"
 
-_SAVED = 12  # G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, xk, rstd_x, mean_x
+_SAVED = 11  # G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, xk, rstd_x, mean_x
 
 
 def supports(p: Recurrence) -> bool:
@@ -127,7 +127,7 @@ def _backward(dY, dhT, dcT, saved, x, kernel, gate_gain, bias, R, peephole, gain
     grads = fused_cpp.extension().variant_backward(dY, dhT, dcT, saved_list, gate_gain, bias, R, rd, peephole, gain_c,
                                                    shift_c, P, *zoneout, mask, *flags)
     dxk, dA, dr, dh0, dc0, d_peephole, d_gain_c, d_shift_c, d_gate_gain, d_bias = grads
-    Hp, Hu = saved[1], saved[8]
+    Hp, Hu = saved[1], saved[7]
     Ps, GU = R.shape
     U = GU // (3 if flags[3] else 4)
     dx, dkernel = _project_backward(x, kernel, in_drop, dxk, need_x, need_kernel)
@@ -206,7 +206,7 @@ def _compile_ops():
         def new(*shape, on=True):
             return x.new_empty(shape if on else (0,))
 
-        saved = (new(B, T, GU), new(B, T, Ps), new(B, T, U), new(B, T, U), new(B, T, GU, on=ln), new(B, T, on=ln),
+        saved = (new(B, T, GU), new(B, T, Ps), new(B, T, U), new(B, T, GU, on=ln), new(B, T, on=ln),
                  new(B, T, on=ln), new(B, T, on=ln), new(B, T, U, on=proj), new(B, T, GU, on=ln), new(B, T, on=ln),
                  new(B, T, on=ln))
         saved = tuple(t if save else new(0) for t in saved)

@@ -10,7 +10,7 @@
 //   C = clip(f C_{t-1} + i C̃), o, hu = o tanh(C or LN(C) g_c + b_c), h = hu @ P (projection),
 //   zoneout, Keras masking.
 // Saved (training), indexed by time like xk: activated gates G, h_{t-1} (Hp), C_{t-1} (Cp),
-// C before the clip (Cn), hu (Hu), and for the layer norms LN(A) (Ahat), each row's 1/std
+// hu (Hu), and for the layer norms LN(A) (Ahat), each row's 1/std
 // (rstd_h, rstd_c, rstd_x) and the means of C and xk (mean_c, mean_x): LN(C) and LN(xk) are
 // recomputed in the backward from C and xk (which is saved as it is): less memory traffic than
 // writing them in the forward and reading them back.
@@ -199,9 +199,18 @@ struct GateOffsets {
       : i(coupled ? -1 : 0), f(coupled ? 0 : U), c(coupled ? U : 2 * U), o(coupled ? 2 * U : 3 * U) {}
 };
 
+// C before the clip, f C_{t-1} + i C̃, written once for both passes so the backward's recomputation
+// from G and C_{t-1} equals the forward's value bit for bit: no saved copy of C, one row fewer
+// written and read per step (kernel forward + backward at (32,80,100,64), 2 threads, paired medians
+// of three runs: cell_clip -3% to -8%, layer norm -0.3% to -2.5%)
+template <typename T>
+inline T cell_update(T f, T c_prev, T i, T c_tilde) {
+  return std::fma(f, c_prev, i * c_tilde);
+}
+
 template <typename T>
 void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, T* X,
-                          const T* h0, const T* c0, T* Y, T* hT, T* cT, T* G, T* Hp, T* Cp, T* Cn, T* Ahat,
+                          const T* h0, const T* c0, T* Y, T* hT, T* cT, T* G, T* Hp, T* Cp, T* Ahat,
                           T* rstd_h, T* mean_c, T* rstd_c, T* rstd_x, T* mean_x, T* Hu, T* Htr, T* Ctr) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
   const GateOffsets off(fl.coupled, U);
@@ -301,9 +310,8 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       T* cn = &cnew[b * U];
       for (int64_t j = 0; j < U; ++j) {
         const T f = z[off.f + j], i = fl.coupled ? T(1) - f : z[off.i + j];
-        cn[j] = f * cp[j] + i * z[off.c + j];
+        cn[j] = cell_update(f, cp[j], i, z[off.c + j]);
       }
-      if (fl.save) std::copy(cn, cn + U, Cn + row * U);
       if (fl.clip >= 0) {
         const T lo = T(-fl.clip), hi = T(fl.clip);
         for (int64_t j = 0; j < U; ++j) cn[j] = std::min(std::max(cn[j], lo), hi);
@@ -345,10 +353,10 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
 // pre-activation gradients dz [G*U] and dL/dC_{t-1} (added to dc_prev), accumulating the
 // peephole and cell-norm weight gradients. Written as flat passes over U without branches
 // inside, so the compiler vectorises them; derivatives are taken from the activated values.
-constexpr int64_t kCellScratchRows = 7;
+constexpr int64_t kCellScratchRows = 8;
 template <typename T>
 inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl, const GateOffsets& off,
-                              const T* __restrict__ g, const T* __restrict__ cp, const T* __restrict__ cn,
+                              const T* __restrict__ g, const T* __restrict__ cp,
                               const T* __restrict__ du, const T* __restrict__ dcn, T mean_c, T rstd_c,
                               T* __restrict__ dc_prev, T* __restrict__ dz, T* __restrict__ dp,
                               T* __restrict__ dnorm, T* __restrict__ scratch) {
@@ -360,9 +368,16 @@ inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl
   T* d2 = scratch + 4 * U;
   T* d3 = scratch + 5 * U;
   T* chat = scratch + 6 * U;  // LN(C_t)
+  T* cn = scratch + 7 * U;    // C_t before the clip
   const T* o = g + off.o;
   const T* f = g + off.f;
   const T* cc = g + off.c;
+  if (fl.coupled) {
+    for (int64_t j = 0; j < U; ++j) cn[j] = cell_update(f[j], cp[j], T(1) - f[j], cc[j]);
+  } else {
+    const T* i = g + off.i;
+    for (int64_t j = 0; j < U; ++j) cn[j] = cell_update(f[j], cp[j], i[j], cc[j]);
+  }
   if (fl.clip >= 0) {
     const T lo = T(-fl.clip), hi = T(fl.clip);
     for (int64_t j = 0; j < U; ++j) c[j] = std::min(std::max(cn[j], lo), hi);
@@ -448,7 +463,7 @@ inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl
 
 template <typename T>
 void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* dY,
-                           const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp, const T* Cn,
+                           const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp,
                            const T* Ahat, const T* rstd_h, const T* mean_c, const T* rstd_c, const T* Xk,
                            const T* rstd_x, const T* mean_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep,
                            T* dnorm_c, T* dgate_gain, T* dbias) {
@@ -508,7 +523,6 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         const int64_t next = row + (fl.backwards ? 1 : -1);
         prefetch_read(G + next * GU, GU);
         prefetch_read(Cp + next * U, U);
-        prefetch_read(Cn + next * U, U);
         if (fl.ln) {
           prefetch_read(Xk + next * GU, GU);
           prefetch_read(Ahat + next * GU, GU);
@@ -516,7 +530,7 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
         if (dY && fl.seq) prefetch_read(dY + ((b0 + b) * Tn + s - 1) * Ps, Ps);
       }
       if (!active[b]) continue;
-      cell_backward_row<T>(v, fl, off, G + row * GU, Cp + row * U, Cn + row * U, dhu_all + b * U, &dcn[b * U],
+      cell_backward_row<T>(v, fl, off, G + row * GU, Cp + row * U, dhu_all + b * U, &dcn[b * U],
                            fl.ln ? mean_c[row] : T(0), fl.ln ? rstd_c[row] : T(0), &dc[b * U], dz.data(),
                            dpeep ? dpeep + b0 * 3 * U : nullptr, fl.ln ? dnorm_c + b0 * 2 * U : nullptr,
                            scratch.data());
@@ -594,7 +608,7 @@ inline torch::Tensor bool_or_none(const c10::optional<torch::Tensor>& t) {
 
 // xk = x @ kernel [B,T,GU] (time order, contiguous), gate_gain [2,GU] (layer norm: g_x, g_h),
 // bias [GU] (forget_bias included), R [Ps,GU]; see the top of this file. Returns Y, hT, cT and,
-// with save, G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, xk itself, rstd_x, mean_x (undefined
+// with save, G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, xk itself, rstd_x, mean_x (undefined
 // where unused) and, with trace (which implies save), each step's h and C after zoneout [B,T,*] in
 // processing order.
 std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gate_gain_o,
@@ -623,7 +637,7 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
   auto opts = xk.options();
   auto Y = seq ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::empty({B, Ps}, opts);  // (every row is written)
   auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
-  torch::Tensor G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr;
+  torch::Tensor G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr;
   if (trace) {
     Htr = buffer_pool::empty({B, Tn, Ps}, opts);
     Ctr = buffer_pool::empty({B, Tn, U}, opts);
@@ -632,7 +646,6 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
     G = buffer_pool::empty({B, Tn, GU}, opts);
     Hp = buffer_pool::empty({B, Tn, Ps}, opts);
     Cp = buffer_pool::empty({B, Tn, U}, opts);
-    Cn = buffer_pool::empty({B, Tn, U}, opts);
     if (fl.ln) {
       Ahat = buffer_pool::empty({B, Tn, GU}, opts);
       rstd_h = torch::empty({B, Tn}, opts);
@@ -649,22 +662,22 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
     auto v = variant_tensors<T>(xk, gate_gain, bias, R, torch::Tensor(), rd, peep, gain_c, shift_c, P,
                                 torch::Tensor(), Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
     auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Cnp = p(Cn), *Ap = p(Ahat),
+    T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Ap = p(Ahat),
       *rhp = p(rstd_h), *mcp = p(mean_c), *rcp = p(rstd_c), *rxp = p(rstd_x), *mxp = p(mean_x), *Hup = p(Hu),
       *Htrp = p(Htr), *Ctrp = p(Ctr), *Xp = xk.data_ptr<T>();
     const T* h0p = h0.data_ptr<T>();
     const T* c0p = c0.data_ptr<T>();
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
-      variant_forward_rows<T>(v, fl, b0, b1, Xp, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Cnp, Ap, rhp, mcp, rcp, rxp,
+      variant_forward_rows<T>(v, fl, b0, b1, Xp, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Ap, rhp, mcp, rcp, rxp,
                               mxp, Hup, Htrp, Ctrp);
     });
   });
   if (!save) return {Y, hT, cT};
-  if (!trace) return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x};
-  return {Y, hT, cT, G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr};
+  if (!trace) return {Y, hT, cT, G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x};
+  return {Y, hT, cT, G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr};
 }
 
-// saved: the forward's G, Hp, Cp, Cn, Ahat, rstd_h, mean_c, rstd_c, Hu, xk, rstd_x, mean_x (empty
+// saved: the forward's G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, xk, rstd_x, mean_x (empty
 // where unused).
 // Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxk), Dr [B,T,Ps]
 // (projection), dh0, dc0, d peephole ([3,U] rows i f o, or [2,U] f o when coupled), d gain_c,
@@ -678,9 +691,9 @@ std::vector<torch::Tensor> variant_backward(
     c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
     int64_t ract, double clip) {
   at::NoGradGuard no_grad;
-  auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous(), Cn = saved[3].contiguous();
-  auto Ahat = saved[4], rstd_h = saved[5], mean_c = saved[6], rstd_c = saved[7], Xk = saved[9], rstd_x = saved[10],
-       mean_x = saved[11];
+  auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous();
+  auto Ahat = saved[3], rstd_h = saved[4], mean_c = saved[5], rstd_c = saved[6], Xk = saved[8], rstd_x = saved[9],
+       mean_x = saved[10];
   auto dY = dY_o.has_value() ? buffer_pool::contiguous(*dY_o) : torch::Tensor();
   auto dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
   auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_c = contiguous_or_none(gain_c_o),
@@ -713,7 +726,7 @@ std::vector<torch::Tensor> variant_backward(
     auto data = [](std::vector<T>& rows) { return rows.empty() ? nullptr : rows.data(); };
     over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
       if (b1 > b0) chunk_start[b0] = 1;  // (an empty batch runs one empty chunk)
-      variant_backward_rows<T>(v, fl, b0, b1, cp(dY), cp(dhT), cp(dcT), cp(G), cp(Hp), cp(Cp), cp(Cn), cp(Ahat),
+      variant_backward_rows<T>(v, fl, b0, b1, cp(dY), cp(dhT), cp(dcT), cp(G), cp(Hp), cp(Cp), cp(Ahat),
                                cp(rstd_h), cp(mean_c), cp(rstd_c), cp(Xk), cp(rstd_x), cp(mean_x), p(dXW), p(DA),
                                p(Dr), p(dh0), p(dc0), data(peep_rows), data(norm_c_rows), data(gain_rows),
                                data(bias_rows));
