@@ -157,6 +157,23 @@ def test_fused_variants_other_activations(activation, recurrent_activation):
     assert_equal_to_reference(p)
 
 
+@pytest.mark.parametrize("options", [{"layer_norm": True}, {"layer_norm": True, "zoneout": (True, True), "P": 2},
+                                     {"cell_clip": 0.25}])
+def test_fused_variants_backward_twice_with_retain_graph(options):
+    # the layer-norm backward writes its gradients over saved buffers: a second one must run the
+    # forward again, not read them
+    p = variant_problem(3, 5, 4, 4, mask=True, **options)
+    weights = torch.linspace(-1, 1, p.output_size, dtype=torch.float64)
+    named = leaves(p)
+    loss = (fused_variants.run(p).outputs * weights).sum()
+    grads = [torch.autograd.grad(loss, list(named.values()), retain_graph=True) for _ in range(2)]
+    grads.append(torch.autograd.grad(loss, list(named.values())))
+    want = torch.autograd.grad((reference.run(p).outputs * weights).sum(), list(named.values()))
+    for i, name in enumerate(named):
+        assert torch.equal(grads[0][i], grads[1][i]) and torch.equal(grads[0][i], grads[2][i]), name
+        assert torch.allclose(grads[0][i], want[i], rtol=1e-9, atol=1e-10), name
+
+
 def test_variant_layers_dispatch_to_the_fused_variants_kernel():
     x = torch.randn(2, 4, 3)
     for options in ({"peephole": True}, {"layer_norm": True}, {"proj_size": 2}, {"coupled": True},

@@ -119,13 +119,14 @@ def _forward(x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0
 
 
 def _backward(dY, dhT, dcT, saved, x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, in_drop, rd, mask,
-              zoneout, flags, need_x: bool, need_kernel: bool) -> tuple:
+              zoneout, flags, need_x: bool, need_kernel: bool, consume: bool) -> tuple:
     """The gradients of x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0 (None
-    where the input is None, or for x and kernel where not needed); detached tensors."""
+    where the input is None, or for x and kernel where not needed); detached tensors. With consume
+    the kernel may write gradients over saved buffers (layer norm's xk and LN(A))."""
     placeholder = R.new_empty(0)
     saved_list = [placeholder if t is None else t for t in saved]
     grads = fused_cpp.extension().variant_backward(dY, dhT, dcT, saved_list, gate_gain, bias, R, rd, peephole, gain_c,
-                                                   shift_c, P, *zoneout, mask, *flags)
+                                                   shift_c, P, *zoneout, mask, *flags, consume)
     dxk, dA, dr, dh0, dc0, d_peephole, d_gain_c, d_shift_c, d_gate_gain, d_bias = grads
     Hp, Hu = saved[1], saved[7]
     Ps, GU = R.shape
@@ -149,16 +150,19 @@ class _VariantFunction(torch.autograd.Function):
         if cfg.trace:
             cfg.traced = (saved[0], *saved[_SAVED:])
             saved = saved[:_SAVED]
-        ctx.cfg, ctx.masks = cfg, masks
-        ctx.save_for_backward(*weights[:9], *saved)
+        ctx.cfg, ctx.masks, ctx.consumed = cfg, masks, False
+        ctx.save_for_backward(*weights, *saved)
         return y, hT, cT
 
     @staticmethod
     def backward(ctx, dY, dhT, dcT):
         cfg = ctx.cfg
-        weights, saved = ctx.saved_tensors[:9], ctx.saved_tensors[9:]
-        grads = _backward(dY, dhT, dcT, saved, *weights, *ctx.masks, cfg.zoneout, cfg.flags(),
-                          *ctx.needs_input_grad[2:4])
+        weights, saved = ctx.saved_tensors[:11], ctx.saved_tensors[11:]
+        if ctx.consumed:  # a second backward (retain_graph): the first wrote over saved buffers
+            saved = _forward(*weights, *ctx.masks, cfg.zoneout, cfg.flags(), True, False)[3:]
+        ctx.consumed = weights[2] is not None  # layer norm: gradients go over xk and LN(A)
+        grads = _backward(dY, dhT, dcT, saved, *weights[:9], *ctx.masks, cfg.zoneout, cfg.flags(),
+                          *ctx.needs_input_grad[2:4], ctx.consumed)
         return (None, None) + grads
 
 
@@ -224,7 +228,7 @@ def _compile_ops():
         flags = (backwards, zero_out, seq, coupled, act, ract, clip)
         result = _backward(dY, dhT, dcT, saved, x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P,
                            in_drop, rd, mask, zoneout_args(zoneout_seed, zoneout_offset, keep_h, keep_c), flags,
-                           needs[0], needs[1])
+                           needs[0], needs[1], False)
         return tuple(g.contiguous() if need else x.new_empty(0) for g, need in zip(result, needs))
 
     @bwd.register_fake

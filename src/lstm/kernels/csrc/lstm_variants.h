@@ -120,11 +120,11 @@ inline void gate_norms_forward(const T* __restrict__ xk, T mean_x, T rstd_x, T* 
 // Backward of z = xhat g_x + ahat g_h (+ b), xhat = LN(xk) = (xk - mean_x) rstd_x, ahat = LN(A), for
 // one row in two passes: accumulates d g_x, d g_h (and d b if db), writes dxk and dA (d/dx of LN as
 // in normalise_backward, its per-row terms folded: dxk = rstd_x dz g_x + c_x + k_x (xk - mean_x)).
+// dx may be xk and da ahat (written element by element after they are read).
 template <typename T>
-inline void gate_norms_backward(const T* __restrict__ dz, const T* __restrict__ xk, T mean_x, T rstd_x,
-                                const T* __restrict__ ahat, T rstd_a, const T* __restrict__ gx,
-                                const T* __restrict__ gh, T* __restrict__ dgx, T* __restrict__ dgh,
-                                T* __restrict__ db, T* __restrict__ dx, T* __restrict__ da, int64_t n) {
+inline void gate_norms_backward(const T* __restrict__ dz, const T* xk, T mean_x, T rstd_x, const T* ahat, T rstd_a,
+                                const T* __restrict__ gx, const T* __restrict__ gh, T* __restrict__ dgx,
+                                T* __restrict__ dgh, T* __restrict__ db, T* dx, T* da, int64_t n) {
   typename Lanes<T>::V sx = {}, sxx = {}, sa = {}, saa = {};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
@@ -682,6 +682,9 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
 // Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxk), Dr [B,T,Ps]
 // (projection), dh0, dc0, d peephole ([3,U] rows i f o, or [2,U] f o when coupled), d gain_c,
 // d shift_c [U] and d gate_gain [2,GU] (layer norm), d bias [GU] (with a bias).
+// consume: the saved buffers are not read again, so with layer norm dxk is written over xk and DA
+// over Ahat, rows each step has just read, in cache: fresh buffers' lines are first fetched for
+// ownership (layer-norm backward at (32,80,100,64), 2 threads, paired: -6%).
 std::vector<torch::Tensor> variant_backward(
     c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,
     std::vector<torch::Tensor> saved, c10::optional<torch::Tensor> gate_gain_o, c10::optional<torch::Tensor> bias_o,
@@ -689,7 +692,7 @@ std::vector<torch::Tensor> variant_backward(
     c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
     int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
     c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
-    int64_t ract, double clip) {
+    int64_t ract, double clip, bool consume) {
   at::NoGradGuard no_grad;
   auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous();
   auto Ahat = saved[3], rstd_h = saved[4], mean_c = saved[5], rstd_c = saved[6], Xk = saved[8], rstd_x = saved[9],
@@ -706,8 +709,9 @@ std::vector<torch::Tensor> variant_backward(
                   static_cast<int>(act), static_cast<int>(ract), clip};
   const int64_t B = G.size(0), Tn = G.size(1), GU = G.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
   auto opts = G.options();
-  auto dXW = buffer_pool::empty({B, Tn, GU}, opts);
-  auto DA = fl.ln ? buffer_pool::empty({B, Tn, GU}, opts) : torch::Tensor();
+  const bool in_place = fl.ln && consume && Xk.is_contiguous() && Ahat.is_contiguous();
+  auto dXW = in_place ? Xk : buffer_pool::empty({B, Tn, GU}, opts);
+  auto DA = fl.ln ? (in_place ? Ahat : buffer_pool::empty({B, Tn, GU}, opts)) : torch::Tensor();
   auto Dr = fl.proj ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::Tensor();
   auto dh0 = torch::empty({B, Ps}, opts), dc0 = torch::empty({B, U}, opts);
   torch::Tensor dpeep, dgain_c, dshift_c, dgate_gain, dbias;  // the weight gradients' sums
