@@ -122,7 +122,7 @@ def _backward(dY, dhT, dcT, saved, x, kernel, gate_gain, bias, R, peephole, gain
               zoneout, flags, need_x: bool, need_kernel: bool, consume: bool) -> tuple:
     """The gradients of x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0 (None
     where the input is None, or for x and kernel where not needed); detached tensors. With consume
-    the kernel may write gradients over saved buffers (layer norm's xk and LN(A))."""
+    the kernel may write gradients over saved buffers (G, or with layer norm xk and LN(A))."""
     placeholder = R.new_empty(0)
     saved_list = [placeholder if t is None else t for t in saved]
     grads = fused_cpp.extension().variant_backward(dY, dhT, dcT, saved_list, gate_gain, bias, R, rd, peephole, gain_c,
@@ -147,8 +147,8 @@ class _VariantFunction(torch.autograd.Function):
     def forward(ctx, cfg, masks, x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0):
         weights = [_detached(t) for t in (x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0)]
         y, hT, cT, *saved = _forward(*weights, *masks, cfg.zoneout, cfg.flags(), True, cfg.trace)
-        if cfg.trace:
-            cfg.traced = (saved[0], *saved[_SAVED:])
+        if cfg.trace:  # (the gates are copied: the backward writes its gradients over them)
+            cfg.traced = (saved[0].clone(), *saved[_SAVED:])
             saved = saved[:_SAVED]
         ctx.cfg, ctx.masks, ctx.consumed = cfg, masks, False
         ctx.save_for_backward(*weights, *saved)
@@ -160,9 +160,9 @@ class _VariantFunction(torch.autograd.Function):
         weights, saved = ctx.saved_tensors[:11], ctx.saved_tensors[11:]
         if ctx.consumed:  # a second backward (retain_graph): the first wrote over saved buffers
             saved = _forward(*weights, *ctx.masks, cfg.zoneout, cfg.flags(), True, False)[3:]
-        ctx.consumed = weights[2] is not None  # layer norm: gradients go over xk and LN(A)
+        ctx.consumed = True
         grads = _backward(dY, dhT, dcT, saved, *weights[:9], *ctx.masks, cfg.zoneout, cfg.flags(),
-                          *ctx.needs_input_grad[2:4], ctx.consumed)
+                          *ctx.needs_input_grad[2:4], True)
         return (None, None) + grads
 
 
