@@ -10,7 +10,8 @@ the backward), the recurrence; it sums the gradients of the bias, the gains and 
 Recurrent DropConnect needs nothing here: the layer hands over the masked recurrent kernel.
 It runs the plain LSTM too (so every test that runs each kernel checks it), but the dispatch
 gives plain problems to fused_cpp, which is faster for them. Traces come from the forward's
-buffers (the activated gates it saves anyway, plus each step's h and C), detached.
+buffers (the activated gates it saves anyway, copied when the backward will write its gradients
+over them, plus each step's h and C), detached.
 
 Autograd: eager calls use a torch.autograd.Function; under torch.compile / torch.export the same
 functions run as the custom ops lstm::fused_variants_forward / lstm::fused_variants_backward (fake
