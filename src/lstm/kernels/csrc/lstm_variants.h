@@ -216,7 +216,8 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
   const GateOffsets off(fl.coupled, U);
   std::vector<T> A(fl.ln && fl.save ? 0 : nr * GU), h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U),
       prev(nr * Ps, T(0));
-  std::vector<T> hm(v.rd ? nr * Ps : 0), zrow(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U), r(fl.proj ? nr * Ps : 0);
+  std::vector<T> hm(v.rd ? nr * Ps : 0), z_scratch(fl.save ? 0 : GU), hu(nr * U), cnew(nr * U),
+      r(fl.proj ? nr * Ps : 0);
   std::vector<uint8_t> keep_h(Ps), keep_c(U);
   std::vector<T> no_bias(v.bias ? 0 : GU, T(0)), rs_a(nr), mu_a(nr), rs_x(nr), mu_x(nr);
   const T* bias = v.bias ? v.bias : no_bias.data();
@@ -277,7 +278,7 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
       // prefetches held fill buffers and slowed the loop, measured 0.82 -> 0.76 ms at (32,80,100,64))
       if (s + 1 < Tn) prefetch_read(X + (row + (fl.backwards ? -1 : 1)) * GU, GU);
       T* a = A0 + b * lda;
-      T* z = fl.save ? G + row * GU : zrow.data();
+      T* z = fl.save ? G + row * GU : z_scratch.data();
       T* xk = X + row * GU;
       // the row's h_{t-1} and C_{t-1} saved here, between the rows' math, and its new state and
       // output written at the end of its row: all rows' at once, these were bursts of stores to
