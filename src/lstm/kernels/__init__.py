@@ -1,6 +1,6 @@
 """Kernels behind one dispatch. Layers build a `Recurrence` and call `run`."""
 
-from . import fused_cpp, fused_cpu, fused_variants, reference
+from . import fused_cpp, fused_cpu, fused_variants, native, reference
 from .dispatch import available, register, run, select, use
 from .problem import CellSpec, Recurrence, RecurrenceResult, Zoneout
 
@@ -14,7 +14,7 @@ def empty_cache() -> int:
     """Gives the C++ kernels' idle buffers back to the OS; returns their bytes (0 without the
     extension). The kernels keep up to 256 MiB of freed [B, T, *] buffers mapped for their next
     call (csrc/buffer_pool.h), as torch.cuda's caching allocator does for GPU memory."""
-    ext = fused_cpp._ext  # (None or False: not loaded, nothing is pooled; no build just for this)
+    ext = native.module  # (None or False: not loaded, nothing is pooled)
     return int(ext.pool_clear()) if ext else 0
 
 

@@ -47,91 +47,21 @@ kernel. LSTM_NO_CPP=1 disables it.
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
 from typing import Optional
 
 import torch
 
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, native
 from .problem import Recurrence, RecurrenceResult
 
 name = "fused_cpp"
 
-ACT_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "linear": 3, "hard_sigmoid": 4, "hard_sigmoid_tf_keras": 5}
 _DTYPES = (torch.float32, torch.float64)
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "lstm_cpu.cpp")
-# -fopenmp: at::parallel_for is inline, and without _OPENMP it runs its range on the calling
-# thread (the extension then links torch's own libgomp.so.1, one OpenMP runtime in the process)
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-
-_ext = None  # the loaded module, False when it cannot be built
-_error: Optional[str] = None
-_lock = threading.Lock()
-
-
-def _ext_name() -> str:
-    # source, flags and CPU features in the name: an edited source never loads a stale build
-    import hashlib
-
-    h = hashlib.sha1(" ".join(_FLAGS).encode())
-    csrc = os.path.dirname(_SOURCE)
-    for source in sorted(os.listdir(csrc)):  # the .cpp and the headers it includes
-        with open(os.path.join(csrc, source), "rb") as f:
-            h.update(f.read())
-    try:  # -march=native: a build is only for CPUs with these flags (a shared cache dir is safe)
-        with open("/proc/cpuinfo") as f:
-            h.update(next((ln for ln in f if ln.startswith("flags")), "").encode())
-    except OSError:
-        pass
-    return f"lstm_cpu_{h.hexdigest()[:10]}"
-
-
-def _load() -> bool:
-    """Builds (first time ever) or loads the extension once per process; True if it is there."""
-    global _ext, _error
-    if _ext is None:
-        with _lock:
-            if _ext is None:
-                if os.environ.get("LSTM_NO_CPP"):
-                    _ext, _error = False, "disabled by LSTM_NO_CPP"
-                else:
-                    try:
-                        from torch.utils.cpp_extension import load
-
-                        _ext = load(name=_ext_name(), sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                                    verbose=False)
-                    except Exception as exc:  # no compiler, no ninja, ...
-                        _ext, _error = False, f"{type(exc).__name__}: {exc}"
-                        detail = [ln for ln in _error.splitlines() if "error" in ln.lower()][-3:]
-                        warnings.warn("lstm: the C++ LSTM kernel could not be built; falling back to the Numba "
-                                      "kernel: " + " | ".join(detail)[:1000], RuntimeWarning, stacklevel=4)
-    return bool(_ext)
-
-
-# under torch.compile / export (a model compiled before any eager call): loaded outside the trace
-_load_when_tracing = torch._dynamo.assume_constant_result(_load)
-
-
-def extension():
-    """The compiled module, building it on the first call ever; None if it cannot be built."""
-    if torch.compiler.is_compiling():
-        _load_when_tracing()  # (before `_ext` is read: Dynamo guards on the value it reads)
-    elif _ext is None:
-        _load()
-    return _ext or None
-
-
-def unavailable_reason() -> Optional[str]:
-    extension()
-    return _error
-
-
-def _code(activation) -> Optional[int]:
-    return ACT_CODES.get(activation) if isinstance(activation, str) else None
+_code = native.activation_code
+extension = native.extension
+unavailable_reason = native.unavailable_reason
 
 
 def supports(p: Recurrence) -> bool:
@@ -150,8 +80,8 @@ def supports(p: Recurrence) -> bool:
     if p.bias is not None and p.bias.dim() != 1:
         return False
     if torch.compiler.is_compiling():
-        return _load_when_tracing()
-    return (_ext or extension()) is not None
+        return native.loaded_when_tracing()
+    return (native.module or extension()) is not None
 
 
 class CellCall:
@@ -190,7 +120,7 @@ class CellCall:
             return None
         params = cell._parameters
         kernel, recurrent_kernel, bias = params["kernel"], params["recurrent_kernel"], params["bias"]
-        out = _ext.cell_step(x, h, c, kernel, recurrent_kernel, bias, self.act, self.ract)
+        out = native.module.cell_step(x, h, c, kernel, recurrent_kernel, bias, self.act, self.ract)
         if len(out) == 3:
             return out[0], out[1:]
         if not out:
@@ -231,7 +161,7 @@ class _Cfg:
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, x, kernel, R, bias, h0, c0, in_drop, rec_drop, mask):
-        ext = _ext
+        ext = native.module
         y, hT, cT, G, Hp, Cp = ext.forward(x.detach(), kernel.detach(), R.detach(),
                                            None if bias is None else bias.detach(), h0.detach(), c0.detach(),
                                            in_drop, rec_drop, mask, cfg.backwards, cfg.zero_out, cfg.seq,
@@ -251,7 +181,7 @@ class _LSTMFunction(torch.autograd.Function):
         in_drop, rec_drop, mask = ctx.extra
         n = ctx.needs_input_grad  # cfg, x, kernel, R, bias, h0, c0, ...
         needs = [n[1], n[2], n[3], n[4] and ctx.has_bias, n[5], n[6]]
-        dX, dK, dR, db, dh0, dc0 = _ext.backward(dY, dhT, dcT, x.detach(), kernel.detach(), R.detach(), G, Hp, Cp,
+        dX, dK, dR, db, dh0, dc0 = native.module.backward(dY, dhT, dcT, x.detach(), kernel.detach(), R.detach(), G, Hp, Cp,
                                                  in_drop, rec_drop, mask, cfg.backwards, cfg.zero_out, cfg.seq,
                                                  cfg.act, cfg.ract, needs)
         return (None, dX, dK, dR, db if needs[3] else None, dh0 if n[5] else None, dc0 if n[6] else None,
@@ -399,11 +329,11 @@ def run(p: Recurrence) -> RecurrenceResult:
     if grad:
         y, hT, cT = _LSTMFunction.apply(cfg, x, p.kernel, p.recurrent_kernel, p.bias, h0, c0, in_drop, rec_drop, mask)
     elif p.trace:  # inference with a trace: the saving forward
-        y, hT, cT, *cfg.saved = _ext.forward(x.detach(), p.kernel.detach(), p.recurrent_kernel.detach(),
+        y, hT, cT, *cfg.saved = native.module.forward(x.detach(), p.kernel.detach(), p.recurrent_kernel.detach(),
                                              _detached(p.bias), h0.detach(), c0.detach(), in_drop, rec_drop, mask,
                                              cfg.backwards, cfg.zero_out, cfg.seq, cfg.act, cfg.ract, True)
     else:
-        y, hT, cT = _ext.forward(x.detach(), p.kernel.detach(), p.recurrent_kernel.detach(), _detached(p.bias),
+        y, hT, cT = native.module.forward(x.detach(), p.kernel.detach(), p.recurrent_kernel.detach(), _detached(p.bias),
                                  h0.detach(), c0.detach(), in_drop, rec_drop, mask, cfg.backwards, cfg.zero_out,
                                  cfg.seq, cfg.act, cfg.ract, False)
     if p.trace:

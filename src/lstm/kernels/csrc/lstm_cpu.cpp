@@ -19,12 +19,9 @@
 // hard_sigmoid_tf_keras 5 (0.2x+1/2 clipped); derivatives are taken from the outputs.
 
 #include <torch/extension.h>
-#include <immintrin.h>
 #include <type_traits>
 #include <ATen/Parallel.h>
 #include <ATen/EmptyTensor.h>
-
-#include "small_gemm.h"
 
 #include <algorithm>
 #include <chrono>
@@ -34,269 +31,18 @@
 #include <limits>
 #include <vector>
 
-#include "packed_gemm.h"
 #include "buffer_pool.h"
+#include "gemm.h"
+#include "simd.h"
+#include "threads.h"
 
 namespace {
 
-int64_t kUseAvx512 = 1;  // tunable (set_avx512)
+using namespace lstm_core;
 
-
-// ----- fast, accurate exp (Cody-Waite + Taylor), written for gcc's auto-vectoriser -------------
-inline float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 87.0f);
-  float k = std::nearbyint(x * 1.44269504088896341f);
-  float r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
-  float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return p * s;
-}
-
-inline double exp_fast(double x) {
-  x = std::min(std::max(x, -708.0), 708.0);
-  double k = std::nearbyint(x * 1.4426950408889634);
-  double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
-  double p = 1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
-      1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880 + r * (1.0 / 3628800 + r * (
-      1.0 / 39916800 + r * (1.0 / 479001600))))))))))));
-  int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
-  double s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return p * s;
-}
-
-#ifdef __AVX512F__
-// float32 sigmoid / tanh, 16 lanes: the same exp (2^k applied with scalef) and a reciprocal
-// from rcp14 plus one Newton step (relative error ~1e-8) instead of a division.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
-  __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, k);
-}
-
-inline __m512 recip512(__m512 d) {
-  __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
-}
-
-// returns the number of elements done (a multiple of 16); the caller finishes the tail
-inline int64_t act512(int code, float* z, int64_t n) {
-  int64_t j = 0;
-  const __m512 one = _mm512_set1_ps(1.0f);
-  if (code == 0) {
-    for (; j + 16 <= n; j += 16) {
-      __m512 e = exp512(_mm512_add_ps(_mm512_loadu_ps(z + j), _mm512_loadu_ps(z + j)));
-      __m512 r = recip512(_mm512_add_ps(e, one));
-      _mm512_storeu_ps(z + j, _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), r, one));
-    }
-  } else if (code == 1) {
-    for (; j + 16 <= n; j += 16) {
-      __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(z + j)));
-      _mm512_storeu_ps(z + j, recip512(_mm512_add_ps(e, one)));
-    }
-  }
-  return j;
-}
-#endif
-
-template <typename T>
-inline void act_inplace(int code, T* __restrict__ z, int64_t n) {
-#ifdef __AVX512F__
-  if constexpr (std::is_same_v<T, float>) {
-    if (code <= 1 && kUseAvx512) {
-      int64_t done = act512(code, z, n);
-      z += done;
-      n -= done;
-    }
-  }
-#endif
-  switch (code) {
-    case 0:
-      for (int64_t j = 0; j < n; ++j) z[j] = T(1) - T(2) / (exp_fast(T(2) * z[j]) + T(1));
-      break;
-    case 1:
-      for (int64_t j = 0; j < n; ++j) z[j] = T(1) / (T(1) + exp_fast(-z[j]));
-      break;
-    case 2:
-      for (int64_t j = 0; j < n; ++j) { T v = z[j]; z[j] = (v > T(0) || v != v) ? v : T(0); }
-      break;
-    case 4:
-      for (int64_t j = 0; j < n; ++j) z[j] = std::min(std::max(z[j] / T(6) + T(0.5), T(0)), T(1));
-      break;
-    case 5:
-      for (int64_t j = 0; j < n; ++j) z[j] = std::min(std::max(T(0.2) * z[j] + T(0.5), T(0)), T(1));
-      break;
-    default:
-      break;  // linear
-  }
-}
-
-template <typename T>
-inline T dact(int code, T y) {
-  switch (code) {
-    case 0: return T(1) - y * y;
-    case 1: return y * (T(1) - y);
-    case 2: return y > T(0) ? T(1) : T(0);
-    case 3: return T(1);
-    case 4: return (y > T(0) && y < T(1)) ? T(1) / T(6) : T(0);
-    default: return (y > T(0) && y < T(1)) ? T(0.2) : T(0);
-  }
-}
-
-// derivative arrays, vectorisable for the common codes
-template <typename T>
-inline void dact_arr(int code, const T* __restrict__ y, T* __restrict__ d, int64_t n) {
-  if (code == 0) {
-    for (int64_t j = 0; j < n; ++j) d[j] = T(1) - y[j] * y[j];
-  } else if (code == 1) {
-    for (int64_t j = 0; j < n; ++j) d[j] = y[j] * (T(1) - y[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) d[j] = dact(code, y[j]);
-  }
-}
-
-// ----- products ---------------------------------------------------------------------------------
-// BLAS: MKL's Fortran symbols, which libtorch_cpu exports (what ATen's cpublas calls); weak, so a
-// torch without them falls back to ATen's addmm on views of the same memory.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
-
-inline bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
-
-template <typename T>
-inline void blas_gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
-                      T beta, T* c, int ldc);
-template <>
-inline void blas_gemm<float>(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
-                             const float* b, int ldb, float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-template <>
-inline void blas_gemm<double>(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
-                              const double* b, int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-// Row-major C[M,N] (+)= A[M,K] @ B[K,N]; beta 0 or 1.
-template <typename T>
-inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                    T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == T(0)) for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0));
-    return;
-  }
-  if (have_blas()) {
-    // column-major: C^T[N,M] = B^T[N,K] A^T[K,M]
-    blas_gemm<T>('N', 'N', (int)N, (int)M, (int)K, T(1), B, (int)ldb, A, (int)lda, beta, C, (int)ldc);
-    return;
-  }
-  auto opts = torch::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto a = torch::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  auto b = torch::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  auto c = torch::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (beta == T(0)) c.zero_();
-  c.addmm_(a, b);
-}
-
-// Tiny batches: a register loop beats the BLAS call. C[M,N] += A[M,K] @ B[K,N] (small_gemm.h).
-template <typename T>
-inline void small_mm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict__ A, int64_t lda,
-                         const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc) {
-  small_gemm::small_gemm_acc<T>(M, N, K, A, lda, B, ldb, C, ldc);
-}
-
-// C[M,N] += A[M,K] @ B[K,N]: loop or BLAS by size.
-int64_t kSmallBatch = 4;  // tunable (set_tuning)
-template <typename T>
-inline void mm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                   int64_t ldc) {
-  if (M <= kSmallBatch) {
-    small_mm_acc(M, N, K, A, lda, B, ldb, C, ldc);
-  } else {
-    gemm_nn<T>(M, N, K, A, lda, B, ldb, T(1), C, ldc);
-  }
-}
-
-// C[M,N] = A[M,K] @ B[K,N]
-template <typename T>
-inline void mm_set(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                   int64_t ldc) {
-  if (M <= kSmallBatch) {
-    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0));
-    small_mm_acc(M, N, K, A, lda, B, ldb, C, ldc);
-  } else {
-    gemm_nn<T>(M, N, K, A, lda, B, ldb, T(0), C, ldc);
-  }
-}
-
-// The right operand B [K, N] of a loop's per-step product with M rows: packed once (float32,
-// MKL's packed GEMM present) when the loop repeats a big product, else read in place by mm_acc /
-// mm_set every step. (measured, 1 thread: 64,100,128,256 inference 45 -> 36 ms, 256,50,64,512
-// training 840 -> 792 ms; below ~2M multiply-adds a step it gains nothing)
-int64_t kPackMinWork = 1 << 21;  // multiply-adds of one step's product (set_pack_min_work)
-constexpr int64_t kPackMinSteps = 4;  // packing costs about one step's product
-template <typename T>
-class StepOperand {
- public:
-  StepOperand(int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb, int64_t steps)
-      : M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_gemm_available() && M > kSmallBatch && K > 0 && N > 0 && steps >= kPackMinSteps &&
-          M * N * K >= kPackMinWork)
-        packed_.emplace(M, N, K, B, ldb);
-    }
-  }
-  // C[M, N] += A[M, K] @ B
-  void acc(const T* A, int64_t lda, T* C, int64_t ldc) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_) return packed_->mm(A, lda, 1.0f, C, ldc);
-    }
-    mm_acc<T>(M_, N_, K_, A, lda, B_, ldb_, C, ldc);
-  }
-  // C[M, N] = A[M, K] @ B
-  void set(const T* A, int64_t lda, T* C, int64_t ldc) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_) return packed_->mm(A, lda, 0.0f, C, ldc);
-    }
-    mm_set<T>(M_, N_, K_, A, lda, B_, ldb_, C, ldc);
-  }
-
- private:
-  int64_t M_, N_, K_;
-  const T* B_;
-  int64_t ldb_;
-  c10::optional<PackedRight> packed_;
-};
-
-// Run f(b0, b1) over the batch rows, in parallel only when a step is big enough.
-constexpr int64_t kParallelWork = 1 << 14;  // elements of gate math per step
-template <typename F>
-inline void over_rows(int64_t B, int64_t work_per_row, const F& f) {
-  if (B * work_per_row >= kParallelWork && B > 1 && at::get_num_threads() > 1) {
-    int64_t grain = std::max<int64_t>(1, kParallelWork / 4 / std::max<int64_t>(work_per_row, 1));
-    at::parallel_for(0, B, grain, f);
-  } else {
-    f(0, B);
-  }
-}
+// multiply-adds of a streaming step from which it uses the threads (measured on 2 cores: from
+// about D=128, H=128; set_stream_parallel_work)
+int64_t kStreamParallelWork = int64_t(1) << 17;
 
 // One row of gate math: z [4U] pre-activations in, activated in place; writes c_new and h.
 template <typename T>
@@ -322,31 +68,6 @@ inline void gate_row(T* __restrict__ z, const T* __restrict__ cp, T* __restrict_
   for (int64_t j = 0; j < U; ++j) h[j] *= o[j];
 }
 
-// The recurrence is independent across batch rows: with several threads, each runs the whole
-// sequence for its share of the rows (single-threaded BLAS inside), so the steps need no
-// synchronisation at all. One thread, or one row: the caller's thread.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-int64_t kMinChunkRows = 2;  // tunable (set_tuning); two rows are worth a thread each (measured: 2,80,100,64 inference 261 -> 213 us, training 892 -> 778 us at 2 threads)
-int64_t kStreamParallelWork = int64_t(1) << 17;  // multiply-adds of a streaming step from which it uses the threads (measured on 2 cores: from about D=128, H=128; set_stream_parallel_work)
-int64_t kXhMinBytes = 0;  // inference without a projection buffer from this xw size (set_tuning)
-// Only while a chunk's per-step GEMM is small: big steps go faster on MKL's own threads
-// (measured on 2 cores: 64,100,128,256 inference 32 ms on MKL threads vs 57 ms in chunks).
-int64_t kChunkMaxWork = 2 << 20;  // multiply-adds of one chunk's step (set_tuning)
-template <typename F>
-inline void over_chunks(int64_t B, int64_t work_per_row, const F& f) {
-  const int64_t nt = at::get_num_threads();
-  int64_t chunks = B >= kMinChunkRows ? std::min<int64_t>(nt, B) : 1;
-  if (chunks > 1 && (B / chunks) * work_per_row > kChunkMaxWork) chunks = 1;
-  if (chunks <= 1 || at::in_parallel_region()) {
-    f(0, B);
-    return;
-  }
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-    for (int64_t ch = c0; ch < c1; ++ch) f(ch * B / chunks, (ch + 1) * B / chunks);
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
-  });
-}
 
 struct Flags {
   bool backwards, zero_out, seq;
@@ -376,20 +97,6 @@ torch::Tensor input_projection(const torch::Tensor& x, const torch::Tensor& kern
     parts.push_back(at::mm(xm, k));
   }
   return at::cat(parts, 1).view({B, T, GU});
-}
-
-// Software prefetch of the rows the next step reads or writes. Each step touches one row per batch
-// row of every [B, T, *] buffer, T rows apart: as many short streams as rows times buffers, more
-// than the hardware prefetchers follow, so without it the loops wait on memory (measured at
-// (32,80,100,64), 1 thread: the layer-norm variant's forward+backward 11.4 -> 9.0 M cycles, the
-// cell-clip variant's 8.3 -> 7.4 M; no change where the GEMMs dominate, e.g. (256,50,64,512)).
-template <typename T>
-inline void prefetch_read(const T* p, int64_t n) {
-  for (int64_t j = 0; j < n; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + j, 0, 3);
-}
-template <typename T>
-inline void prefetch_write(T* p, int64_t n) {
-  for (int64_t j = 0; j < n; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + j, 1, 3);
 }
 
 template <typename T>
@@ -657,7 +364,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
   Flags fl{backwards, zero_out, seq, static_cast<int>(act), static_cast<int>(ract)};
   auto opts = x.options();
   if (!save && !in_drop.defined() && !rec_drop.defined() && Tn > 0 &&
-      B * Tn * 4 * U * x.element_size() >= kXhMinBytes && B > kSmallBatch && x.size(2) <= U) {
+      B > kSmallBatch && x.size(2) <= U) {
     // (measured, 2 cores: with D > U the one big projection GEMM wins, e.g. 32,80,100,64
     // 1.44 ms vs 1.66 ms; with D <= U the per-step [x_t, h] GEMM, e.g. 256,50,64,512 136 vs 177 ms)
     auto W = at::cat({kernel, R}, 0).contiguous();
@@ -1080,43 +787,12 @@ struct LSTMStep {
   }
 };
 
-// micro-benchmark of one step's pieces (ns): the recurrent GEMM and the gate math, single thread
-std::vector<double> bench_step(int64_t B, int64_t Tn, int64_t U, int64_t reps) {
-  const int64_t GU = 4 * U;
-  std::vector<float> R(U * GU, 0.01f), h(B * U, 0.1f), xw(B * Tn * GU, 0.2f), c(B * U, 0.f), hn(B * U);
-  auto now = [] { return std::chrono::steady_clock::now(); };
-  double best_g = 1e30, best_a = 1e30, best_s = 1e30;
-  for (int64_t r = 0; r < reps; ++r) {
-    auto t0 = now();
-    mm_acc<float>(B, GU, U, h.data(), U, R.data(), GU, xw.data(), Tn * GU);
-    auto t1 = now();
-    for (int64_t b = 0; b < B; ++b) gate_row(xw.data() + b * Tn * GU, c.data() + b * U, c.data() + b * U, hn.data() + b * U, U, 0, 1);
-    auto t2 = now();
-    small_mm_acc<float>(B, GU, U, h.data(), U, R.data(), GU, xw.data(), Tn * GU);
-    auto t3 = now();
-    best_g = std::min(best_g, (double)std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
-    best_a = std::min(best_a, (double)std::chrono::duration_cast<std::chrono::nanoseconds>(t2 - t1).count());
-    best_s = std::min(best_s, (double)std::chrono::duration_cast<std::chrono::nanoseconds>(t3 - t2).count());
-    std::fill(xw.begin(), xw.begin() + GU, 0.2f);
-  }
-  return {best_g, best_a, best_s};
-}
-
 #include "lstm_variants.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("variant_forward", &variant_forward, "LSTM variants forward (fused)");
   m.def("variant_backward", &variant_backward, "LSTM variants backward (BPTT)");
-  m.def("bench_step", &bench_step);
-  m.def("set_avx512", [](int64_t on) { kUseAvx512 = on; });
   m.def("forward", &lstm_forward, "LSTM forward (fused)");
-  m.def("set_tuning", [](int64_t small_batch, int64_t min_chunk_rows, int64_t xh_min_bytes, int64_t stream_parallel) {
-    kSmallBatch = small_batch;
-    kMinChunkRows = min_chunk_rows;
-    kXhMinBytes = xh_min_bytes;
-    kStreamParallelWork = stream_parallel;
-  });
-  m.def("set_chunk_max_work", [](int64_t w) { kChunkMaxWork = w; });
   m.def("set_stream_parallel_work", [](int64_t w) { return std::exchange(kStreamParallelWork, w); },
         "multiply-adds of a streaming step from which its units are split over the threads; returns the previous");
   m.def("set_pack_min_work", [](int64_t w) { return std::exchange(kPackMinWork, w); },

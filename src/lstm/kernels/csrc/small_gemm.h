@@ -12,7 +12,9 @@
 // of memory (what the streaming step packs its weights into).
 #pragma once
 
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
