@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lstm import cli
-from lstm.commands import bench_cases as cases, bench_variants
+from lstm.commands import bench_cases as cases, bench_cells, bench_variants
 
 
 def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
@@ -63,6 +63,19 @@ def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
     assert "LSTM variants" in table and "layer_norm" in table
     markdown = (tmp_path / "bench.md").read_text()
     assert "| shape (B,T,D,H) | contender |" in markdown and "| 2,5,3,4 | torch.nn.LSTM |" in markdown
+
+    cells = {(r["mode"], tuple(r["shape"]), r["contender"]): r for r in report["cells"]}
+    for cell in bench_cells.CELLS:
+        for mode in ("forward", "train"):
+            for shape in ((2, 5, 3, 4), (3, 4, 5, 6)):
+                ours = cells[mode, shape, bench_cells.ours_name(cell)]
+                theirs = cells[mode, shape, bench_cells.torch_name(cell)]
+                assert ours["status"] == theirs["status"] == "ok" and ours["min_s"] > 0
+                assert ours["speedup_vs_baseline_min"] == pytest.approx(theirs["min_s"] / ours["min_s"])
+        checked = [c for c in report["correctness"] if c["contender"] == bench_cells.ours_name(cell)]
+        assert len(checked) == 2 and all(c["max_abs_diff_forward"] <= 1e-4 and c["max_rel_diff_grad_x"] <= 1e-4
+                                         for c in checked)
+    assert "GRU and SimpleRNN" in table and "| train | 2,5,3,4 | lstm GRU |" in markdown
 
 
 def test_variant_ratio_pairs_each_round_with_the_baselines_sample_of_that_round():

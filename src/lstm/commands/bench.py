@@ -1,5 +1,6 @@
 """`lstm bench`: this library's LSTM against torch.nn.LSTM, a per-step PyTorch loop and
-ONNX Runtime, in one process, interleaved.
+ONNX Runtime, in one process, interleaved; its GRU and SimpleRNN against torch.nn.GRU and
+torch.nn.RNN (bench_cells.py); the LSTM variants against the plain LSTM (bench_variants.py).
 
 Modes: inference forward (no_grad), training step (forward + backward of a sum loss), batch-1
 streaming step latency, and peak memory of a training step (fresh process per contender).
@@ -67,6 +68,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variant-shape", default=None, metavar="B,T,D,H",
                         help="shape of the LSTM variants' training-step rows (default 32,80,100,64)")
     parser.add_argument("--no-variants", action="store_true", help="skip the LSTM variants' rows")
+    parser.add_argument("--no-cells", action="store_true",
+                        help="skip the GRU and SimpleRNN rows (against torch.nn.GRU / torch.nn.RNN)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (0)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "latest.json"), metavar="PATH",
                         help="where to write every number (default benchmarks/results/latest.json)")
@@ -349,6 +352,7 @@ def _settings(args) -> dict:
         "stream_units": stream_units, "memory_shape": None if args.no_memory else memory_shape,
         "memory_contenders": [cases.MEMORY_KEYS[k] for k in memory_keys],
         "onnx": not args.no_onnx, "seed": args.seed, "tolerance": TOLERANCE,
+        "cells": not args.no_cells,
         "variant_shape": None if args.no_variants else (
             cases.parse_shape(args.variant_shape) if args.variant_shape else bench_variants.SHAPE),
     }
@@ -358,14 +362,14 @@ def run(args) -> int:
     import torch
 
     from .. import kernels
-    from . import bench_cases as cases, bench_variants
+    from . import bench_cases as cases, bench_cells, bench_variants
 
     settings = _settings(args)
     threads = settings["threads"]
     torch.set_num_threads(threads)
     started = time.perf_counter()
     report = {"machine": machine_info(threads), "settings": settings, "kernels_available": kernels.available(),
-              "default_kernel": {}, "correctness": [], "results": [], "variants": None, "memory": None,
+              "default_kernel": {}, "correctness": [], "results": [], "cells": [], "variants": None, "memory": None,
               "method": {"timing": __doc__.split("Timing: ", 1)[1].strip(), "memory": cases.MEMORY_METHOD}}
     _log(f"lstm bench: torch {torch.__version__}, {threads} threads, kernels {kernels.available()}, "
          f"onnxruntime {report['machine']['onnxruntime'] or 'not installed'}")
@@ -427,6 +431,30 @@ def run(args) -> int:
             if c.name == cases.STREAM_LSTM and c.status is None:
                 notes[c.name] = f"on {c.info.get('owner')}"
         report["results"] += _summarize("stream", (1, 1, D, units), timings, contenders, cases.STREAM_BASELINE, notes)
+
+    for cell in bench_cells.CELLS if settings["cells"] else ():
+        for shape in settings["shapes"]:
+            _log(f"{bench_cells.ours_name(cell)} vs {bench_cells.torch_name(cell)} at B,T,D,H = {_shape_text(shape)}")
+            contenders, x = bench_cells.cell_contenders(cell, shape, settings["seed"])
+            try:
+                report["correctness"].append({"shape": list(shape), "contender": contenders[0].name,
+                                              **bench_cells.check(contenders, x, TOLERANCE)})
+            except ValueError as error:
+                print(f"lstm bench: error: {error}", file=sys.stderr)
+                return 1
+            for mode in settings["modes"]:
+                if mode == "forward":
+                    with torch.no_grad():
+                        timings = time_interleaved([(c.name, c.forward, lambda: None) for c in contenders],
+                                                   settings["repeats"], settings["repeats_explicit"],
+                                                   settings["budget_s"], settings["min_sample_s"], mode)
+                else:
+                    timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in contenders],
+                                               settings["repeats"], settings["repeats_explicit"],
+                                               settings["budget_s"], settings["min_sample_s"], mode)
+                report["cells"] += _summarize(mode, shape, timings, contenders, bench_cells.torch_name(cell), {})
+            del contenders, x
+            gc.collect()
 
     if settings["variant_shape"] is not None:
         shape = tuple(settings["variant_shape"])
@@ -511,6 +539,25 @@ def _memory_rows(report):
     return rows
 
 
+CELLS_TITLE = ("GRU and SimpleRNN: min ms per call (speedup vs torch.nn.GRU / torch.nn.RNN with the same weights, "
+               "from the mins and the medians)")
+
+
+def _cell_rows(report) -> list[list[str]]:
+    head = ["mode", "B,T,D,H", "contender", "min ms", "baseline min ms", "speedup (min)", "speedup (median)"]
+    rows = [head]
+    by_key = {}
+    for r in report.get("cells") or ():
+        by_key.setdefault((r["mode"], _shape_text(r["shape"]), r["baseline"]), {})[r["contender"]] = r
+    for (mode, shape, baseline), by_name in by_key.items():
+        for name, r in by_name.items():
+            if name == baseline:
+                continue
+            rows.append([mode, shape, name, _fmt_time(r["min_s"], "ms"), _fmt_time(by_name[baseline]["min_s"], "ms"),
+                         _fmt_ratio(r["speedup_vs_baseline_min"]), _fmt_ratio(r["speedup_vs_baseline"])])
+    return rows
+
+
 def _variants_title(report) -> str:
     return (f"LSTM variants: training step at B,T,D,H = {_shape_text(report['variants']['shape'])} (min ms; x plain "
             f"fused = the median over rounds of the variant's time / the plain fused LSTM's in the same round, "
@@ -575,6 +622,8 @@ def render_text(report) -> str:
         head = ["shape" if mode != "stream" else "D,H", "contender", f"min {unit}", f"median {unit}", "speedup (min)",
                 "speedup (median)", "note"]
         lines += ["", f"== {MODE_TITLES[mode]} =="] + _plain_table([head] + rows, right={2, 3, 4, 5})
+    if report.get("cells"):
+        lines += ["", f"== {CELLS_TITLE} =="] + _plain_table(_cell_rows(report), right={3, 4, 5, 6})
     if report["variants"]:
         lines += ["", f"== {_variants_title(report)} =="] + _plain_table(_variant_table(report), right={1, 2, 3, 4, 5})
     if report["memory"]:
@@ -616,6 +665,8 @@ def render_markdown(report) -> str:
         head = ["shape (B,T,D,H)" if mode != "stream" else "D,H", "contender", f"min {unit}", f"median {unit}",
                 "speedup (min)", "speedup (median)", "note"]
         lines += ["", f"### {MODE_TITLES[mode]}", ""] + _md_table([head] + rows, right={2, 3, 4, 5})
+    if report.get("cells"):
+        lines += ["", f"### {CELLS_TITLE}", ""] + _md_table(_cell_rows(report), right={3, 4, 5, 6})
     if report["variants"]:
         lines += ["", f"### {_variants_title(report)}", ""] + _md_table(_variant_table(report), right={1, 2, 3, 4, 5})
     if report["memory"]:
