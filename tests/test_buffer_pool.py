@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from lstm import layers
-from lstm.kernels import fused_cpp
+from lstm.kernels import native
 
 MiB = 2**20
 
 
 @pytest.fixture
 def ext():
-    ext = fused_cpp.extension()
+    ext = native.extension()
     if ext is None:
-        pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
     ext.pool_clear()
     yield ext
     ext.pool_clear()

@@ -1,7 +1,7 @@
 """torch.compile and torch.export of models built from these layers.
 
 The fused kernels run as custom ops under tracing (lstm::fused_cpp_* for the C++ LSTM,
-lstm::fused_cpu_* for the Numba LSTM/GRU/SimpleRNN), so `torch.compile(model, fullgraph=True)`
+lstm::fused_gru_* and lstm::fused_simple_rnn_* for the C++ GRU and SimpleRNN), so `torch.compile(model, fullgraph=True)`
 traces a whole Sequential model (masks, Bidirectional, dropout masks, stateful layers...) without a
 graph break, forward and backward equal to eager; `torch.export` of an inference model runs the
 same ops, with dynamic batch and sequence sizes.
@@ -95,7 +95,7 @@ def test_fullgraph_forward_and_backward_equal_eager(build):
     _assert_same(_step(compiled, x), _step(model, x), tol=1e-6)
     x2 = _tokens(5, 9, seed=1)  # another batch and length: one recompile (dynamic sizes), no break
     _assert_same(_step(compiled, x2), _step(model, x2), tol=1e-6)
-    assert _kernels_used(model, x) & {"fused_cpp", "fused_cpu"}
+    assert _kernels_used(model, x) & {"fused_cpp", "fused_gru_simple_rnn"}
 
 
 def test_inductor_training_step_equals_eager():
@@ -210,9 +210,9 @@ def test_export_inference_model(index):
     used = _kernels_used(model, x)
     targets = {str(n.target) for n in exported.graph.nodes}
     if "fused_cpp" in used:
-        assert "lstm.fused_cpp_inference.default" in targets
-    if "fused_cpu" in used:
-        assert "lstm.fused_cpu_inference.default" in targets
+        assert "lstm.fused_cpp_forward.default" in targets
+    if "fused_gru_simple_rnn" in used:
+        assert "lstm.fused_gru_forward.default" in targets
     # dynamic batch and sequence length
     B, T = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("steps", min=1, max=4096)
     with torch.no_grad():
@@ -264,45 +264,62 @@ def test_lazy_layers_under_compile():
 
 # ----- the custom ops themselves -------------------------------------------------------------------
 from test_fused_kernel import make_problem  # noqa: E402
-from lstm.kernels import fused_cpp, fused_cpu, reference  # noqa: E402
+from lstm.kernels import fused_cpp, fused_gru_simple_rnn, native, reference  # noqa: E402
 
 
 def _detached(args):
     return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "simple_rnn"])
-def test_fused_cpu_ops_pass_opcheck(kind):
+@pytest.mark.parametrize("kind, reset_after", [("gru", True), ("gru", False), ("simple_rnn", True)])
+def test_fused_gru_simple_rnn_ops_pass_opcheck(kind, reset_after):
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
     p = make_problem(kind, 3, 4, 2, 5, dtype=torch.float64, mask="holes", recurrent_dropout=True,
-                     input_dropout="per_gate", go_backwards=True, reset_after=kind != "gru")
-    cfg = fused_cpu._Cfg.of(p)
-    args = (p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.initial_state[0],
-            p.initial_state[1] if kind == "lstm" else None, p.input_dropout, p.recurrent_dropout, p.mask, *cfg.flags())
-    torch.library.opcheck(fused_cpu._op_forward, args + (True,))  # schema, fake kernel, autograd, aot dispatch
-    torch.library.opcheck(fused_cpu._op_inference, _detached(args))
+                     input_dropout="per_gate" if kind == "gru" else "shared", go_backwards=True,
+                     reset_after=reset_after)
+    inputs = [p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.initial_state[0]]
+    fixed = [p.input_dropout, p.recurrent_dropout, p.mask]
+    if kind == "gru":
+        op, options = fused_gru_simple_rnn.GRU_OP, fused_gru_simple_rnn.GRUOptions(True, False, True, 0, 1, reset_after)
+    else:
+        op, options = fused_gru_simple_rnn.SIMPLE_RNN_OP, fused_gru_simple_rnn.SimpleRNNOptions(True, False, True, 0)
+    forward, backward = op.forward_op, op.backward_op
+    torch.library.opcheck(forward, (*inputs, *fixed, *options, True))  # schema, fake kernel, autograd, aot dispatch
+    torch.library.opcheck(forward, (*_detached(inputs), *fixed, *options, False))  # inference
+    outs = forward(*_detached(inputs), *fixed, *options, True)
+    grads = [torch.randn_like(t) for t in outs[:2]]
+    torch.library.opcheck(backward, (*grads, *_detached(inputs), *fixed, outs[2:], *options, [True] * 5))
 
 
 def test_fused_cpp_ops_pass_opcheck():
-    if fused_cpp.extension() is None:
-        pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
     p = make_problem("lstm", 3, 4, 2, 5, dtype=torch.float64, mask="holes", recurrent_dropout=True,
                      input_dropout="shared", return_sequences=False)
-    cfg = fused_cpp._Cfg.of(p)
-    args = (p.inputs, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state, p.input_dropout, p.recurrent_dropout,
-            p.mask, cfg.backwards, cfg.zero_out, cfg.seq, cfg.act, cfg.ract)
-    torch.library.opcheck(fused_cpp._ops[0], args)
-    torch.library.opcheck(fused_cpp._ops[2], _detached(args))
+    inputs = [p.inputs, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state]
+    fixed = [p.input_dropout, p.recurrent_dropout, p.mask]
+    options = fused_cpp.Options(False, False, False, 0, 1)
+    forward, backward = fused_cpp.OP.forward_op, fused_cpp.OP.backward_op
+    torch.library.opcheck(forward, (*inputs, *fixed, *options, True))  # schema, fake kernel, autograd, aot dispatch
+    torch.library.opcheck(forward, (*_detached(inputs), *fixed, *options, False))  # inference
+    outs = forward(*_detached(inputs), *fixed, *options, True)
+    grads = [torch.randn_like(t) for t in outs[:3]]
+    torch.library.opcheck(backward, (*grads, *_detached(inputs), *fixed, outs[3:], *options, [True] * 6))
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "simple_rnn"])
-def test_fused_cpu_under_compile_equals_reference(kind):
+def test_fused_under_compile_equals_reference(kind):
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
+    kernel = fused_cpp if kind == "lstm" else fused_gru_simple_rnn
     p = make_problem(kind, 3, 5, 4, 6, dtype=torch.float64, mask="holes_and_empty", go_backwards=True,
                      input_dropout="shared", recurrent_dropout=True, return_sequences=False, reset_after=False)
     p.trace = True
 
     def f(x, k, r, b, *states):
         p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.initial_state = x, k, r, b, states
-        res = fused_cpu.run(p)
+        res = kernel.run(p)
         loss = res.outputs.sum() + sum((s * (i + 2)).sum() for i, s in enumerate(res.states))
         return loss, res.trace
 
@@ -378,21 +395,25 @@ def test_chunked_zoneout_training_compiles_to_one_graph():
 
 @pytest.mark.parametrize("coupled", [False, True])
 def test_fused_variants_ops_pass_opcheck(coupled):
-    if fused_cpp.extension() is None:
-        pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
     p = variant_problem(3, 4, 2, 5, P=3, peephole=True, layer_norm=True, zoneout=(True, True), mask=True,
                         go_backwards=True, input_dropout=3 if coupled else 4, recurrent_dropout=True,
                         forget_bias=0.5, cell_clip=2.0, coupled=coupled)
-    cfg = fused_variants._Cfg(p)
     gate_gain, gain_c, shift_c = p.layer_norm
-    seed, *zoneout = cfg.zoneout
-    args = (p.inputs, p.kernel, gate_gain, p.bias, p.recurrent_kernel, p.peephole, gain_c, shift_c, p.projection,
-            *p.initial_state, p.input_dropout, p.recurrent_dropout, p.mask, torch.tensor(seed, dtype=torch.int64),
-            *zoneout, *cfg.flags())
-    forward, backward = fused_variants._ops
-    torch.library.opcheck(forward, args + (True, False))  # schema, fake kernel, autograd, aot dispatch
-    torch.library.opcheck(forward, _detached(args) + (False, True))  # inference, with the trace's h and C
-    outs = forward(*_detached(args), True, False)
-    saved = list(outs[3:3 + fused_variants._SAVED])
-    grads = tuple(torch.randn_like(t) for t in outs[:3])
-    torch.library.opcheck(backward, (*grads, saved, *_detached(args[:9]), *args[11:], [True] * 11))
+    zoneout = p.zoneout
+    inputs = [p.inputs, p.kernel, gate_gain, p.bias, p.recurrent_kernel, p.peephole, gain_c, shift_c, p.projection,
+              *p.initial_state]
+    fixed = [p.input_dropout, p.recurrent_dropout, p.mask, torch.tensor(int(zoneout.seed), dtype=torch.int64)]
+
+    def options(trace):
+        return fused_variants.Options(zoneout.offset, zoneout.threshold(zoneout.rate_h),
+                                      zoneout.threshold(zoneout.rate_c), True, False, True, coupled, 0, 1, 2.0, trace)
+
+    forward, backward = fused_variants.OP.forward_op, fused_variants.OP.backward_op
+    torch.library.opcheck(forward, (*inputs, *fixed, *options(False), True))  # schema, fake, autograd, aot dispatch
+    detached = _detached(inputs)
+    torch.library.opcheck(forward, (*detached, *fixed, *options(True), False))  # inference, with the trace's h and C
+    outs = forward(*detached, *fixed, *options(False), True)
+    grads = [torch.randn_like(t) for t in outs[:3]]
+    torch.library.opcheck(backward, (*grads, *detached, *fixed, outs[3:], *options(False), [True] * 11))

@@ -2,8 +2,8 @@
 gradient, over shapes, options, masks, dropout masks and dtypes; the dispatch picks it for a
 plain LSTM on CPU; streaming through its C++ step equals the layer.
 
-The first run ever compiles the extension (~35 s, cached in torch's extensions directory);
-every test skips with the reason when it cannot be built."""
+Every test skips with the reason when the C++ kernels are not loaded (tests/test_native.py
+fails then)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lstm.kernels
 from lstm import layers
-from lstm.kernels import fused_cpp, reference
+from lstm.kernels import fused_cpp, native, reference
 from test_fused_kernel import (ACTS, COMMON_PROBLEM_ARGS, TRACE_CASES, _run, check_against_reference, check_trace,
                                make_problem)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _extension():
-    if fused_cpp.extension() is None:
-        pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
 
 
 def check_equal(p, in_hypothesis=False, tol=None):
@@ -178,7 +178,7 @@ def test_stream_via_cpp_equals_layer(dtype, batch, units):
     with torch.no_grad():
         full = layer(x)
     s = layer.stream(batch_size=batch)
-    assert s._cpp is not None  # the C++ step
+    assert s._fast is not None  # the C++ step
     steps = [s.step(x[:, t]) for t in range(7)]
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-6 if dtype == torch.float32 else 1e-12)
     # outputs are fresh tensors, never the state buffer
@@ -232,7 +232,7 @@ def test_torch_compile_traces_through_without_graph_breaks():
 def packed_everywhere():
     """Every per-step product with more than the register-loop rows and at least 4 steps runs on
     MKL's packed GEMM (float32; float64 and a torch without the symbols keep the plain GEMM)."""
-    ext = fused_cpp.extension()
+    ext = native.extension()
     previous = ext.set_pack_min_work(0)
     yield
     ext.set_pack_min_work(previous)

@@ -1,4 +1,5 @@
-"""The fused CPU kernel equals the reference kernel: outputs, states and every gradient."""
+"""The C++ GRU and SimpleRNN kernel (fused_gru_simple_rnn) equals the reference kernel: outputs,
+states, every gradient and the traces; the helpers here serve every kernel's equality tests."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import lstm.kernels
 from lstm import layers
-from lstm.kernels import CellSpec, Recurrence, fused_cpu, reference
+from lstm.kernels import CellSpec, Recurrence, fused_gru_simple_rnn, native, reference
 
 ACTS = ["tanh", "sigmoid", "relu", "linear", "hard_sigmoid", "hard_sigmoid_tf_keras"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
 
 
 def make_problem(kind, B, T, D, U, dtype=torch.float32, seed=0, mask="none", go_backwards=False,
@@ -192,8 +199,8 @@ def check_against_reference(kernel_module, p: Recurrence, in_hypothesis=False, t
 
 
 def check_equal(p: Recurrence, in_hypothesis=False):
-    assert fused_cpu.supports(p)
-    check_against_reference(fused_cpu, p, in_hypothesis)
+    assert fused_gru_simple_rnn.supports(p)
+    check_against_reference(fused_gru_simple_rnn, p, in_hypothesis, no_grad=True)
 
 
 # the options every kernel's property test draws (make_problem's arguments, less kind, B and activations)
@@ -215,7 +222,7 @@ COMMON_PROBLEM_ARGS = {
 
 problem_args = st.fixed_dictionaries({
     **COMMON_PROBLEM_ARGS,
-    "kind": st.sampled_from(["lstm", "lstm", "gru", "simple_rnn"]),
+    "kind": st.sampled_from(["gru", "simple_rnn"]),
     "B": st.integers(0, 4),
     "reset_after": st.booleans(),
     "activation": st.sampled_from(ACTS[:2] + ACTS),
@@ -229,7 +236,7 @@ def test_fused_equals_reference(args):
     check_equal(make_problem(**args), in_hypothesis=True)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "simple_rnn"])
+@pytest.mark.parametrize("kind", ["gru", "simple_rnn"])
 @pytest.mark.parametrize("B", [1, 3, 17])  # 17 rows: the BLAS path of the products
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_equals_reference_fixed(kind, B, dtype):
@@ -240,7 +247,7 @@ def test_fused_equals_reference_fixed(kind, B, dtype):
                                          recurrent_dropout=rd, input_dropout=in_drop, seed=B))
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "simple_rnn"])
+@pytest.mark.parametrize("kind", ["gru", "simple_rnn"])
 def test_long_sequence_float32(kind):
     p = make_problem(kind, 2, 60, 8, 16, dtype=torch.float32, mask="holes", go_backwards=True)
     check_equal(p)
@@ -281,26 +288,26 @@ TRACE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "simple_rnn"])
+@pytest.mark.parametrize("kind", ["gru", "simple_rnn"])
 @pytest.mark.parametrize("case", range(len(TRACE_CASES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_trace_equals_reference(kind, case, dtype):
     for B, T in ((3, 6), (1, 1), (17, 4)):
-        check_trace(fused_cpu, make_problem(kind, B, T, 4, 5, dtype=dtype, seed=case, **TRACE_CASES[case]))
+        check_trace(fused_gru_simple_rnn, make_problem(kind, B, T, 4, 5, dtype=dtype, seed=case, **TRACE_CASES[case]))
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "simple_rnn"])
+@pytest.mark.parametrize("kind", ["gru", "simple_rnn"])
 def test_trace_of_empty_sequence(kind):
     p = make_problem(kind, 2, 0, 3, 4)
     p.trace = True
-    got, expected = fused_cpu.run(p).trace, reference.run(p).trace
+    got, expected = fused_gru_simple_rnn.run(p).trace, reference.run(p).trace
     assert list(got) == list(expected) and all(got[k].shape == (2, 0, 4) for k in got)
 
 
 def test_trace_runs_on_the_fused_kernel():
     p = make_problem("gru", 2, 3, 4, 5)
     p.trace = True
-    assert lstm.kernels.select(p).name == "fused_cpu"
+    assert lstm.kernels.select(p).name == "fused_gru_simple_rnn"
     layer = layers.SimpleRNN(4, return_sequences=True)
     x = torch.randn(2, 5, 3)
     out, gates = layer(x, return_gates=True)
@@ -310,24 +317,28 @@ def test_trace_runs_on_the_fused_kernel():
 
 
 def test_unsupported_cases_fall_back():
-    q = make_problem("lstm", 2, 3, 4, 5, activation="softplus")
-    assert not fused_cpu.supports(q)
-    r = make_problem("lstm", 2, 3, 4, 5)
-    r.cell = CellSpec("lstm", torch.tanh, "sigmoid")
-    assert not fused_cpu.supports(r)
+    q = make_problem("gru", 2, 3, 4, 5, activation="softplus")
+    assert not fused_gru_simple_rnn.supports(q) and lstm.kernels.select(q).name == "reference"
+    r = make_problem("simple_rnn", 2, 3, 4, 5)
+    r.cell = CellSpec("simple_rnn", torch.tanh, "sigmoid")
+    assert not fused_gru_simple_rnn.supports(r)
+    assert not fused_gru_simple_rnn.supports(make_problem("lstm", 2, 3, 4, 5))
 
 
 def test_dispatch_picks_fused_on_cpu():
-    p = make_problem("lstm", 2, 3, 4, 5)
-    assert lstm.kernels.select(p).name in ("fused_cpp", "fused_cpu")  # fused_cpp when its C++ builds
-    with lstm.kernels.use("reference"):
-        assert lstm.kernels.select(p).name == "reference"
+    for kind, kernel in (("lstm", "fused_cpp"), ("gru", fused_gru_simple_rnn.name),
+                         ("simple_rnn", fused_gru_simple_rnn.name)):
+        p = make_problem(kind, 2, 3, 4, 5)
+        assert lstm.kernels.select(p).name == kernel
+        with lstm.kernels.use("reference"):
+            assert lstm.kernels.select(p).name == "reference"
 
 
-def test_inference_without_grad_equals_reference():
-    p = make_problem("lstm", 3, 6, 4, 5, mask="holes")
+@pytest.mark.parametrize("kind", ["gru", "simple_rnn"])
+def test_inference_without_grad_equals_reference(kind):
+    p = make_problem(kind, 3, 6, 4, 5, mask="holes")
     with torch.no_grad():
-        a = fused_cpu.run(p)
+        a = fused_gru_simple_rnn.run(p)
         b = reference.run(p)
     assert torch.allclose(a.outputs, b.outputs, atol=1e-6)
     for s, t in zip(a.states, b.states):
@@ -363,8 +374,9 @@ def test_layer_default_equals_reference(layer_cls, kwargs):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_layer_dropout_training_equals_reference():
-    layer = layers.LSTM(5, dropout=0.3, recurrent_dropout=0.2, return_sequences=True, seed=3)
+@pytest.mark.parametrize("layer_cls", [layers.GRU, layers.SimpleRNN])
+def test_layer_dropout_training_equals_reference(layer_cls):
+    layer = layer_cls(5, dropout=0.3, recurrent_dropout=0.2, return_sequences=True, seed=3)
     layer.train()
     x = torch.randn(4, 6, 3, requires_grad=True)
 
@@ -381,16 +393,43 @@ def test_layer_dropout_training_equals_reference():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_numba_loops_are_cached_on_disk():
-    from lstm.kernels import _numba_rnn
-
-    assert _numba_rnn.lstm_forward._cache.__class__.__name__ == "FunctionCache"  # cache=True
-
-
-def test_backward_twice_with_retain_graph():
-    p = make_problem("lstm", 2, 4, 3, 5, dtype=torch.float64)
-    result = fused_cpu.run(p)
+@pytest.mark.parametrize("kind", ["gru", "simple_rnn"])
+def test_backward_twice_with_retain_graph(kind):
+    p = make_problem(kind, 2, 4, 3, 5, dtype=torch.float64)
+    result = fused_gru_simple_rnn.run(p)
     loss = result.outputs.sum()
     (g1,) = torch.autograd.grad(loss, [p.kernel], retain_graph=True)
     (g2,) = torch.autograd.grad(loss, [p.kernel])
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("layer_cls, kwargs", [(layers.GRU, {}), (layers.GRU, {"reset_after": False}),
+                                               (layers.SimpleRNN, {"activation": "relu"})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stream_and_cell_call_equal_reference(layer_cls, kwargs, dtype):
+    """The kernel's streaming step and cell call (T = 1 forwards called directly) equal the
+    reference, with autograd through the cell call; bad inputs take the full route's errors."""
+    torch.manual_seed(2)
+    layer = layer_cls(5, return_sequences=True, input_shape=(None, 3), dtype=str(dtype).split(".")[1], **kwargs)
+    x = torch.randn(2, 6, 3, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    with torch.no_grad(), lstm.kernels.use("reference"):
+        expected = layer(x)
+    s = layer.stream(batch_size=2)
+    assert s._fast is not None
+    got = torch.stack([s.step(x[:, t]) for t in range(x.shape[1])], dim=1)
+    assert torch.allclose(got, expected, atol=tol) and torch.allclose(s.state[0], expected[:, -1], atol=tol)
+    cell = layer.cell
+    h = torch.randn(2, 5, dtype=dtype, requires_grad=True)
+    out, states = cell(x[:, 0], [h])
+    assert isinstance(cell._lean_call, fused_gru_simple_rnn.CellCall)
+    with lstm.kernels.use("reference"):
+        out_r, states_r = cell(x[:, 0], h)
+    grads = torch.autograd.grad((out * 2 + states[0]).sum(), [h, *cell.parameters()])
+    grads_r = torch.autograd.grad((out_r * 2 + states_r[0]).sum(), [h, *cell.parameters()])
+    for a, b in zip((out, *grads), (out_r, *grads_r)):
+        assert torch.allclose(a, b, atol=tol)
+    with pytest.raises(ValueError, match=r"states\[0\]: expected shape"):
+        cell(x[:, 0], [h[:1]])
+    with pytest.raises(ValueError, match="x_t: expected shape"):
+        s.step(x[:1, 0])

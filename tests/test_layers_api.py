@@ -930,6 +930,12 @@ def test_gradcheck_tiny_lstm(kernel):
         return out, h, c
 
     with lstm.kernels.use(kernel):
+        try:
+            f(x, h0, c0, *weights)
+        except ValueError as error:  # a kernel for some cells only (fused_gru_simple_rnn: GRU, SimpleRNN)
+            if "does not support this recurrence" not in str(error):
+                raise
+            pytest.skip(f"{kernel} does not cover an LSTM")
         assert torch.autograd.gradcheck(f, (x, h0, c0, *weights), eps=1e-6, atol=1e-5)
 
 

@@ -10,13 +10,13 @@ import torch
 
 import lstm.kernels
 from lstm import layers
-from lstm.kernels import fused_cpp
+from lstm.kernels import fused_cpp, native
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _extension():
-    if fused_cpp.extension() is None:
-        pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
 
 
 def _tol(dtype):
@@ -47,7 +47,7 @@ _NAME = {torch.float32: "float32", torch.float64: "float64"}
 @pytest.fixture(params=["one thread", "units over threads"])
 def stream_threads(request):
     """The streaming step's two routes: the parallel one forced on (every size) with 2 threads."""
-    ext = fused_cpp.extension()
+    ext = native.extension()
     threads = torch.get_num_threads()
     if request.param == "units over threads":
         previous = ext.set_stream_parallel_work(0)
@@ -73,7 +73,7 @@ def test_stream_step_equals_reference(stream_threads, dtype, batch, D, units, ac
     with torch.no_grad(), lstm.kernels.use("reference"):
         expected, h, c = layer(x, initial_state=[h0, c0])
     s = layer.stream(batch_size=batch)
-    assert s._cpp is not None
+    assert s._fast is not None
     s.reset([h0, c0])
     got = torch.stack([s.step(x[:, t]) for t in range(x.shape[1])], dim=1)
     _close(got, expected, dtype)
@@ -239,7 +239,7 @@ def test_cell_call_errors_are_the_full_routes():
 
 def test_cell_call_route_is_taken_for_the_common_case_only():
     cell = _cell(6, 4)
-    route = fused_cpp.extension().cell_step
+    route = native.extension().cell_step
     weights = (cell.kernel, cell.recurrent_kernel, cell.bias)
     x, h, c = torch.randn(2, 4), torch.randn(2, 6), torch.randn(2, 6)
     with torch.no_grad():

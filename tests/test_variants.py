@@ -15,13 +15,13 @@ from torch import nn
 
 import lstm
 from lstm import layers
-from lstm.kernels import CellSpec, Recurrence, Zoneout, fused_cpp, fused_variants, reference
+from lstm.kernels import CellSpec, Recurrence, Zoneout, fused_variants, native, reference
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _extension():
-    if fused_cpp.extension() is None:
-        pytest.skip(f"the C++ extension cannot be built here: {fused_cpp.unavailable_reason()}")
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
 
 
 def variant_problem(B, T, D, U, P=0, dtype=torch.float64, seed=0, peephole=False, layer_norm=False,

@@ -25,7 +25,6 @@ import torch
 
 from . import kernels
 from .layers import RNN
-from .layers.validation import as_float_tensor, check_initial_state, check_mask
 
 
 def chunked(layer, inputs, chunk_size: int, mask=None, initial_state=None, training=None):
@@ -108,22 +107,9 @@ class _Plan:
         self.chunk_size = _positive(chunk_size, argument)
         if layer.activity_regularizer is not None:
             raise ValueError("layer: an activity_regularizer is not supported by chunked runs; call the layer")
-        inputs = as_float_tensor(inputs, "inputs")
-        if inputs.dim() != 3:
-            raise ValueError(f"inputs: expected a 3-D tensor [batch, timesteps, features], got shape "
-                             f"{tuple(inputs.shape)}")
-        cell = layer.cell
-        cell._ensure_built(inputs)
-        batch = inputs.shape[0]
-        if initial_state is None and layer.stateful and layer.states is not None:
-            initial_state = layer.states
-        self.layer, self.inputs = layer, inputs
-        self.states = check_initial_state(initial_state, cell, batch, inputs, "initial_state")
-        training = layer.training if training is None else bool(training)
-        input_masks, recurrent_masks = cell.dropout_masks(batch, inputs.device, training)
-        self.problem = cell.recurrence(inputs, self.states, training, mask=check_mask(mask, inputs),
-                                       go_backwards=layer.go_backwards, zero_output_for_mask=layer.zero_output_for_mask,
-                                       input_dropout=input_masks, recurrent_dropout=recurrent_masks)
+        self.layer = layer
+        self.problem = layer.recurrence(inputs, mask, initial_state, training)
+        self.inputs, self.states = self.problem.inputs, list(self.problem.initial_state)
         self.recompute, self.detach_every = False, 0
 
     def bounds(self) -> list:

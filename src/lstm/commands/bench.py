@@ -130,12 +130,19 @@ def machine_info(threads: int) -> dict:
         "onnx": _version("onnx"),
         "onnxruntime": _version("onnxruntime"),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "cpp_kernels": _cpp_kernels(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": _git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_average_at_start": _load_average(),
     }
+
+
+def _cpp_kernels() -> str:
+    from lstm import kernels
+
+    return kernels.native_build()
 
 
 def _load_average():
@@ -578,7 +585,8 @@ def _header(report) -> list[str]:
         f"CPU: {m['cpu_model']}, {m['cpus_available']} cores available, {m['threads']} threads; torch {m['torch']}, "
         f"numpy {m['numpy']}, onnxruntime {m['onnxruntime'] or 'not installed'}; {m['date']}; "
         f"load average {_fmt_load(m.get('load_average_at_start'))} at start, {_fmt_load(m.get('load_average_at_end'))} at end",
-        f"lstm default kernel: {', '.join(kernels_used) or 'n/a'}; kernels available: "
+        f"lstm default kernel: {', '.join(kernels_used) or 'n/a'} (C++ kernels: {m.get('cpp_kernels', 'n/a')}); "
+        f"kernels available: "
         f"{', '.join(report['kernels_available'])}",
         f"min / median over repetitions (up to {s['repeats']}, round-robin over contenders, ~{s['budget_s']:g} s "
         f"per shape and mode unless --repeats); "

@@ -405,7 +405,7 @@ def memory_worker(name: str, shape: tuple, threads: int, seed: int = 0) -> dict:
     from .. import kernels
 
     torch.set_num_threads(threads)
-    # warm-up on a short sequence (one-time work: imports, numba loading, first-call allocations;
+    # warm-up on a short sequence (one-time work: imports, first-call allocations;
     # a full-length warm-up would double the cost of the slow per-step contenders at T=2000)
     B, T, D, H = shape
     warm, _ = sequence_contenders((B, min(T, 100), D, H), threads, seed, onnx=False, names=(name,))

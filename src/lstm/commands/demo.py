@@ -30,12 +30,12 @@ def run(args) -> int:
     print(f"\n1. One step: cell = layers.LSTMCell({units}); out, state = cell(xt, [h0, c0])")
     print(f"   kernel {tuple(cell.kernel.shape)}, recurrent_kernel {tuple(cell.recurrent_kernel.shape)}, "
           f"bias {tuple(cell.bias.shape)}; gate blocks i | f | c | o")
-    from ..kernels import Recurrence, reference
+    from .. import kernels
 
-    problem = Recurrence(cell.cell_spec(), xt[:, None], cell.kernel, cell.recurrent_kernel, cell.bias,
-                         (torch.zeros(2, units), torch.zeros(2, units)), return_sequences=False, trace=True)
-    with torch.no_grad():
-        gates = reference.run(problem).trace
+    problem = kernels.Recurrence(cell.cell_spec(), xt[:, None], cell.kernel, cell.recurrent_kernel, cell.bias,
+                                 (torch.zeros(2, units), torch.zeros(2, units)), return_sequences=False, trace=True)
+    with torch.no_grad(), kernels.use("reference"):
+        gates = kernels.run(problem).trace
     names = {"f": "f_t   forget gate", "i": "i_t   input gate", "c_tilde": "C̃_t   candidate",
              "c": "C_t   cell state", "o": "o_t   output gate", "h": "h_t   output"}
     for key in ("f", "i", "c_tilde", "c", "o", "h"):

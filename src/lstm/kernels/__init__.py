@@ -1,11 +1,13 @@
-"""Kernels behind one dispatch. Layers build a `Recurrence` and call `run`."""
+"""Kernels behind one dispatch. Layers build a `Recurrence` and call `run`; a cell asks
+`cell_call(cell)` for its single-step call and a stream `stream_step(cell, batch)` for its step
+(see dispatch.py). Nothing outside this package names a kernel module."""
 
-from . import fused_cpp, fused_cpu, fused_variants, native, reference
-from .dispatch import available, register, run, select, use
-from .problem import CellSpec, Recurrence, RecurrenceResult, Zoneout
+from . import fused_cpp, fused_gru_simple_rnn, fused_variants, native, reference
+from .dispatch import available, cell_call, register, run, select, stream_step, use
+from .problem import STATE_COUNT, CellSpec, Recurrence, RecurrenceResult, Zoneout
 
 register(reference, priority=0)
-register(fused_cpu, priority=10)
+register(fused_gru_simple_rnn, priority=10)
 register(fused_cpp, priority=20)
 register(fused_variants, priority=15)  # the LSTM variants; plain LSTMs go to fused_cpp first
 
@@ -18,5 +20,10 @@ def empty_cache() -> int:
     return int(ext.pool_clear()) if ext else 0
 
 
-__all__ = ["CellSpec", "Recurrence", "RecurrenceResult", "Zoneout", "available", "empty_cache", "register", "run",
-           "select", "use"]
+def native_build() -> str:
+    """Which build of the C++ kernels runs (the CPU variant), or why none does."""
+    return native.isa() or f"none ({native.unavailable_reason()})"
+
+
+__all__ = ["STATE_COUNT", "CellSpec", "Recurrence", "RecurrenceResult", "Zoneout", "available", "cell_call",
+           "empty_cache", "native_build", "register", "run", "select", "stream_step", "use"]

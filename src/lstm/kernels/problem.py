@@ -7,6 +7,7 @@ and hand it to `lstm.kernels.run`; kernels return a `RecurrenceResult`. Nothing 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional, Union
@@ -17,6 +18,8 @@ Activation = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
 GATE_NAMES = {"lstm": ("i", "f", "c", "o"), "gru": ("z", "r", "h"), "simple_rnn": ("h",)}
 STATE_COUNT = {"lstm": 2, "gru": 1, "simple_rnn": 1}
+# a trace's per-step internals, in the order every kernel gives them
+TRACE_KEYS = {"lstm": ("i", "f", "c_tilde", "c", "o", "h"), "gru": ("z", "r", "h_tilde", "h"), "simple_rnn": ("h",)}
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class Recurrence:
         return self.cell.plain and self.zoneout is None
 
 
+
 @dataclass
 class RecurrenceResult:
     """outputs: [B, T, U] in processing order if return_sequences, else the last output [B, U].
@@ -176,3 +180,25 @@ class RecurrenceResult:
     outputs: torch.Tensor
     states: tuple
     trace: Optional[dict] = field(default=None)
+
+
+def answers_empty_sequences(run: Callable[[Recurrence], RecurrenceResult]):
+    """A kernel's `run`, answering T = 0 with the one result every kernel gives (so `run` itself
+    sees T >= 1)."""
+
+    @functools.wraps(run)
+    def run_or_answer(p: Recurrence) -> RecurrenceResult:
+        return _no_steps_result(p) if p.inputs.shape[1] == 0 else run(p)
+
+    return run_or_answer
+
+
+def _no_steps_result(p: Recurrence) -> RecurrenceResult:
+    """No outputs, the initial states, empty traces."""
+    x = p.inputs
+    batch, size = x.shape[0], p.output_size
+    outputs = x.new_zeros(batch, 0, size) if p.return_sequences else x.new_zeros(batch, size)
+    trace = None
+    if p.trace:
+        trace = {k: x.new_zeros(batch, 0, size if k == "h" else p.units) for k in TRACE_KEYS[p.cell.kind]}
+    return RecurrenceResult(outputs, tuple(p.initial_state), trace)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .. import activations
-from .problem import Recurrence, RecurrenceResult
+from .problem import TRACE_KEYS, Recurrence, RecurrenceResult, answers_empty_sequences
 
 name = "reference"
 
@@ -40,8 +40,9 @@ def supports(problem: Recurrence) -> bool:
     return True
 
 
-def _per_gate(x: torch.Tensor, weight: torch.Tensor, masks: Optional[torch.Tensor], gates: int) -> torch.Tensor:
-    """x @ weight, with dropout keep-masks applied to x (shared by all gates, or one per gate)."""
+def masked_product(x: torch.Tensor, weight: torch.Tensor, masks: Optional[torch.Tensor], gates: int) -> torch.Tensor:
+    """x @ weight, with dropout keep-masks applied to x (shared by all gates, or one per gate);
+    the fused variants kernel projects its inputs with it too."""
     if masks is None:
         return x @ weight
     if masks.shape[0] == 1:
@@ -61,7 +62,7 @@ def layer_norm(z: torch.Tensor) -> torch.Tensor:
 def _input_projection(p: Recurrence, x: torch.Tensor) -> torch.Tensor:
     """x_t @ kernel (+ input bias) for every step at once: [B, T, G*U]."""
     masks = None if p.input_dropout is None else p.input_dropout[:, :, None, :]
-    xw = _per_gate(x, p.kernel, masks, p.cell.gate_count)
+    xw = masked_product(x, p.kernel, masks, p.cell.gate_count)
     if p.cell.layer_norm:
         xw = layer_norm(xw) * p.layer_norm[0][0]
     if p.bias is not None:
@@ -72,7 +73,7 @@ def _input_projection(p: Recurrence, x: torch.Tensor) -> torch.Tensor:
 def lstm_step(xw_t, state, p: Recurrence, σ, tanh, keep_h=None, keep_c=None):
     cell = p.cell
     h_prev, C_prev = state
-    hU = _per_gate(h_prev, p.recurrent_kernel, p.recurrent_dropout, cell.gate_count)
+    hU = masked_product(h_prev, p.recurrent_kernel, p.recurrent_dropout, cell.gate_count)
     if cell.layer_norm:
         hU = layer_norm(hU) * p.layer_norm[0][1]
     z = dict(zip(cell.gate_names, (xw_t + hU).chunk(cell.gate_count, dim=-1)))
@@ -109,7 +110,7 @@ def gru_step(xw_t, state, p: Recurrence, σ, tanh):
     x_z, x_r, x_h = xw_t.chunk(3, dim=-1)
     masks = p.recurrent_dropout
     if p.cell.reset_after:
-        hr = _per_gate(h_prev, p.recurrent_kernel, masks, 3)
+        hr = masked_product(h_prev, p.recurrent_kernel, masks, 3)
         if p.bias is not None:
             hr = hr + p.bias[1]
         h_z, h_r, h_h = hr.chunk(3, dim=-1)
@@ -117,7 +118,7 @@ def gru_step(xw_t, state, p: Recurrence, σ, tanh):
         r_t = σ(x_r + h_r)
         h_tilde = tanh(x_h + r_t * h_h)
     else:
-        hr = _per_gate(h_prev, p.recurrent_kernel[:, : 2 * U], None if masks is None else masks[:2], 2)
+        hr = masked_product(h_prev, p.recurrent_kernel[:, : 2 * U], None if masks is None else masks[:2], 2)
         h_z, h_r = hr.chunk(2, dim=-1)
         z_t = σ(x_z + h_z)
         r_t = σ(x_r + h_r)
@@ -129,13 +130,14 @@ def gru_step(xw_t, state, p: Recurrence, σ, tanh):
 
 def simple_rnn_step(xw_t, state, p: Recurrence, σ, tanh):
     (h_prev,) = state
-    h_t = tanh(xw_t + _per_gate(h_prev, p.recurrent_kernel, p.recurrent_dropout, 1))
+    h_t = tanh(xw_t + masked_product(h_prev, p.recurrent_kernel, p.recurrent_dropout, 1))
     return h_t, (h_t,), {"h": h_t}
 
 
 _STEPS = {"lstm": lstm_step, "gru": gru_step, "simple_rnn": simple_rnn_step}
 
 
+@answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
     step = _STEPS[p.cell.kind]
     σ = activations.get(p.cell.recurrent_activation)
@@ -167,23 +169,6 @@ def run(p: Recurrence) -> RecurrenceResult:
         if p.trace:
             traces.append(internals)
 
-    if p.return_sequences:
-        out = torch.stack(outputs, dim=1) if outputs else x.new_zeros(batch, 0, p.output_size)
-    else:
-        out = outputs[-1] if outputs else zeros
-    trace = None
-    if p.trace:
-        keys = traces[0].keys() if traces else _STEPS_TRACE_KEYS[p.cell.kind]
-        trace = {
-            k: torch.stack([tr[k] for tr in traces], dim=1) if traces
-            else x.new_zeros(batch, 0, p.output_size if k == "h" else p.units)
-            for k in keys
-        }
+    out = torch.stack(outputs, dim=1) if p.return_sequences else outputs[-1]
+    trace = {k: torch.stack([tr[k] for tr in traces], dim=1) for k in TRACE_KEYS[p.cell.kind]} if p.trace else None
     return RecurrenceResult(out, state, trace)
-
-
-_STEPS_TRACE_KEYS = {
-    "lstm": ("i", "f", "c_tilde", "c", "o", "h"),
-    "gru": ("z", "r", "h_tilde", "h"),
-    "simple_rnn": ("h",),
-}

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from .. import activations, constraints, initializers, kernels, regularizers
-from ..kernels import CellSpec, Recurrence
-from ..kernels.problem import STATE_COUNT
+from ..kernels import STATE_COUNT, CellSpec, Recurrence
 from ..serialization import dtype_name, parse_dtype, unique_name
 from . import rng
 from .config import constructor_kwargs, nested
@@ -238,7 +237,7 @@ class RecurrentCell(nn.Module):
         if not torch.compiler.is_compiling():
             lean = self._lean_call
             if lean is None:
-                lean = self.__dict__["_lean_call"] = kernels.fused_cpp.cell_call(self)
+                lean = self.__dict__["_lean_call"] = kernels.cell_call(self) or False
             if lean and type(inputs) is torch.Tensor:
                 result = lean(self, inputs, states, training)
                 if result is not None:
@@ -410,9 +409,9 @@ class RNN(nn.Module):
     def compute_mask(self, inputs, mask=None):
         return mask if self.return_sequences else None
 
-    def forward(self, inputs, mask=None, initial_state=None, training=None, return_gates=False):
-        """`return_gates=True` appends a dict of per-step internals, each [B, T, U] in processing
-        order (LSTM: i, f, c_tilde, c, o, h; GRU: z, r, h_tilde, h; SimpleRNN: h)."""
+    def recurrence(self, inputs, mask=None, initial_state=None, training=None, trace=False) -> Recurrence:
+        """The kernels' problem for a call `layer(inputs, mask, initial_state, training)`: the
+        arguments checked, the weights built, a stateful layer's states taken, dropout drawn."""
         inputs = as_float_tensor(inputs, "inputs")
         if inputs.dim() != 3:
             raise ValueError(f"inputs: expected a 3-D tensor [batch, timesteps, features], got shape "
@@ -432,11 +431,16 @@ class RNN(nn.Module):
         states = check_initial_state(initial_state, cell, batch, inputs, "initial_state")
         training = self.training if training is None else bool(training)
         input_masks, recurrent_masks = cell.dropout_masks(batch, inputs.device, training)
-        problem = cell.recurrence(
+        return cell.recurrence(
             inputs, states, training, mask=mask, go_backwards=self.go_backwards,
             zero_output_for_mask=self.zero_output_for_mask, return_sequences=self.return_sequences,
-            input_dropout=input_masks, recurrent_dropout=recurrent_masks,
-            trace=bool(return_gates) or self.record_gates)
+            input_dropout=input_masks, recurrent_dropout=recurrent_masks, trace=trace)
+
+    def forward(self, inputs, mask=None, initial_state=None, training=None, return_gates=False):
+        """`return_gates=True` appends a dict of per-step internals, each [B, T, U] in processing
+        order (LSTM: i, f, c_tilde, c, o, h; GRU: z, r, h_tilde, h; SimpleRNN: h)."""
+        problem = self.recurrence(inputs, mask, initial_state, training, trace=bool(return_gates) or self.record_gates)
+        batch = problem.inputs.shape[0]
         result = kernels.run(problem)
         if self.record_gates:
             self.last_gates = result.trace

@@ -7,12 +7,15 @@
 // CPU tensors (the pool is their storage's allocator, so resizing them works as usual).
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <cstdint>
 #include <map>
 #include <mutex>
+#include <tuple>
 
 namespace buffer_pool {
 

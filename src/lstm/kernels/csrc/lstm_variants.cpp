@@ -1,30 +1,26 @@
-// The LSTM variants' recurrence (peephole, layer norm, projection, coupled gates, cell clip,
-// zoneout), fused: included by lstm_cpu.cpp, whose helpers (activations, products, chunking) it
-// uses. The maths is reference.py's; the caller (fused_variants.py) does the GEMMs over all steps
-// with torch: xk = x @ kernel (dropout masks first), the DropConnect mask on the recurrent
-// kernel, and the weight gradients.
-//
-// Per step, for the rows of one chunk (each thread runs the whole sequence for its rows):
-//   xw = LN(xk) g_x + b or xk + b (b: the bias, forget_bias included), A = h_{t-1} @ R (per gate
-//   when recurrent dropout masks h), LN(A) g_h with layer norm, z = xw + A, peepholes, gates,
-//   C = clip(f C_{t-1} + i C̃), o, hu = o tanh(C or LN(C) g_c + b_c), h = hu @ P (projection),
-//   zoneout, Keras masking.
-// Saved (training), indexed by time like xk: activated gates G, h_{t-1} (Hp), C_{t-1} (Cp),
-// hu (Hu), and for the layer norms LN(A) (Ahat), each row's 1/std
-// (rstd_h, rstd_c, rstd_x) and the means of C and xk (mean_c, mean_x): LN(C) and LN(xk) are
-// recomputed in the backward from C and xk (which is saved as it is): less memory traffic than
-// writing them in the forward and reading them back.
-// The backward returns dxk, DA (dz through the recurrent layer norm; dz = dxk without it) and dr
-// (dh before the projection) per step, from which the caller forms dkernel = x^T dxk,
-// dR = Hp^T DA and dP = Hu^T dr, and the sums of the per-row gradients of b, g_x, g_h.
+// The LSTM variants' recurrence over raw buffers (rnn.h: variants::ForwardPass,
+// variants::BackwardPass): peephole, layer norm, projection, coupled gates, cell clip and
+// zoneout fused into one loop per pass, each thread running every step for its batch rows.
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "gemm.h"
+#include "rnn.h"
+#include "simd.h"
+#include "threads.h"
+
+namespace lstm_core {
+namespace variants {
 namespace {
-
-struct VariantFlags {
-  bool backwards, zero_out, seq, coupled, peephole, ln, proj, save;
-  int act, ract;
-  double clip;  // < 0: no clip
-};
 
 constexpr double kLayerNormEps = 1e-5;  // reference.LAYER_NORM_EPS (haste's)
 
@@ -179,19 +175,6 @@ inline const uint8_t* zoneout_row(uint64_t seed, uint64_t threshold, int64_t bas
   return buffer.data();
 }
 
-struct Zoneout {  // the seed, the step offset and the two keep thresholds (0: off) of problem.Zoneout
-  int64_t seed, offset, keep_h, keep_c;
-};
-
-template <typename T>
-struct VariantTensors {  // raw pointers of one call; nullptr where a variant is off
-  const T *gain_x, *bias, *R, *RT, *rd, *peep, *gain_h, *gain_c, *shift_c, *P, *PT;
-  const bool* mask;
-  uint64_t zoneout_seed, keep_h, keep_c;  // zoneout: keep thresholds of 24-bit uniforms (0: off)
-  int64_t zoneout_offset;  // the global processing step of the call's first step
-  int64_t B, Tn, U, Ps, GU, G;  // Ps: size of h (projection or U); G: gate blocks (3 coupled, 4)
-};
-
 // gate offsets in a row of G*U: i f c o, or f c o when coupled (i = -1)
 struct GateOffsets {
   int64_t i, f, c, o;
@@ -208,8 +191,9 @@ inline T cell_update(T f, T c_prev, T i, T c_tilde) {
   return std::fma(f, c_prev, i * c_tilde);
 }
 
+// ForwardPass::run for batch rows [b0, b1) (the pointers at row 0)
 template <typename T>
-void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, T* X,
+void variant_forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T* X,
                           const T* h0, const T* c0, T* Y, T* hT, T* cT, T* G, T* Hp, T* Cp, T* Ahat,
                           T* rstd_h, T* mean_c, T* rstd_c, T* rstd_x, T* mean_x, T* Hu, T* Htr, T* Ctr) {
   const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
@@ -356,7 +340,7 @@ void variant_forward_rows(const VariantTensors<T>& v, const VariantFlags& fl, in
 // inside, so the compiler vectorises them; derivatives are taken from the activated values.
 constexpr int64_t kCellScratchRows = 8;
 template <typename T>
-inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl, const GateOffsets& off,
+inline void cell_backward_row(const Params<T>& v, const Flags& fl, const GateOffsets& off,
                               const T* __restrict__ g, const T* __restrict__ cp,
                               const T* __restrict__ du, const T* __restrict__ dcn, T mean_c, T rstd_c,
                               T* __restrict__ dc_prev, T* __restrict__ dz, T* __restrict__ dp,
@@ -462,8 +446,9 @@ inline void cell_backward_row(const VariantTensors<T>& v, const VariantFlags& fl
   for (int64_t j = 0; j < U; ++j) dc_prev[j] += d3[j];
 }
 
+// BackwardPass::run for batch rows [b0, b1): each weight gradient's sum in its row b0
 template <typename T>
-void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, int64_t b0, int64_t b1, const T* dY,
+void variant_backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, const T* dY,
                            const T* dhT, const T* dcT, const T* G, const T* Hp, const T* Cp,
                            const T* Ahat, const T* rstd_h, const T* mean_c, const T* rstd_c, const T* Xk,
                            const T* rstd_x, const T* mean_x, T* dXW, T* DA, T* Dr, T* dh0, T* dc0, T* dpeep,
@@ -563,196 +548,66 @@ void variant_backward_rows(const VariantTensors<T>& v, const VariantFlags& fl, i
   std::copy(dc.begin(), dc.end(), dc0 + b0 * U);
 }
 
-template <typename T>
-VariantTensors<T> variant_tensors(const torch::Tensor& xk, const torch::Tensor& gate_gain, const torch::Tensor& bias,
-                                  const torch::Tensor& R, const torch::Tensor& RT,
-                                  const torch::Tensor& rd, const torch::Tensor& peep, const torch::Tensor& gain_c,
-                                  const torch::Tensor& shift_c, const torch::Tensor& P,
-                                  const torch::Tensor& PT, const Zoneout& zoneout, const torch::Tensor& mask,
-                                  bool coupled) {
-  auto ptr = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
-  VariantTensors<T> v;
-  v.gain_x = ptr(gate_gain);
-  v.gain_h = v.gain_x ? v.gain_x + xk.size(2) : nullptr;
-  v.bias = ptr(bias);
-  v.R = ptr(R);
-  v.RT = ptr(RT);
-  v.rd = ptr(rd);
-  v.peep = ptr(peep);
-  v.gain_c = ptr(gain_c);
-  v.shift_c = ptr(shift_c);
-  v.P = ptr(P);
-  v.PT = ptr(PT);
-  v.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  v.zoneout_seed = uint64_t(zoneout.seed);
-  v.zoneout_offset = zoneout.offset;
-  v.keep_h = uint64_t(zoneout.keep_h);
-  v.keep_c = uint64_t(zoneout.keep_c);
-  v.B = xk.size(0);
-  v.Tn = xk.size(1);
-  v.GU = xk.size(2);
-  v.G = coupled ? 3 : 4;
-  v.U = v.GU / v.G;
-  v.Ps = R.size(0);
-  return v;
-}
-
-inline torch::Tensor contiguous_or_none(const c10::optional<torch::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : torch::Tensor();
-}
-
-inline torch::Tensor bool_or_none(const c10::optional<torch::Tensor>& t) {
-  return t.has_value() ? t->to(torch::kBool).contiguous() : torch::Tensor();
-}
-
 }  // namespace
 
-// xk = x @ kernel [B,T,GU] (time order, contiguous), gate_gain [2,GU] (layer norm: g_x, g_h),
-// bias [GU] (forget_bias included), R [Ps,GU]; see the top of this file. Returns Y, hT, cT and,
-// with save, G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, xk itself, rstd_x, mean_x (undefined
-// where unused) and, with trace (which implies save), each step's h and C after zoneout [B,T,*] in
-// processing order.
-std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gate_gain_o,
-                                           c10::optional<torch::Tensor> bias_o, torch::Tensor R,
-                                           c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
-                                           c10::optional<torch::Tensor> gain_c_o,
-                                           c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
-                                           int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h,
-                                           int64_t keep_c,
-                                           c10::optional<torch::Tensor> mask_o,
-                                           torch::Tensor h0, torch::Tensor c0, bool backwards, bool zero_out, bool seq,
-                                           bool coupled, int64_t act, int64_t ract, double clip, bool save,
-                                           bool trace) {
-  at::NoGradGuard no_grad;
-  save = save || trace;
-  TORCH_CHECK(xk.is_contiguous(), "variant_forward: xk must be contiguous");
-  R = R.contiguous();
-  h0 = h0.contiguous();
-  c0 = c0.contiguous();
-  auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_c = contiguous_or_none(gain_c_o),
-       shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       gate_gain = contiguous_or_none(gate_gain_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
-  VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gate_gain.defined(), P.defined(), save,
-                  static_cast<int>(act), static_cast<int>(ract), clip};
-  const int64_t B = xk.size(0), Tn = xk.size(1), GU = xk.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
-  auto opts = xk.options();
-  auto Y = seq ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::empty({B, Ps}, opts);  // (every row is written)
-  auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
-  torch::Tensor G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr;
-  if (trace) {
-    Htr = buffer_pool::empty({B, Tn, Ps}, opts);
-    Ctr = buffer_pool::empty({B, Tn, U}, opts);
-  }
-  if (save) {
-    G = buffer_pool::empty({B, Tn, GU}, opts);
-    Hp = buffer_pool::empty({B, Tn, Ps}, opts);
-    Cp = buffer_pool::empty({B, Tn, U}, opts);
-    if (fl.ln) {
-      Ahat = buffer_pool::empty({B, Tn, GU}, opts);
-      rstd_h = torch::empty({B, Tn}, opts);
-      mean_c = torch::empty({B, Tn}, opts);
-      rstd_c = torch::empty({B, Tn}, opts);
-      Xk = xk;
-      rstd_x = torch::empty({B, Tn}, opts);
-      mean_x = torch::empty({B, Tn}, opts);
-    }
-    if (fl.proj) Hu = buffer_pool::empty({B, Tn, U}, opts);
-  }
-  AT_DISPATCH_FLOATING_TYPES(xk.scalar_type(), "lstm_variant_forward", [&] {
-    using T = scalar_t;
-    auto v = variant_tensors<T>(xk, gate_gain, bias, R, torch::Tensor(), rd, peep, gain_c, shift_c, P,
-                                torch::Tensor(), Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
-    auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    T *Yp = p(Y), *hTp = p(hT), *cTp = p(cT), *Gp = p(G), *Hpp = p(Hp), *Cpp = p(Cp), *Ap = p(Ahat),
-      *rhp = p(rstd_h), *mcp = p(mean_c), *rcp = p(rstd_c), *rxp = p(rstd_x), *mxp = p(mean_x), *Hup = p(Hu),
-      *Htrp = p(Htr), *Ctrp = p(Ctr), *Xp = xk.data_ptr<T>();
-    const T* h0p = h0.data_ptr<T>();
-    const T* c0p = c0.data_ptr<T>();
-    over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
-      variant_forward_rows<T>(v, fl, b0, b1, Xp, h0p, c0p, Yp, hTp, cTp, Gp, Hpp, Cpp, Ap, rhp, mcp, rcp, rxp,
-                              mxp, Hup, Htrp, Ctrp);
-    });
+template <typename T>
+ForwardPass<T>::ForwardPass(const Params<T>& params, const Flags& flags) : params_(params), flags_(flags) {}
+
+template <typename T>
+void ForwardPass<T>::run(T* xk, const T* h0, const T* c0, T* Y, T* hT, T* cT, const Saved<T>& saved, T* Htr,
+                         T* Ctr) const {
+  const Params<T>& v = params_;
+  over_chunks(v.B, v.Ps * v.GU, [&](int64_t b0, int64_t b1) {
+    variant_forward_rows<T>(v, flags_, b0, b1, xk, h0, c0, Y, hT, cT, saved.G, saved.Hp, saved.Cp, saved.Ahat,
+                            saved.rstd_h, saved.mean_c, saved.rstd_c, saved.rstd_x, saved.mean_x, saved.Hu, Htr, Ctr);
   });
-  if (!save) return {Y, hT, cT};
-  if (!trace) return {Y, hT, cT, G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x};
-  return {Y, hT, cT, G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr};
 }
 
-// saved: the forward's G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, xk, rstd_x, mean_x (empty
-// where unused).
-// Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else undefined: it equals dxk), Dr [B,T,Ps]
-// (projection), dh0, dc0, d peephole ([3,U] rows i f o, or [2,U] f o when coupled), d gain_c,
-// d shift_c [U] and d gate_gain [2,GU] (layer norm), d bias [GU] (with a bias).
-// consume: the saved buffers are not read again, so dxk is written over G (with layer norm: over xk,
-// and DA over Ahat), rows each step has just read, in cache: a fresh buffer's lines are first
-// fetched for ownership (backward at (32,80,100,64), 2 threads, paired: cell_clip -8%, layer norm -6%).
-std::vector<torch::Tensor> variant_backward(
-    c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,
-    std::vector<torch::Tensor> saved, c10::optional<torch::Tensor> gate_gain_o, c10::optional<torch::Tensor> bias_o,
-    torch::Tensor R, c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
-    c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
-    int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
-    c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
-    int64_t ract, double clip, bool consume) {
-  at::NoGradGuard no_grad;
-  auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous();
-  auto Ahat = saved[3], rstd_h = saved[4], mean_c = saved[5], rstd_c = saved[6], Xk = saved[8], rstd_x = saved[9],
-       mean_x = saved[10];
-  auto dY = dY_o.has_value() ? buffer_pool::contiguous(*dY_o) : torch::Tensor();
-  auto dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
-  auto rd = contiguous_or_none(rd_o), peep = contiguous_or_none(peep_o), gain_c = contiguous_or_none(gain_c_o),
-       shift_c = contiguous_or_none(shift_c_o), P = contiguous_or_none(P_o),
-       gate_gain = contiguous_or_none(gate_gain_o), bias = contiguous_or_none(bias_o), mask = bool_or_none(mask_o);
-  R = R.contiguous();
-  auto RT = R.t().contiguous();
-  auto PT = P.defined() ? P.t().contiguous() : torch::Tensor();
-  VariantFlags fl{backwards, zero_out, seq, coupled, peep.defined(), gate_gain.defined(), P.defined(), true,
-                  static_cast<int>(act), static_cast<int>(ract), clip};
-  const int64_t B = G.size(0), Tn = G.size(1), GU = G.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
-  auto opts = G.options();
-  const bool in_place = consume && (!fl.ln || (Xk.is_contiguous() && Ahat.is_contiguous()));
-  auto dXW = in_place ? (fl.ln ? Xk : G) : buffer_pool::empty({B, Tn, GU}, opts);
-  auto DA = fl.ln ? (in_place ? Ahat : buffer_pool::empty({B, Tn, GU}, opts)) : torch::Tensor();
-  auto Dr = fl.proj ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::Tensor();
-  auto dh0 = torch::empty({B, Ps}, opts), dc0 = torch::empty({B, U}, opts);
-  torch::Tensor dpeep, dgain_c, dshift_c, dgate_gain, dbias;  // the weight gradients' sums
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_variant_backward", [&] {
-    using T = scalar_t;
-    auto v = variant_tensors<T>(G, gate_gain, bias, R, RT, rd, peep, gain_c, shift_c, P, PT,
-                                Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}, mask, coupled);
-    auto cp = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    auto p = [](torch::Tensor& t) -> T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    // Per-row weight-gradient sums: each chunk adds into its first batch row's (no races between
-    // threads), in plain memory summed below, not as [B, ...] tensors summed by tensor ops (three
-    // more ops per gradient in every training step).
-    std::vector<T> peep_rows(fl.peephole ? B * 3 * U : 0), norm_c_rows(fl.ln ? B * 2 * U : 0);
-    std::vector<T> gain_rows(fl.ln ? B * 2 * GU : 0), bias_rows(bias.defined() ? B * GU : 0);  // gains: g_x, g_h
-    std::vector<char> chunk_start(B, 0);
-    auto data = [](std::vector<T>& rows) { return rows.empty() ? nullptr : rows.data(); };
-    over_chunks(B, Ps * GU, [&](int64_t b0, int64_t b1) {
-      if (b1 > b0) chunk_start[b0] = 1;  // (an empty batch runs one empty chunk)
-      variant_backward_rows<T>(v, fl, b0, b1, cp(dY), cp(dhT), cp(dcT), cp(G), cp(Hp), cp(Cp), cp(Ahat),
-                               cp(rstd_h), cp(mean_c), cp(rstd_c), cp(Xk), cp(rstd_x), cp(mean_x), p(dXW), p(DA),
-                               p(Dr), p(dh0), p(dc0), data(peep_rows), data(norm_c_rows), data(gain_rows),
-                               data(bias_rows));
-    });
-    // columns [offset, offset + numel(shape)) of the rows (`width` wide), summed over the chunks
-    auto total = [&](const std::vector<T>& rows, int64_t width, int64_t offset, at::IntArrayRef shape) {
-      auto out = torch::zeros(shape, opts);
-      T* o = out.data_ptr<T>();
-      for (int64_t b = 0; b < B; ++b)
-        if (chunk_start[b])
-          for (int64_t j = 0; j < out.numel(); ++j) o[j] += rows[b * width + offset + j];
-      return out;
-    };
-    if (fl.peephole)  // rows i f o, or f o when coupled
-      dpeep = coupled ? total(peep_rows, 3 * U, U, {2, U}) : total(peep_rows, 3 * U, 0, {3, U});
-    if (fl.ln) {
-      dgain_c = total(norm_c_rows, 2 * U, 0, {U});
-      dshift_c = total(norm_c_rows, 2 * U, U, {U});
-      dgate_gain = total(gain_rows, 2 * GU, 0, {2, GU});
-    }
-    if (bias.defined()) dbias = total(bias_rows, GU, 0, {GU});
+template <typename T>
+BackwardPass<T>::BackwardPass(const Params<T>& params, const Flags& flags) : params_(params), flags_(flags) {}
+
+template <typename T>
+void BackwardPass<T>::run(const T* dY, const T* dhT, const T* dcT, const Saved<T>& saved,
+                          const Gradients<T>& grads) const {
+  const Params<T>& v = params_;
+  const Flags& fl = flags_;
+  const int64_t B = v.B, U = v.U, GU = v.GU;
+  // Per-row weight-gradient sums: each chunk adds into its first batch row's (no races between
+  // threads), summed below.
+  std::vector<T> peep_rows(fl.peephole ? B * 3 * U : 0), norm_c_rows(fl.ln ? B * 2 * U : 0);
+  std::vector<T> gain_rows(fl.ln ? B * 2 * GU : 0), bias_rows(v.bias ? B * GU : 0);  // gains: g_x, g_h
+  std::vector<char> chunk_start(B, 0);
+  auto data = [](std::vector<T>& rows) { return rows.empty() ? nullptr : rows.data(); };
+  over_chunks(B, v.Ps * GU, [&](int64_t b0, int64_t b1) {
+    if (b1 > b0) chunk_start[b0] = 1;  // (an empty batch runs one empty chunk)
+    variant_backward_rows<T>(v, fl, b0, b1, dY, dhT, dcT, saved.G, saved.Hp, saved.Cp, saved.Ahat, saved.rstd_h,
+                             saved.mean_c, saved.rstd_c, saved.Xk, saved.rstd_x, saved.mean_x, grads.dXW, grads.DA,
+                             grads.Dr, grads.dh0, grads.dc0, data(peep_rows), data(norm_c_rows), data(gain_rows),
+                             data(bias_rows));
   });
-  return {dXW, DA, Dr, dh0, dc0, dpeep, dgain_c, dshift_c, dgate_gain, dbias};
+  // out [n] = columns [offset, offset + n) of the rows (`width` wide), summed over the chunks
+  auto total = [&](const std::vector<T>& rows, int64_t width, int64_t offset, int64_t n, T* out) {
+    std::fill(out, out + n, T(0));
+    for (int64_t b = 0; b < B; ++b)
+      if (chunk_start[b])
+        for (int64_t j = 0; j < n; ++j) out[j] += rows[b * width + offset + j];
+  };
+  if (fl.peephole) {  // rows i f o, or f o when coupled
+    if (fl.coupled) total(peep_rows, 3 * U, U, 2 * U, grads.dpeep);
+    else total(peep_rows, 3 * U, 0, 3 * U, grads.dpeep);
+  }
+  if (fl.ln) {
+    total(norm_c_rows, 2 * U, 0, U, grads.dgain_c);
+    total(norm_c_rows, 2 * U, U, U, grads.dshift_c);
+    total(gain_rows, 2 * GU, 0, 2 * GU, grads.dgate_gain);
+  }
+  if (v.bias) total(bias_rows, GU, 0, GU, grads.dbias);
 }
+
+template class ForwardPass<float>;
+template class ForwardPass<double>;
+template class BackwardPass<float>;
+template class BackwardPass<double>;
+
+}  // namespace variants
+}  // namespace lstm_core

@@ -1,0 +1,157 @@
+// The torch bindings of the kernel core: what module.cpp lists for Python (tensors in, checks,
+// allocation, the products over all steps, then the raw passes and loops of rnn.h). Argument conventions:
+// act/ract are activation codes (simd.h), mask is Keras' [B, T] keep mask, in_drop [1|4, B, D] and
+// rec_drop [4, B, U] are dropout masks on x and h (one for all gates, or one per gate).
+#pragma once
+
+#include <torch/types.h>
+
+#include <vector>
+
+#include "rnn.h"
+
+// ----- the plain LSTM (lstm_ops.cpp) -------------------------------------------------------------
+// x [B,T,D], kernel [D,4U], R [U,4U], bias [4U], h0, c0 [B,U]. Returns Y, hT, cT and, with save,
+// the saved G [B,T,4U], Hp, Cp [B,T,U] (rnn.h: lstm::ForwardPass).
+std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor R,
+                                        c10::optional<torch::Tensor> bias_o, torch::Tensor h0, torch::Tensor c0,
+                                        c10::optional<torch::Tensor> in_drop_o,
+                                        c10::optional<torch::Tensor> rec_drop_o,
+                                        c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out,
+                                        bool seq, int64_t act, int64_t ract, bool save);
+
+// needs: which of dx, dkernel, dR, dbias, dh0, dc0 to form. Returns them (undefined where not
+// needed: dx, dkernel, dR, dbias).
+std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o,
+                                         c10::optional<torch::Tensor> dcT_o, torch::Tensor x, torch::Tensor kernel,
+                                         torch::Tensor R, torch::Tensor G, torch::Tensor Hp, torch::Tensor Cp,
+                                         c10::optional<torch::Tensor> in_drop_o,
+                                         c10::optional<torch::Tensor> rec_drop_o,
+                                         c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq,
+                                         int64_t act, int64_t ract, std::vector<bool> needs);
+
+// ----- one step (streaming_ops.cpp) ----------------------------------------------------------------
+// One step for a tiny batch without saving (rnn.h: lstm::SingleStep): x [B,1,D] or [B,D], the
+// tensors dense. Returns Y ([B,1,U] with seq, else [B,U]), hT, cT.
+std::vector<torch::Tensor> single_step(const torch::Tensor& x, const torch::Tensor& kernel, const torch::Tensor& R,
+                                       const torch::Tensor& bias, const torch::Tensor& h0, const torch::Tensor& c0,
+                                       const torch::Tensor& mask, bool seq, bool zero_out, int64_t act,
+                                       int64_t ract);
+
+// The Keras cell call's lean route (`out, [h, c] = cell(x_t, [h, c])`): the layer route's checks
+// answered here, then single_step. Returns an empty list when the call is not this route's (a
+// dtype, device, layout or shape the full route converts or reports, a batch over kSmallBatch):
+// the caller then takes the full route, which gives the same numbers or the error; [None] when
+// every check passes but a tensor needs grad (the caller runs the autograd Function). h and c
+// absent: zeros.
+std::vector<torch::Tensor> cell_step(const torch::Tensor& x, const c10::optional<torch::Tensor>& h_o,
+                                     const c10::optional<torch::Tensor>& c_o, const torch::Tensor& kernel,
+                                     const torch::Tensor& R, const c10::optional<torch::Tensor>& bias_o, int64_t act,
+                                     int64_t ract);
+
+// Streaming inference (rnn.h: lstm::StreamingStep) on buffers of its own: it keeps references to
+// the weight tensors and re-packs them when their in-place version changes. step(x) writes h into
+// a new [B, U] tensor (one allocation; never aliased with the state), or returns None when x is
+// not a CPU tensor of the weights' dtype (the caller converts it).
+class LSTMStep {
+ public:
+  LSTMStep(torch::Tensor kernel, torch::Tensor rec, c10::optional<torch::Tensor> bias_o, int64_t batch, int64_t act,
+           int64_t ract);
+  void refresh();
+  void set_state(torch::Tensor h, torch::Tensor c);
+  std::vector<torch::Tensor> state();
+  torch::Tensor step(const torch::Tensor& x);
+
+ private:
+  torch::Tensor pack(const torch::Tensor& w) const;
+  template <typename T>
+  void run(const torch::Tensor& x, torch::Tensor& out);
+
+  torch::Tensor kernel_ref_, rec_ref_, bias_ref_;
+  int64_t kernel_version_ = -1, rec_version_ = -1, bias_version_ = -1;  // as packed
+  int64_t B_, D_, U_;
+  lstm_core::lstm::StreamingStep core_;
+  torch::Tensor W_packed_, bias_packed_, xh_, c_, z_;  // rnn.h: StreamingStep::run's buffers
+};
+
+// ----- the LSTM variants (lstm_variants_ops.cpp) --------------------------------------------------
+// xk = x @ kernel [B,T,GU] (time order, contiguous), gate_gain [2,GU] (layer norm: g_x, g_h),
+// bias [GU] (forget_bias included), R [Ps,GU], P [U,Ps]; zoneout_*, keep_h, keep_c as
+// rnn.h's variants::Params. Returns Y, hT, cT and, with save, G, Hp, Cp, Ahat, rstd_h, mean_c,
+// rstd_c, Hu, xk itself, rstd_x, mean_x (undefined where unused; rnn.h: variants::Saved) and, with
+// trace (which implies save), each step's h and C after zoneout [B,T,*] in processing order.
+std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gate_gain_o,
+                                           c10::optional<torch::Tensor> bias_o, torch::Tensor R,
+                                           c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
+                                           c10::optional<torch::Tensor> gain_c_o,
+                                           c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
+                                           int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h,
+                                           int64_t keep_c, c10::optional<torch::Tensor> mask_o, torch::Tensor h0,
+                                           torch::Tensor c0, bool backwards, bool zero_out, bool seq, bool coupled,
+                                           int64_t act, int64_t ract, double clip, bool save, bool trace);
+
+// saved: the forward's (empty where unused). Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else
+// undefined: it equals dxk), Dr [B,T,Ps] (projection), dh0, dc0, d peephole, d gain_c, d shift_c,
+// d gate_gain, d bias (rnn.h: variants::Gradients). consume: the saved buffers are not read
+// again, so dxk is written over G (with layer norm: over xk, and DA over Ahat).
+std::vector<torch::Tensor> variant_backward(
+    c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,
+    std::vector<torch::Tensor> saved, c10::optional<torch::Tensor> gate_gain_o, c10::optional<torch::Tensor> bias_o,
+    torch::Tensor R, c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
+    c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
+    int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
+    c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
+    int64_t ract, double clip, bool consume);
+
+// ----- the GRU (gru_ops.cpp) and the SimpleRNN (simple_rnn_ops.cpp) ------------------------------
+// Python's keyword names: the parameter names less the _o (module.cpp). Autograd is the caller's (a hand-derived
+// backward). The saved buffers are time-indexed (flip them for go_backwards): the traces are GRU
+// z, r, h_tilde = gates' thirds, h = z * h_prev + (1 - z) * h_tilde (the step's own value, also at
+// a masked step); SimpleRNN h = outputs. One streaming step (Keras `cell(x_t, h)`) is the forward
+// with T = 1, save = false: measured 8 us a GRU step, 4.5 us a SimpleRNN step at batch 1, D=32,
+// U=64 (the LSTM's own single step: 5 us); the binding call is a good part of it.
+//
+// x [B,T,D], kernel [D,3U], recurrent_kernel [U,3U], bias (None | [3U] | [2,3U]), h0 [B,U],
+// input_dropout (None | [1|3,B,D]), recurrent_dropout (None | [3,B,U]), mask (None | bool [B,T]).
+// Returns [y, h_last] and, with save, [gates, h_prev, candidate_input] (rnn.h: gru::Forward).
+std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor recurrent_kernel,
+                                       c10::optional<torch::Tensor> bias_o, torch::Tensor h0,
+                                       c10::optional<torch::Tensor> input_dropout_o,
+                                       c10::optional<torch::Tensor> recurrent_dropout_o,
+                                       c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                       bool zero_output_for_mask, bool return_sequences, int64_t activation,
+                                       int64_t recurrent_activation, bool reset_after, bool save);
+
+// dy (None | y's shape), dh_last (None | [B,U]), bias_dim (0 none, 1 [3U], 2 [2,3U]), the saved
+// buffers and the forward's arguments; needs: which of dx, dkernel, drecurrent_kernel, dbias, dh0
+// to form. Returns them (undefined where not needed).
+std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::optional<torch::Tensor> dh_last_o,
+                                        torch::Tensor x, torch::Tensor kernel, torch::Tensor recurrent_kernel,
+                                        int64_t bias_dim, torch::Tensor gates, torch::Tensor h_prev,
+                                        torch::Tensor candidate_input, c10::optional<torch::Tensor> input_dropout_o,
+                                        c10::optional<torch::Tensor> recurrent_dropout_o,
+                                        c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                        bool zero_output_for_mask, bool return_sequences, int64_t activation,
+                                        int64_t recurrent_activation, bool reset_after, std::vector<bool> needs);
+
+// As gru_forward with kernel [D,U], recurrent_kernel [U,U], bias (None | [U]), input_dropout
+// (None | [1,B,D]), recurrent_dropout (None | [1,B,U]). Returns [y, h_last] and, with save,
+// [outputs, h_prev] (rnn.h: simple_rnn::Forward).
+std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor recurrent_kernel,
+                                              c10::optional<torch::Tensor> bias_o, torch::Tensor h0,
+                                              c10::optional<torch::Tensor> input_dropout_o,
+                                              c10::optional<torch::Tensor> recurrent_dropout_o,
+                                              c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                              bool zero_output_for_mask, bool return_sequences, int64_t activation,
+                                              bool save);
+
+// As gru_backward, bias_dim 0 or 1. Returns [dx, dkernel, drecurrent_kernel, dbias, dh0].
+std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o,
+                                               c10::optional<torch::Tensor> dh_last_o, torch::Tensor x,
+                                               torch::Tensor kernel, torch::Tensor recurrent_kernel, int64_t bias_dim,
+                                               torch::Tensor outputs, torch::Tensor h_prev,
+                                               c10::optional<torch::Tensor> input_dropout_o,
+                                               c10::optional<torch::Tensor> recurrent_dropout_o,
+                                               c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                               bool zero_output_for_mask, bool return_sequences, int64_t activation,
+                                               std::vector<bool> needs);

@@ -1,0 +1,62 @@
+// The Python module: every name Python sees, bound to the torch bindings of the LSTM, its
+// variants, the GRU and the SimpleRNN (bindings.h), and the buffer pool.
+
+#include <torch/python.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "bindings/bindings.h"
+#include "buffer_pool.h"
+#include "gemm.h"
+#include "rnn.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.def("forward", &lstm_forward, "LSTM forward (fused)");
+  m.def("backward", &lstm_backward, "LSTM backward (BPTT)");
+  m.def("variant_forward", &variant_forward, "LSTM variants forward (fused)");
+  m.def("variant_backward", &variant_backward, "LSTM variants backward (BPTT)");
+  m.def("gru_forward", &gru_forward, "GRU forward (fused): [y, h_last] (+ [gates, h_prev, candidate_input] with save)",
+        py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
+        py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"),
+        py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
+        py::arg("recurrent_activation"), py::arg("reset_after"), py::arg("save"));
+  m.def("gru_backward", &gru_backward, "GRU backward (BPTT): [dx, dkernel, drecurrent_kernel, dbias, dh0]",
+        py::arg("dy"), py::arg("dh_last"), py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"),
+        py::arg("bias_dim"), py::arg("gates"), py::arg("h_prev"), py::arg("candidate_input"),
+        py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"),
+        py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
+        py::arg("recurrent_activation"), py::arg("reset_after"), py::arg("needs"));
+  m.def("simple_rnn_forward", &simple_rnn_forward,
+        "SimpleRNN forward (fused): [y, h_last] (+ [outputs, h_prev] with save)", py::arg("x"), py::arg("kernel"),
+        py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"), py::arg("input_dropout"),
+        py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"), py::arg("zero_output_for_mask"),
+        py::arg("return_sequences"), py::arg("activation"), py::arg("save"));
+  m.def("simple_rnn_backward", &simple_rnn_backward,
+        "SimpleRNN backward (BPTT): [dx, dkernel, drecurrent_kernel, dbias, dh0]", py::arg("dy"), py::arg("dh_last"),
+        py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias_dim"), py::arg("outputs"),
+        py::arg("h_prev"), py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"),
+        py::arg("go_backwards"), py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
+        py::arg("needs"));
+  m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");
+  py::class_<LSTMStep>(m, "LSTMStep")
+      .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())
+      .def("refresh", &LSTMStep::refresh)
+      .def("set_state", &LSTMStep::set_state)
+      .def("state", &LSTMStep::state)
+      .def("step", &LSTMStep::step);
+  m.def(
+      "pooled_empty",
+      [](std::vector<int64_t> sizes, torch::Tensor like) { return buffer_pool::empty(sizes, like.options()); },
+      "an uninitialised contiguous CPU tensor of like's dtype from the buffer pool");
+  m.def("pool_stats", [] { return buffer_pool::Pool::instance().stats(); },
+        "the buffer pool's (idle bytes, idle blocks, allocations it served from idle blocks)");
+  m.def("pool_clear", [] { return buffer_pool::Pool::instance().clear(); },
+        "gives the buffer pool's idle blocks back to the OS; returns their bytes");
+  m.def("set_stream_parallel_work", [](int64_t w) { return std::exchange(lstm_core::lstm::kStreamParallelWork, w); },
+        "multiply-adds of a streaming step from which its units are split over the threads; returns the previous");
+  m.def("set_pack_min_work", [](int64_t w) { return std::exchange(lstm_core::kPackMinWork, w); },
+        "multiply-adds of a step's product from which its right operand is packed; returns the previous");
+}

@@ -1,0 +1,113 @@
+// The SimpleRNN's torch bindings (bindings.h: simple_rnn_forward, simple_rnn_backward): checks,
+// buffers from the pool, the input projection and weight-gradient GEMMs over all steps
+// (products.h), and the recurrence (rnn.h: simple_rnn::forward_loop, simple_rnn::backward_loop) on
+// each thread's chunk of rows.
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "bindings/bindings.h"
+#include "bindings/optional_tensor.h"
+#include "bindings/products.h"
+#include "buffer_pool.h"
+#include "rnn.h"
+#include "threads.h"
+
+using namespace lstm_core;
+using namespace lstm_bindings;
+
+std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor recurrent_kernel,
+                                              c10::optional<torch::Tensor> bias_o, torch::Tensor h0,
+                                              c10::optional<torch::Tensor> input_dropout_o,
+                                              c10::optional<torch::Tensor> recurrent_dropout_o,
+                                              c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                              bool zero_output_for_mask, bool return_sequences, int64_t activation,
+                                              bool save) {
+  at::NoGradGuard no_grad;  // autograd is the caller's (a hand-derived backward)
+  x = x.contiguous();
+  kernel = kernel.contiguous();
+  recurrent_kernel = recurrent_kernel.contiguous();
+  h0 = h0.contiguous();
+  auto bias = opt(bias_o), input_dropout = opt(input_dropout_o);
+  auto recurrent_dropout = opt(recurrent_dropout_o), mask = opt(mask_o);
+  if (bias.defined()) bias = bias.contiguous();
+  if (recurrent_dropout.defined()) recurrent_dropout = recurrent_dropout.contiguous();
+  if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
+  const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
+                                0, false};
+  const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
+  auto opts = x.options();
+  auto outputs = project_inputs(x, kernel, input_dropout);
+  auto y = return_sequences ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
+  auto h_last = torch::empty({B, U}, opts);
+  auto h_prev = save ? buffer_pool::empty({B, Tn, U}, opts) : torch::Tensor();
+  if (Tn == 0) {
+    h_last.copy_(h0);
+    y.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "simple_rnn_forward", [&] {
+      using Scalar = scalar_t;
+      auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
+      const simple_rnn::Forward<Scalar> args{B, Tn, U, ptr(outputs), ptr(bias), ptr(recurrent_kernel),
+                                             ptr(recurrent_dropout), B * U,
+                                             mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(h0), ptr(y),
+                                             ptr(h_last), ptr(h_prev)};
+      over_chunks(B, U * U, [&](int64_t b0, int64_t b1) {
+        simple_rnn::forward_loop(args.rows(b0, b1, options), options);
+      });
+    });
+  }
+  if (!save) return {y, h_last};
+  return {y, h_last, outputs, h_prev};
+}
+
+std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o,
+                                               c10::optional<torch::Tensor> dh_last_o, torch::Tensor x,
+                                               torch::Tensor kernel, torch::Tensor recurrent_kernel, int64_t bias_dim,
+                                               torch::Tensor outputs, torch::Tensor h_prev,
+                                               c10::optional<torch::Tensor> input_dropout_o,
+                                               c10::optional<torch::Tensor> recurrent_dropout_o,
+                                               c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                               bool zero_output_for_mask, bool return_sequences, int64_t activation,
+                                               std::vector<bool> needs) {
+  // needs: x, kernel, recurrent_kernel, bias, h0
+  at::NoGradGuard no_grad;
+  x = x.contiguous();
+  kernel = kernel.contiguous();
+  auto dy = opt(dy_o), input_dropout = opt(input_dropout_o);
+  auto recurrent_dropout = opt(recurrent_dropout_o), mask = opt(mask_o);
+  const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
+                                0, false};
+  const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
+  auto opts = x.options();
+  auto dh = dh_last_o.has_value() ? dh_last_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
+  if (dy.defined()) dy = buffer_pool::contiguous(dy.to(x.scalar_type()));
+  if (recurrent_dropout.defined()) recurrent_dropout = recurrent_dropout.contiguous();
+  if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
+  auto recurrent_kernel_t = recurrent_kernel.t().contiguous();
+  auto dz = buffer_pool::empty({B, Tn, U}, opts);
+  const bool need_bias = needs[3] && bias_dim > 0;
+  auto bias_rows = need_bias ? torch::zeros({B, U}, opts) : torch::Tensor();
+  if (Tn > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "simple_rnn_backward", [&] {
+      using Scalar = scalar_t;
+      auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
+      const simple_rnn::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(outputs), ptr(recurrent_kernel_t),
+                                              ptr(recurrent_dropout), B * U,
+                                              mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(dh), ptr(dz),
+                                              ptr(bias_rows)};
+      over_chunks(B, U * U, [&](int64_t b0, int64_t b1) {
+        simple_rnn::backward_loop(args.rows(b0, b1, options), options);
+      });
+    });
+  }
+  auto dz2 = dz.view({B * Tn, U});
+  torch::Tensor dx, dkernel, drecurrent, dbias;
+  input_gradients(dz2, x, kernel, input_dropout, needs[0], needs[1], dx, dkernel);
+  if (needs[2])
+    drecurrent = recurrent_gate_gradient(h_prev, recurrent_dropout.defined() ? recurrent_dropout[0] : torch::Tensor(), dz2);
+  if (need_bias) dbias = bias_rows.sum(0);
+  return {dx, dkernel, drecurrent, dbias, needs[4] ? dh : torch::Tensor()};
+}

@@ -1,0 +1,41 @@
+"""The checks every fused C++ kernel makes before it takes a problem or a cell."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import native
+from .problem import Recurrence
+
+
+def activation_codes(cell) -> Optional[tuple[int, int]]:
+    """The C++ codes of a cell's (or CellSpec's) activation and recurrent activation; None when
+    either is a callable or a name the C++ core lacks."""
+    activation = native.activation_code(cell.activation)
+    recurrent_activation = native.activation_code(cell.recurrent_activation)
+    if activation is None or recurrent_activation is None:
+        return None
+    return activation, recurrent_activation
+
+
+def on_cpu_in_one_float_dtype(p: Recurrence) -> bool:
+    """Every tensor of the problem on the CPU with the input's dtype, float32 or float64 (the
+    step mask: on the CPU, any dtype)."""
+    x = p.inputs
+    dtype = x.dtype
+    if (dtype is not torch.float32 and dtype is not torch.float64) or x.dim() != 3:
+        return False
+    for t in (x, p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, p.recurrent_dropout, p.peephole,
+              p.projection, *(p.layer_norm or ()), *p.initial_state):
+        if t is not None and (not t.is_cpu or t.dtype is not dtype):
+            return False
+    return p.mask is None or p.mask.is_cpu
+
+
+def extension_ready() -> bool:
+    """Whether the C++ extension is loaded (or, outside a trace, can be)."""
+    if torch.compiler.is_compiling():
+        return native.loaded_when_tracing()
+    return (native.module or native.extension()) is not None
