@@ -7,9 +7,8 @@ and hand it to `lstm.kernels.run`; kernels return a `RecurrenceResult`. Nothing 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from typing import Callable, Optional, Union
 
 import torch
@@ -166,7 +165,6 @@ class Recurrence:
         return self.cell.plain and self.zoneout is None
 
 
-
 @dataclass
 class RecurrenceResult:
     """outputs: [B, T, U] in processing order if return_sequences, else the last output [B, U].
@@ -186,7 +184,7 @@ def answers_empty_sequences(run: Callable[[Recurrence], RecurrenceResult]):
     """A kernel's `run`, answering T = 0 with the one result every kernel gives (so `run` itself
     sees T >= 1)."""
 
-    @functools.wraps(run)
+    @wraps(run)
     def run_or_answer(p: Recurrence) -> RecurrenceResult:
         return _no_steps_result(p) if p.inputs.shape[1] == 0 else run(p)
 
