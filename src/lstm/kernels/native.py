@@ -32,10 +32,11 @@ ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "linear": 3, "hard_sigmo
 VARIANTS = ("avx512", "avx2", "portable")  # fastest first
 # the installed module of each variant (setup.py builds them); a test may point one elsewhere
 _MODULES = {variant: f"lstm._kernels_{variant}" for variant in VARIANTS}
-# the CPU flags (as /proc/cpuinfo names them) each -march level assumes; LZCNT shows as abm
+# the CPU flags (as /proc/cpuinfo names them) each build assumes: its -march level (LZCNT shows as
+# abm) and -mprfchw (PREFETCHW, shown as 3dnowprefetch)
 _FLAGS_NEEDED = {
-    "avx2": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},
-    "avx512": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave",
+    "avx2": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "3dnowprefetch"},
+    "avx512": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "3dnowprefetch",
                "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
 }
 
