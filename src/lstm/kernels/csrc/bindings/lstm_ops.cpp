@@ -8,39 +8,16 @@
 
 #include "bindings/bindings.h"
 #include "bindings/optional_tensor.h"
+#include "bindings/products.h"
 #include "buffer_pool.h"
 #include "gemm.h"
 #include "rnn.h"
 
 using namespace lstm_core;
 using lstm_bindings::opt;
-
-namespace {
-
-// x [B,T,D] @ kernel with input-dropout masks [1|4, B, D] on x; returns [B, T, 4U]. (The bias is
-// the recurrence's to add, row by row: addmm first writes the bias over the whole [B*T, 4U]
-// output, measured +100 to +160 us at (32,80,100,64), 2 threads, against 0.5 ms for the mm.)
-torch::Tensor input_projection(const torch::Tensor& x, const torch::Tensor& kernel, const torch::Tensor& in_drop) {
-  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  const int64_t GU = kernel.size(1), U = GU / 4;
-  auto x2 = x.reshape({B * T, D});
-  auto project = [&](const torch::Tensor& rows) {  // rows @ kernel into a pooled buffer
-    auto out = buffer_pool::empty({B * T, GU}, x.options());
-    at::mm_out(out, rows, kernel);
-    return out.view({B, T, GU});
-  };
-  if (!in_drop.defined()) return project(x2);
-  if (in_drop.size(0) == 1) return project((x * in_drop[0].unsqueeze(1)).reshape({B * T, D}));
-  std::vector<torch::Tensor> parts;
-  for (int64_t g = 0; g < 4; ++g) {
-    auto xm = (x * in_drop[g].unsqueeze(1)).reshape({B * T, D});
-    auto k = kernel.narrow(1, g * U, U);
-    parts.push_back(at::mm(xm, k));
-  }
-  return at::cat(parts, 1).view({B, T, GU});
-}
-
-}  // namespace
+using lstm_bindings::input_gradients;
+using lstm_bindings::project_inputs;
+using lstm_bindings::recurrent_gate_gradient;
 
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor R,
                                         c10::optional<torch::Tensor> bias_o, torch::Tensor h0, torch::Tensor c0,
@@ -81,7 +58,9 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
     });
     return {Y, hT, cT};
   }
-  auto xw = input_projection(x, kernel, in_drop).contiguous();
+  // (the bias is the recurrence's to add, row by row: addmm first writes it over the whole
+  // [B*T, 4U] output, measured +100 to +160 us at (32,80,100,64), 2 threads, against 0.5 ms for the mm)
+  auto xw = project_inputs(x, kernel, in_drop);
   if (bias.defined()) bias = bias.contiguous();
   auto Y = seq ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
   auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
@@ -120,7 +99,7 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
   auto dY = opt(dY_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
   x = x.contiguous();
   kernel = kernel.contiguous();
-  const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2), U = R.size(0), GU = 4 * U;
+  const int64_t B = x.size(0), Tn = x.size(1), U = R.size(0), GU = 4 * U;
   lstm::Flags fl{backwards, zero_out, seq, static_cast<int>(act), static_cast<int>(ract)};
   auto opts = x.options();
   auto dh = dhT_o.has_value() ? dhT_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
@@ -145,41 +124,13 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
   }
   auto dZ2 = dZ.view({B * Tn, GU});
   torch::Tensor dX, dK, dR, db;
-  auto x2 = x.view({B * Tn, D});
-  if (needs[0]) {
-    if (!in_drop.defined() || in_drop.size(0) == 1) {
-      dX = buffer_pool::empty({B * Tn, D}, opts);
-      at::mm_out(dX, dZ2, kernel.t());
-      dX = dX.view({B, Tn, D});
-      if (in_drop.defined()) dX.mul_(in_drop[0].unsqueeze(1));
-    } else {
-      for (int64_t g = 0; g < 4; ++g) {
-        auto part = at::mm(dZ2.narrow(1, g * U, U), kernel.narrow(1, g * U, U).t()).view({B, Tn, D}) *
-                    in_drop[g].unsqueeze(1);
-        dX = g == 0 ? part : dX + part;
-      }
-    }
-  }
-  if (needs[1]) {
-    if (!in_drop.defined()) {
-      dK = at::mm(x2.t(), dZ2);
-    } else if (in_drop.size(0) == 1) {
-      dK = at::mm((x * in_drop[0].unsqueeze(1)).view({B * Tn, D}).t(), dZ2);
-    } else {
-      std::vector<torch::Tensor> parts;
-      for (int64_t g = 0; g < 4; ++g)
-        parts.push_back(at::mm((x * in_drop[g].unsqueeze(1)).view({B * Tn, D}).t(), dZ2.narrow(1, g * U, U)));
-      dK = at::cat(parts, 1);
-    }
-  }
+  input_gradients(dZ2, x, kernel, in_drop, needs[0], needs[1], dX, dK);
   if (needs[2]) {
-    auto H2 = Hp.view({B * Tn, U});
     if (!rec_drop.defined()) {
-      dR = at::mm(H2.t(), dZ2);
+      dR = recurrent_gate_gradient(Hp, torch::Tensor(), dZ2);
     } else {
       std::vector<torch::Tensor> parts;
-      for (int64_t g = 0; g < 4; ++g)
-        parts.push_back(at::mm((Hp * rec_drop[g].unsqueeze(1)).view({B * Tn, U}).t(), dZ2.narrow(1, g * U, U)));
+      for (int64_t g = 0; g < 4; ++g) parts.push_back(recurrent_gate_gradient(Hp, rec_drop[g], dZ2.narrow(1, g * U, U)));
       dR = at::cat(parts, 1);
     }
   }

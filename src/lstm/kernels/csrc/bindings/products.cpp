@@ -1,4 +1,4 @@
-// The GRU's and SimpleRNN's products over all steps (products.h): the input projection and the
+// The cells' products over all steps (products.h): the input projection and the
 // weight gradients, on ATen's mm (register tiles for a streaming step's few rows).
 
 #include <torch/types.h>

@@ -1,5 +1,6 @@
-// The GRU's and SimpleRNN's products over all steps (gru_ops.cpp, simple_rnn_ops.cpp): the input
-// projection before a forward, the input and recurrent weight gradients after a backward.
+// The products over all steps that every cell's bindings share (lstm_ops.cpp, gru_ops.cpp,
+// simple_rnn_ops.cpp): the input projection before a forward, the input and recurrent weight
+// gradients after a backward.
 #pragma once
 
 #include <torch/types.h>
