@@ -66,7 +66,8 @@ def iter_chunks(layer, inputs, chunk_size: int, mask=None, initial_state=None, t
 
 
 def _chunks_then_states(layer, plan: "_Plan") -> Iterator[tuple]:
-    yield from plan.run(sequences=True)
+    for out, states in plan.run(sequences=True):
+        yield out, plan.returned(states)
     if layer.stateful:
         layer.reset_state(plan.states)
 
@@ -92,7 +93,7 @@ def _collect(layer, plan: "_Plan"):
             done += out.shape[1]
     if layer.stateful:
         layer.reset_state(plan.states)
-    return (result, *plan.states) if layer.return_state else result
+    return (result, *plan.returned(plan.states)) if layer.return_state else result
 
 
 class _Plan:
@@ -111,6 +112,10 @@ class _Plan:
         self.problem = layer.recurrence(inputs, mask, initial_state, training)
         self.inputs, self.states = self.problem.inputs, list(self.problem.initial_state)
         self.recompute, self.detach_every = False, 0
+
+    def returned(self, states: list) -> list:
+        """The states as a layer call returns them (the chunks carry C unrounded: kernels.state_dtype)."""
+        return [s.to(self.inputs.dtype) for s in states]
 
     def bounds(self) -> list:
         steps = self.inputs.shape[1]

@@ -15,6 +15,7 @@ import inspect
 import itertools
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -78,8 +79,9 @@ class ConfigurableRegistry:
 
 def detect_dialect(config: dict) -> str:
     """Which Keras wrote this layer/cell config (see the module docstring)."""
-    if isinstance(config.get("dtype"), dict):
-        return "keras3"
+    dtype = config.get("dtype")
+    if isinstance(dtype, dict):  # a policy: tf_keras writes mixed ones as class "Policy"
+        return "tf_keras" if dtype.get("class_name") == "Policy" else "keras3"
     if "time_major" in config:
         return "tf_keras"
     if any(isinstance(v, dict) and "module" in v for v in config.values()):
@@ -97,22 +99,80 @@ def activation_from_config(name: Any, dialect: str) -> Any:
     return name
 
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+# Keras 3's mixed policies: float32 variables, computations (and outputs) in the low precision
+MIXED_POLICIES = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}
+POLICY_NAMES = (*FLOAT_DTYPES, *MIXED_POLICIES)
+# the class names of a policy's config: Keras 3 ("FloatDTypePolicy" before 3.6) and tf_keras
+_POLICY_CLASS_NAMES = ("DTypePolicy", "FloatDTypePolicy", "Policy")
+
+
+@dataclass(frozen=True)
+class DTypePolicy:
+    """Keras 3's dtype policy by name: the dtype of a layer's variables and the one it computes
+    (and outputs) in. 'float32', 'float64', 'bfloat16', 'float16': both that dtype;
+    'mixed_bfloat16', 'mixed_float16': float32 variables, computations in the low precision."""
+
+    name: str
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.name in MIXED_POLICIES
+
+    @property
+    def variable_dtype(self) -> torch.dtype:
+        return torch.float32 if self.is_mixed else FLOAT_DTYPES[self.name]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return MIXED_POLICIES[self.name] if self.is_mixed else FLOAT_DTYPES[self.name]
+
+    def get_config(self) -> dict:
+        return {"name": self.name}
+
+    def to_config(self) -> Any:
+        """As a layer config writes it: a plain dtype as its name (the tutorial's format), a mixed
+        policy as Keras 3 writes it (a DTypePolicy dict)."""
+        if not self.is_mixed:
+            return self.name
+        return {"module": "keras", "class_name": "DTypePolicy", "config": self.get_config(), "registered_name": None}
+
+
+def parse_dtype_policy(dtype: Any, argument: str = "dtype") -> DTypePolicy:
+    """A DTypePolicy from a name ('float32', 'bfloat16', 'mixed_bfloat16', ...), a torch dtype, a
+    DTypePolicy or its config dict (Keras 3's DTypePolicy / FloatDTypePolicy, tf_keras' Policy)."""
+    if isinstance(dtype, DTypePolicy):
+        return dtype
+    name = dtype
+    if isinstance(dtype, torch.dtype):
+        name = dtype_name(dtype)
+    elif isinstance(dtype, dict):
+        name = _policy_name_from_config(dtype, argument)
+    if isinstance(name, str) and name in POLICY_NAMES:
+        return DTypePolicy(name)
+    raise ValueError(f"{argument}: expected one of {list(POLICY_NAMES)}, a torch dtype among them or a "
+                     f"DTypePolicy config, got {dtype!r}")
+
+
+def _policy_name_from_config(config: dict, argument: str) -> Any:
+    class_name = config.get("class_name")
+    if class_name not in _POLICY_CLASS_NAMES:
+        raise ValueError(f"{argument}: expected a dtype policy config of class {' or '.join(_POLICY_CLASS_NAMES)}, "
+                         f"got class {class_name!r}")
+    return (config.get("config") or {}).get("name")
 
 
 def parse_dtype(dtype: Any, argument: str = "dtype") -> torch.dtype:
-    """'float32' / 'float64' / torch dtypes / Keras 3 DTypePolicy dicts to a torch dtype."""
+    """A plain float dtype ('float32', 'float64', 'bfloat16', 'float16', a torch dtype, or a policy
+    config naming one) to a torch dtype."""
     if dtype is None:
         return torch.get_default_dtype()
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-        raise ValueError(f"{argument}: expected float32 or float64, got {dtype}")
-    if isinstance(dtype, dict):
-        dtype = (dtype.get("config") or {}).get("name")
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"{argument}: expected 'float32' or 'float64', got {dtype!r}")
+    policy = parse_dtype_policy(dtype, argument)
+    if policy.is_mixed:
+        raise ValueError(f"{argument}: expected a plain dtype (one of {list(FLOAT_DTYPES)}), got the mixed "
+                         f"policy {policy.name!r}")
+    return policy.variable_dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:

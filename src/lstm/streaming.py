@@ -10,17 +10,28 @@ A step is one call of the step object the kernels offer for the cell (`lstm.kern
 for a plain LSTM, one C++ call on weights packed once, updating the state in place and returning
 h_t in a new tensor, never aliased with the state). The stream makes it again when a parameter
 changes (in-place updates bump its version). Cells no kernel steps (custom activations, non-CPU
-tensors, or none offered) step through the cell's call instead, without autograd.
+tensors, low precision, or none offered) step through the cell's call instead, without autograd,
+with the states as a layer call carries them (C in float32 for a low-precision compute dtype), so
+the steps equal the layer on the whole sequence. A stream computes in the cell's dtype policy,
+torch.autocast or not.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import kernels
+
+
+def _autocast_off(device_type: str):
+    """A stream computes in its cell's policy, like its fused steps, in or out of autocast."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class Stream:
@@ -57,7 +68,8 @@ class Stream:
         self._dtype = cell.compute_dtype
         self._params = tuple(cell.weights())
         self._versions = self._param_versions()
-        self._fast = kernels.stream_step(cell, self.batch_size)
+        # the kernels' steps compute in the weights' dtype: not a mixed policy's
+        self._fast = None if cell.dtype_policy.is_mixed else kernels.stream_step(cell, self.batch_size)
         self._kernel_param = self._params[0] if self._fast is not None else None
         self._ready = True
         self.reset(state)
@@ -132,8 +144,8 @@ class Stream:
             x = x[None]
         if tuple(x.shape) != (self.batch_size, self._D):
             raise ValueError(f"x_t: expected shape ({self.batch_size}, {self._D}), got {tuple(x.shape)}")
-        with torch.no_grad():
-            out, states = cell(x, self._states_torch, training=False)
+        with torch.no_grad(), _autocast_off(x.device.type):
+            out, states = cell.call_states(x, self._states_torch, training=False, carried=True)
         self._states_torch = list(states)
         return out
 

@@ -31,6 +31,8 @@ OPTIONS = {
                   "forecast, adding)"),
     "recompute": (int, "backward recomputes chunks of N steps instead of storing them: less memory, about "
                        "one more forward (charlm, forecast, adding; with --bptt, a divisor of it)"),
+    "precision": (str, "fp32 (default), bf16 (torch.autocast in bfloat16, float32 weights) or fp16 (autocast in "
+                       "float16 with loss scaling)"),
     "data": (str, "your own data: a CSV file (sentiment, forecast) or a text file (charlm)"),
     "text_column": (str, "CSV column of the texts (sentiment --data; default 'text')"),
     "label_column": (str, "CSV column of the labels (sentiment --data; default 'label')"),

@@ -24,6 +24,7 @@ from torch import nn
 from ..layers import (GRU, LSTM, RNN, Bidirectional, Dropout, GRUCell, InputLayer, LSTMCell, RecurrentCell,
                       SimpleRNN, SimpleRNNCell)
 from ..models import Sequential
+from ..serialization import FLOAT_DTYPES
 
 _TORCH_LAYER = {"lstm": nn.LSTM, "gru": nn.GRU, "simple_rnn": nn.RNN}
 _TORCH_CELL = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "simple_rnn": nn.RNNCell}
@@ -188,13 +189,15 @@ def _kind_of(module: nn.Module) -> str:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"from_torch: weights of dtype {dtype} are not supported (float32 or float64)")
+    if dtype not in FLOAT_DTYPES.values():
+        raise ValueError(f"from_torch: weights of dtype {dtype} are not supported (one of {list(FLOAT_DTYPES)})")
     return str(dtype).removeprefix("torch.")
 
 
 def _keras_weights(kind: str, units: int, w_ih, w_hh, b_ih, b_hh) -> list:
-    w_ih, w_hh = w_ih.detach(), w_hh.detach()
+    # in float32 or float64: NumPy has no bfloat16, and torch's two LSTM biases are summed unrounded
+    w_ih, w_hh = (w.detach().to(torch.promote_types(w.dtype, torch.float32)) for w in (w_ih, w_hh))
+    b_ih, b_hh = (None if b is None else b.to(torch.promote_types(b.dtype, torch.float32)) for b in (b_ih, b_hh))
     if kind == "gru":
         kernel, recurrent = _gru_to_keras(w_ih.t(), units), _gru_to_keras(w_hh.t(), units)
     else:

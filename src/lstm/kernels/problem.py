@@ -19,6 +19,15 @@ GATE_NAMES = {"lstm": ("i", "f", "c", "o"), "gru": ("z", "r", "h"), "simple_rnn"
 STATE_COUNT = {"lstm": 2, "gru": 1, "simple_rnn": 1}
 # a trace's per-step internals, in the order every kernel gives them
 TRACE_KEYS = {"lstm": ("i", "f", "c_tilde", "c", "o", "h"), "gru": ("z", "r", "h_tilde", "h"), "simple_rnn": ("h",)}
+# compute dtypes whose products round their operands and accumulate in float32 (see Recurrence)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def state_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a recurrence's states are carried in, inside a kernel and from one call of a
+    sequence to the next (stateful layers, chunked runs, streams): float32 for a low-precision
+    compute dtype (the cell state C is never rounded), else the compute dtype."""
+    return torch.float32 if compute_dtype in LOW_PRECISION else compute_dtype
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,20 @@ class Recurrence:
     projection        [U, P]; then recurrent_kernel is [P, G*U] and h, outputs are [B, P]
     zoneout           a `Zoneout`: per step and unit, keep the previous h / C (Krueger et al. 2016);
                       None at inference
+
+    Precision: `compute_dtype` is the inputs' dtype (a layer casts its inputs to the dtype it
+    computes in, as Keras does); the weights keep their variables' dtype (float32 under a mixed
+    policy or torch.autocast), so that a kernel can return their gradients unrounded; dropout
+    masks come in the compute dtype or float32. Initial states come in the compute dtype or in
+    `state_dtype(compute_dtype)` (carried from a previous call). For float32/float64 every tensor
+    is in the compute dtype. For a low-precision compute dtype (bfloat16, float16) a kernel computes:
+      products          operands rounded to the compute dtype (x, h, the weights, a projection's
+                        input), accumulated in float32;
+      gates, C          in float32 (biases, peepholes, layer-norm gains added in float32);
+      h                 rounded to the compute dtype at every step (it is the next product's operand);
+      outputs           in the compute dtype; states as `final_states` gives them (C in float32);
+                        traces in float32;
+      gradients         in each input's own dtype (float32 for float32 weights), summed in float32.
     """
 
     cell: CellSpec
@@ -151,6 +174,11 @@ class Recurrence:
     zoneout: Optional[Zoneout] = None
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype this call computes in (see Precision above)."""
+        return self.inputs.dtype
+
+    @property
     def units(self) -> int:
         """Size of the cell state (and of h unless projected)."""
         return self.recurrent_kernel.shape[1] // self.cell.gate_count
@@ -168,6 +196,10 @@ class Recurrence:
 @dataclass
 class RecurrenceResult:
     """outputs: [B, T, U] in processing order if return_sequences, else the last output [B, U].
+
+    states: the final states as the kernel carries them (`final_states`): h in the compute dtype, C
+    in `state_dtype` (float32 for a low-precision compute dtype); a layer returns them cast to the
+    compute dtype and keeps C unrounded for the next call of a sequence.
 
     trace (only when asked): per-step internals, each [B, T, U] in processing order
     (LSTM: i, f, c_tilde, c, o, h; GRU: z, r, h_tilde, h; SimpleRNN: h). The reference kernel's
@@ -199,4 +231,11 @@ def _no_steps_result(p: Recurrence) -> RecurrenceResult:
     trace = None
     if p.trace:
         trace = {k: x.new_zeros(batch, 0, size if k == "h" else p.units) for k in TRACE_KEYS[p.cell.kind]}
-    return RecurrenceResult(outputs, tuple(p.initial_state), trace)
+    return RecurrenceResult(outputs, final_states(p, p.initial_state), trace)
+
+
+def final_states(p: Recurrence, states) -> tuple:
+    """States as a kernel returns them: h in the compute dtype, C in `state_dtype` (no copies
+    for float32/float64)."""
+    h, *rest = states
+    return (h.to(p.compute_dtype), *(s.to(state_dtype(p.compute_dtype)) for s in rest))

@@ -22,33 +22,64 @@ The LSTM variants (CellSpec flags), each written from its paper:
     forget_bias   z_f += forget_bias   (TF1's LSTMCell)
     cell_clip     C_t = clip(C_t, -cell_clip, cell_clip)
     zoneout       h_t = h_{t-1} where keep_h else h_t; C_t likewise   (Krueger et al. 2016)
+
+Precision (Recurrence's rules): float32 and float64 compute in their dtype. bfloat16 and float16
+compute in float32 on rounded operands: every product's operands (x, h, the weights, a
+projection's input) are rounded to the low precision and multiplied in float32, where products of
+two bfloat16 (float16) numbers are exact, so a product is the low-precision product with float32
+accumulation; the gates and C stay float32; h is rounded at every step. The rounding passes
+gradients through unrounded (the weights' gradients are summed in float32). The maths runs with
+torch.autocast off, so these numbers hold in any autocast region.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from dataclasses import replace
+from typing import Callable, Optional
 
 import torch
 
 from .. import activations
-from .problem import TRACE_KEYS, Recurrence, RecurrenceResult, answers_empty_sequences
+from .problem import (LOW_PRECISION, TRACE_KEYS, Recurrence, RecurrenceResult, answers_empty_sequences,
+                      final_states)
 
 name = "reference"
+
+Rounding = Callable[[torch.Tensor], torch.Tensor]
 
 
 def supports(problem: Recurrence) -> bool:
     return True
 
 
-def masked_product(x: torch.Tensor, weight: torch.Tensor, masks: Optional[torch.Tensor], gates: int) -> torch.Tensor:
-    """x @ weight, with dropout keep-masks applied to x (shared by all gates, or one per gate);
-    the fused variants kernel projects its inputs with it too."""
+def unrounded(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class _RoundedTo(torch.autograd.Function):
+    """t's values rounded to a lower precision, kept in t's dtype; the gradient passes unrounded."""
+
+    @staticmethod
+    def forward(ctx, t, dtype):
+        return t.to(dtype).to(t.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def masked_product(x: torch.Tensor, weight: torch.Tensor, masks: Optional[torch.Tensor], gates: int,
+                   rounded: Rounding = unrounded) -> torch.Tensor:
+    """x @ weight, with dropout keep-masks applied to x (shared by all gates, or one per gate),
+    then x rounded for a low-precision product (`weight` comes rounded); the fused variants kernel
+    projects its inputs with it too."""
     if masks is None:
-        return x @ weight
+        return rounded(x) @ weight
     if masks.shape[0] == 1:
-        return (x * masks[0]) @ weight
+        return rounded(x * masks[0]) @ weight
     blocks = weight.chunk(gates, dim=-1)
-    return torch.cat([(x * masks[g]) @ blocks[g] for g in range(len(blocks))], dim=-1)
+    return torch.cat([rounded(x * masks[g]) @ blocks[g] for g in range(len(blocks))], dim=-1)
 
 
 LAYER_NORM_EPS = 1e-5  # haste's
@@ -59,10 +90,10 @@ def layer_norm(z: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.layer_norm(z, z.shape[-1:], eps=LAYER_NORM_EPS)
 
 
-def _input_projection(p: Recurrence, x: torch.Tensor) -> torch.Tensor:
+def _input_projection(p: Recurrence, x: torch.Tensor, rounded: Rounding) -> torch.Tensor:
     """x_t @ kernel (+ input bias) for every step at once: [B, T, G*U]."""
     masks = None if p.input_dropout is None else p.input_dropout[:, :, None, :]
-    xw = masked_product(x, p.kernel, masks, p.cell.gate_count)
+    xw = masked_product(x, p.kernel, masks, p.cell.gate_count, rounded)
     if p.cell.layer_norm:
         xw = layer_norm(xw) * p.layer_norm[0][0]
     if p.bias is not None:
@@ -70,10 +101,10 @@ def _input_projection(p: Recurrence, x: torch.Tensor) -> torch.Tensor:
     return xw
 
 
-def lstm_step(xw_t, state, p: Recurrence, σ, tanh, keep_h=None, keep_c=None):
+def lstm_step(xw_t, state, p: Recurrence, σ, tanh, rounded: Rounding, keep_h=None, keep_c=None):
     cell = p.cell
     h_prev, C_prev = state
-    hU = masked_product(h_prev, p.recurrent_kernel, p.recurrent_dropout, cell.gate_count)
+    hU = masked_product(h_prev, p.recurrent_kernel, p.recurrent_dropout, cell.gate_count, rounded)
     if cell.layer_norm:
         hU = layer_norm(hU) * p.layer_norm[0][1]
     z = dict(zip(cell.gate_names, (xw_t + hU).chunk(cell.gate_count, dim=-1)))
@@ -96,7 +127,8 @@ def lstm_step(xw_t, state, p: Recurrence, σ, tanh, keep_h=None, keep_c=None):
     else:
         h_t = o_t * tanh(C_t)
     if p.projection is not None:
-        h_t = h_t @ p.projection
+        h_t = rounded(h_t) @ p.projection
+    h_t = rounded(h_t)
     if keep_h is not None:
         h_t = torch.where(keep_h, h_prev, h_t)
     if keep_c is not None:
@@ -104,13 +136,13 @@ def lstm_step(xw_t, state, p: Recurrence, σ, tanh, keep_h=None, keep_c=None):
     return h_t, (h_t, C_t), {"i": i_t, "f": f_t, "c_tilde": C_tilde, "c": C_t, "o": o_t, "h": h_t}
 
 
-def gru_step(xw_t, state, p: Recurrence, σ, tanh):
+def gru_step(xw_t, state, p: Recurrence, σ, tanh, rounded: Rounding):
     (h_prev,) = state
     U = p.units
     x_z, x_r, x_h = xw_t.chunk(3, dim=-1)
     masks = p.recurrent_dropout
     if p.cell.reset_after:
-        hr = masked_product(h_prev, p.recurrent_kernel, masks, 3)
+        hr = masked_product(h_prev, p.recurrent_kernel, masks, 3, rounded)
         if p.bias is not None:
             hr = hr + p.bias[1]
         h_z, h_r, h_h = hr.chunk(3, dim=-1)
@@ -118,19 +150,19 @@ def gru_step(xw_t, state, p: Recurrence, σ, tanh):
         r_t = σ(x_r + h_r)
         h_tilde = tanh(x_h + r_t * h_h)
     else:
-        hr = masked_product(h_prev, p.recurrent_kernel[:, : 2 * U], None if masks is None else masks[:2], 2)
+        hr = masked_product(h_prev, p.recurrent_kernel[:, : 2 * U], None if masks is None else masks[:2], 2, rounded)
         h_z, h_r = hr.chunk(2, dim=-1)
         z_t = σ(x_z + h_z)
         r_t = σ(x_r + h_r)
         h_for_candidate = h_prev if masks is None else h_prev * masks[2]
-        h_tilde = tanh(x_h + (r_t * h_for_candidate) @ p.recurrent_kernel[:, 2 * U :])
-    h_t = z_t * h_prev + (1 - z_t) * h_tilde
+        h_tilde = tanh(x_h + rounded(r_t * h_for_candidate) @ p.recurrent_kernel[:, 2 * U :])
+    h_t = rounded(z_t * h_prev + (1 - z_t) * h_tilde)
     return h_t, (h_t,), {"z": z_t, "r": r_t, "h_tilde": h_tilde, "h": h_t}
 
 
-def simple_rnn_step(xw_t, state, p: Recurrence, σ, tanh):
+def simple_rnn_step(xw_t, state, p: Recurrence, σ, tanh, rounded: Rounding):
     (h_prev,) = state
-    h_t = tanh(xw_t + masked_product(h_prev, p.recurrent_kernel, p.recurrent_dropout, 1))
+    h_t = rounded(tanh(xw_t + masked_product(h_prev, p.recurrent_kernel, p.recurrent_dropout, 1, rounded)))
     return h_t, (h_t,), {"h": h_t}
 
 
@@ -139,6 +171,41 @@ _STEPS = {"lstm": lstm_step, "gru": gru_step, "simple_rnn": simple_rnn_step}
 
 @answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
+    with _autocast_off(p.inputs.device.type):
+        if p.compute_dtype in LOW_PRECISION:
+            return _run_low_precision(p)
+        return _run(p, unrounded)
+
+
+def _autocast_off(device_type: str):
+    """Autocast would recast the products; the casts here are explicit."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _run_low_precision(p: Recurrence) -> RecurrenceResult:
+    """The recurrence in float32 on operands rounded to the compute dtype (see the module docstring)."""
+    compute = p.compute_dtype
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return _RoundedTo.apply(t, compute)
+
+    def f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.float()
+
+    h0, *other_states = p.initial_state
+    in_float32 = replace(
+        p, inputs=f32(p.inputs), kernel=rounded(f32(p.kernel)), recurrent_kernel=rounded(f32(p.recurrent_kernel)),
+        bias=f32(p.bias), initial_state=(rounded(f32(h0)), *map(f32, other_states)),
+        input_dropout=f32(p.input_dropout), recurrent_dropout=f32(p.recurrent_dropout), peephole=f32(p.peephole),
+        layer_norm=None if p.layer_norm is None else tuple(map(f32, p.layer_norm)),
+        projection=None if p.projection is None else rounded(f32(p.projection)))
+    result = _run(in_float32, rounded)
+    return RecurrenceResult(result.outputs.to(compute), final_states(p, result.states), result.trace)
+
+
+def _run(p: Recurrence, rounded: Rounding) -> RecurrenceResult:
     step = _STEPS[p.cell.kind]
     σ = activations.get(p.cell.recurrent_activation)
     tanh = activations.get(p.cell.activation)
@@ -147,7 +214,7 @@ def run(p: Recurrence) -> RecurrenceResult:
         x = x.flip(1)
         mask = None if mask is None else mask.flip(1)
     batch, steps = x.shape[0], x.shape[1]
-    xw = _input_projection(p, x)
+    xw = _input_projection(p, x, rounded)
 
     state = tuple(p.initial_state)
     zeros = torch.zeros(batch, p.output_size, dtype=x.dtype, device=x.device)
@@ -158,7 +225,7 @@ def run(p: Recurrence) -> RecurrenceResult:
         masks = (p.zoneout.mask(k, batch, steps, size, x.device) for k, size in enumerate((p.output_size, p.units)))
         zoneout = {name: keep for name, keep in zip(("keep_h", "keep_c"), masks) if keep is not None}
     for t in range(steps):
-        output, new_state, internals = step(xw[:, t], state, p, σ, tanh,
+        output, new_state, internals = step(xw[:, t], state, p, σ, tanh, rounded,
                                             **{name: keep[:, t] for name, keep in zoneout.items()})
         if mask is not None:
             keep = mask[:, t, None]

@@ -10,14 +10,16 @@ import torch
 from torch import nn
 
 from .. import activations, constraints, initializers, kernels, regularizers
-from ..kernels import STATE_COUNT, CellSpec, Recurrence
-from ..serialization import dtype_name, parse_dtype, unique_name
+from ..kernels import STATE_COUNT, CellSpec, Recurrence, state_dtype
+from ..serialization import unique_name
 from . import rng
 from .config import constructor_kwargs, nested
+from .precision import PolicyLayer, weight_array
 from .validation import (as_float_tensor, check_fraction, check_initial_state, check_mask, check_seed,
                          check_units, feature_size)
 
 _WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
+_FUSED_DTYPES = (torch.float32, torch.float64)  # what the fused C++ kernels compute in
 
 
 def _build(layer, inputs) -> None:
@@ -36,11 +38,12 @@ def build_now(layer, inputs) -> None:
     (_build_eagerly if torch.compiler.is_compiling() else _build)(layer, inputs)
 
 
-class RecurrentCell(nn.Module):
+class RecurrentCell(PolicyLayer, nn.Module):
     """Base of LSTMCell, GRUCell and SimpleRNNCell.
 
     Holds `kernel` [D, G*U], `recurrent_kernel` [U, G*U] and `bias` as `nn.Parameter`s,
-    created on the first call (or by `build`, or at once when `input_dim` is given).
+    created on the first call (or by `build`, or at once when `input_dim` is given), in the
+    variable dtype of the dtype policy (`dtype=`, see `lstm.layers.precision`).
     """
 
     kind: str = ""
@@ -74,7 +77,7 @@ class RecurrentCell(nn.Module):
         self.implementation = 1 if self.recurrent_dropout and self.kind != "simple_rnn" else implementation
         self.seed = check_seed(seed)
         self._generator = None if seed is None else torch.Generator().manual_seed(seed)
-        self.dtype = parse_dtype(dtype if dtype is not None else "float32")
+        self.dtype_policy = dtype if dtype is not None else "float32"
         self.name = name or unique_name(self.default_name)
         self.trainable = bool(trainable)
         self._cached_masks: Optional[tuple] = None
@@ -147,8 +150,9 @@ class RecurrentCell(nn.Module):
         return [getattr(self, w) for w in self.weight_names() if getattr(self, w) is not None]
 
     def get_weights(self) -> list[np.ndarray]:
-        """[kernel, recurrent_kernel, bias] as NumPy arrays in Keras' layout."""
-        return [w.detach().cpu().numpy().copy() for w in self.weights()]
+        """[kernel, recurrent_kernel, bias] as NumPy arrays in Keras' layout (bfloat16 ones
+        as float32)."""
+        return [weight_array(w) for w in self.weights()]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         names = [w for w in self.weight_names() if w != "bias" or self.use_bias]
@@ -189,17 +193,18 @@ class RecurrentCell(nn.Module):
     def cell_spec(self) -> CellSpec:
         return CellSpec(self.kind, self.activation, self.recurrent_activation)
 
-    def get_initial_state(self, batch_size: int, device=None) -> list[torch.Tensor]:
-        dtype = self.compute_dtype
+    def get_initial_state(self, batch_size: int, device=None, dtype=None) -> list[torch.Tensor]:
+        """Zeros [batch_size, size] for each state, in `dtype` (default: the compute dtype)."""
+        dtype = dtype or self.compute_dtype
         return [torch.zeros(batch_size, size, dtype=dtype, device=device) for size in self.state_sizes]
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        kernel = self._parameters["kernel"]
-        return self.dtype if kernel is None else kernel.dtype
+    def _first_weight(self) -> Optional[torch.Tensor]:
+        return self._parameters["kernel"]
 
     def _keep_mask(self, shape, rate: float, device) -> torch.Tensor:
-        keep = rng.bernoulli(shape, 1.0 - rate, self.compute_dtype, self._generator)  # (torch.compile-safe)
+        # at least float32: a low precision would round the keep probability (other masks) and the scale
+        dtype = torch.promote_types(self.compute_dtype, torch.float32)
+        keep = rng.bernoulli(shape, 1.0 - rate, dtype, self._generator)  # (torch.compile-safe)
         return (keep / (1.0 - rate)).to(device)
 
     def dropout_masks(self, batch: int, device, training: bool) -> tuple:
@@ -233,23 +238,36 @@ class RecurrentCell(nn.Module):
         self.__dict__["_lean_call"] = None  # options or weights changed: the cell call's route is re-derived
 
     def forward(self, inputs, states=None, training=None):
-        """One step: `out, new_states = cell(x_t, [h, c])`, x_t [B, D]; states=None means zeros."""
+        """One step: `out, new_states = cell(x_t, [h, c])`, x_t [B, D]; states=None means zeros.
+        Floating inputs and states are cast to the dtype the cell computes in (as Keras does)."""
         if not torch.compiler.is_compiling():
             lean = self._lean_call
-            if lean is None:
-                lean = self.__dict__["_lean_call"] = kernels.cell_call(self) or False
-            if lean and type(inputs) is torch.Tensor:
+            if lean is None:  # (the fused cell calls compute in the weights' dtype: no mixed policy)
+                lean = self.__dict__["_lean_call"] = (not self._policy.is_mixed and kernels.cell_call(self)) or False
+            # the lean route is the fused kernels': CPU, float32/float64, outside autocast
+            if (lean and type(inputs) is torch.Tensor and inputs.dtype in _FUSED_DTYPES
+                    and not torch.is_autocast_enabled("cpu")):
                 result = lean(self, inputs, states, training)
                 if result is not None:
                     return result
+        outputs, states = self.call_states(inputs, states, training)
+        return outputs, [s.to(outputs.dtype) for s in states]
+
+    def call_states(self, inputs, states=None, training=None, carried: bool = False):
+        """The cell call, returning the states as the kernels carry them (C in float32 for a
+        low-precision compute dtype: see `lstm.kernels.state_dtype`); `carried=True` takes states
+        in that form (a stream's) instead of casting them to the compute dtype."""
         inputs = as_float_tensor(inputs, "inputs")
         if inputs.dim() != 2:
             raise ValueError(f"inputs: expected a 2-D tensor [batch, features] for one step, got shape "
                              f"{tuple(inputs.shape)}")
         self._ensure_built(inputs)
+        compute = self.call_dtype(inputs.device)
+        inputs = inputs.to(compute)
         if isinstance(states, torch.Tensor) and self.state_count == 1:
             states = [states]
-        states = check_initial_state(states, self, inputs.shape[0], inputs, "states")
+        states = check_initial_state(states, self, inputs.shape[0], inputs, "states",
+                                     state_dtype(compute) if carried else compute)
         training = self.training if training is None else bool(training)
         masks = (None, None)
         if training and (self.dropout or self.recurrent_dropout):
@@ -267,17 +285,13 @@ class RecurrentCell(nn.Module):
         elif inputs.shape[-1] != self.input_dim:
             raise ValueError(f"inputs: expected {self.input_dim} features (the size this layer was built for), "
                              f"got {inputs.shape[-1]} (input shape {tuple(inputs.shape)})")
-        if inputs.dtype != self.compute_dtype:
-            raise TypeError(f"inputs: dtype {dtype_name(inputs.dtype)} does not match the layer's dtype "
-                            f"{dtype_name(self.compute_dtype)}; cast the inputs or build the layer with "
-                            f"dtype='{dtype_name(inputs.dtype)}'")
 
     # ----- config --------------------------------------------------------------------------
     def _common_config(self) -> dict:
         return {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": dtype_name(self.compute_dtype),
+            "dtype": self.dtype_config(),
             "units": self.units,
             "activation": activations.serialize(self.activation),
             "recurrent_activation": activations.serialize(self.recurrent_activation),
@@ -343,7 +357,7 @@ class RNN(nn.Module):
                             f"{type(cell).__name__}")
         self.cell = cell
         if dtype is not None and not cell.built:
-            cell.dtype = parse_dtype(dtype)
+            cell.dtype_policy = dtype
         self.return_sequences = bool(return_sequences)
         self.return_state = bool(return_state)
         self.go_backwards = bool(go_backwards)
@@ -372,6 +386,12 @@ class RNN(nn.Module):
     def built(self) -> bool:
         return self.cell.built
 
+    # Keras' dtype attributes: the cell's (see lstm.layers.precision)
+    dtype_policy = property(lambda self: self.cell.dtype_policy)
+    variable_dtype = property(lambda self: self.cell.variable_dtype)
+    compute_dtype = property(lambda self: self.cell.compute_dtype)
+    dtype = property(lambda self: self.cell.dtype)
+
     def get_weights(self) -> list[np.ndarray]:
         return self.cell.get_weights()
 
@@ -380,7 +400,9 @@ class RNN(nn.Module):
 
     @property
     def states(self) -> Optional[list[torch.Tensor]]:
-        """The carried states of a stateful layer (None before its first call)."""
+        """The carried states of a stateful layer (None before its first call). For a bfloat16 or
+        float16 compute dtype they are float32, C unrounded: two calls then give exactly the
+        numbers of one call over both (Keras keeps them in the variable dtype, float32 when mixed)."""
         return self._states
 
     def reset_state(self, states=None) -> None:
@@ -392,7 +414,8 @@ class RNN(nn.Module):
             self._states = None
             return
         batch = states[0].shape[0] if len(states) else 0
-        self._states = [s.detach() for s in check_initial_state(states, self.cell, batch, None, "states")]
+        carried = state_dtype(self.cell.compute_dtype)
+        self._states = [s.detach() for s in check_initial_state(states, self.cell, batch, None, "states", carried)]
 
     reset_states = reset_state
 
@@ -411,13 +434,16 @@ class RNN(nn.Module):
 
     def recurrence(self, inputs, mask=None, initial_state=None, training=None, trace=False) -> Recurrence:
         """The kernels' problem for a call `layer(inputs, mask, initial_state, training)`: the
-        arguments checked, the weights built, a stateful layer's states taken, dropout drawn."""
+        arguments checked, the weights built, the inputs cast to the dtype the call computes in,
+        a stateful layer's states taken, dropout drawn."""
         inputs = as_float_tensor(inputs, "inputs")
         if inputs.dim() != 3:
             raise ValueError(f"inputs: expected a 3-D tensor [batch, timesteps, features], got shape "
                              f"{tuple(inputs.shape)}")
         cell = self.cell
         cell._ensure_built(inputs)
+        compute = cell.call_dtype(inputs.device)
+        inputs = inputs.to(compute)
         batch = inputs.shape[0]
         mask = check_mask(mask, inputs)
         if mask is not None:  # masked steps never reach a product: NaN padding * 0 would be NaN gradients
@@ -427,8 +453,9 @@ class RNN(nn.Module):
                 raise ValueError(f"inputs: this stateful layer carries states for batch size "
                                  f"{self._states[0].shape[0]}, got batch size {batch}; keep the batch size "
                                  "fixed or call reset_state() first")
-            initial_state = self._states
-        states = check_initial_state(initial_state, cell, batch, inputs, "initial_state")
+            states = check_initial_state(self._states, cell, batch, inputs, "initial_state", state_dtype(compute))
+        else:
+            states = check_initial_state(initial_state, cell, batch, inputs, "initial_state", compute)
         training = self.training if training is None else bool(training)
         input_masks, recurrent_masks = cell.dropout_masks(batch, inputs.device, training)
         return cell.recurrence(
@@ -444,9 +471,11 @@ class RNN(nn.Module):
         result = kernels.run(problem)
         if self.record_gates:
             self.last_gates = result.trace
-        if self.stateful:
-            self._states = [s.detach() for s in result.states]
-        returned = [result.outputs, *result.states] if self.return_state else [result.outputs]
+        if self.stateful:  # C unrounded between calls: a sequence in two calls is the same as in one
+            carried = state_dtype(problem.compute_dtype)
+            self._states = [s.detach().to(carried) for s in result.states]
+        states = [s.to(problem.compute_dtype) for s in result.states]
+        returned = [result.outputs, *states] if self.return_state else [result.outputs]
         self._activity_losses = []
         if self.activity_regularizer is not None and batch > 0:
             self._activity_losses = [self.activity_regularizer(t) / batch for t in returned]
@@ -459,7 +488,7 @@ class RNN(nn.Module):
         return {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": dtype_name(self.cell.compute_dtype),
+            "dtype": self.cell.dtype_config(),
             "return_sequences": self.return_sequences,
             "return_state": self.return_state,
             "go_backwards": self.go_backwards,

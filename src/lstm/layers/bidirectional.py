@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..serialization import dtype_name, parse_dtype, unique_name
+from ..serialization import parse_dtype_policy, unique_name
 from .base import RNN
 from .config import nested
 
@@ -66,9 +66,11 @@ class Bidirectional(nn.Module):
                 for param in sub.parameters():
                     param.requires_grad_(False)
         if dtype is not None:
+            policy = parse_dtype_policy(dtype)
             for sub in (self.forward_layer, self.backward_layer):
                 if not sub.built:
-                    sub.cell.dtype = parse_dtype(dtype)
+                    sub.cell.dtype_policy = policy
+            self._layer_config["config"]["dtype"] = self.forward_layer.cell.dtype_config()  # (what from_config reads)
         self.return_sequences = layer.return_sequences
         self.return_state = layer.return_state
         if input_shape is not None:
@@ -87,6 +89,12 @@ class Bidirectional(nn.Module):
     @property
     def built(self) -> bool:
         return self.forward_layer.built and self.backward_layer.built
+
+    # Keras' dtype attributes: the forward layer's (see lstm.layers.precision)
+    dtype_policy = property(lambda self: self.forward_layer.dtype_policy)
+    variable_dtype = property(lambda self: self.forward_layer.variable_dtype)
+    compute_dtype = property(lambda self: self.forward_layer.compute_dtype)
+    dtype = property(lambda self: self.forward_layer.dtype)
 
     def forward(self, inputs, mask=None, initial_state=None, training=None):
         forward_state = backward_state = None
@@ -149,7 +157,7 @@ class Bidirectional(nn.Module):
         config = {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": dtype_name(self.forward_layer.cell.compute_dtype),
+            "dtype": self.forward_layer.cell.dtype_config(),
             "layer": self._layer_config,
             "merge_mode": self.merge_mode,
         }

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from .. import activations, constraints, initializers, regularizers
-from ..serialization import activation_from_config, detect_dialect, dtype_name, parse_dtype, unique_name
+from ..serialization import (FLOAT_DTYPES, activation_from_config, detect_dialect, dtype_name, parse_dtype,
+                             unique_name)
 from . import rng
 from .config import nested
+from .precision import PolicyLayer, weight_array
 from .validation import check_fraction, check_seed, check_shape, check_units, feature_size
 
 # Keys Keras writes that change nothing at inference here (null/defaults checked where it matters).
@@ -59,8 +61,8 @@ def _to_tensor(inputs: Any, argument: str = "inputs") -> torch.Tensor:
         raise TypeError(f"{argument}: expected a tensor or array, got {type(inputs).__name__}") from error
 
 
-class _Layer(nn.Module):
-    """What the core layers share: name, trainable, dtype, Keras weight I/O."""
+class _Layer(PolicyLayer, nn.Module):
+    """What the core layers share: name, trainable, dtype policy, Keras weight I/O."""
 
     default_name = "layer"
     _weight_names: tuple = ()
@@ -69,7 +71,7 @@ class _Layer(nn.Module):
         super().__init__()
         self.name = name or unique_name(self.default_name)
         self.trainable = bool(trainable)
-        self.dtype = parse_dtype(dtype if dtype is not None else "float32")
+        self.dtype_policy = dtype if dtype is not None else "float32"
         for weight in self._weight_names:
             self.register_parameter(weight, None)
 
@@ -84,7 +86,7 @@ class _Layer(nn.Module):
         return [getattr(self, w) for w in self._weight_names if getattr(self, w) is not None]
 
     def get_weights(self) -> list[np.ndarray]:
-        return [w.detach().cpu().numpy().copy() for w in self.weights()]
+        return [weight_array(w) for w in self.weights()]
 
     def _build_from_weights(self, weights: Sequence[Any]) -> None:  # lazy layers override
         raise ValueError(f"set_weights: {type(self).__name__} {self.name!r} is not built")
@@ -112,12 +114,11 @@ class _Layer(nn.Module):
         setattr(self, weight, nn.Parameter(value.to(device), requires_grad=self.trainable))
 
     def _base_config(self) -> dict:
-        return {"name": self.name, "trainable": self.trainable, "dtype": dtype_name(self.compute_dtype)}
+        return {"name": self.name, "trainable": self.trainable, "dtype": self.dtype_config()}
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
+    def _first_weight(self) -> Optional[torch.Tensor]:
         weights = self.weights()
-        return weights[0].dtype if weights else self.dtype
+        return weights[0] if weights else None
 
     def compute_mask(self, inputs, mask=None):
         return mask
@@ -166,7 +167,7 @@ class InputLayer(_Layer):
         self.input_dtype = dtype_name(parse_dtype(dtype)) if _is_float_name(dtype) else (dtype or "float32")
         if isinstance(self.input_dtype, dict):
             self.input_dtype = (self.input_dtype.get("config") or {}).get("name", "float32")
-        self.dtype = parse_dtype("float32")
+        self.dtype_policy = "float32"
 
     def forward(self, inputs, mask=None, training=None):
         inputs = _to_tensor(inputs)
@@ -193,7 +194,7 @@ class InputLayer(_Layer):
 def _is_float_name(dtype) -> bool:
     if isinstance(dtype, dict):
         dtype = (dtype.get("config") or {}).get("name")
-    return isinstance(dtype, torch.dtype) or dtype in ("float32", "float64")
+    return isinstance(dtype, torch.dtype) or dtype in FLOAT_DTYPES
 
 
 def Input(shape=None, batch_size=None, dtype=None, batch_shape=None, name=None, **kwargs) -> InputLayer:
@@ -235,7 +236,7 @@ class Embedding(_Layer):
         elif inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.input_dim):
             raise ValueError(f"inputs: {self.name!r} expects token ids in [0, {self.input_dim}), got values in "
                              f"[{int(inputs.min())}, {int(inputs.max())}]")
-        return self.embeddings[inputs.long()]
+        return self.embeddings[inputs.long()].to(self.compute_dtype)  # (Keras: a mixed policy's outputs)
 
     def compute_mask(self, inputs, mask=None):
         if not self.mask_zero:
@@ -346,12 +347,10 @@ class Dense(_Layer):
         elif inputs.shape[-1] != self.input_dim:
             raise ValueError(f"inputs: {self.name!r} expects {self.input_dim} features, got input shape "
                              f"{tuple(inputs.shape)}")
-        if inputs.dtype != self.kernel.dtype:
-            raise TypeError(f"inputs: dtype {dtype_name(inputs.dtype)} does not match {self.name!r}'s dtype "
-                            f"{dtype_name(self.kernel.dtype)}")
-        out = inputs @ self.kernel
+        compute = self.call_dtype(inputs.device)  # (Keras casts floating inputs to it)
+        out = inputs.to(compute) @ self.kernel.to(compute)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.to(compute)
         return activations.get(self.activation)(out)
 
     @property
@@ -442,7 +441,7 @@ class TimeDistributed(_Layer):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return getattr(self.layer, "compute_dtype", self.dtype)
+        return getattr(self.layer, "compute_dtype", super().compute_dtype)
 
     def get_config(self) -> dict:
         return {**self._base_config(), "layer": {"class_name": type(self.layer).__name__,

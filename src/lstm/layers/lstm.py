@@ -55,7 +55,9 @@ class LSTMCell(RecurrentCell):
         dropout / recurrent_dropout: fraction of x / h_{t-1} dropped in training, one mask per call.
         implementation: 2 (one matmul for all gates) or 1 (per gate; per-gate dropout masks).
         seed: seed of the dropout masks.
-        dtype: "float32" (default) or "float64".
+        dtype: "float32" (default), "float64", "bfloat16", "float16", or a mixed policy
+            "mixed_bfloat16" / "mixed_float16" (float32 weights, computations in the low precision;
+            see `lstm.layers.precision`).
         name: defaults to "lstm_cell", "lstm_cell_1", ...
         trainable: False freezes the weights.
         input_dim: build the weights now instead of on the first call.

@@ -51,7 +51,8 @@ def feature_size(input_shape: Any) -> int:
 
 
 def as_float_tensor(value: Any, argument: str) -> torch.Tensor:
-    """Tensors pass through; NumPy arrays and lists become tensors. Integers are refused."""
+    """Tensors pass through; NumPy arrays and lists become tensors. Integers, bools and complex
+    numbers are refused (floats are cast to a layer's dtype by the layer)."""
     if not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(np.asarray(value))
@@ -90,15 +91,17 @@ def check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
     return mask.to(device=inputs.device, dtype=torch.bool)
 
 
-def check_initial_state(states: Any, cell, batch: int, inputs: torch.Tensor | None, argument: str) -> list:
-    """`state_count` tensors of shape [batch, units] in the layer's dtype; None means zeros."""
+def check_initial_state(states: Any, cell, batch: int, inputs: torch.Tensor | None, argument: str,
+                        dtype: torch.dtype) -> list:
+    """`state_count` tensors of shape [batch, units], cast to `dtype` (Keras casts initial states to
+    the compute dtype); None means zeros."""
     device = None if inputs is None else inputs.device
     # checked here, where both are at hand: else torch fails deep inside the kernels
     if device is not None and cell.built and device != cell.kernel.device:
         raise ValueError(f"inputs: expected a tensor on the layer's device {cell.kernel.device}, got one on {device}; "
                          f"move the inputs (or the layer: layer.to(device))")
     if states is None:
-        return cell.get_initial_state(batch, device=device)
+        return cell.get_initial_state(batch, device=device, dtype=dtype)
     if isinstance(states, torch.Tensor):
         states = [states]
     if not isinstance(states, (list, tuple)) or len(states) != cell.state_count:
@@ -111,8 +114,5 @@ def check_initial_state(states: Any, cell, batch: int, inputs: torch.Tensor | No
         if tuple(state.shape) != (batch, size):
             raise ValueError(f"{argument}[{k}]: expected shape {(batch, size)} [batch, units], got "
                              f"{tuple(state.shape)}")
-        if state.dtype != cell.compute_dtype:
-            raise TypeError(f"{argument}[{k}]: dtype {state.dtype} does not match the layer's dtype "
-                            f"{cell.compute_dtype}")
-        checked.append(state if device is None else state.to(device))
+        checked.append(state.to(device=device, dtype=dtype))
     return checked

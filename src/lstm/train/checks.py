@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from . import TrainError
+from . import TrainError, precision
 
 POSITIVE = {"epochs", "batch_size", "eval_batch_size", "units", "embedding", "maxlen", "seq_len", "season", "horizon",
             "val_size", "test_size", "symbols", "min_count", "max_words", "subset"}
@@ -56,6 +56,7 @@ def check(hp: dict) -> None:
     if dropout is not None and not (not isinstance(dropout, bool) and isinstance(dropout, numbers.Real)
                                     and 0 <= dropout < 1):
         raise TrainError(f"--dropout: expected a number in [0, 1), got {dropout!r}")
+    precision.check(hp.get("precision", "fp32"))
     if hp.get("bptt") and hp.get("recompute") and hp["bptt"] % hp["recompute"]:
         raise TrainError(f"--recompute: expected a divisor of --bptt {hp['bptt']}, got {hp['recompute']}")
 

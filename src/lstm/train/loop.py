@@ -20,6 +20,8 @@ from .. import apply_constraints, regularization_loss
 from . import TrainError, checkpoint, checks, distributed, report
 from .interrupt import StopRequests, TrainingInterrupted
 from .models import architecture
+from . import precision
+from .precision import Precision
 from .tasks import COMMON, Task, get
 
 
@@ -68,13 +70,16 @@ def add_sums(into: dict, sums: dict) -> None:
 
 @torch.no_grad()
 def evaluate(task: Task, model, data, split: str, hp: dict, rank: int = 0, world: int = 1) -> dict:
-    """Metrics of `model` on a split; each rank takes its share, the sums are added over ranks."""
+    """Metrics of `model` on a split (in the run's precision); each rank takes its share, the sums are
+    added over ranks."""
     model.eval()
     sums: dict = {}
     size = data.size(split)
+    device = next(model.parameters()).device
     for start in range(rank * hp["eval_batch_size"], size, world * hp["eval_batch_size"]):
         index = torch.arange(start, min(start + hp["eval_batch_size"], size))
-        add_sums(sums, task.step(model, data.batch(split, index))[1])
+        with precision.autocast(hp.get("precision", "fp32"), device):
+            add_sums(sums, task.step(model, data.batch(split, index))[1])
     return summarize(task, sums)
 
 
@@ -142,11 +147,13 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
     if resume and saved.get("architecture") != config["architecture"]:
         raise TrainError(f"--resume {run}: its checkpoint is of another architecture than this task builds")
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    amp = Precision(hp.get("precision", "fp32"), device)  # (runs saved before --precision: fp32)
     state = {"epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None, "train_sums": {},
              "elapsed": 0.0}
     if resume:
         checkpoint.load_weights(folder, model)
         state.update(checkpoint.load_training_state(folder, optimizer))
+        amp.load_state_dict(state.get("loss_scale", {}))
         state["train_sums"] = {k: tuple(v) for k, v in state["train_sums"].items()}
         log(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step']} (from {folder.name})")
     if main:
@@ -163,7 +170,8 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
         folder = run / "checkpoints" / name
         if not main:
             return folder
-        s = dict(state, epoch=epoch, step=step, elapsed=state["elapsed"] + time.time() - started)
+        s = dict(state, epoch=epoch, step=step, elapsed=state["elapsed"] + time.time() - started,
+                 loss_scale=amp.state_dict())
         s["train_sums"] = {k: [float(v[0]), v[1]] for k, v in state["train_sums"].items()}
         checkpoint.save(folder, model, optimizer, config, s)
         checkpoint.write_pointer(run, "latest.json", folder)
@@ -189,13 +197,15 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
             index = batches[step][rank::world]                      # this rank's shard of the batch
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(hp, epoch * steps_per_epoch + step, total_steps)
-            loss, sums = task.step(net, data.batch("train", index))
+            with amp.autocast():
+                loss, sums = task.step(net, data.batch("train", index))
             loss = loss + regularization_loss(model)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            amp.backward(loss)
             if hp["clip"]:
+                amp.unscale(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), hp["clip"])
-            optimizer.step()
+            amp.step(optimizer)
             apply_constraints(model)
             add_sums(state["train_sums"], sums)
             seen += len(batches[step])

@@ -21,7 +21,7 @@ from .splits import chronological_split, shuffled_split
 from .text import CharVocab, WordVocab
 
 COMMON = {"epochs": 10, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.0, "clip": 1.0, "steps_per_epoch": 0,
-          "eval_batch_size": 256, "seed": 0, "data": None, "device": None}
+          "eval_batch_size": 256, "seed": 0, "data": None, "device": None, "precision": "fp32"}
 # --bptt K (truncated BPTT) and --recompute N (recomputing backward), 0: off; for the tasks whose
 # LSTM reads long sequences (charlm, forecast, adding)
 LONG_SEQUENCES = {"bptt": 0, "recompute": 0}
