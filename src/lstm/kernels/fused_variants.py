@@ -1,5 +1,6 @@
 """The fused kernel for the LSTM variants (peephole, layer_norm, proj_size, coupled, forget_bias,
-cell_clip, zoneout), in the same C++ extension as fused_cpp (csrc/lstm_variants.cpp).
+cell_clip, zoneout): the options of the LSTM's one C++ recurrence (csrc/lstm.cpp), as fused_cpp's
+plain cell is.
 
 The GEMMs over all steps run here, in torch: xk = x @ kernel (dropout masks first) before the
 recurrence; after it dkernel = x^T dxk, dx = dxk kernel^T, dR = Hp^T dA and dP = Hu^T dr. Everything
@@ -9,7 +10,8 @@ the backward), the recurrence; it sums the gradients of the bias, the gains and 
 
 Recurrent DropConnect needs nothing here: the layer hands over the masked recurrent kernel.
 It runs the plain LSTM too (so every test that runs each kernel checks it), but the dispatch
-gives plain problems to fused_cpp, which is faster for them. Traces come from the forward's
+gives plain problems to fused_cpp, whose binding adds the routes only the plain cell has (a tiny
+batch's single step, the fused-input inference) and the input projection in C++. Traces come from the forward's
 buffers (the activated gates it saves anyway, plus each step's h and C), detached.
 
 Autograd, torch.compile and torch.export: `fused.FusedOp` (the custom ops are

@@ -24,67 +24,127 @@
 
 namespace lstm_core {
 
-// ----- the plain LSTM (lstm.cpp) -----------------------------------------------------------------
+// ----- the LSTM and its variants (lstm.cpp) --------------------------------------------------------
+// The plain cell and its variants (peephole, layer norm, projection, coupled gates, cell clip,
+// zoneout, in any combination) are options of one recurrence; the maths is reference.py's. Per
+// step, for each batch row:
+//   z = xk + b + A, A = h_{t-1} @ R (per gate when recurrent dropout masks h); with layer norm
+//   z = LN(xk) g_x + LN(A) g_h + b (b: the bias, forget_bias included); peepholes, gates,
+//   C = clip(f C_{t-1} + i C̃), o, hu = o act(C or LN(C) g_c + b_c), h = hu @ P (projection),
+//   zoneout, Keras masking.
+// Sizes: GU = G*U gate columns (G = 4 gate blocks i|f|c|o, or 3 f|c|o with coupled gates, i = 1-f);
+// Ps = the size of h (the projection's, or U).
+// Before a forward the caller forms xk = x @ kernel (input dropout masks first) and the
+// DropConnect mask on R; after a backward, dkernel = x^T dxk, dx = dxk kernel^T, dR = Hp^T DA (per
+// gate times rec_drop with recurrent dropout) and dP = Hu^T Dr.
 namespace lstm {
 
 struct Flags {
   bool backwards;  // go_backwards
   bool zero_out;   // zero_output_for_mask
-  bool seq;        // return_sequences: Y [B,T,U], else Y [B,U] (the last output)
+  bool seq;        // return_sequences: Y [B,T,Ps], else [B,Ps] (the last output)
+  bool coupled;    // i = 1 - f, G = 3
+  bool peephole, ln, proj;  // the variants on: peepholes, layer norm, projection
+  bool save;       // training: write the saved buffers
   int act, ract;   // activation (candidate and cell output), recurrent activation (i, f, o)
+  double clip;     // the cell clip; < 0: none
+};
+
+// The weights, masks and sizes of one call; nullptr where a variant is off.
+template <typename T>
+struct Params {
+  const T* gain_x;   // [GU] layer norm of xk: g_x
+  const T* bias;     // [GU]
+  const T* R;        // [Ps,GU] the recurrent kernel
+  const T* RT;       // [GU,Ps] R transposed (the backward's)
+  const T* rd;       // [G,B,Ps] recurrent dropout masks on h_{t-1}, one per gate
+  const T* peep;     // [3,U] peephole weights i|f|o, or [2,U] f|o when coupled
+  const T* gain_h;   // [GU] layer norm of A: g_h
+  const T* gain_c;   // [U] layer norm of C: g_c
+  const T* shift_c;  // [U] layer norm of C: b_c
+  const T* P;        // [U,Ps] the projection
+  const T* PT;       // [Ps,U] P transposed (the backward's)
+  const bool* mask;  // [B,T] keep
+  // zoneout (problem.Zoneout): a counter-based draw from the seed, so the forward and the
+  // backward draw the same flags with no mask memory; thresholds on 24-bit uniforms (0: off)
+  uint64_t zoneout_seed, keep_h, keep_c;
+  int64_t zoneout_offset;  // the global processing step of the call's first step
+  int64_t B, Tn, U, Ps, GU, G;
+};
+
+// The forward's saved buffers (training), indexed by time like xk; nullptr where a variant has
+// none. LN(C) and LN(xk) are recomputed in the backward from C and xk (less memory traffic than
+// writing them here and reading them back).
+template <typename T>
+struct Saved {
+  T* G;       // [B,T,GU] the activated gates: xk itself without layer norm (written over it)
+  T* Hp;      // [B,T,Ps] h_{t-1}
+  T* Cp;      // [B,T,U] C_{t-1} (C_t is recomputed from G and C_{t-1})
+  T* Ahat;    // [B,T,GU] layer norm: LN(A)
+  T* rstd_h;  // [B,T] layer norm: 1/std of A's row
+  T* mean_c;  // [B,T] layer norm: C's mean
+  T* rstd_c;  // [B,T] layer norm: 1/std of C
+  T* Hu;      // [B,T,U] projection: hu, h before the projection
+  T* Xk;      // [B,T,GU] layer norm: xk itself (the forward's input, kept as it is)
+  T* rstd_x;  // [B,T] layer norm: 1/std of xk's row
+  T* mean_x;  // [B,T] layer norm: xk's mean
+};
+
+// The backward's outputs; nullptr where a variant has none or the caller needs none.
+template <typename T>
+struct Gradients {
+  T* dXW;         // [B,T,GU] dL/dxk (zero at masked steps); may be Saved::G, or Saved::Xk with
+                  // layer norm (each step writes rows it has just read: in cache, where a fresh
+                  // buffer's lines are first fetched for ownership)
+  T* DA;          // [B,T,GU] layer norm: dL/dA, through the norm (may be Saved::Ahat); else
+                  // nullptr: it equals dXW
+  T* Dr;          // [B,T,Ps] projection: dL/dr of every step, r = hu @ P (before zoneout)
+  T* dh0;         // [B,Ps]
+  T* dc0;         // [B,U]
+  T* dpeep;       // [3,U] or [2,U] as Params::peep
+  T* dgain_c;     // [U]
+  T* dshift_c;    // [U]
+  T* dgate_gain;  // [2,GU] g_x, g_h
+  T* dbias;       // [GU], or nullptr: not needed
 };
 
 template <typename T>
 class ForwardPass {
  public:
-  ForwardPass(int64_t batch, int64_t steps, int64_t units, const Flags& flags);
+  ForwardPass(const Params<T>& params, const Flags& flags);
 
   // The whole sequence; steps >= 1 (the caller answers an empty one).
-  // xw: [B,T,4U] in: x @ kernel (the caller's GEMM, input dropout applied to x first), without
-  //     the bias; out: the activated gates i|f|c|o of every step (G, saved for the backward)
-  // bias: [4U], added here row by row (nullptr: none)
-  // R: [U,4U] the recurrent kernel
-  // rec_drop: [4,B,U] the recurrent dropout masks on h, one per gate (nullptr: none)
-  // keep: [B,T] the mask (nullptr: none)
-  // h0, c0: [B,U] the initial state
-  // Y: [B,T,U] with flags.seq, else [B,U]
-  // hT, cT: [B,U] the final state
-  // Hp, Cp: [B,T,U] the state before the step that processes time index t (saved for the
-  //     backward; tanh(c_t) is recomputed there); both nullptr: inference
-  void run(T* xw, const T* bias, const T* R, const T* rec_drop, const bool* keep, const T* h0, const T* c0, T* Y,
-           T* hT, T* cT, T* Hp, T* Cp) const;
+  // xk: [B,T,GU] x @ kernel, in time order: without layer norm the activated gates are written
+  //     over it (Saved::G is xk or nullptr); with layer norm read only (it is Saved::Xk)
+  // h0: [B,Ps], c0: [B,U] the initial state
+  // Y: [B,T,Ps] with flags.seq, else [B,Ps]; hT: [B,Ps], cT: [B,U] the final state
+  // saved: written with flags.save (else all nullptr)
+  // Htr, Ctr: [B,T,Ps], [B,T,U] each step's own h and C after zoneout, masked or not, in
+  //     processing order (the reference's trace; implies save), or nullptr
+  void run(T* xk, const T* h0, const T* c0, T* Y, T* hT, T* cT, const Saved<T>& saved, T* Htr, T* Ctr) const;
 
-  // Inference without the [B,T,4U] projection buffer (for big shapes it costs page faults and
-  // memory bandwidth, not FLOPs): each step is one GEMM [x_t, h] @ [kernel; R]; no dropout.
-  // x: [B,T,D]; W: [D+U,4U] = [kernel; R]; the rest as run(). steps >= 1.
-  void run_fused_input(int64_t input_size, const T* x, const T* W, const T* bias, const bool* keep, const T* h0,
-                       const T* c0, T* Y, T* hT, T* cT) const;
+  // Inference of the plain cell without the [B,T,GU] projection buffer (for big shapes it costs
+  // page faults and memory bandwidth, not FLOPs): each step is one GEMM [x_t, h] @ [kernel; R];
+  // no dropout. x: [B,T,D]; W: [D+U,4U] = [kernel; R]; the rest as run(). steps >= 1.
+  void run_fused_input(int64_t input_size, const T* x, const T* W, const T* h0, const T* c0, T* Y, T* hT,
+                       T* cT) const;
 
  private:
-  int64_t B_, Tn_, U_;
+  Params<T> params_;
   Flags flags_;
 };
 
 template <typename T>
 class BackwardPass {
  public:
-  BackwardPass(int64_t batch, int64_t steps, int64_t units, const Flags& flags);
+  BackwardPass(const Params<T>& params, const Flags& flags);
 
-  // BPTT over the forward's saved buffers; steps >= 1.
-  // dY: [B,T,U] with flags.seq, else [B,U]; nullptr: the outputs have no gradient
-  // G, Hp, Cp: the forward's (G: its xw after the run)
-  // RT: [4U,U] the recurrent kernel transposed
-  // rec_drop, keep: the forward's
-  // dh, dc: [B,U] in: dL/dhT, dL/dcT; out: dL/dh0, dL/dc0
-  // dZ: [B,T,4U] out: dL/dz of every step, z = xw + bias + h_{t-1} @ R (zero at masked steps)
-  // db_rows: [B,4U] zeroed, or nullptr: out: each batch row's bias gradient (its dZ rows summed)
-  // After it the caller forms dx = dZ @ kernel^T, dkernel = x^T dZ and dR = Hp^T dZ (per gate,
-  // input and rec_drop masks applied as in the forward), db = db_rows summed over B.
-  void run(const T* dY, const T* G, const T* Hp, const T* Cp, const T* RT, const T* rec_drop, const bool* keep,
-           T* dh, T* dc, T* dZ, T* db_rows) const;
+  // dY: [B,T,Ps] with flags.seq, else [B,Ps]; dhT: [B,Ps], dcT: [B,U]; each nullptr: zero
+  // saved: the forward's; grads: written (the weight gradients summed over the batch)
+  void run(const T* dY, const T* dhT, const T* dcT, const Saved<T>& saved, const Gradients<T>& grads) const;
 
  private:
-  int64_t B_, Tn_, U_;
+  Params<T> params_;
   Flags flags_;
 };
 
@@ -162,126 +222,6 @@ extern template class SingleStep<float>;
 extern template class SingleStep<double>;
 
 }  // namespace lstm
-
-// ----- the LSTM variants (lstm_variants.cpp) -------------------------------------------------------
-// Peephole, layer norm, projection, coupled gates, cell clip, zoneout, in any combination; the
-// maths is reference.py's. Per step, for each batch row:
-//   xw = LN(xk) g_x + b or xk + b (b: the bias, forget_bias included), A = h_{t-1} @ R (per gate
-//   when recurrent dropout masks h), LN(A) g_h with layer norm, z = xw + A, peepholes, gates,
-//   C = clip(f C_{t-1} + i C̃), o, hu = o act(C or LN(C) g_c + b_c), h = hu @ P (projection),
-//   zoneout, Keras masking.
-// Sizes: GU = G*U gate columns (G = 4 gate blocks i|f|c|o, or 3 f|c|o with coupled gates, i = 1-f);
-// Ps = the size of h (the projection's, or U).
-// Before a forward the caller forms xk = x @ kernel (input dropout masks first) and the
-// DropConnect mask on R; after a backward, dkernel = x^T dxk, dR = Hp^T DA (per gate times
-// rec_drop with recurrent dropout) and dP = Hu^T Dr.
-namespace variants {
-
-struct Flags {
-  bool backwards, zero_out, seq;  // as lstm::Flags
-  bool coupled;   // i = 1 - f, G = 3
-  bool peephole, ln, proj;  // the variants on: peepholes, layer norm, projection
-  bool save;      // training: write the saved buffers
-  int act, ract;
-  double clip;    // the cell clip; < 0: none
-};
-
-// The weights, masks and sizes of one call; nullptr where a variant is off.
-template <typename T>
-struct Params {
-  const T* gain_x;   // [GU] layer norm of xk: g_x
-  const T* bias;     // [GU]
-  const T* R;        // [Ps,GU] the recurrent kernel
-  const T* RT;       // [GU,Ps] R transposed (the backward's)
-  const T* rd;       // [G,B,Ps] recurrent dropout masks on h_{t-1}, one per gate
-  const T* peep;     // [3,U] peephole weights i|f|o, or [2,U] f|o when coupled
-  const T* gain_h;   // [GU] layer norm of A: g_h
-  const T* gain_c;   // [U] layer norm of C: g_c
-  const T* shift_c;  // [U] layer norm of C: b_c
-  const T* P;        // [U,Ps] the projection
-  const T* PT;       // [Ps,U] P transposed (the backward's)
-  const bool* mask;  // [B,T] keep
-  // zoneout (problem.Zoneout): a counter-based draw from the seed, so the forward and the
-  // backward draw the same flags with no mask memory; thresholds on 24-bit uniforms (0: off)
-  uint64_t zoneout_seed, keep_h, keep_c;
-  int64_t zoneout_offset;  // the global processing step of the call's first step
-  int64_t B, Tn, U, Ps, GU, G;
-};
-
-// The forward's saved buffers (training), indexed by time like xk; nullptr where a variant has
-// none. LN(C) and LN(xk) are recomputed in the backward from C and xk (less memory traffic than
-// writing them here and reading them back).
-template <typename T>
-struct Saved {
-  T* G;       // [B,T,GU] the activated gates
-  T* Hp;      // [B,T,Ps] h_{t-1}
-  T* Cp;      // [B,T,U] C_{t-1} (C_t is recomputed from G and C_{t-1}, bit for bit)
-  T* Ahat;    // [B,T,GU] layer norm: LN(A)
-  T* rstd_h;  // [B,T] layer norm: 1/std of A's row
-  T* mean_c;  // [B,T] layer norm: C's mean
-  T* rstd_c;  // [B,T] layer norm: 1/std of C
-  T* Hu;      // [B,T,U] projection: hu, h before the projection
-  T* Xk;      // [B,T,GU] layer norm: xk itself (the forward's input, kept as it is)
-  T* rstd_x;  // [B,T] layer norm: 1/std of xk's row
-  T* mean_x;  // [B,T] layer norm: xk's mean
-};
-
-// The backward's outputs; nullptr where a variant has none.
-template <typename T>
-struct Gradients {
-  T* dXW;         // [B,T,GU] dL/dxk; may be Saved::G, or Saved::Xk with layer norm (each step
-                  // writes rows it has just read: in cache, where a fresh buffer's lines are
-                  // first fetched for ownership)
-  T* DA;          // [B,T,GU] layer norm: dL/dA, through the norm (may be Saved::Ahat); else
-                  // nullptr: it equals dXW
-  T* Dr;          // [B,T,Ps] projection: dL/dr of every step, r = hu @ P (before zoneout)
-  T* dh0;         // [B,Ps]
-  T* dc0;         // [B,U]
-  T* dpeep;       // [3,U] or [2,U] as Params::peep
-  T* dgain_c;     // [U]
-  T* dshift_c;    // [U]
-  T* dgate_gain;  // [2,GU] g_x, g_h
-  T* dbias;       // [GU]
-};
-
-template <typename T>
-class ForwardPass {
- public:
-  ForwardPass(const Params<T>& params, const Flags& flags);
-
-  // xk: [B,T,GU] x @ kernel, in time order; read only (with layer norm it is Saved::Xk)
-  // h0: [B,Ps], c0: [B,U] the initial state
-  // Y: [B,T,Ps] with flags.seq, else [B,Ps]; hT: [B,Ps], cT: [B,U] the final state
-  // saved: written with flags.save (else all nullptr)
-  // Htr, Ctr: [B,T,Ps], [B,T,U] each step's own h and C after zoneout, masked or not, in
-  //     processing order (the reference's trace; implies save), or nullptr
-  void run(T* xk, const T* h0, const T* c0, T* Y, T* hT, T* cT, const Saved<T>& saved, T* Htr, T* Ctr) const;
-
- private:
-  Params<T> params_;
-  Flags flags_;
-};
-
-template <typename T>
-class BackwardPass {
- public:
-  BackwardPass(const Params<T>& params, const Flags& flags);
-
-  // dY: [B,T,Ps] with flags.seq, else [B,Ps]; dhT: [B,Ps], dcT: [B,U]; each nullptr: zero
-  // saved: the forward's; grads: written (the weight gradients summed over the batch)
-  void run(const T* dY, const T* dhT, const T* dcT, const Saved<T>& saved, const Gradients<T>& grads) const;
-
- private:
-  Params<T> params_;
-  Flags flags_;
-};
-
-extern template class ForwardPass<float>;
-extern template class ForwardPass<double>;
-extern template class BackwardPass<float>;
-extern template class BackwardPass<double>;
-
-}  // namespace variants
 
 // ----- the GRU and the SimpleRNN (gru.cpp, simple_rnn.cpp) -----------------------------------------
 // A loop runs the whole sequence for `batch` rows (a chunk of the call's B rows: the caller gives

@@ -10,9 +10,9 @@
 
 #include "rnn.h"
 
-// ----- the plain LSTM (lstm_ops.cpp) -------------------------------------------------------------
-// x [B,T,D], kernel [D,4U], R [U,4U], bias [4U], h0, c0 [B,U]. Returns Y, hT, cT and, with save,
-// the saved G [B,T,4U], Hp, Cp [B,T,U] (rnn.h: lstm::ForwardPass).
+// ----- the LSTM (lstm_ops.cpp) ---------------------------------------------------------------------
+// The plain cell: x [B,T,D], kernel [D,4U], R [U,4U], bias [4U], h0, c0 [B,U]. Returns Y, hT, cT
+// and, with save, the saved G [B,T,4U], Hp, Cp [B,T,U] (rnn.h: lstm::ForwardPass).
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor R,
                                         c10::optional<torch::Tensor> bias_o, torch::Tensor h0, torch::Tensor c0,
                                         c10::optional<torch::Tensor> in_drop_o,
@@ -74,11 +74,10 @@ class LSTMStep {
   torch::Tensor W_packed_, bias_packed_, xh_, c_, z_;  // rnn.h: StreamingStep::run's buffers
 };
 
-// ----- the LSTM variants (lstm_variants_ops.cpp) --------------------------------------------------
-// xk = x @ kernel [B,T,GU] (time order, contiguous), gate_gain [2,GU] (layer norm: g_x, g_h),
+// The variants: xk = x @ kernel [B,T,GU] (time order, contiguous), gate_gain [2,GU] (layer norm: g_x, g_h),
 // bias [GU] (forget_bias included), R [Ps,GU], P [U,Ps]; zoneout_*, keep_h, keep_c as
-// rnn.h's variants::Params. Returns Y, hT, cT and, with save, G, Hp, Cp, Ahat, rstd_h, mean_c,
-// rstd_c, Hu, xk itself, rstd_x, mean_x (undefined where unused; rnn.h: variants::Saved) and, with
+// rnn.h's lstm::Params. Returns Y, hT, cT and, with save, G, Hp, Cp, Ahat, rstd_h, mean_c,
+// rstd_c, Hu, xk itself, rstd_x, mean_x (undefined where unused; rnn.h: lstm::Saved) and, with
 // trace (which implies save), each step's h and C after zoneout [B,T,*] in processing order.
 std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gate_gain_o,
                                            c10::optional<torch::Tensor> bias_o, torch::Tensor R,
@@ -92,7 +91,7 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
 
 // saved: the forward's (empty where unused). Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else
 // undefined: it equals dxk), Dr [B,T,Ps] (projection), dh0, dc0, d peephole, d gain_c, d shift_c,
-// d gate_gain, d bias (rnn.h: variants::Gradients). consume: the saved buffers are not read
+// d gate_gain, d bias (rnn.h: lstm::Gradients). consume: the saved buffers are not read
 // again, so dxk is written over G (with layer norm: over xk, and DA over Ahat).
 std::vector<torch::Tensor> variant_backward(
     c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,

@@ -1,9 +1,13 @@
-// The plain LSTM's torch bindings (bindings.h: lstm_forward, lstm_backward): checks, buffers from
-// the pool, the input projection and weight-gradient GEMMs over all steps, and the choice of
-// route (a tiny batch's single step, the fused-input inference, the projected recurrence).
+// The LSTM's torch bindings (bindings.h: lstm_forward, lstm_backward for the plain cell,
+// variant_forward, variant_backward for its variants), both on the one recurrence of rnn.h's
+// lstm::ForwardPass and BackwardPass: checks, buffers from the pool, the plain cell's input
+// projection and weight-gradient GEMMs over all steps, and its choice of route (a tiny batch's
+// single step, the fused-input inference, the recurrence). The variants' products over all steps
+// are the caller's (fused_variants.py).
 
 #include <torch/types.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "bindings/bindings.h"
@@ -14,10 +18,69 @@
 #include "rnn.h"
 
 using namespace lstm_core;
-using lstm_bindings::opt;
+using lstm_bindings::bool_or_none;
+using lstm_bindings::contiguous_or_none;
 using lstm_bindings::input_gradients;
+using lstm_bindings::opt;
 using lstm_bindings::project_inputs;
 using lstm_bindings::recurrent_gate_gradient;
+
+namespace {
+
+// A call's weights and masks (undefined: the variant or mask is off)
+struct Weights {
+  torch::Tensor gate_gain, bias, R, RT, rd, peep, gain_c, shift_c, P, PT, mask;
+};
+
+struct Zoneout {  // the seed, the step offset and the two keep thresholds (0: off) of problem.Zoneout
+  int64_t seed, offset, keep_h, keep_c;
+};
+
+// the raw view of one call's tensors (undefined: nullptr); B rows, Tn steps, GU gate columns
+template <typename T>
+lstm::Params<T> params_of(const Weights& w, int64_t B, int64_t Tn, int64_t GU, bool coupled, const Zoneout& zoneout) {
+  auto ptr = [](const torch::Tensor& t) -> const T* { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  lstm::Params<T> v;
+  v.gain_x = ptr(w.gate_gain);
+  v.gain_h = v.gain_x ? v.gain_x + GU : nullptr;
+  v.bias = ptr(w.bias);
+  v.R = ptr(w.R);
+  v.RT = ptr(w.RT);
+  v.rd = ptr(w.rd);
+  v.peep = ptr(w.peep);
+  v.gain_c = ptr(w.gain_c);
+  v.shift_c = ptr(w.shift_c);
+  v.P = ptr(w.P);
+  v.PT = ptr(w.PT);
+  v.mask = w.mask.defined() ? w.mask.data_ptr<bool>() : nullptr;
+  v.zoneout_seed = uint64_t(zoneout.seed);
+  v.zoneout_offset = zoneout.offset;
+  v.keep_h = uint64_t(zoneout.keep_h);
+  v.keep_c = uint64_t(zoneout.keep_c);
+  v.B = B;
+  v.Tn = Tn;
+  v.GU = GU;
+  v.G = coupled ? 3 : 4;
+  v.U = GU / v.G;
+  v.Ps = w.R.size(0);
+  return v;
+}
+
+constexpr Zoneout kNoZoneout{0, 0, 0, 0};
+
+lstm::Flags plain_flags(bool backwards, bool zero_out, bool seq, int64_t act, int64_t ract, bool save) {
+  return {backwards, zero_out, seq, false, false, false, false, save, static_cast<int>(act), static_cast<int>(ract),
+          -1.0};
+}
+
+template <typename T>
+T* ptr_or_null(torch::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+// ----- the plain cell ---------------------------------------------------------------------------------
 
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor R,
                                         c10::optional<torch::Tensor> bias_o, torch::Tensor h0, torch::Tensor c0,
@@ -37,33 +100,28 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
       (!bias.defined() || bias.is_contiguous()))
     return single_step(x, kernel, R, bias, h0, c0, mask, seq, zero_out, act, ract);
   if (rec_drop.defined()) rec_drop = rec_drop.contiguous();
-  const int64_t B = x.size(0), Tn = x.size(1), U = R.size(0);
-  lstm::Flags fl{backwards, zero_out, seq, static_cast<int>(act), static_cast<int>(ract)};
+  if (bias.defined()) bias = bias.contiguous();
+  const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2), U = R.size(0), GU = 4 * U;
+  const lstm::Flags fl = plain_flags(backwards, zero_out, seq, act, ract, save);
+  const Weights weights{torch::Tensor(), bias, R, torch::Tensor(), rec_drop, {}, {}, {}, {}, {}, mask};
   auto opts = x.options();
-  if (!save && !in_drop.defined() && !rec_drop.defined() && Tn > 0 &&
-      B > kSmallBatch && x.size(2) <= U) {
+  auto Y = seq ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
+  auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
+  if (!save && !in_drop.defined() && !rec_drop.defined() && Tn > 0 && B > kSmallBatch && D <= U) {
     // (measured, 2 cores: with D > U the one big projection GEMM wins, e.g. 32,80,100,64
     // 1.44 ms vs 1.66 ms; with D <= U the per-step [x_t, h] GEMM, e.g. 256,50,64,512 136 vs 177 ms)
     auto W = at::cat({kernel, R}, 0).contiguous();
-    auto Y = seq ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
-    auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
-    if (bias.defined()) bias = bias.contiguous();
-    const int64_t D = x.size(2);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_xh", [&] {
       using T = scalar_t;
-      lstm::ForwardPass<T>(B, Tn, U, fl).run_fused_input(
-          D, x.data_ptr<T>(), W.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr,
-          mask.defined() ? mask.data_ptr<bool>() : nullptr, h0.data_ptr<T>(), c0.data_ptr<T>(), Y.data_ptr<T>(),
-          hT.data_ptr<T>(), cT.data_ptr<T>());
+      lstm::ForwardPass<T>(params_of<T>(weights, B, Tn, GU, false, kNoZoneout), fl)
+          .run_fused_input(D, x.data_ptr<T>(), W.data_ptr<T>(), h0.data_ptr<T>(), c0.data_ptr<T>(), Y.data_ptr<T>(),
+                           hT.data_ptr<T>(), cT.data_ptr<T>());
     });
     return {Y, hT, cT};
   }
   // (the bias is the recurrence's to add, row by row: addmm first writes it over the whole
   // [B*T, 4U] output, measured +100 to +160 us at (32,80,100,64), 2 threads, against 0.5 ms for the mm)
-  auto xw = project_inputs(x, kernel, in_drop);
-  if (bias.defined()) bias = bias.contiguous();
-  auto Y = seq ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
-  auto hT = torch::empty({B, U}, opts), cT = torch::empty({B, U}, opts);
+  auto xw = project_inputs(x, kernel, in_drop);  // the activated gates G after the run
   torch::Tensor Hp, Cp;
   if (save) {
     Hp = buffer_pool::empty({B, Tn, U}, opts);
@@ -76,11 +134,10 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
   } else {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward", [&] {
       using T = scalar_t;
-      lstm::ForwardPass<T>(B, Tn, U, fl).run(
-          xw.data_ptr<T>(), bias.defined() ? bias.data_ptr<T>() : nullptr, R.data_ptr<T>(),
-          rec_drop.defined() ? rec_drop.data_ptr<T>() : nullptr, mask.defined() ? mask.data_ptr<bool>() : nullptr,
-          h0.data_ptr<T>(), c0.data_ptr<T>(), Y.data_ptr<T>(), hT.data_ptr<T>(), cT.data_ptr<T>(),
-          save ? Hp.data_ptr<T>() : nullptr, save ? Cp.data_ptr<T>() : nullptr);
+      const lstm::Saved<T> saved{save ? xw.data_ptr<T>() : nullptr, ptr_or_null<T>(Hp), ptr_or_null<T>(Cp)};
+      lstm::ForwardPass<T>(params_of<T>(weights, B, Tn, GU, false, kNoZoneout), fl)
+          .run(xw.data_ptr<T>(), h0.data_ptr<T>(), c0.data_ptr<T>(), Y.data_ptr<T>(), hT.data_ptr<T>(),
+               cT.data_ptr<T>(), saved, nullptr, nullptr);
     });
   }
   if (!save) return {Y, hT, cT};
@@ -99,31 +156,37 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
   auto dY = opt(dY_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
   x = x.contiguous();
   kernel = kernel.contiguous();
+  R = R.contiguous();
   const int64_t B = x.size(0), Tn = x.size(1), U = R.size(0), GU = 4 * U;
-  lstm::Flags fl{backwards, zero_out, seq, static_cast<int>(act), static_cast<int>(ract)};
+  const lstm::Flags fl = plain_flags(backwards, zero_out, seq, act, ract, true);
   auto opts = x.options();
-  auto dh = dhT_o.has_value() ? dhT_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
-  auto dc = dcT_o.has_value() ? dcT_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
+  auto as_input = [&](const c10::optional<torch::Tensor>& t) {
+    return t.has_value() ? t->to(x.scalar_type()).contiguous() : torch::Tensor();
+  };
+  auto dhT = as_input(dhT_o), dcT = as_input(dcT_o);
   if (dY.defined()) dY = buffer_pool::contiguous(dY.to(x.scalar_type()));
   if (rec_drop.defined()) rec_drop = rec_drop.contiguous();
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
-  auto RT = R.t().contiguous();
+  const Weights weights{torch::Tensor(), torch::Tensor(), R, R.t().contiguous(), rec_drop, {}, {}, {}, {}, {}, mask};
   auto dZ = buffer_pool::empty({B, Tn, GU}, opts);
-  // the bias gradient per batch row, summed over B below (dZ.sum(0) over all B*T rows took 70 to
-  // 100 us at (32,80,100,64), 2 threads)
-  auto db_rows = needs[3] ? torch::zeros({B, GU}, opts) : torch::Tensor();
-  if (Tn > 0) {
+  auto dh0 = torch::empty({B, U}, opts), dc0 = torch::empty({B, U}, opts);
+  auto db = needs[3] ? torch::empty({GU}, opts) : torch::Tensor();
+  if (Tn == 0) {
+    dh0 = dhT.defined() ? dhT.clone() : torch::zeros({B, U}, opts);
+    dc0 = dcT.defined() ? dcT.clone() : torch::zeros({B, U}, opts);
+    if (db.defined()) db.zero_();
+  } else {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward", [&] {
       using T = scalar_t;
-      lstm::BackwardPass<T>(B, Tn, U, fl).run(
-          dY.defined() ? dY.data_ptr<T>() : nullptr, G.data_ptr<T>(), Hp.data_ptr<T>(), Cp.data_ptr<T>(),
-          RT.data_ptr<T>(), rec_drop.defined() ? rec_drop.data_ptr<T>() : nullptr,
-          mask.defined() ? mask.data_ptr<bool>() : nullptr, dh.data_ptr<T>(), dc.data_ptr<T>(), dZ.data_ptr<T>(),
-          needs[3] ? db_rows.data_ptr<T>() : nullptr);
+      const lstm::Saved<T> saved{G.data_ptr<T>(), Hp.data_ptr<T>(), Cp.data_ptr<T>()};
+      const lstm::Gradients<T> grads{dZ.data_ptr<T>(), nullptr, nullptr, dh0.data_ptr<T>(), dc0.data_ptr<T>(),
+                                     nullptr, nullptr, nullptr, nullptr, ptr_or_null<T>(db)};
+      lstm::BackwardPass<T>(params_of<T>(weights, B, Tn, GU, false, kNoZoneout), fl)
+          .run(ptr_or_null<T>(dY), ptr_or_null<T>(dhT), ptr_or_null<T>(dcT), saved, grads);
     });
   }
   auto dZ2 = dZ.view({B * Tn, GU});
-  torch::Tensor dX, dK, dR, db;
+  torch::Tensor dX, dK, dR;
   input_gradients(dZ2, x, kernel, in_drop, needs[0], needs[1], dX, dK);
   if (needs[2]) {
     if (!rec_drop.defined()) {
@@ -134,6 +197,119 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
       dR = at::cat(parts, 1);
     }
   }
-  if (needs[3]) db = db_rows.sum(0);
-  return {dX, dK, dR, db, dh, dc};
+  return {dX, dK, dR, db, dh0, dc0};
+}
+
+// ----- the variants -------------------------------------------------------------------------------------
+
+std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gate_gain_o,
+                                           c10::optional<torch::Tensor> bias_o, torch::Tensor R,
+                                           c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
+                                           c10::optional<torch::Tensor> gain_c_o,
+                                           c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
+                                           int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h,
+                                           int64_t keep_c,
+                                           c10::optional<torch::Tensor> mask_o,
+                                           torch::Tensor h0, torch::Tensor c0, bool backwards, bool zero_out, bool seq,
+                                           bool coupled, int64_t act, int64_t ract, double clip, bool save,
+                                           bool trace) {
+  at::NoGradGuard no_grad;
+  save = save || trace;
+  TORCH_CHECK(xk.is_contiguous(), "variant_forward: xk must be contiguous");
+  R = R.contiguous();
+  h0 = h0.contiguous();
+  c0 = c0.contiguous();
+  const Weights weights{contiguous_or_none(gate_gain_o), contiguous_or_none(bias_o), R, torch::Tensor(),
+                        contiguous_or_none(rd_o), contiguous_or_none(peep_o), contiguous_or_none(gain_c_o),
+                        contiguous_or_none(shift_c_o), contiguous_or_none(P_o), torch::Tensor(), bool_or_none(mask_o)};
+  lstm::Flags fl{backwards, zero_out, seq, coupled, weights.peep.defined(), weights.gate_gain.defined(),
+                 weights.P.defined(), save, static_cast<int>(act), static_cast<int>(ract), clip};
+  const int64_t B = xk.size(0), Tn = xk.size(1), GU = xk.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
+  auto opts = xk.options();
+  auto Y = seq ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::empty({B, Ps}, opts);  // (every row is written)
+  auto hT = torch::empty({B, Ps}, opts), cT = torch::empty({B, U}, opts);
+  torch::Tensor G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr;
+  if (trace) {
+    Htr = buffer_pool::empty({B, Tn, Ps}, opts);
+    Ctr = buffer_pool::empty({B, Tn, U}, opts);
+  }
+  if (save) {
+    Hp = buffer_pool::empty({B, Tn, Ps}, opts);
+    Cp = buffer_pool::empty({B, Tn, U}, opts);
+    if (fl.ln) {
+      G = buffer_pool::empty({B, Tn, GU}, opts);
+      Ahat = buffer_pool::empty({B, Tn, GU}, opts);
+      rstd_h = torch::empty({B, Tn}, opts);
+      mean_c = torch::empty({B, Tn}, opts);
+      rstd_c = torch::empty({B, Tn}, opts);
+      Xk = xk;
+      rstd_x = torch::empty({B, Tn}, opts);
+      mean_x = torch::empty({B, Tn}, opts);
+    } else {
+      G = xk;  // (the gates are written over it)
+    }
+    if (fl.proj) Hu = buffer_pool::empty({B, Tn, U}, opts);
+  }
+  AT_DISPATCH_FLOATING_TYPES(xk.scalar_type(), "lstm_variant_forward", [&] {
+    using T = scalar_t;
+    auto p = [](torch::Tensor& t) -> T* { return ptr_or_null<T>(t); };
+    const lstm::Saved<T> saved{p(G),      p(Hp), p(Cp), p(Ahat),   p(rstd_h), p(mean_c),
+                               p(rstd_c), p(Hu), p(Xk), p(rstd_x), p(mean_x)};
+    lstm::ForwardPass<T>(params_of<T>(weights, B, Tn, GU, coupled,
+                                      Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}),
+                         fl)
+        .run(xk.data_ptr<T>(), h0.data_ptr<T>(), c0.data_ptr<T>(), p(Y), p(hT), p(cT), saved, p(Htr), p(Ctr));
+  });
+  if (!save) return {Y, hT, cT};
+  if (!trace) return {Y, hT, cT, G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x};
+  return {Y, hT, cT, G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, Xk, rstd_x, mean_x, Htr, Ctr};
+}
+
+std::vector<torch::Tensor> variant_backward(
+    c10::optional<torch::Tensor> dY_o, c10::optional<torch::Tensor> dhT_o, c10::optional<torch::Tensor> dcT_o,
+    std::vector<torch::Tensor> saved, c10::optional<torch::Tensor> gate_gain_o, c10::optional<torch::Tensor> bias_o,
+    torch::Tensor R, c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
+    c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
+    int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
+    c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
+    int64_t ract, double clip, bool consume) {
+  at::NoGradGuard no_grad;
+  auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous();
+  auto Ahat = saved[3], rstd_h = saved[4], mean_c = saved[5], rstd_c = saved[6], Xk = saved[8], rstd_x = saved[9],
+       mean_x = saved[10];
+  auto dY = dY_o.has_value() ? buffer_pool::contiguous(*dY_o) : torch::Tensor();
+  auto dhT = contiguous_or_none(dhT_o), dcT = contiguous_or_none(dcT_o);
+  R = R.contiguous();
+  auto P = contiguous_or_none(P_o);
+  const Weights weights{contiguous_or_none(gate_gain_o), contiguous_or_none(bias_o), R, R.t().contiguous(),
+                        contiguous_or_none(rd_o), contiguous_or_none(peep_o), contiguous_or_none(gain_c_o),
+                        contiguous_or_none(shift_c_o), P, P.defined() ? P.t().contiguous() : torch::Tensor(),
+                        bool_or_none(mask_o)};
+  lstm::Flags fl{backwards, zero_out, seq, coupled, weights.peep.defined(), weights.gate_gain.defined(),
+                 P.defined(), true, static_cast<int>(act), static_cast<int>(ract), clip};
+  const int64_t B = G.size(0), Tn = G.size(1), GU = G.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
+  auto opts = G.options();
+  const bool in_place = consume && (!fl.ln || (Xk.is_contiguous() && Ahat.is_contiguous()));
+  auto dXW = in_place ? (fl.ln ? Xk : G) : buffer_pool::empty({B, Tn, GU}, opts);
+  auto DA = fl.ln ? (in_place ? Ahat : buffer_pool::empty({B, Tn, GU}, opts)) : torch::Tensor();
+  auto Dr = fl.proj ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::Tensor();
+  auto dh0 = torch::empty({B, Ps}, opts), dc0 = torch::empty({B, U}, opts);
+  // the weight gradients, summed over the batch
+  auto empty_if = [&](bool used, at::IntArrayRef shape) { return used ? torch::empty(shape, opts) : torch::Tensor(); };
+  auto dpeep = empty_if(fl.peephole, {coupled ? 2 : 3, U}), dgain_c = empty_if(fl.ln, {U}),
+       dshift_c = empty_if(fl.ln, {U}), dgate_gain = empty_if(fl.ln, {2, GU}),
+       dbias = empty_if(weights.bias.defined(), {GU});
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "lstm_variant_backward", [&] {
+    using T = scalar_t;
+    auto p = [](torch::Tensor& t) -> T* { return ptr_or_null<T>(t); };
+    const lstm::Saved<T> saved_buffers{p(G),      p(Hp),   p(Cp), p(Ahat),   p(rstd_h), p(mean_c),
+                                       p(rstd_c), nullptr, p(Xk), p(rstd_x), p(mean_x)};
+    const lstm::Gradients<T> grads{p(dXW),   p(DA),      p(Dr),       p(dh0),        p(dc0),
+                                   p(dpeep), p(dgain_c), p(dshift_c), p(dgate_gain), p(dbias)};
+    lstm::BackwardPass<T>(params_of<T>(weights, B, Tn, GU, coupled,
+                                       Zoneout{zoneout_seed, zoneout_offset, keep_h, keep_c}),
+                          fl)
+        .run(p(dY), p(dhT), p(dcT), saved_buffers, grads);
+  });
+  return {dXW, DA, Dr, dh0, dc0, dpeep, dgain_c, dshift_c, dgate_gain, dbias};
 }
