@@ -138,7 +138,9 @@ def test_low_precision_against_float32(cls, options, policy):
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 7:] = False
     (y_full, *s_full), (y_low, *s_low) = full(x, mask=mask, training=True), low(x, mask=mask, training=True)
-    assert kernels.select(low.recurrence(x, mask)).name == "reference"
+    # (the plain LSTM runs on the fused C++ kernel in low precision too: tested against the reference below)
+    assert kernels.select(low.recurrence(x, mask)).name == ("fused_cpp" if cls is layers.LSTM and not options
+                                                            else "reference")
     for got, want in zip([y_low, *s_low], [y_full, *s_full]):
         assert got.dtype == LOW[policy]
         assert (got.float() - want).abs().max() <= bound
@@ -349,7 +351,76 @@ def test_equals_torch_under_autocast(cls):
     assert lstm.from_torch(module.bfloat16()).dtype_policy.name == "bfloat16"
 
 
-# ----- dispatch: low precision runs on the reference kernel ------------------------------------------
+# ----- the fused C++ LSTM in low precision against the reference ------------------------------------
+# Both compute the same roundings (operands, h at every step); only the products' summation order
+# differs, and the backward rounds each step's dz for its products (as torch.autocast's backward
+# does) where the reference rounds none. Bounds: outputs eps * sqrt(T), gradients 2 * eps * sqrt(T)
+# relative to the largest (measured: outputs <= 1 rounding, gradients <= 0.3 * eps * sqrt(T)).
+FUSED_ROUTES = {  # batch, features, training: which C++ route runs
+    "few rows (float products of the rounded values)": (3, 5, True),
+    "16+ rows (MKL's bf16/f16 products)": (20, 5, True),
+    "inference, input fused into each step's product": (20, 5, False),
+    "inference, input projected first (D > U)": (20, 9, False),
+}
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "mixed_bfloat16", "float16", "mixed_float16"])
+@pytest.mark.parametrize("route", list(FUSED_ROUTES))
+@pytest.mark.parametrize("options", [
+    {"return_sequences": True}, {"return_sequences": False, "go_backwards": True},
+    {"return_sequences": True, "zero_output_for_mask": True, "masked": True},
+    {"return_sequences": False, "masked": True}], ids=str)
+def test_fused_low_precision_against_the_reference(policy, route, options):
+    batch, features, training = FUSED_ROUTES[route]
+    options = dict(options)
+    masked = options.pop("masked", False)
+    eps = torch.finfo(LOW[policy]).eps
+    layer = randomized(layers.LSTM(U, input_dim=features, return_state=True, dtype=policy, **options))
+    x = inputs(batch, T, features)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, T, generator=torch.Generator().manual_seed(5)) > 0.3
+    assert kernels.select(layer.recurrence(x, mask)).name == "fused_cpp"
+    results, grads = [], []
+    for kernel in ("reference", "fused_cpp"):
+        with kernels.use(kernel):
+            if training:
+                outputs = layer(x, mask=mask)
+                loss = (outputs[0].float() * inputs(*outputs[0].shape, seed=2)).sum() + outputs[2].float().sum()
+                grads.append(torch.autograd.grad(loss, list(layer.parameters())))
+            else:
+                with torch.no_grad():
+                    outputs = layer(x, mask=mask)
+        results.append(outputs)
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype == LOW[policy]
+        assert (got.float() - want.float()).abs().max() <= eps * math.sqrt(T)
+    for got, want, param in zip(grads[1], grads[0], layer.parameters()) if training else ():
+        assert got.dtype == param.dtype
+        assert (got.float() - want.float()).abs().max() <= 2 * eps * math.sqrt(T) * want.float().abs().max()
+
+
+def test_fused_low_precision_under_autocast_and_compile():
+    """A float32 layer under autocast takes the fused kernel and equals the mixed policy exactly;
+    torch.compile traces the bf16 custom op (its fake kernel's dtypes) and gives the eager numbers."""
+    mixed = randomized(layers.LSTM(U, input_dim=D, return_sequences=True, return_state=True, dtype="mixed_bfloat16"))
+    full = same_weights(mixed, layers.LSTM, "float32", units=U, input_dim=D, return_sequences=True,
+                        return_state=True)
+    x = inputs(20, T, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.select(full.recurrence(x)).name == "fused_cpp"
+        got = full(x)
+    want = mixed(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    compiled = torch.compile(mixed, fullgraph=True)
+    outputs = compiled(x)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, want))
+    grad = torch.autograd.grad(outputs[0].float().sum(), mixed.cell.kernel)[0]
+    want_grad = torch.autograd.grad(mixed(x)[0].float().sum(), mixed.cell.kernel)[0]
+    assert grad.dtype == torch.float32 and torch.equal(grad, want_grad)
+
+
+# ----- dispatch: the other low-precision routes run on the reference kernel ---------------------------
 @pytest.mark.parametrize("cls", CELLS)
 def test_fused_routes_decline_low_precision(cls):
     for policy in LOW:

@@ -68,8 +68,7 @@ class Stream:
         self._dtype = cell.compute_dtype
         self._params = tuple(cell.weights())
         self._versions = self._param_versions()
-        # the kernels' steps compute in the weights' dtype: not a mixed policy's
-        self._fast = None if cell.dtype_policy.is_mixed else kernels.stream_step(cell, self.batch_size)
+        self._fast = kernels.stream_step(cell, self.batch_size)
         self._kernel_param = self._params[0] if self._fast is not None else None
         self._ready = True
         self.reset(state)

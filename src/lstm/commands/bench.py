@@ -70,6 +70,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-variants", action="store_true", help="skip the LSTM variants' rows")
     parser.add_argument("--no-cells", action="store_true",
                         help="skip the GRU and SimpleRNN rows (against torch.nn.GRU / torch.nn.RNN)")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip the bfloat16 rows (against torch.nn.LSTM in bfloat16 and under autocast)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (0)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "latest.json"), metavar="PATH",
                         help="where to write every number (default benchmarks/results/latest.json)")
@@ -359,7 +361,7 @@ def _settings(args) -> dict:
         "stream_units": stream_units, "memory_shape": None if args.no_memory else memory_shape,
         "memory_contenders": [cases.MEMORY_KEYS[k] for k in memory_keys],
         "onnx": not args.no_onnx, "seed": args.seed, "tolerance": TOLERANCE,
-        "cells": not args.no_cells,
+        "cells": not args.no_cells, "bf16": not args.no_bf16,
         "variant_shape": None if args.no_variants else (
             cases.parse_shape(args.variant_shape) if args.variant_shape else bench_variants.SHAPE),
     }
@@ -369,14 +371,15 @@ def run(args) -> int:
     import torch
 
     from .. import kernels
-    from . import bench_cases as cases, bench_cells, bench_variants
+    from . import bench_cases as cases, bench_cells, bench_precision, bench_variants
 
     settings = _settings(args)
     threads = settings["threads"]
     torch.set_num_threads(threads)
     started = time.perf_counter()
     report = {"machine": machine_info(threads), "settings": settings, "kernels_available": kernels.available(),
-              "default_kernel": {}, "correctness": [], "results": [], "cells": [], "variants": None, "memory": None,
+              "default_kernel": {}, "correctness": [], "results": [], "cells": [], "bf16": [], "variants": None,
+              "memory": None,
               "method": {"timing": __doc__.split("Timing: ", 1)[1].strip(), "memory": cases.MEMORY_METHOD}}
     _log(f"lstm bench: torch {torch.__version__}, {threads} threads, kernels {kernels.available()}, "
          f"onnxruntime {report['machine']['onnxruntime'] or 'not installed'}")
@@ -463,6 +466,29 @@ def run(args) -> int:
             del contenders, x
             gc.collect()
 
+    for shape in settings["shapes"] if settings["bf16"] else ():
+        _log(f"bfloat16: {bench_precision.OURS} vs {bench_precision.TORCH_BF16} at B,T,D,H = {_shape_text(shape)}")
+        contenders, x = bench_precision.contenders(shape, settings["seed"])
+        try:
+            report["correctness"].append({"shape": list(shape), "contender": contenders[0].name,
+                                          **bench_precision.check(contenders, x)})
+        except ValueError as error:
+            print(f"lstm bench: error: {error}", file=sys.stderr)
+            return 1
+        for mode in settings["modes"]:
+            if mode == "forward":
+                with torch.no_grad():
+                    timings = time_interleaved([(c.name, c.forward, lambda: None) for c in contenders],
+                                               settings["repeats"], settings["repeats_explicit"],
+                                               settings["budget_s"], settings["min_sample_s"], mode)
+            else:
+                timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in contenders],
+                                           settings["repeats"], settings["repeats_explicit"],
+                                           settings["budget_s"], settings["min_sample_s"], mode)
+            report["bf16"] += _summarize(mode, shape, timings, contenders, bench_precision.TORCH_BF16, {})
+        del contenders, x
+        gc.collect()
+
     if settings["variant_shape"] is not None:
         shape = tuple(settings["variant_shape"])
         _log(f"LSTM variants, training step at B,T,D,H = {_shape_text(shape)}")
@@ -546,15 +572,19 @@ def _memory_rows(report):
     return rows
 
 
+BF16_TITLE = ("bfloat16 LSTM: min ms per call (speedup vs torch.nn.LSTM in bfloat16 with the same weights, from "
+              "the mins and the medians; fp32: this library in float32, autocast: torch.nn.LSTM under "
+              "torch.autocast)")
 CELLS_TITLE = ("GRU and SimpleRNN: min ms per call (speedup vs torch.nn.GRU / torch.nn.RNN with the same weights, "
                "from the mins and the medians)")
 
 
-def _cell_rows(report) -> list[list[str]]:
+def _paired_rows(results) -> list[list[str]]:
+    """The rows of a section timed against one baseline per shape (the GRU/SimpleRNN, bfloat16)."""
     head = ["mode", "B,T,D,H", "contender", "min ms", "baseline min ms", "speedup (min)", "speedup (median)"]
     rows = [head]
     by_key = {}
-    for r in report.get("cells") or ():
+    for r in results or ():
         by_key.setdefault((r["mode"], _shape_text(r["shape"]), r["baseline"]), {})[r["contender"]] = r
     for (mode, shape, baseline), by_name in by_key.items():
         for name, r in by_name.items():
@@ -631,7 +661,9 @@ def render_text(report) -> str:
                 "speedup (median)", "note"]
         lines += ["", f"== {MODE_TITLES[mode]} =="] + _plain_table([head] + rows, right={2, 3, 4, 5})
     if report.get("cells"):
-        lines += ["", f"== {CELLS_TITLE} =="] + _plain_table(_cell_rows(report), right={3, 4, 5, 6})
+        lines += ["", f"== {CELLS_TITLE} =="] + _plain_table(_paired_rows(report["cells"]), right={3, 4, 5, 6})
+    if report.get("bf16"):
+        lines += ["", f"== {BF16_TITLE} =="] + _plain_table(_paired_rows(report["bf16"]), right={3, 4, 5, 6})
     if report["variants"]:
         lines += ["", f"== {_variants_title(report)} =="] + _plain_table(_variant_table(report), right={1, 2, 3, 4, 5})
     if report["memory"]:
@@ -674,7 +706,9 @@ def render_markdown(report) -> str:
                 "speedup (min)", "speedup (median)", "note"]
         lines += ["", f"### {MODE_TITLES[mode]}", ""] + _md_table([head] + rows, right={2, 3, 4, 5})
     if report.get("cells"):
-        lines += ["", f"### {CELLS_TITLE}", ""] + _md_table(_cell_rows(report), right={3, 4, 5, 6})
+        lines += ["", f"### {CELLS_TITLE}", ""] + _md_table(_paired_rows(report["cells"]), right={3, 4, 5, 6})
+    if report.get("bf16"):
+        lines += ["", f"### {BF16_TITLE}", ""] + _md_table(_paired_rows(report["bf16"]), right={3, 4, 5, 6})
     if report["variants"]:
         lines += ["", f"### {_variants_title(report)}", ""] + _md_table(_variant_table(report), right={1, 2, 3, 4, 5})
     if report["memory"]:

@@ -54,6 +54,10 @@ class FusedOp:
         """The shapes of `forward`'s list (a None there: shape (0,)), for the fake kernel."""
         raise NotImplementedError
 
+    def forward_dtypes(self, inputs: Sequence, fixed: Sequence, options: Sequence, save: bool) -> list:
+        """The dtypes of `forward`'s list, for the fake kernel: by default the input's throughout."""
+        return [inputs[0].dtype] * len(self.forward_shapes(inputs, fixed, options, save))
+
     def __init__(self):
         self.forward_op, self.backward_op = _define_ops(self)
 
@@ -155,7 +159,8 @@ def _define_ops(op: FusedOp):
     @forward.register_fake
     def _(*args):
         inputs, fixed, options = split(args)
-        return [inputs[0].new_empty(shape) for shape in op.forward_shapes(inputs, fixed, options, args[-1])]
+        shapes, dtypes = (f(inputs, fixed, options, args[-1]) for f in (op.forward_shapes, op.forward_dtypes))
+        return [inputs[0].new_empty(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes)]
 
     def backward(*args):
         output_grads, (saved, needs) = args[:outputs_count], (args[outputs_count + tensors_count], args[-1])
@@ -171,7 +176,7 @@ def _define_ops(op: FusedOp):
     @backward.register_fake
     def _(*args):
         inputs = args[outputs_count:outputs_count + inputs_count]
-        return [inputs[0].new_empty(t.shape if need else (0,)) for t, need in zip(inputs, args[-1])]
+        return [t.new_empty(t.shape) if need else inputs[0].new_empty(0) for t, need in zip(inputs, args[-1])]
 
     def setup_context(ctx, inputs, output):
         ctx.options = inputs[tensors_count:tensors_count + options_count]

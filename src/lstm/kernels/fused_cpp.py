@@ -49,14 +49,15 @@ import torch
 from torch import Tensor
 
 from . import dispatch, fused, native, support
-from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
+from .problem import Recurrence, RecurrenceResult, answers_empty_sequences, state_dtype
 
 name = "fused_cpp"
 
 
 def supports(p: Recurrence) -> bool:
     return (p.plain and p.cell.kind == "lstm" and (p.bias is None or p.bias.dim() == 1)
-            and support.activation_codes(p.cell) is not None and support.on_cpu_in_one_float_dtype(p)
+            and support.activation_codes(p.cell) is not None
+            and (support.on_cpu_in_one_float_dtype(p) or support.on_cpu_in_low_precision_without_dropout(p))
             and support.extension_ready())
 
 
@@ -85,7 +86,9 @@ class LSTMOp(fused.FusedOp):
 
     def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
         x, kernel, recurrent_kernel = inputs[:3]
-        return native.module.backward(*output_grads, x, kernel, recurrent_kernel, *saved, *fixed, *options, needs)
+        grads = native.module.backward(*output_grads, x, kernel, recurrent_kernel, *saved, *fixed, *options, needs)
+        # (in bfloat16/float16 some come in float32: each in its input's dtype)
+        return [g if g is None or t is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, inputs)]
 
     def forward_shapes(self, inputs, fixed, options, save):
         x, recurrent_kernel = inputs[0], inputs[2]
@@ -94,6 +97,11 @@ class LSTMOp(fused.FusedOp):
         shapes = [outputs, (batch, units), (batch, units)]
         return shapes + [(batch, steps, 4 * units), (batch, steps, units), (batch, steps, units)] if save else shapes
 
+    def forward_dtypes(self, inputs, fixed, options, save):
+        compute = inputs[0].dtype
+        state = state_dtype(compute)  # C, the gates G and C_{t-1}: float32 in bfloat16/float16
+        return [compute, compute, state] + [state, compute, state] if save else [compute, compute, state]
+
 
 OP = LSTMOp()
 
@@ -101,7 +109,7 @@ OP = LSTMOp()
 def _trace(p: Recurrence, G: Tensor, Hp: Tensor, Cp: Tensor, hT: Tensor, cT: Tensor) -> dict:
     """The reference's per-step internals, in processing order, from the saving forward's
     buffers: G the activated gates [B,T,4U], Hp/Cp the states before the step of each time index."""
-    G, Hp, Cp, hT, cT = (t.detach() for t in (G, Hp, Cp, hT, cT))
+    G, Hp, Cp, hT, cT = (t.detach().to(state_dtype(t.dtype)) for t in (G, Hp, Cp, hT, cT))  # (float32 in bf16/f16)
     mask = p.mask
     if p.go_backwards:
         G, Hp, Cp = G.flip(1), Hp.flip(1), Cp.flip(1)
@@ -153,6 +161,8 @@ class CellCall:
     def __call__(self, cell, x, states, training):
         if self.draws and (cell.training if training is None else training):
             return None
+        if torch.is_autocast_enabled("cpu"):  # (the call computes in the region's dtype)
+            return None
         forced = dispatch.forced_name()
         if forced and forced != name:
             return None
@@ -181,7 +191,8 @@ class CellCall:
 
 def _plain_lstm_codes(cell):
     """The activation codes of a built plain LSTM cell this kernel can step, else None."""
-    if cell.kind != "lstm" or not cell.built or not cell.cell_spec().plain or not support.extension_ready():
+    if (cell.kind != "lstm" or not cell.built or not cell.cell_spec().plain or not support.steps_in_weights_dtype(cell)
+            or not support.extension_ready()):
         return None
     return support.activation_codes(cell)
 
@@ -193,7 +204,6 @@ def cell_call(cell):
 
 def stream_step(cell, batch_size: int):
     codes = _plain_lstm_codes(cell)
-    kernel = cell._parameters["kernel"] if codes is not None else None
-    if kernel is None or not kernel.is_cpu or kernel.dtype not in (torch.float32, torch.float64):
+    if codes is None or not cell.kernel.is_cpu:
         return None
-    return native.module.LSTMStep(kernel, cell.recurrent_kernel, cell.bias, batch_size, *codes)
+    return native.module.LSTMStep(cell.kernel, cell.recurrent_kernel, cell.bias, batch_size, *codes)

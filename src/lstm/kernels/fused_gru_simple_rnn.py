@@ -137,7 +137,7 @@ def _op_and_options(cell, go_backwards=False, zero_output_for_mask=False, return
 def _plain_cell(cell) -> bool:
     """A built GRU or SimpleRNN cell this kernel can step."""
     return (cell.kind in ("gru", "simple_rnn") and cell.built and support.activation_codes(cell) is not None
-            and support.extension_ready())
+            and support.steps_in_weights_dtype(cell) and support.extension_ready())
 
 
 def _steppable(x, kernel) -> bool:
@@ -160,6 +160,8 @@ class CellCall:
 
     def __call__(self, cell, x, states, training):
         if self.draws and (cell.training if training is None else training):
+            return None
+        if torch.is_autocast_enabled("cpu"):  # (the call computes in the region's dtype)
             return None
         forced = dispatch.forced_name()
         if forced and forced != name:
@@ -222,7 +224,6 @@ def cell_call(cell):
 
 
 def stream_step(cell, batch_size: int):
-    kernel = cell._parameters["kernel"] if _plain_cell(cell) else None
-    if kernel is None or not kernel.is_cpu or kernel.dtype not in (torch.float32, torch.float64):
+    if not _plain_cell(cell) or not cell.kernel.is_cpu:
         return None
     return StreamStep(cell, batch_size)

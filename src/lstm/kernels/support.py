@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import native
-from .problem import Recurrence
+from .problem import LOW_PRECISION, Recurrence
 
 
 def activation_codes(cell) -> Optional[tuple[int, int]]:
@@ -32,6 +32,26 @@ def on_cpu_in_one_float_dtype(p: Recurrence) -> bool:
         if t is not None and (not t.is_cpu or t.dtype is not dtype):
             return False
     return p.mask is None or p.mask.is_cpu
+
+
+def on_cpu_in_low_precision_without_dropout(p: Recurrence) -> bool:
+    """A bfloat16/float16 problem as the C++ core takes it (problem.py, Recurrence: "Precision"):
+    on the CPU, the weights and initial states in float32 or the compute dtype, no dropout masks."""
+    x = p.inputs
+    if x.dtype not in LOW_PRECISION or x.dim() != 3 or p.input_dropout is not None or p.recurrent_dropout is not None:
+        return False
+    dtypes = (x.dtype, torch.float32)
+    for t in (x, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state):
+        if t is not None and (not t.is_cpu or t.dtype not in dtypes):
+            return False
+    return p.mask is None or p.mask.is_cpu
+
+
+def steps_in_weights_dtype(cell) -> bool:
+    """Whether a built cell computes in its weights' dtype, float32 or float64 (no mixed policy):
+    what the fused one-step routes (the cell call, the streaming step) compute in."""
+    kernel = cell._parameters["kernel"]
+    return kernel is not None and kernel.dtype in (torch.float32, torch.float64) and cell.compute_dtype == kernel.dtype
 
 
 def extension_ready() -> bool:

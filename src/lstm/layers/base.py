@@ -19,7 +19,6 @@ from .validation import (as_float_tensor, check_fraction, check_initial_state, c
                          check_units, feature_size)
 
 _WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
-_FUSED_DTYPES = (torch.float32, torch.float64)  # what the fused C++ kernels compute in
 
 
 def _build(layer, inputs) -> None:
@@ -242,11 +241,9 @@ class RecurrentCell(PolicyLayer, nn.Module):
         Floating inputs and states are cast to the dtype the cell computes in (as Keras does)."""
         if not torch.compiler.is_compiling():
             lean = self._lean_call
-            if lean is None:  # (the fused cell calls compute in the weights' dtype: no mixed policy)
-                lean = self.__dict__["_lean_call"] = (not self._policy.is_mixed and kernels.cell_call(self)) or False
-            # the lean route is the fused kernels': CPU, float32/float64, outside autocast
-            if (lean and type(inputs) is torch.Tensor and inputs.dtype in _FUSED_DTYPES
-                    and not torch.is_autocast_enabled("cpu")):
+            if lean is None:
+                lean = self.__dict__["_lean_call"] = kernels.cell_call(self) or False
+            if lean and type(inputs) is torch.Tensor:
                 result = lean(self, inputs, states, training)
                 if result is not None:
                     return result

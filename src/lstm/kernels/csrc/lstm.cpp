@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "low_precision.h"
 #include "lstm_cell.h"
 #include "rnn.h"
 #include "simd.h"
@@ -197,6 +198,14 @@ inline T cell_update(T f, T c_prev, T i, T c_tilde) {
   return std::fma(f, c_prev, i * c_tilde);
 }
 
+// The low-precision operands (Flags::operand) are float's only
+template <typename T>
+constexpr bool kHasOperands = std::is_same_v<T, float>;
+
+// rows of a chunk from which MKL's low-precision GEMM beats float's on the same values (measured,
+// one thread: 16x256x64 3.5 vs 4.2 us, 8x512x128 7.0 vs 7.3 us, 4 rows: register tiles win)
+constexpr int64_t kLowGemmRows = 16;
+
 // Whether a call has no variant at all (the plain instantiation runs it)
 template <typename T>
 inline bool is_plain(const Params<T>& v, const Flags& fl) {
@@ -237,7 +246,16 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
   std::vector<T> rs_a(ln ? nr : 0), mu_a(ln ? nr : 0), rs_x(ln ? nr : 0), mu_x(ln ? nr : 0);
   std::vector<T> no_bias(v.bias ? 0 : GU, T(0));
   const T* bias = v.bias ? v.bias : no_bias.data();
-  const StepOperand<T> rec(nr, GU, Ps, v.R, GU, v.rd ? 0 : Tn);  // (recurrent dropout: a product per gate)
+  // (not packed with recurrent dropout, a product per gate, nor with low-precision operands)
+  const StepOperand<T> rec(nr, GU, Ps, v.R, GU, v.rd || fl.operand ? 0 : Tn);
+  // low-precision operands (the plain cell in float): h rounded at every step, its bits kept for
+  // the products (from kLowGemmRows rows, MKL's; fewer take T's products of the same values) and
+  // the buffers written in the operand type
+  const Operand operand = Operand(fl.operand);
+  std::vector<uint16_t> h_low(kPlain && kHasOperands<T> && fl.operand ? nr * Ps : 0);
+  if constexpr (kHasOperands<T>)
+    if (!h_low.empty()) round_to_operand(operand, h.data(), h_low.data(), nr * Ps);
+  const bool low_gemm = !h_low.empty() && v.R_low && nr >= kLowGemmRows;
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
     const int64_t first = b0 * Tn + t;  // the chunk's first row at this step
@@ -246,7 +264,12 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
     auto emit = [&](int64_t b, bool kept) {
       const int64_t prow = (b0 + b) * Tn + s;
       const T* hb = &h[b * Ps];
-      if (fl.seq) {
+      if (fl.seq && v.Y_low) {  // (h_low holds h's bits)
+        uint16_t* y = v.Y_low + prow * Ps;
+        if (kept) std::copy(&h_low[b * Ps], &h_low[b * Ps] + Ps, y);
+        else if (fl.zero_out || s == 0) std::fill(y, y + Ps, uint16_t(0));
+        else std::copy(y - Ps, y, y);
+      } else if (fl.seq) {
         T* y = Y + prow * Ps;
         if (kept) std::copy(hb, hb + Ps, y);
         else if (fl.zero_out || s == 0) std::fill(y, y + Ps, T(0));
@@ -297,8 +320,10 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
         rs_a[b] = row_stats(A0 + b * lda, GU, mu_a[b]);
         rs_x[b] = row_stats(X + (first + b * Tn) * GU, GU, mu_x[b]);
       }
-    } else {
+    } else if (!low_gemm) {
       recurrent_product(v, rec, b0, nr, h.data(), hm.data(), X + first * GU, Tn * GU, true);
+    } else if constexpr (kHasOperands<T>) {
+      operand_gemm(operand, nr, GU, Ps, h_low.data(), Ps, v.R_low, GU, 1.0f, X + first * GU, Tn * GU);
     }
     over_rows(nr, (kPlain ? 5 : 12) * U, [&](int64_t r0, int64_t r1) {
       std::vector<uint8_t> keep_h(zoneout ? Ps : 0), keep_c(zoneout ? U : 0);
@@ -329,7 +354,8 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
         // output written at the end of its row: all rows' at once, these were bursts of stores to
         // uncached lines the loop waited on
         if (fl.save) {
-          std::copy(hb, hb + Ps, sv.Hp + row * Ps);
+          if (v.Hp_low) std::copy(&h_low[b * Ps], &h_low[b * Ps] + Ps, v.Hp_low + row * Ps);
+          else std::copy(hb, hb + Ps, sv.Hp + row * Ps);
           std::copy(cb, cb + U, sv.Cp + row * U);
         }
         if constexpr (kPlain) {
@@ -337,6 +363,8 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
           const bool kept = !v.mask || v.mask[row];
           if (kept) {
             gate_row(z, cb, cb, hb, U, fl.act, fl.ract);
+            if constexpr (kHasOperands<T>)
+              if (!h_low.empty()) round_to_operand(operand, hb, &h_low[b * Ps], Ps);
           } else {  // the gates are still activated (the saved ones are read by traces)
             act_inplace(fl.ract, z, 2 * U);
             act_inplace(fl.act, z + 2 * U, U);
@@ -454,6 +482,55 @@ void forward_loop_xh(int64_t B, int64_t Tn, int64_t D, int64_t U, const T* x, co
     std::memcpy(cT + b * U, c.data() + b * U, U * sizeof(T));
   }
   if (!fl.seq && Tn > 0) std::memcpy(Y, ylast.data(), B * U * sizeof(T));
+}
+
+// forward_loop_xh with low-precision operands (Flags::operand): x, W and h as its bits, each step
+// one MKL GEMM [x_t, h] @ W accumulated in float32; C and the gate math in float32, h rounded at
+// every step. Y_low: [B,T,U] the outputs with seq; else Y: [B,U] float.
+void forward_loop_xh_low(int64_t B, int64_t Tn, int64_t D, int64_t U, const uint16_t* x, const uint16_t* W,
+                         const float* bias, const bool* keep, const Flags& fl, const float* h0, const float* c0,
+                         uint16_t* Y_low, float* Y, float* hT, float* cT) {
+  const int64_t GU = 4 * U, DU = D + U;
+  const Operand operand = Operand(fl.operand);
+  std::vector<uint16_t> xh(B * DU);
+  std::vector<float> z(B * GU), c(c0, c0 + B * U), h(h0, h0 + B * U), ylast(fl.seq ? 0 : B * U, 0.0f);
+  auto time_of = [&](int64_t s) { return fl.backwards ? Tn - 1 - s : s; };
+  auto load_row = [&](int64_t b, int64_t t) { std::copy(x + (b * Tn + t) * D, x + (b * Tn + t + 1) * D, &xh[b * DU]); };
+  for (int64_t b = 0; b < B; ++b) {
+    round_to_operand(operand, &h[b * U], &xh[b * DU + D], U);
+    load_row(b, time_of(0));
+  }
+  for (int64_t s = 0; s < Tn; ++s) {
+    const int64_t t = time_of(s);
+    operand_gemm(operand, B, GU, DU, xh.data(), DU, W, GU, 0.0f, z.data(), GU);
+    over_rows(B, 5 * U + DU, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const bool kept = keep == nullptr || keep[b * Tn + t];
+        uint16_t* h_bits = &xh[b * DU + D];
+        float* zr = &z[b * GU];
+        if (bias)
+          for (int64_t j = 0; j < GU; ++j) zr[j] += bias[j];
+        if (kept) {
+          gate_row(zr, &c[b * U], &c[b * U], &h[b * U], U, fl.act, fl.ract);
+          round_to_operand(operand, &h[b * U], h_bits, U);
+        }
+        if (fl.seq) {
+          uint16_t* y = Y_low + (b * Tn + s) * U;
+          if (kept) std::copy(h_bits, h_bits + U, y);
+          else if (fl.zero_out || s == 0) std::fill(y, y + U, uint16_t(0));
+          else std::copy(y - U, y, y);
+        } else if (kept) {
+          std::copy(&h[b * U], &h[b * U] + U, &ylast[b * U]);
+        } else if (fl.zero_out) {
+          std::fill(&ylast[b * U], &ylast[b * U] + U, 0.0f);
+        }
+        if (s + 1 < Tn) load_row(b, time_of(s + 1));
+      }
+    });
+  }
+  std::copy(h.begin(), h.end(), hT);
+  std::copy(c.begin(), c.end(), cT);
+  if (!fl.seq) std::copy(ylast.begin(), ylast.end(), Y);
 }
 
 // The plain cell's part of one row's backward (sigmoid gates and tanh: restrict, so vectorised
@@ -635,7 +712,15 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
   if (dcT) std::copy(dcT + b0 * U, dcT + b1 * U, dc.begin());
   std::vector<T> dr(kPlain ? 0 : nr * Ps), dhu(proj ? nr * U : 0), dcn(kPlain ? 0 : nr * U), tmp(v.rd ? nr * Ps : 0);
   std::vector<char> active(nr);
-  const StepOperand<T> rec_t(nr, Ps, GU, v.RT, Ps, v.rd ? 0 : Tn);  // (recurrent dropout: a product per gate)
+  // (not packed with recurrent dropout, a product per gate, nor with low-precision operands)
+  const StepOperand<T> rec_t(nr, Ps, GU, v.RT, Ps, v.rd || fl.operand ? 0 : Tn);
+  // low-precision operands (the plain cell in float): each step's dz rounded, into dXW_low, for
+  // its products (with R^T here, the weight gradients after)
+  const Operand operand = Operand(fl.operand);
+  uint16_t* dz_low = kPlain && kHasOperands<T> && fl.operand ? v.dXW_low : nullptr;
+  // (fewer rows than kLowGemmRows: the product with R^T takes float's, on dz unrounded)
+  const bool low_gemm = dz_low && nr >= kLowGemmRows;
+  std::vector<T> dz_step(dz_low && !low_gemm ? nr * GU : 0);
   for (int64_t s = Tn - 1; s >= 0; --s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
     const int64_t first = b0 * Tn + t;  // the chunk's first row at this step
@@ -650,7 +735,8 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
       active[b] = !v.mask || v.mask[row];
       if (!active[b]) {
         if (fl.zero_out) std::fill(pb, pb + Ps, T(0));
-        std::fill(gr.dXW + row * GU, gr.dXW + row * GU + GU, T(0));
+        if (v.dXW_low) std::fill(v.dXW_low + row * GU, v.dXW_low + row * GU + GU, uint16_t(0));
+        else std::fill(gr.dXW + row * GU, gr.dXW + row * GU + GU, T(0));
         if (ln) std::fill(gr.DA + row * GU, gr.DA + row * GU + GU, T(0));
         if (proj) std::fill(gr.Dr + row * Ps, gr.Dr + row * Ps + Ps, T(0));
       }
@@ -659,7 +745,7 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
     if constexpr (kPlain) {
       const bool in_place = gr.dXW == sv.G;  // (then dz goes through a scratch row: the row math reads G)
       over_rows(nr, 8 * U, [&](int64_t r0, int64_t r1) {
-        std::vector<T> dhn(U), tc(U), d1(U), dz_row(in_place ? GU : 0);
+        std::vector<T> dhn(U), tc(U), d1(U), dz_row(in_place || low_gemm ? GU : 0);
         for (int64_t b = r0; b < r1; ++b) {
           const int64_t row = (b0 + b) * Tn + t;
           if (s > 0) {  // this row's buffers at the next step (the previous one in time)
@@ -671,7 +757,10 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
           }
           T* dhb = &dh[b * Ps];
           if (v.mask) {  // (the output gradients of masked steps wait in dprev)
-            if (!take_output_gradient(b)) continue;
+            if (!take_output_gradient(b)) {
+              if (!dz_step.empty()) std::fill(&dz_step[b * GU], &dz_step[b * GU] + GU, T(0));
+              continue;
+            }
             T* pb = &dprev[b * Ps];
             for (int64_t j = 0; j < U; ++j) {
               dhn[j] = dhb[j] + pb[j];
@@ -687,14 +776,17 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
             }
           }
           std::fill(dhb, dhb + U, T(0));  // (the recurrent product below refills it)
-          T* dx = gr.dXW + row * GU;
-          T* dz = in_place ? dz_row.data() : dx;
+          T* dx = dz_low ? nullptr : gr.dXW + row * GU;
+          T* dz = dx && !in_place ? dx : !dz_step.empty() ? &dz_step[b * GU] : dz_row.data();
           plain_row_backward(fl, sv.G + row * GU, sv.Cp + row * U, dhn.data(), &dc[b * U], dz, tc.data(), d1.data(),
                              U);
-          if (in_place) std::copy(dz, dz + GU, dx);
+          if (dx && in_place) std::copy(dz, dz + GU, dx);
+          if constexpr (kHasOperands<T>)
+            if (dz_low)
+              for (int64_t j = 0; j < GU; ++j) dz_low[row * GU + j] = to_operand(operand, dz[j]);
           if (bias_rows) {
             T* dbr = bias_rows + (b0 + b) * GU;
-            for (int64_t j = 0; j < GU; ++j) dbr[j] += dx[j];
+            for (int64_t j = 0; j < GU; ++j) dbr[j] += dz[j];
           }
         }
       });
@@ -763,15 +855,19 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
       }
     }
     // dh_{t-1} += dA @ R^T (rows strided by T*GU in dXW / DA), per gate times the recurrent dropout masks
-    const T* dA = (ln ? gr.DA : gr.dXW) + first * GU;
+    const T* dA = dz_low ? nullptr : (ln ? gr.DA : gr.dXW) + first * GU;
     if (v.rd) {
       for (int64_t g = 0; g < v.G; ++g) {
         mm_set<T>(nr, Ps, U, dA + g * U, Tn * GU, v.RT + g * U * Ps, Ps, tmp.data(), Ps);
         const T* m = v.rd + (g * v.B + b0) * Ps;
         for (int64_t j = 0; j < nr * Ps; ++j) dh[j] += tmp[j] * m[j];
       }
-    } else {
+    } else if (!dz_low) {
       rec_t.acc(dA, Tn * GU, dh.data(), Ps);
+    } else if (!low_gemm) {
+      rec_t.acc(dz_step.data(), GU, dh.data(), Ps);
+    } else if constexpr (kHasOperands<T>) {
+      operand_gemm(operand, nr, Ps, GU, dz_low + first * GU, Tn * GU, v.RT_low, Ps, 1.0f, dh.data(), Ps);
     }
   }
   std::copy(dh.begin(), dh.end(), gr.dh0 + b0 * Ps);
@@ -803,6 +899,20 @@ void ForwardPass<T>::run_fused_input(int64_t input_size, const T* x, const T* W,
     forward_loop_xh<T>(b1 - b0, Tn, D, U, x + b0 * Tn * D, W, v.bias, v.mask ? v.mask + b0 * Tn : nullptr, flags_,
                        h0 + b0 * U, c0 + b0 * U, Y + b0 * (flags_.seq ? Tn : 1) * U, hT + b0 * U, cT + b0 * U);
   });
+}
+
+template <typename T>
+void ForwardPass<T>::run_fused_input_low(int64_t input_size, const uint16_t* x, const uint16_t* W, const T* h0,
+                                         const T* c0, T* Y, T* hT, T* cT) const {
+  if constexpr (kHasOperands<T>) {
+    const Params<T>& v = params_;
+    const int64_t D = input_size, U = v.U, Tn = v.Tn;
+    over_chunks(v.B, (D + U) * 4 * U, [&](int64_t b0, int64_t b1) {
+      forward_loop_xh_low(b1 - b0, Tn, D, U, x + b0 * Tn * D, W, v.bias, v.mask ? v.mask + b0 * Tn : nullptr, flags_,
+                          h0 + b0 * U, c0 + b0 * U, v.Y_low ? v.Y_low + b0 * Tn * U : nullptr,
+                          flags_.seq ? nullptr : Y + b0 * U, hT + b0 * U, cT + b0 * U);
+    });
+  }
 }
 
 template <typename T>

@@ -48,6 +48,10 @@ struct Flags {
   bool save;       // training: write the saved buffers
   int act, ract;   // activation (candidate and cell output), recurrent activation (i, f, o)
   double clip;     // the cell clip; < 0: none
+  // the recurrent products' operands (low_precision.h Operand): 0 the element type's; 1 bfloat16,
+  // 2 float16 (float only, the plain cell without recurrent dropout): h is rounded to it at every
+  // step (outputs and states hold the rounded values), products accumulate in float32
+  int operand;
 };
 
 // The weights, masks and sizes of one call; nullptr where a variant is off.
@@ -57,6 +61,13 @@ struct Params {
   const T* bias;     // [GU]
   const T* R;        // [Ps,GU] the recurrent kernel
   const T* RT;       // [GU,Ps] R transposed (the backward's)
+  // with an operand type (Flags::operand): R, RT hold its values as T; these, its bits
+  const uint16_t* R_low;   // [Ps,GU] R (nullptr: R's products stay in T)
+  const uint16_t* RT_low;  // [GU,Ps] R transposed (the backward's)
+  // buffers written in the operand type instead of T (half the memory traffic), or nullptr
+  uint16_t* Y_low;    // [B,T,Ps] the outputs with flags.seq (Y is not written)
+  uint16_t* Hp_low;   // [B,T,Ps] Saved::Hp (not written)
+  uint16_t* dXW_low;  // [B,T,GU] Gradients::dXW (not written; the backward's products read it)
   const T* rd;       // [G,B,Ps] recurrent dropout masks on h_{t-1}, one per gate
   const T* peep;     // [3,U] peephole weights i|f|o, or [2,U] f|o when coupled
   const T* gain_h;   // [GU] layer norm of A: g_h
@@ -128,6 +139,12 @@ class ForwardPass {
   // no dropout. x: [B,T,D]; W: [D+U,4U] = [kernel; R]; the rest as run(). steps >= 1.
   void run_fused_input(int64_t input_size, const T* x, const T* W, const T* h0, const T* c0, T* Y, T* hT,
                        T* cT) const;
+
+  // run_fused_input with low-precision operands (float, Flags::operand): x [B,T,D] and W [D+U,4U]
+  // as the operand type's bits; with flags.seq the outputs go to Params::Y_low (Y unused), else
+  // to Y [B,U] in float. h is rounded at every step, hT too.
+  void run_fused_input_low(int64_t input_size, const uint16_t* x, const uint16_t* W, const T* h0, const T* c0, T* Y,
+                           T* hT, T* cT) const;
 
  private:
   Params<T> params_;

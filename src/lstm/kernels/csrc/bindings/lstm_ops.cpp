@@ -15,6 +15,7 @@
 #include "bindings/products.h"
 #include "buffer_pool.h"
 #include "gemm.h"
+#include "low_precision.h"
 #include "rnn.h"
 
 using namespace lstm_core;
@@ -46,6 +47,8 @@ lstm::Params<T> params_of(const Weights& w, int64_t B, int64_t Tn, int64_t GU, b
   v.bias = ptr(w.bias);
   v.R = ptr(w.R);
   v.RT = ptr(w.RT);
+  v.R_low = v.RT_low = nullptr;
+  v.Y_low = v.Hp_low = v.dXW_low = nullptr;
   v.rd = ptr(w.rd);
   v.peep = ptr(w.peep);
   v.gain_c = ptr(w.gain_c);
@@ -62,20 +65,131 @@ lstm::Params<T> params_of(const Weights& w, int64_t B, int64_t Tn, int64_t GU, b
   v.GU = GU;
   v.G = coupled ? 3 : 4;
   v.U = GU / v.G;
-  v.Ps = w.R.size(0);
+  v.Ps = w.R.defined() ? w.R.size(0) : v.U;  // (no R: the plain cell in low precision, R_low set after)
   return v;
 }
 
 constexpr Zoneout kNoZoneout{0, 0, 0, 0};
 
-lstm::Flags plain_flags(bool backwards, bool zero_out, bool seq, int64_t act, int64_t ract, bool save) {
-  return {backwards, zero_out, seq, false, false, false, false, save, static_cast<int>(act), static_cast<int>(ract),
-          -1.0};
+lstm::Flags plain_flags(bool backwards, bool zero_out, bool seq, int64_t act, int64_t ract, bool save,
+                        Operand operand = Operand::native) {
+  return {backwards, zero_out, seq,  false, false, false, false, save, static_cast<int>(act), static_cast<int>(ract),
+          -1.0,      static_cast<int>(operand)};
 }
 
 template <typename T>
 T* ptr_or_null(torch::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+bool is_low_precision(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf;
+}
+
+Operand operand_of(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kBFloat16 ? Operand::bf16 : Operand::f16;
+}
+
+uint16_t* bits_of(const torch::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); }
+
+// The plain cell in bfloat16/float16 (problem.py, Recurrence: "Precision"): x in the low precision
+// L, the weights in L or float32, h0 in L or float32, c0 in float32 or L. The products take their
+// operands in L (x, the weights and h rounded to it) and accumulate in float32 (MKL's bf16/f16
+// GEMM); the gates, C and the recurrence in float32. Returns Y, hT in L, cT in float32 and, with
+// save, G (float32), Hp (L), Cp (float32). No dropout (the caller's supports() declines it).
+std::vector<torch::Tensor> forward_low_precision(const torch::Tensor& x, const torch::Tensor& kernel,
+                                                 const torch::Tensor& R, const torch::Tensor& bias,
+                                                 const torch::Tensor& h0, const torch::Tensor& c0,
+                                                 const torch::Tensor& mask, const lstm::Flags& flags) {
+  const auto low = x.scalar_type();
+  const Operand operand = operand_of(x);
+  const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2), U = R.size(0), GU = 4 * U;
+  auto f32 = x.options().dtype(torch::kFloat), lowp = x.options();
+  auto x_low = x.contiguous(), kernel_low = kernel.to(low).contiguous(), R_low = R.to(low).contiguous();
+  auto R_rounded = R_low.to(torch::kFloat);  // (a few rows' products take float's, on the same values)
+  auto h0_rounded = h0.to(low).to(torch::kFloat).contiguous(), c0_f32 = c0.to(torch::kFloat).contiguous();
+  auto bias_f32 = bias.defined() ? bias.to(torch::kFloat).contiguous() : torch::Tensor();
+  auto Y = flags.seq ? buffer_pool::empty({B, Tn, U}, lowp) : torch::empty({B, U}, f32);
+  auto hT = torch::empty({B, U}, f32), cT = torch::empty({B, U}, f32);
+  torch::Tensor Hp, Cp, xw;  // xw: x @ kernel, then the activated gates G
+  if (flags.save) {
+    xw = buffer_pool::empty({B, Tn, GU}, f32);
+    Hp = buffer_pool::empty({B, Tn, U}, lowp);
+    Cp = buffer_pool::empty({B, Tn, U}, f32);
+  }
+  if (Tn == 0) {
+    hT.copy_(h0_rounded);
+    cT.copy_(c0_f32);
+    Y.zero_();
+  } else if (!flags.save && B > kSmallBatch && D <= U) {  // (as the float route: no [B,T,4U] buffer)
+    auto W_low = at::cat({kernel_low, R_low}, 0).contiguous();
+    const Weights weights{torch::Tensor(), bias_f32, {}, {}, {}, {}, {}, {}, {}, {}, mask};
+    auto params = params_of<float>(weights, B, Tn, GU, false, kNoZoneout);
+    if (flags.seq) params.Y_low = bits_of(Y);
+    lstm::ForwardPass<float>(params, flags)
+        .run_fused_input_low(D, bits_of(x_low), bits_of(W_low), h0_rounded.data_ptr<float>(), c0_f32.data_ptr<float>(),
+                             flags.seq ? nullptr : Y.data_ptr<float>(), hT.data_ptr<float>(), cT.data_ptr<float>());
+  } else {
+    if (!xw.defined()) xw = buffer_pool::empty({B, Tn, GU}, f32);
+    operand_gemm(operand, B * Tn, GU, D, bits_of(x_low), D, bits_of(kernel_low), GU, 0.0f, xw.data_ptr<float>(), GU);
+    const Weights weights{torch::Tensor(), bias_f32, R_rounded, {}, {}, {}, {}, {}, {}, {}, mask};
+    auto params = params_of<float>(weights, B, Tn, GU, false, kNoZoneout);
+    params.R_low = bits_of(R_low);
+    if (flags.seq) params.Y_low = bits_of(Y);
+    if (flags.save) params.Hp_low = bits_of(Hp);
+    const lstm::Saved<float> saved{flags.save ? xw.data_ptr<float>() : nullptr, nullptr, ptr_or_null<float>(Cp)};
+    lstm::ForwardPass<float>(params, flags)
+        .run(xw.data_ptr<float>(), h0_rounded.data_ptr<float>(), c0_f32.data_ptr<float>(),
+             flags.seq ? nullptr : Y.data_ptr<float>(), hT.data_ptr<float>(), cT.data_ptr<float>(), saved, nullptr,
+             nullptr);
+  }
+  std::vector<torch::Tensor> out{Y.to(low), hT.to(low), cT};
+  if (flags.save) out.insert(out.end(), {xw, Hp, Cp});
+  return out;
+}
+
+// The backward of forward_low_precision: the recurrence in float32, each step's dz rounded to L for
+// its products (with R^T per step, the weight gradients after: ATen's, float32 accumulation).
+// dx, dkernel, dR in their inputs' dtypes; dbias, dh0, dc0 in float32.
+std::vector<torch::Tensor> backward_low_precision(const torch::Tensor& dY, const torch::Tensor& dhT,
+                                                  const torch::Tensor& dcT, const torch::Tensor& x,
+                                                  const torch::Tensor& kernel, const torch::Tensor& R,
+                                                  const torch::Tensor& G, const torch::Tensor& Hp,
+                                                  const torch::Tensor& Cp, const torch::Tensor& mask,
+                                                  const lstm::Flags& flags, const std::vector<bool>& needs) {
+  const auto low = x.scalar_type();
+  const int64_t B = x.size(0), Tn = x.size(1), U = R.size(0), GU = 4 * U;
+  auto f32 = x.options().dtype(torch::kFloat);
+  auto as_f32 = [](const torch::Tensor& t) {
+    return t.defined() ? t.to(torch::kFloat).contiguous() : torch::Tensor();
+  };
+  auto dY_f32 = as_f32(dY), dhT_f32 = as_f32(dhT), dcT_f32 = as_f32(dcT);
+  auto RT_low = R.to(low).t().contiguous();
+  auto RT_rounded = RT_low.to(torch::kFloat);  // (a few rows' products take float's, on the same values)
+  auto dZ_low = buffer_pool::empty({B, Tn, GU}, x.options());
+  auto dh0 = torch::empty({B, U}, f32), dc0 = torch::empty({B, U}, f32);
+  auto db = needs[3] ? torch::empty({GU}, f32) : torch::Tensor();
+  if (Tn == 0) {
+    dh0 = dhT_f32.defined() ? dhT_f32 : torch::zeros({B, U}, f32);
+    dc0 = dcT_f32.defined() ? dcT_f32 : torch::zeros({B, U}, f32);
+    if (db.defined()) db.zero_();
+  } else {
+    const Weights weights{{}, {}, {}, RT_rounded, {}, {}, {}, {}, {}, {}, mask};
+    auto params = params_of<float>(weights, B, Tn, GU, false, kNoZoneout);
+    params.RT_low = bits_of(RT_low);
+    params.dXW_low = bits_of(dZ_low);
+    const lstm::Saved<float> saved{G.data_ptr<float>(), nullptr, Cp.data_ptr<float>()};
+    const lstm::Gradients<float> grads{nullptr, nullptr, nullptr, dh0.data_ptr<float>(), dc0.data_ptr<float>(),
+                                       nullptr, nullptr, nullptr, nullptr, ptr_or_null<float>(db)};
+    lstm::BackwardPass<float>(params, flags)
+        .run(ptr_or_null<float>(dY_f32), ptr_or_null<float>(dhT_f32), ptr_or_null<float>(dcT_f32), saved, grads);
+  }
+  auto dZ2 = dZ_low.view({B * Tn, GU});
+  torch::Tensor dX, dK, dR;
+  input_gradients(dZ2, x.contiguous(), kernel.to(low).contiguous(), torch::Tensor(), needs[0], needs[1], dX, dK);
+  if (dK.defined()) dK = dK.to(kernel.scalar_type());
+  if (needs[2]) dR = recurrent_gate_gradient(Hp, torch::Tensor(), dZ2).to(R.scalar_type());
+  return {dX, dK, dR, db, dh0, dc0};
 }
 
 }  // namespace
@@ -96,6 +210,11 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, t
   c0 = c0.contiguous();
   auto bias = opt(bias_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();  // (every route reads it as dense [B, T])
+  if (is_low_precision(x)) {
+    TORCH_CHECK(!in_drop.defined() && !rec_drop.defined(), "lstm_forward: no dropout in bfloat16/float16");
+    return forward_low_precision(x, kernel, R, bias, h0, c0, mask,
+                                 plain_flags(backwards, zero_out, seq, act, ract, save, operand_of(x)));
+  }
   if (!save && x.size(1) == 1 && x.size(0) <= kSmallBatch && !in_drop.defined() && !rec_drop.defined() &&
       (!bias.defined() || bias.is_contiguous()))
     return single_step(x, kernel, R, bias, h0, c0, mask, seq, zero_out, act, ract);
@@ -154,6 +273,10 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
   // needs: x, kernel, R, bias, h0, c0
   at::NoGradGuard no_grad;
   auto dY = opt(dY_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
+  if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
+  if (is_low_precision(x))
+    return backward_low_precision(dY, opt(dhT_o), opt(dcT_o), x, kernel, R, G, Hp, Cp, mask,
+                                  plain_flags(backwards, zero_out, seq, act, ract, true, operand_of(x)), needs);
   x = x.contiguous();
   kernel = kernel.contiguous();
   R = R.contiguous();
@@ -166,7 +289,6 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
   auto dhT = as_input(dhT_o), dcT = as_input(dcT_o);
   if (dY.defined()) dY = buffer_pool::contiguous(dY.to(x.scalar_type()));
   if (rec_drop.defined()) rec_drop = rec_drop.contiguous();
-  if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const Weights weights{torch::Tensor(), torch::Tensor(), R, R.t().contiguous(), rec_drop, {}, {}, {}, {}, {}, mask};
   auto dZ = buffer_pool::empty({B, Tn, GU}, opts);
   auto dh0 = torch::empty({B, U}, opts), dc0 = torch::empty({B, U}, opts);

@@ -1,0 +1,67 @@
+"""The bfloat16 section of `lstm bench`: this library's LSTM under the `mixed_bfloat16` policy
+(float32 weights, bfloat16 compute: what `torch.autocast` gives it) against `torch.nn.LSTM` in
+bfloat16 (a bf16 module) and under `torch.autocast("cpu", bfloat16)`, all holding the same weights,
+with this library's float32 LSTM beside them; inference forward and training step at each bench
+shape, interleaved as the other rows are. This library's bf16 call is checked against torch's
+bf16 module first (outputs and the input's gradient within bfloat16's tolerance)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import interop, layers
+from .bench_cases import Contender, _zero
+
+OURS = "lstm LSTM bf16"
+OURS_FP32 = "lstm LSTM fp32"
+TORCH_BF16 = "torch.nn.LSTM bf16"
+TORCH_AUTOCAST = "torch.nn.LSTM autocast"
+# outputs within a few bfloat16 roundings of each other (eps 2^-7, values in (-1, 1)); gradients relative
+TOLERANCE = 0.05
+
+
+def contenders(shape: tuple, seed: int = 0) -> tuple[list[Contender], torch.Tensor]:
+    """The four rows and the input x [B, T, D] (float32; each contender casts it as its users would)."""
+    B, T, D, H = shape
+    torch.manual_seed(seed)
+    ours = layers.LSTM(H, return_sequences=True, input_dim=D, dtype="mixed_bfloat16")
+    with torch.no_grad():  # a non-trivial bias (the default is zeros but for the forget gate)
+        ours.cell.bias.add_(0.1 * torch.randn_like(ours.cell.bias))
+    ours_fp32 = layers.LSTM(H, return_sequences=True, input_dim=D)
+    ours_fp32.set_weights(ours.get_weights())
+    module_bf16 = interop.to_torch(ours_fp32).bfloat16()
+    module_autocast = interop.to_torch(ours_fp32)
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed + 1))
+    x_bf16 = x.bfloat16()
+
+    def autocast_forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return module_autocast(x)[0]
+
+    rows = [
+        Contender(OURS, lambda: ours(x), lambda: ours(x).float().sum().backward(), _zero(ours.parameters()),
+                  info={"module": ours}),
+        Contender(TORCH_BF16, lambda: module_bf16(x_bf16)[0], lambda: module_bf16(x_bf16)[0].float().sum().backward(),
+                  _zero(module_bf16.parameters()), info={"module": module_bf16}),
+        Contender(TORCH_AUTOCAST, autocast_forward, lambda: autocast_forward().float().sum().backward(),
+                  _zero(module_autocast.parameters())),
+        Contender(OURS_FP32, lambda: ours_fp32(x), lambda: ours_fp32(x).sum().backward(), _zero(ours_fp32.parameters())),
+    ]
+    return rows, x
+
+
+def check(rows: list[Contender], x: torch.Tensor) -> dict:
+    """Max |difference| of this library's bf16 outputs and torch's bf16 module's, and of the input's
+    gradient relative to its largest value; raises ValueError past TOLERANCE."""
+    ours, theirs = rows[0].info["module"], rows[1].info["module"]
+    with torch.no_grad():
+        forward = float((ours(x).float() - theirs(x.bfloat16())[0].float()).abs().max())
+    grads = []
+    for call in (lambda inputs: ours(inputs), lambda inputs: theirs(inputs)[0]):
+        inputs = x.bfloat16().requires_grad_()
+        grads.append(torch.autograd.grad(call(inputs).float().sum(), inputs)[0].float())
+    grad = float((grads[0] - grads[1]).abs().max()) / max(1.0, float(grads[1].abs().max()))
+    result = {"max_abs_diff_forward": forward, "max_rel_diff_grad_x": grad}
+    if not (forward <= TOLERANCE and grad <= TOLERANCE):
+        raise ValueError(f"{rows[0].name} differs from {rows[1].name}: {result} (tolerance {TOLERANCE:g})")
+    return result

@@ -1,0 +1,90 @@
+// Products with low-precision operands (bfloat16, float16) and float32 accumulation, the
+// numerics of a bfloat16/float16 recurrence (problem.py, Recurrence: "Precision"): MKL's
+// cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, which libtorch_cpu exports (AMX or AVX512-BF16
+// where the CPU has them), with a portable fallback over float32 copies of the operands (the same
+// products: a bf16 or f16 product is exact in float32). Operands are stored as uint16_t bits.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+
+namespace lstm_core {
+
+enum class Operand : int { native = 0, bf16 = 1, f16 = 2 };  // native: the element type's own products
+
+extern "C" {
+void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                            float*, int) __attribute__((weak));
+void cblas_gemm_f16f16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                          float*, int) __attribute__((weak));
+}
+
+// float -> bfloat16 bits, rounded to nearest even (NaN kept a NaN)
+inline uint16_t to_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+inline float from_bf16(uint16_t x) {
+  const uint32_t bits = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t to_f16(float x) {
+  const _Float16 h = static_cast<_Float16>(x);
+  uint16_t bits;
+  std::memcpy(&bits, &h, sizeof bits);
+  return bits;
+}
+
+inline float from_f16(uint16_t x) {
+  _Float16 h;
+  std::memcpy(&h, &x, sizeof h);
+  return static_cast<float>(h);
+}
+
+inline uint16_t to_operand(Operand op, float x) { return op == Operand::bf16 ? to_bf16(x) : to_f16(x); }
+inline float from_operand(Operand op, uint16_t x) { return op == Operand::bf16 ? from_bf16(x) : from_f16(x); }
+
+// x [n] rounded to the operand type: its bits into `bits`, x itself to the rounded value
+inline void round_to_operand(Operand op, float* x, uint16_t* bits, int64_t n) {
+  if (op == Operand::bf16) {
+    for (int64_t j = 0; j < n; ++j) {
+      bits[j] = to_bf16(x[j]);
+      x[j] = from_bf16(bits[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      bits[j] = to_f16(x[j]);
+      x[j] = from_f16(bits[j]);
+    }
+  }
+}
+
+// Row-major C[M,N] = A[M,K] @ B[K,N] + beta C, A and B in the operand type, C float32.
+inline void operand_gemm(Operand op, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                         const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  constexpr int kRowMajor = 101, kNoTrans = 111;
+  auto* mkl = op == Operand::bf16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+  if (mkl != nullptr && K > 0) {
+    mkl(kRowMajor, kNoTrans, kNoTrans, int(M), int(N), int(K), 1.0f, A, int(lda), B, int(ldb), beta, C, int(ldc));
+    return;
+  }
+  std::vector<float> a(M * K), b(K * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) a[m * K + k] = from_operand(op, A[m * lda + k]);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) b[k * N + n] = from_operand(op, B[k * ldb + n]);
+  gemm_nn<float>(M, N, K, a.data(), K, b.data(), N, beta, C, ldc);
+}
+
+}  // namespace lstm_core
