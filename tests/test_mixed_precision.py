@@ -138,9 +138,9 @@ def test_low_precision_against_float32(cls, options, policy):
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 7:] = False
     (y_full, *s_full), (y_low, *s_low) = full(x, mask=mask, training=True), low(x, mask=mask, training=True)
-    # (the plain LSTM runs on the fused C++ kernel in low precision too: tested against the reference below)
-    assert kernels.select(low.recurrence(x, mask)).name == ("fused_cpp" if cls is layers.LSTM and not options
-                                                            else "reference")
+    # (the fused C++ kernels run low precision too: tested against the reference below)
+    expected = "fused_gru_simple_rnn" if cls is not layers.LSTM else "fused_cpp" if not options else "fused_variants"
+    assert kernels.select(low.recurrence(x, mask)).name == expected
     for got, want in zip([y_low, *s_low], [y_full, *s_full]):
         assert got.dtype == LOW[policy]
         assert (got.float() - want).abs().max() <= bound
@@ -396,6 +396,63 @@ def test_fused_low_precision_against_the_reference(policy, route, options):
         assert got.dtype == want.dtype == LOW[policy]
         assert (got.float() - want.float()).abs().max() <= eps * math.sqrt(T)
     for got, want, param in zip(grads[1], grads[0], layer.parameters()) if training else ():
+        assert got.dtype == param.dtype
+        assert (got.float() - want.float()).abs().max() <= 2 * eps * math.sqrt(T) * want.float().abs().max()
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("options", [
+    {"peephole": True}, {"layer_norm": True}, {"proj_size": 3, "go_backwards": True},
+    {"coupled": True, "cell_clip": 0.5, "forget_bias": 0.5, "return_sequences": False}], ids=str)
+def test_fused_variants_low_precision_against_the_reference(policy, options):
+    """The variants' C++ recurrence rounds h (and a projection's input) as the reference does, on
+    float32 products of rounded operands: outputs within eps * sqrt(T), gradients 2 * eps * sqrt(T)."""
+    eps = torch.finfo(LOW[policy]).eps
+    options = {"return_sequences": True, **options}
+    layer = randomized(layers.LSTM(U, input_dim=D, return_state=True, dtype=policy, **options))
+    x = inputs(20, T, D)
+    mask = torch.rand(20, T, generator=torch.Generator().manual_seed(5)) > 0.3
+    assert kernels.select(layer.recurrence(x, mask)).name == "fused_variants"
+    results, grads = [], []
+    for kernel in ("reference", "fused_variants"):
+        with kernels.use(kernel):
+            outputs = layer(x, mask=mask)
+            loss = (outputs[0].float() * inputs(*outputs[0].shape, seed=2)).sum() + outputs[2].float().sum()
+            grads.append(torch.autograd.grad(loss, list(layer.parameters())))
+        results.append(outputs)
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype == LOW[policy]
+        assert (got.float() - want.float()).abs().max() <= eps * math.sqrt(T)
+    for got, want, param in zip(grads[1], grads[0], layer.parameters()):
+        assert got.dtype == param.dtype
+        assert (got.float() - want.float()).abs().max() <= 2 * eps * math.sqrt(T) * want.float().abs().max()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
+@pytest.mark.parametrize("cls, options", [
+    (layers.GRU, {}), (layers.GRU, {"reset_after": False, "go_backwards": True}),
+    (layers.GRU, {"reset_after": False, "recurrent_dropout": 0.3, "seed": 3}),
+    (layers.SimpleRNN, {"return_sequences": False}), (layers.SimpleRNN, {"recurrent_dropout": 0.3, "seed": 3})],
+    ids=str)
+def test_fused_gru_simple_rnn_low_precision_against_the_reference(cls, options, policy):
+    """The GRU's and SimpleRNN's C++ loops round h (and r * h, h after its dropout mask) as the
+    reference does: outputs within eps * sqrt(T), gradients 2 * eps * sqrt(T) of the largest."""
+    eps = torch.finfo(LOW[policy]).eps
+    options = {"return_sequences": True, **options}
+    x = inputs(20, T, D)
+    mask = torch.rand(20, T, generator=torch.Generator().manual_seed(5)) > 0.3
+    results, grads = [], []
+    for kernel in ("reference", "fused_gru_simple_rnn"):
+        layer = randomized(cls(U, input_dim=D, return_state=True, dtype=policy, **options))  # (the same draws)
+        with kernels.use(kernel):
+            outputs = layer(x, mask=mask, training=True)
+            loss = (outputs[0].float() * inputs(*outputs[0].shape, seed=2)).sum() + outputs[1].float().sum()
+            grads.append(torch.autograd.grad(loss, list(layer.parameters())))
+        results.append(outputs)
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype == LOW[policy]
+        assert (got.float() - want.float()).abs().max() <= eps * math.sqrt(T)
+    for got, want, param in zip(grads[1], grads[0], layer.parameters()):
         assert got.dtype == param.dtype
         assert (got.float() - want.float()).abs().max() <= 2 * eps * math.sqrt(T) * want.float().abs().max()
 

@@ -79,6 +79,41 @@ class FusedOp:
         return results[:count], results[count:]
 
 
+# bfloat16/float16 (problem.py, Recurrence: "Precision") on the C++ core's float32 recurrences: the
+# products' operands come rounded to the low precision, held in float32, and the C++ loop rounds h
+# at every step (the codes of csrc/rnn.h's `operand`)
+OPERAND_CODES = {torch.bfloat16: 1, torch.float16: 2}
+ROUNDED_OPERANDS = frozenset({"x", "kernel", "recurrent_kernel", "projection", "h0"})
+
+
+def low_precision(inputs: Sequence) -> Optional[torch.dtype]:
+    """The compute dtype of an op's call (its first input's) when it is bfloat16/float16, else None."""
+    return inputs[0].dtype if inputs[0].dtype in OPERAND_CODES else None
+
+
+def in_float32(tensors: Sequence, low: Optional[torch.dtype]) -> list:
+    """The floating tensors in float32 when `low` (others as they are)."""
+    if low is None:
+        return list(tensors)
+    return [t.float() if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
+
+
+def operands_in_float32(op: FusedOp, inputs: Sequence, fixed: Sequence, low: Optional[torch.dtype]) -> tuple:
+    """(inputs, fixed) as a float32 recurrence takes them in `low`: the ROUNDED_OPERANDS rounded to
+    it, everything floating in float32 (biases, gains, peepholes, C, dropout masks unrounded)."""
+    if low is None:
+        return inputs, fixed
+    converted = [t.to(low) if name in ROUNDED_OPERANDS and isinstance(t, Tensor) else t
+                 for name, t in zip(op.input_names + op.fixed_names, (*inputs, *fixed))]
+    converted = in_float32(converted, low)
+    return converted[:len(inputs)], converted[len(inputs):]
+
+
+def in_input_dtypes(grads: Sequence, inputs: Sequence) -> list:
+    """Each gradient in its input's dtype (float32 computations for bfloat16/float16 inputs)."""
+    return [g if g is None or t is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
 class Call:
     """What the eager Function needs besides the inputs. A cell call makes one and reuses it."""
 

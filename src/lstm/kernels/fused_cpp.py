@@ -57,7 +57,7 @@ name = "fused_cpp"
 def supports(p: Recurrence) -> bool:
     return (p.plain and p.cell.kind == "lstm" and (p.bias is None or p.bias.dim() == 1)
             and support.activation_codes(p.cell) is not None
-            and (support.on_cpu_in_one_float_dtype(p) or support.on_cpu_in_low_precision_without_dropout(p))
+            and (support.on_cpu_in_one_float_dtype(p) or support.on_cpu_in_low_precision(p, dropout=False))
             and support.extension_ready())
 
 
@@ -87,8 +87,7 @@ class LSTMOp(fused.FusedOp):
     def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
         x, kernel, recurrent_kernel = inputs[:3]
         grads = native.module.backward(*output_grads, x, kernel, recurrent_kernel, *saved, *fixed, *options, needs)
-        # (in bfloat16/float16 some come in float32: each in its input's dtype)
-        return [g if g is None or t is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, inputs)]
+        return fused.in_input_dtypes(grads, inputs)  # (in bfloat16/float16 some come in float32)
 
     def forward_shapes(self, inputs, fixed, options, save):
         x, recurrent_kernel = inputs[0], inputs[2]

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from . import fused, native, support
-from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
+from .problem import Recurrence, RecurrenceResult, answers_empty_sequences, state_dtype
 from .reference import masked_product
 
 name = "fused_variants"
@@ -37,7 +37,8 @@ SAVED_COUNT = 11  # G, Hp, Cp, Ahat, rstd_h, mean_c, rstd_c, Hu, xk, rstd_x, mea
 
 def supports(p: Recurrence) -> bool:
     return (p.cell.kind == "lstm" and support.activation_codes(p.cell) is not None
-            and support.on_cpu_in_one_float_dtype(p) and support.extension_ready())
+            and (support.on_cpu_in_one_float_dtype(p) or support.on_cpu_in_low_precision(p, dropout=True))
+            and support.extension_ready())
 
 
 class Options(NamedTuple):
@@ -57,8 +58,11 @@ class Options(NamedTuple):
     trace: bool
 
 
-def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int) -> torch.Tensor:
-    """xk = x @ kernel [B, T, G*U], contiguous."""
+def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int, low=None) -> torch.Tensor:
+    """xk = x @ kernel [B, T, G*U], contiguous; in bfloat16/float16 (`low`) x after its dropout
+    masks rounded to it, as the reference kernel rounds a product's operand."""
+    if in_drop is not None and low is not None:
+        return masked_product(x, kernel, in_drop[:, :, None, :], gates, lambda t: t.to(low).float()).contiguous()
     if in_drop is None:  # one 2-D GEMM, as matmul does with grad (a strided x would take another route)
         B, T, D = x.shape
         xk = native.module.pooled_empty([B * T, kernel.shape[1]], x)
@@ -98,15 +102,25 @@ class VariantsOp(fused.FusedOp):
     overwrites_saved = True  # G, or with layer norm xk and LN(A)
 
     def forward(self, inputs, fixed, options, save):
+        low = fused.low_precision(inputs)
+        inputs, fixed = fused.operands_in_float32(self, inputs, fixed, low)
         x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0 = inputs
         in_drop, rd, mask, seed = fixed
-        xk = _project(x, kernel, in_drop, 3 if options.coupled else 4)
+        xk = _project(x, kernel, in_drop, 3 if options.coupled else 4, low)
         results = native.module.variant_forward(
             xk, gate_gain, bias, R, rd, peephole, gain_c, shift_c, P, int(seed), *options[:3], mask, h0, c0,
-            *options[3:10], save, options.trace)
+            *options[3:10], save, options.trace, fused.OPERAND_CODES.get(low, 0))
+        if low is not None:  # (the outputs and h hold rounded values: exact in the low precision)
+            results[0], results[1] = results[0].to(low), results[1].to(low)
         return results + [None] * (3 + SAVED_COUNT + 2 - len(results))
 
     def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
+        low = fused.low_precision(inputs)
+        converted, fixed = fused.operands_in_float32(self, inputs, fixed, low)
+        grads = self._backward(fused.in_float32(output_grads, low), converted, saved, fixed, options, needs, overwrite)
+        return fused.in_input_dtypes(grads, inputs)
+
+    def _backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
         x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P = inputs[:9]
         in_drop, rd, mask, seed = fixed
         saved = [R.new_empty(0) if t is None else t for t in saved[:SAVED_COUNT]]
@@ -143,7 +157,14 @@ class VariantsOp(fused.FusedOp):
         return [(B, T, Ps) if options.return_sequences else (B, Ps), (B, Ps), (B, U), *saved, *trace]
 
 
+    def forward_dtypes(self, inputs, fixed, options, save):
+        compute = inputs[0].dtype
+        count = len(self.forward_shapes(inputs, fixed, options, save))
+        return [compute, compute] + [state_dtype(compute)] * (count - 2)  # (the rest float32 in bf16/f16)
+
+
 OP = VariantsOp()
+
 
 
 def _bias(p: Recurrence):

@@ -34,14 +34,17 @@ def on_cpu_in_one_float_dtype(p: Recurrence) -> bool:
     return p.mask is None or p.mask.is_cpu
 
 
-def on_cpu_in_low_precision_without_dropout(p: Recurrence) -> bool:
+def on_cpu_in_low_precision(p: Recurrence, dropout: bool) -> bool:
     """A bfloat16/float16 problem as the C++ core takes it (problem.py, Recurrence: "Precision"):
-    on the CPU, the weights and initial states in float32 or the compute dtype, no dropout masks."""
+    on the CPU, every tensor in float32 or the compute dtype; dropout masks only if `dropout`."""
     x = p.inputs
-    if x.dtype not in LOW_PRECISION or x.dim() != 3 or p.input_dropout is not None or p.recurrent_dropout is not None:
+    if x.dtype not in LOW_PRECISION or x.dim() != 3:
+        return False
+    if not dropout and (p.input_dropout is not None or p.recurrent_dropout is not None):
         return False
     dtypes = (x.dtype, torch.float32)
-    for t in (x, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state):
+    for t in (x, p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, p.recurrent_dropout, p.peephole,
+              p.projection, *(p.layer_norm or ()), *p.initial_state):
         if t is not None and (not t.is_cpu or t.dtype not in dtypes):
             return False
     return p.mask is None or p.mask.is_cpu

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "low_precision.h"
 #include "rnn.h"
 #include "sequence_rows.h"
 #include "simd.h"
@@ -119,6 +120,10 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& o) {
       Scalar* hnr = hn + b * ldn;
       if (a.keep == nullptr || a.keep[b * Tn + t]) {
         new_state_row(zr, zr + 2 * U, hpr, hnr, yrow, U);
+        if (o.operand) {
+          round_operands(o.operand, hnr, U);
+          std::memcpy(yrow, hnr, U * sizeof(Scalar));
+        }
       } else {
         std::memcpy(hnr, hpr, U * sizeof(Scalar));
         masked_output(yrow, s, U, o);
@@ -131,6 +136,7 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& o) {
       } else {
         for (int64_t g = 0; g < 3; ++g) {
           masked_rows(B, U, hp, ldh, rd + g * a.dropout_gate_stride, masked_h.data());
+          round_operands(o.operand, masked_h.data(), B * U);
           mm_set<Scalar>(B, U, U, masked_h.data(), U, R + g * U, GU, rec + g * U, GU);
         }
       }
@@ -159,6 +165,7 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& o) {
       } else {
         for (int64_t g = 0; g < 2; ++g) {
           masked_rows(B, U, hp, ldh, rd + g * a.dropout_gate_stride, masked_h.data());
+          round_operands(o.operand, masked_h.data(), B * U);
           mm_acc<Scalar>(B, U, U, masked_h.data(), U, R + g * U, GU, g_t + g * U, ldg);
         }
       }
@@ -176,6 +183,7 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& o) {
           for (int64_t j = 0; j < U; ++j) rhr[j] = r[j] * hpr[j];
           if (mask_h)
             for (int64_t j = 0; j < U; ++j) rhr[j] *= mask_h[b * U + j];
+          round_operands(o.operand, rhr, U);
         }
       });
       product_candidate.acc(rh, ldr, g_t + 2 * U, ldg);

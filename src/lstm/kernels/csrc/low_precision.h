@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "gemm.h"
@@ -67,6 +68,22 @@ inline void round_to_operand(Operand op, float* x, uint16_t* bits, int64_t n) {
       x[j] = from_f16(bits[j]);
     }
   }
+}
+
+// x [n] rounded to the operand type, in place
+inline void round_in_place(Operand op, float* x, int64_t n) {
+  if (op == Operand::bf16) {
+    for (int64_t j = 0; j < n; ++j) x[j] = from_bf16(to_bf16(x[j]));
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] = from_f16(to_f16(x[j]));
+  }
+}
+
+// round_in_place for the element types: float's operand types only (a no-op for `native`)
+template <typename T>
+inline void round_operands(int operand, T* x, int64_t n) {
+  if constexpr (std::is_same_v<T, float>)
+    if (operand) round_in_place(Operand(operand), x, n);
 }
 
 // Row-major C[M,N] = A[M,K] @ B[K,N] + beta C, A and B in the operand type, C float32.

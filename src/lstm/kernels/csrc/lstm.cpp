@@ -213,10 +213,11 @@ inline bool is_plain(const Params<T>& v, const Flags& fl) {
 }
 
 // The rows' recurrent product of one step: dst[nr, GU] (+)= h @ R, per gate times the recurrent
-// dropout masks when there are any (hm: scratch [nr, Ps]); `accumulate` adds to dst.
+// dropout masks when there are any (hm: scratch [nr, Ps]; rounded, the product's operand, with
+// low-precision operands); `accumulate` adds to dst.
 template <typename T>
-inline void recurrent_product(const Params<T>& v, const StepOperand<T>& rec, int64_t b0, int64_t nr, const T* h,
-                              T* hm, T* dst, int64_t ld, bool accumulate) {
+inline void recurrent_product(const Params<T>& v, const Flags& fl, const StepOperand<T>& rec, int64_t b0, int64_t nr,
+                              const T* h, T* hm, T* dst, int64_t ld, bool accumulate) {
   const int64_t U = v.U, Ps = v.Ps, GU = v.GU;
   if (!v.rd) {
     if (accumulate) rec.acc(h, Ps, dst, ld);
@@ -226,6 +227,8 @@ inline void recurrent_product(const Params<T>& v, const StepOperand<T>& rec, int
   for (int64_t g = 0; g < v.G; ++g) {
     const T* m = v.rd + (g * v.B + b0) * Ps;
     for (int64_t j = 0; j < nr * Ps; ++j) hm[j] = h[j] * m[j];
+    if constexpr (kHasOperands<T>)
+      if (fl.operand) round_in_place(Operand(fl.operand), hm, nr * Ps);
     if (accumulate) mm_acc<T>(nr, U, Ps, hm, Ps, v.R + g * U, GU, dst + g * U, ld);
     else mm_set<T>(nr, U, Ps, hm, Ps, v.R + g * U, GU, dst + g * U, ld);
   }
@@ -315,13 +318,13 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
     if (ln) {
       A0 = fl.save ? sv.Ahat + first * GU : A.data();
       lda = fl.save ? Tn * GU : GU;
-      recurrent_product(v, rec, b0, nr, h.data(), hm.data(), A0, lda, false);
+      recurrent_product(v, fl, rec, b0, nr, h.data(), hm.data(), A0, lda, false);
       for (int64_t b = 0; b < nr; ++b) {  // the rows' statistics first, apart: independent reductions the CPU overlaps
         rs_a[b] = row_stats(A0 + b * lda, GU, mu_a[b]);
         rs_x[b] = row_stats(X + (first + b * Tn) * GU, GU, mu_x[b]);
       }
     } else if (!low_gemm) {
-      recurrent_product(v, rec, b0, nr, h.data(), hm.data(), X + first * GU, Tn * GU, true);
+      recurrent_product(v, fl, rec, b0, nr, h.data(), hm.data(), X + first * GU, Tn * GU, true);
     } else if constexpr (kHasOperands<T>) {
       operand_gemm(operand, nr, GU, Ps, h_low.data(), Ps, v.R_low, GU, 1.0f, X + first * GU, Tn * GU);
     }
@@ -419,12 +422,17 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
         }
         act_inplace(fl.act, out, U);
         for (int64_t j = 0; j < U; ++j) out[j] *= z[off.o + j];
+        // with low-precision operands h is rounded (or hu, the projection's operand, and h after it)
+        if constexpr (kHasOperands<T>)
+          if (fl.operand) round_in_place(operand, out, U);
         if (fl.save && proj) std::copy(out, out + U, sv.Hu + row * U);
         if (!proj) finish_row(b, out, keep_h.data(), keep_c.data());  // (with a projection: after its product, below)
       }
     });
     if (proj) {  // h = hu @ P for all rows, then their states
       mm_set<T>(nr, Ps, U, hu.data(), U, v.P, Ps, r.data(), Ps);
+      if constexpr (kHasOperands<T>)
+        if (fl.operand) round_in_place(operand, r.data(), nr * Ps);
       std::vector<uint8_t> keep_h(zoneout ? Ps : 0), keep_c(zoneout ? U : 0);
       for (int64_t b = 0; b < nr; ++b) finish_row(b, &r[b * Ps], keep_h.data(), keep_c.data());
     }

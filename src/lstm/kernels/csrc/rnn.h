@@ -48,9 +48,11 @@ struct Flags {
   bool save;       // training: write the saved buffers
   int act, ract;   // activation (candidate and cell output), recurrent activation (i, f, o)
   double clip;     // the cell clip; < 0: none
-  // the recurrent products' operands (low_precision.h Operand): 0 the element type's; 1 bfloat16,
-  // 2 float16 (float only, the plain cell without recurrent dropout): h is rounded to it at every
-  // step (outputs and states hold the rounded values), products accumulate in float32
+  // low-precision operands (low_precision.h Operand; float only): 0 none; 1 bfloat16, 2 float16.
+  // h is rounded to it at every step (with a projection hu, its operand, too), so outputs and
+  // states hold rounded values; the caller rounds the weights and x. The plain cell takes its
+  // products on MKL's low-precision GEMM where Params::R_low is given; every other product is
+  // float's on the rounded values (the same products, accumulated in float32)
   int operand;
 };
 
@@ -257,6 +259,9 @@ struct SequenceOptions {
   int activation;
   int recurrent_activation;  // GRU z and r (the SimpleRNN has none)
   bool reset_after;          // GRU: r multiplies h @ R_h + b_h (true) or h before the product (false)
+  // low-precision operands, as lstm::Flags::operand (float only): h rounded at every step, and the
+  // other operands of the per-step products (h after its dropout mask; the GRU's r * h)
+  int operand;
 };
 
 // GRU, gates z | r | h_tilde (Keras' order):

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "low_precision.h"
 #include "rnn.h"
 #include "sequence_rows.h"
 #include "simd.h"
@@ -65,6 +66,7 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& o) {
     } else {
       for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < U; ++j) masked_h[b * U + j] = hp[b * ldh + j] * rd[b * U + j];
+      round_operands(o.operand, masked_h.data(), B * U);
       product.acc(masked_h.data(), U, z_t, ldz);
     }
     over_rows(B, 4 * U, [&](int64_t b0, int64_t b1) {
@@ -81,7 +83,8 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& o) {
         Scalar* yrow = output_row(a.y, b, s, Tn, U, o.return_sequences);
         if (a.keep == nullptr || a.keep[b * Tn + t]) {
           std::memcpy(hn + b * ldn, zr, U * sizeof(Scalar));
-          std::memcpy(yrow, zr, U * sizeof(Scalar));
+          round_operands(o.operand, hn + b * ldn, U);  // (zr, kept as it is, gives the backward act')
+          std::memcpy(yrow, hn + b * ldn, U * sizeof(Scalar));
         } else {
           std::memcpy(hn + b * ldn, hp + b * ldh, U * sizeof(Scalar));
           masked_output(yrow, s, U, o);

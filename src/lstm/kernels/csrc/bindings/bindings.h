@@ -79,6 +79,8 @@ class LSTMStep {
 // rnn.h's lstm::Params. Returns Y, hT, cT and, with save, G, Hp, Cp, Ahat, rstd_h, mean_c,
 // rstd_c, Hu, xk itself, rstd_x, mean_x (undefined where unused; rnn.h: lstm::Saved) and, with
 // trace (which implies save), each step's h and C after zoneout [B,T,*] in processing order.
+// operand: 0, or bfloat16 (1) / float16 (2) rounding of h at every step (rnn.h: lstm::Flags), the
+// tensors float32 holding values the caller rounded (x, the kernels, h0).
 std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch::Tensor> gate_gain_o,
                                            c10::optional<torch::Tensor> bias_o, torch::Tensor R,
                                            c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
@@ -87,7 +89,8 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
                                            int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h,
                                            int64_t keep_c, c10::optional<torch::Tensor> mask_o, torch::Tensor h0,
                                            torch::Tensor c0, bool backwards, bool zero_out, bool seq, bool coupled,
-                                           int64_t act, int64_t ract, double clip, bool save, bool trace);
+                                           int64_t act, int64_t ract, double clip, bool save, bool trace,
+                                           int64_t operand);
 
 // saved: the forward's (empty where unused). Returns dxk [B,T,GU], DA [B,T,GU] (layer norm; else
 // undefined: it equals dxk), Dr [B,T,Ps] (projection), dh0, dc0, d peephole, d gain_c, d shift_c,
@@ -113,13 +116,15 @@ std::vector<torch::Tensor> variant_backward(
 // x [B,T,D], kernel [D,3U], recurrent_kernel [U,3U], bias (None | [3U] | [2,3U]), h0 [B,U],
 // input_dropout (None | [1|3,B,D]), recurrent_dropout (None | [3,B,U]), mask (None | bool [B,T]).
 // Returns [y, h_last] and, with save, [gates, h_prev, candidate_input] (rnn.h: gru::Forward).
+// operand: 0, or bfloat16 (1) / float16 (2) rounding of h and the per-step products' operands
+// (rnn.h: SequenceOptions), the float32 tensors holding values the caller rounded.
 std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor recurrent_kernel,
                                        c10::optional<torch::Tensor> bias_o, torch::Tensor h0,
                                        c10::optional<torch::Tensor> input_dropout_o,
                                        c10::optional<torch::Tensor> recurrent_dropout_o,
                                        c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                        bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                       int64_t recurrent_activation, bool reset_after, bool save);
+                                       int64_t recurrent_activation, bool reset_after, bool save, int64_t operand);
 
 // dy (None | y's shape), dh_last (None | [B,U]), bias_dim (0 none, 1 [3U], 2 [2,3U]), the saved
 // buffers and the forward's arguments; needs: which of dx, dkernel, drecurrent_kernel, dbias, dh0
@@ -142,7 +147,7 @@ std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor ker
                                               c10::optional<torch::Tensor> recurrent_dropout_o,
                                               c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                               bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                              bool save);
+                                              bool save, int64_t operand);
 
 // As gru_backward, bias_dim 0 or 1. Returns [dx, dkernel, drecurrent_kernel, dbias, dh0].
 std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o,

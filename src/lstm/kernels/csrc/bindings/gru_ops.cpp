@@ -23,7 +23,7 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
                                        c10::optional<torch::Tensor> recurrent_dropout_o,
                                        c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                        bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                       int64_t recurrent_activation, bool reset_after, bool save) {
+                                       int64_t recurrent_activation, bool reset_after, bool save, int64_t operand) {
   at::NoGradGuard no_grad;  // autograd is the caller's (a hand-derived backward)
   x = x.contiguous();
   kernel = kernel.contiguous();
@@ -34,7 +34,7 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
   if (recurrent_dropout.defined()) recurrent_dropout = recurrent_dropout.contiguous();
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
-                                static_cast<int>(recurrent_activation), reset_after};
+                                static_cast<int>(recurrent_activation), reset_after, static_cast<int>(operand)};
   const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
   auto opts = x.options();
   auto gates = project_inputs(x, kernel, input_dropout);

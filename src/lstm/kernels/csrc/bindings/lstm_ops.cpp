@@ -334,9 +334,10 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
                                            c10::optional<torch::Tensor> mask_o,
                                            torch::Tensor h0, torch::Tensor c0, bool backwards, bool zero_out, bool seq,
                                            bool coupled, int64_t act, int64_t ract, double clip, bool save,
-                                           bool trace) {
+                                           bool trace, int64_t operand) {
   at::NoGradGuard no_grad;
   save = save || trace;
+  TORCH_CHECK(operand == 0 || xk.scalar_type() == torch::kFloat, "variant_forward: low-precision operands need float32");
   TORCH_CHECK(xk.is_contiguous(), "variant_forward: xk must be contiguous");
   R = R.contiguous();
   h0 = h0.contiguous();
@@ -345,7 +346,8 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
                         contiguous_or_none(rd_o), contiguous_or_none(peep_o), contiguous_or_none(gain_c_o),
                         contiguous_or_none(shift_c_o), contiguous_or_none(P_o), torch::Tensor(), bool_or_none(mask_o)};
   lstm::Flags fl{backwards, zero_out, seq, coupled, weights.peep.defined(), weights.gate_gain.defined(),
-                 weights.P.defined(), save, static_cast<int>(act), static_cast<int>(ract), clip};
+                 weights.P.defined(), save, static_cast<int>(act), static_cast<int>(ract), clip,
+                 static_cast<int>(operand)};
   const int64_t B = xk.size(0), Tn = xk.size(1), GU = xk.size(2), Ps = R.size(0), U = GU / (coupled ? 3 : 4);
   auto opts = xk.options();
   auto Y = seq ? buffer_pool::empty({B, Tn, Ps}, opts) : torch::empty({B, Ps}, opts);  // (every row is written)

@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
         py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"),
         py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
-        py::arg("recurrent_activation"), py::arg("reset_after"), py::arg("save"));
+        py::arg("recurrent_activation"), py::arg("reset_after"), py::arg("save"), py::arg("operand") = 0);
   m.def("gru_backward", &gru_backward, "GRU backward (BPTT): [dx, dkernel, drecurrent_kernel, dbias, dh0]",
         py::arg("dy"), py::arg("dh_last"), py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"),
         py::arg("bias_dim"), py::arg("gates"), py::arg("h_prev"), py::arg("candidate_input"),
@@ -33,7 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "SimpleRNN forward (fused): [y, h_last] (+ [outputs, h_prev] with save)", py::arg("x"), py::arg("kernel"),
         py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"), py::arg("input_dropout"),
         py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"), py::arg("zero_output_for_mask"),
-        py::arg("return_sequences"), py::arg("activation"), py::arg("save"));
+        py::arg("return_sequences"), py::arg("activation"), py::arg("save"), py::arg("operand") = 0);
   m.def("simple_rnn_backward", &simple_rnn_backward,
         "SimpleRNN backward (BPTT): [dx, dkernel, drecurrent_kernel, dbias, dh0]", py::arg("dy"), py::arg("dh_last"),
         py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias_dim"), py::arg("outputs"),

@@ -24,7 +24,7 @@ std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor ker
                                               c10::optional<torch::Tensor> recurrent_dropout_o,
                                               c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                               bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                              bool save) {
+                                              bool save, int64_t operand) {
   at::NoGradGuard no_grad;  // autograd is the caller's (a hand-derived backward)
   x = x.contiguous();
   kernel = kernel.contiguous();
@@ -36,7 +36,7 @@ std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor ker
   if (recurrent_dropout.defined()) recurrent_dropout = recurrent_dropout.contiguous();
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
-                                0, false};
+                                0, false, static_cast<int>(operand)};
   const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
   auto opts = x.options();
   auto outputs = project_inputs(x, kernel, input_dropout);
