@@ -86,21 +86,24 @@ inline void round_operands(int operand, T* x, int64_t n) {
     if (operand) round_in_place(Operand(operand), x, n);
 }
 
-// Row-major C[M,N] = A[M,K] @ B[K,N] + beta C, A and B in the operand type, C float32.
+// Row-major C[M,N] = op(A) @ op(B) + beta C, A and B in the operand type, C float32: op(A) [M,K] is
+// A [M,K] (lda its row stride), or with trans_a A^T for A stored [K,M]; op(B) likewise.
 inline void operand_gemm(Operand op, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
-                         const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                         const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc, bool trans_a = false,
+                         bool trans_b = false) {
   if (M == 0 || N == 0) return;
-  constexpr int kRowMajor = 101, kNoTrans = 111;
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
   auto* mkl = op == Operand::bf16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
   if (mkl != nullptr && K > 0) {
-    mkl(kRowMajor, kNoTrans, kNoTrans, int(M), int(N), int(K), 1.0f, A, int(lda), B, int(ldb), beta, C, int(ldc));
+    mkl(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, int(M), int(N), int(K), 1.0f, A,
+        int(lda), B, int(ldb), beta, C, int(ldc));
     return;
   }
   std::vector<float> a(M * K), b(K * N);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) a[m * K + k] = from_operand(op, A[m * lda + k]);
+    for (int64_t k = 0; k < K; ++k) a[m * K + k] = from_operand(op, trans_a ? A[k * lda + m] : A[m * lda + k]);
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) b[k * N + n] = from_operand(op, B[k * ldb + n]);
+    for (int64_t n = 0; n < N; ++n) b[k * N + n] = from_operand(op, trans_b ? B[n * ldb + k] : B[k * ldb + n]);
   gemm_nn<float>(M, N, K, a.data(), K, b.data(), N, beta, C, ldc);
 }
 

@@ -149,8 +149,8 @@ std::vector<torch::Tensor> forward_low_precision(const torch::Tensor& x, const t
 }
 
 // The backward of forward_low_precision: the recurrence in float32, each step's dz rounded to L for
-// its products (with R^T per step, the weight gradients after: ATen's, float32 accumulation).
-// dx, dkernel, dR in their inputs' dtypes; dbias, dh0, dc0 in float32.
+// its products (with R^T per step; dx and the weight gradients after), accumulated in float32.
+// Every gradient in float32 (the caller casts them to their inputs' dtypes).
 std::vector<torch::Tensor> backward_low_precision(const torch::Tensor& dY, const torch::Tensor& dhT,
                                                   const torch::Tensor& dcT, const torch::Tensor& x,
                                                   const torch::Tensor& kernel, const torch::Tensor& R,
@@ -184,11 +184,25 @@ std::vector<torch::Tensor> backward_low_precision(const torch::Tensor& dY, const
     lstm::BackwardPass<float>(params, flags)
         .run(ptr_or_null<float>(dY_f32), ptr_or_null<float>(dhT_f32), ptr_or_null<float>(dcT_f32), saved, grads);
   }
-  auto dZ2 = dZ_low.view({B * Tn, GU});
+  // the products over all steps on MKL's low-precision GEMM, float32 out (oneDNN's bf16 matmul
+  // costs ~20 us a call at small sizes, and rounds its output)
+  const Operand operand = operand_of(x);
+  const int64_t BT = B * Tn, D = x.size(2);
+  auto x_low = x.contiguous(), kernel_low = kernel.to(low).contiguous();
   torch::Tensor dX, dK, dR;
-  input_gradients(dZ2, x.contiguous(), kernel.to(low).contiguous(), torch::Tensor(), needs[0], needs[1], dX, dK);
-  if (dK.defined()) dK = dK.to(kernel.scalar_type());
-  if (needs[2]) dR = recurrent_gate_gradient(Hp, torch::Tensor(), dZ2).to(R.scalar_type());
+  if (needs[0]) {  // dx = dZ kernel^T
+    dX = torch::empty({B, Tn, D}, f32);
+    operand_gemm(operand, BT, D, GU, bits_of(dZ_low), GU, bits_of(kernel_low), GU, 0.0f, dX.data_ptr<float>(), D,
+                 false, true);
+  }
+  if (needs[1]) {  // dkernel = x^T dZ
+    dK = torch::empty({D, GU}, f32);
+    operand_gemm(operand, D, GU, BT, bits_of(x_low), D, bits_of(dZ_low), GU, 0.0f, dK.data_ptr<float>(), GU, true);
+  }
+  if (needs[2]) {  // dR = Hp^T dZ
+    dR = torch::empty({U, GU}, f32);
+    operand_gemm(operand, U, GU, BT, bits_of(Hp), U, bits_of(dZ_low), GU, 0.0f, dR.data_ptr<float>(), GU, true);
+  }
   return {dX, dK, dR, db, dh0, dc0};
 }
 
