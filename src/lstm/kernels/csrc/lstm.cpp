@@ -249,8 +249,6 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
   std::vector<T> rs_a(ln ? nr : 0), mu_a(ln ? nr : 0), rs_x(ln ? nr : 0), mu_x(ln ? nr : 0);
   std::vector<T> no_bias(v.bias ? 0 : GU, T(0));
   const T* bias = v.bias ? v.bias : no_bias.data();
-  // (not packed with recurrent dropout, a product per gate, nor with low-precision operands)
-  const StepOperand<T> rec(nr, GU, Ps, v.R, GU, v.rd || fl.operand ? 0 : Tn);
   // low-precision operands (the plain cell in float): h rounded at every step, its bits kept for
   // the products (from kLowGemmRows rows, MKL's; fewer take T's products of the same values) and
   // the buffers written in the operand type
@@ -259,6 +257,8 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
   if constexpr (kHasOperands<T>)
     if (!h_low.empty()) round_to_operand(operand, h.data(), h_low.data(), nr * Ps);
   const bool low_gemm = !h_low.empty() && v.R_low && nr >= kLowGemmRows;
+  // (not packed with recurrent dropout, a product per gate, nor when MKL's low-precision GEMM runs)
+  const StepOperand<T> rec(nr, GU, Ps, v.R, GU, v.rd || low_gemm ? 0 : Tn);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
     const int64_t first = b0 * Tn + t;  // the chunk's first row at this step
@@ -720,14 +720,14 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
   if (dcT) std::copy(dcT + b0 * U, dcT + b1 * U, dc.begin());
   std::vector<T> dr(kPlain ? 0 : nr * Ps), dhu(proj ? nr * U : 0), dcn(kPlain ? 0 : nr * U), tmp(v.rd ? nr * Ps : 0);
   std::vector<char> active(nr);
-  // (not packed with recurrent dropout, a product per gate, nor with low-precision operands)
-  const StepOperand<T> rec_t(nr, Ps, GU, v.RT, Ps, v.rd || fl.operand ? 0 : Tn);
   // low-precision operands (the plain cell in float): each step's dz rounded, into dXW_low, for
   // its products (with R^T here, the weight gradients after)
   const Operand operand = Operand(fl.operand);
   uint16_t* dz_low = kPlain && kHasOperands<T> && fl.operand ? v.dXW_low : nullptr;
   // (fewer rows than kLowGemmRows: the product with R^T takes float's, on dz unrounded)
   const bool low_gemm = dz_low && nr >= kLowGemmRows;
+  // (not packed with recurrent dropout, a product per gate, nor when MKL's low-precision GEMM runs)
+  const StepOperand<T> rec_t(nr, Ps, GU, v.RT, Ps, v.rd || low_gemm ? 0 : Tn);
   std::vector<T> dz_step(dz_low && !low_gemm ? nr * GU : 0);
   for (int64_t s = Tn - 1; s >= 0; --s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
