@@ -45,7 +45,8 @@ def contenders(shape: tuple, seed: int = 0) -> tuple[list[Contender], torch.Tens
                   _zero(module_bf16.parameters()), info={"module": module_bf16}),
         Contender(TORCH_AUTOCAST, autocast_forward, lambda: autocast_forward().float().sum().backward(),
                   _zero(module_autocast.parameters())),
-        Contender(OURS_FP32, lambda: ours_fp32(x), lambda: ours_fp32(x).sum().backward(), _zero(ours_fp32.parameters())),
+        Contender(OURS_FP32, lambda: ours_fp32(x), lambda: ours_fp32(x).sum().backward(),
+                  _zero(ours_fp32.parameters())),
     ]
     return rows, x
 

@@ -11,8 +11,11 @@ the backward), the recurrence; it sums the gradients of the bias, the gains and 
 Recurrent DropConnect needs nothing here: the layer hands over the masked recurrent kernel.
 It runs the plain LSTM too (so every test that runs each kernel checks it), but the dispatch
 gives plain problems to fused_cpp, whose binding adds the routes only the plain cell has (a tiny
-batch's single step, the fused-input inference) and the input projection in C++. Traces come from the forward's
-buffers (the activated gates it saves anyway, plus each step's h and C), detached.
+batch's single step, the fused-input inference) and the input projection in C++. Traces come from
+the forward's buffers (the activated gates it saves anyway, plus each step's h and C), detached.
+
+bfloat16/float16 (problem.py, Recurrence: "Precision"): the float32 recurrence on operands rounded
+to the low precision (`fused.operands_in_float32`), h rounded at every step in C++.
 
 Autograd, torch.compile and torch.export: `fused.FusedOp` (the custom ops are
 lstm::fused_variants_forward / lstm::fused_variants_backward). The zoneout seed is one of the
@@ -156,7 +159,6 @@ class VariantsOp(fused.FusedOp):
         trace = [(B, T, Ps), (B, T, U)] if options.trace else [(0,), (0,)]
         return [(B, T, Ps) if options.return_sequences else (B, Ps), (B, Ps), (B, U), *saved, *trace]
 
-
     def forward_dtypes(self, inputs, fixed, options, save):
         compute = inputs[0].dtype
         count = len(self.forward_shapes(inputs, fixed, options, save))
@@ -164,7 +166,6 @@ class VariantsOp(fused.FusedOp):
 
 
 OP = VariantsOp()
-
 
 
 def _bias(p: Recurrence):
