@@ -95,7 +95,8 @@ class _SequenceOp(fused.FusedOp):
     def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
         low = fused.low_precision(inputs)
         converted, fixed = fused.operands_in_float32(self, inputs, fixed, low)
-        grads = self.native_backward(fused.in_float32(output_grads, low), converted, saved, fixed, options, needs)
+        grads = self.native_backward(fused.in_float32(output_grads, low), converted, saved, fixed, options, needs,
+                                     fused.OPERAND_CODES.get(low, 0))
         return fused.in_input_dtypes(grads, inputs)
 
 
@@ -107,10 +108,10 @@ class GRUOp(_SequenceOp):
     def native_forward(self, inputs, fixed, options, save, operand):
         return native.module.gru_forward(*inputs, *fixed, *options, save, operand)
 
-    def native_backward(self, output_grads, inputs, saved, fixed, options, needs):
+    def native_backward(self, output_grads, inputs, saved, fixed, options, needs, operand):
         x, kernel, recurrent_kernel, bias = inputs[:4]
         return native.module.gru_backward(*output_grads, x, kernel, recurrent_kernel, 0 if bias is None else bias.dim(),
-                                          *saved, *fixed, *options, needs)
+                                          *saved, *fixed, *options, needs, operand)
 
 
 class SimpleRNNOp(_SequenceOp):
@@ -121,10 +122,11 @@ class SimpleRNNOp(_SequenceOp):
     def native_forward(self, inputs, fixed, options, save, operand):
         return native.module.simple_rnn_forward(*inputs, *fixed, *options, save, operand)
 
-    def native_backward(self, output_grads, inputs, saved, fixed, options, needs):
+    def native_backward(self, output_grads, inputs, saved, fixed, options, needs, operand):
         x, kernel, recurrent_kernel, bias = inputs[:4]
         return native.module.simple_rnn_backward(*output_grads, x, kernel, recurrent_kernel,
-                                                 0 if bias is None else bias.dim(), *saved, *fixed, *options, needs)
+                                                 0 if bias is None else bias.dim(), *saved, *fixed, *options, needs,
+                                                 operand)
 
 
 GRU_OP, SIMPLE_RNN_OP = GRUOp(), SimpleRNNOp()

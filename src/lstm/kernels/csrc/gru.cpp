@@ -99,8 +99,10 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& o) {
   // reset_after: h R of the step [B,3U]; else r * h of the step when it is not saved [B,U]
   std::vector<Scalar> scratch(o.reset_after ? B * GU : (save ? 0 : B * U));
   // (recurrent dropout: a product per gate, on masked copies of h)
-  const StepOperand<Scalar> product_all(B, o.reset_after ? GU : 2 * U, U, R, GU, rd ? 0 : Tn);
-  const StepOperand<Scalar> product_candidate(B, U, U, R + 2 * U, GU, o.reset_after ? 0 : Tn);
+  const uint16_t* R_low = a.recurrent_kernel_low;
+  const StepProduct<Scalar> product_all(B, o.reset_after ? GU : 2 * U, U, R, GU, rd ? 0 : Tn, o.operand, R_low);
+  const StepProduct<Scalar> product_candidate(B, U, U, R + 2 * U, GU, o.reset_after ? 0 : Tn, o.operand,
+                                              R_low ? R_low + 2 * U : nullptr);
 
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = time_index(s, Tn, o.go_backwards);
@@ -213,8 +215,10 @@ void backward_loop(const Backward<Scalar>& a, const SequenceOptions& o) {
   // per row: dL/dh_new, then act' of z, r and h_tilde
   std::vector<Scalar> rows_scratch(B * 4 * U);
   // dh_prev += dz_rec @ RT: reset_after all three blocks at once (dz's first 3U columns), else z | r
-  const StepOperand<Scalar> product_rec(B, U, o.reset_after ? GU : 2 * U, RT, U, rd ? 0 : Tn);
-  const StepOperand<Scalar> product_candidate(B, U, U, RT + 2 * U * U, U, o.reset_after ? 0 : Tn);
+  const uint16_t* RT_low = a.recurrent_kernel_t_low;
+  const StepProduct<Scalar> product_rec(B, U, o.reset_after ? GU : 2 * U, RT, U, rd ? 0 : Tn, o.operand, RT_low);
+  const StepProduct<Scalar> product_candidate(B, U, U, RT + 2 * U * U, U, o.reset_after ? 0 : Tn, o.operand,
+                                              RT_low ? RT_low + 2 * U * U : nullptr);
   auto kept = [&](int64_t b, int64_t t) { return a.keep == nullptr || a.keep[b * Tn + t]; };
 
   for (int64_t s = Tn - 1; s >= 0; --s) {

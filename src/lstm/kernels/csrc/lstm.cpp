@@ -202,10 +202,6 @@ inline T cell_update(T f, T c_prev, T i, T c_tilde) {
 template <typename T>
 constexpr bool kHasOperands = std::is_same_v<T, float>;
 
-// rows of a chunk from which MKL's low-precision GEMM beats float's on the same values (measured,
-// one thread: 16x256x64 3.5 vs 4.2 us, 8x512x128 7.0 vs 7.3 us, 4 rows: register tiles win)
-constexpr int64_t kLowGemmRows = 16;
-
 // Whether a call has no variant at all (the plain instantiation runs it)
 template <typename T>
 inline bool is_plain(const Params<T>& v, const Flags& fl) {

@@ -260,7 +260,9 @@ struct SequenceOptions {
   int recurrent_activation;  // GRU z and r (the SimpleRNN has none)
   bool reset_after;          // GRU: r multiplies h @ R_h + b_h (true) or h before the product (false)
   // low-precision operands, as lstm::Flags::operand (float only): h rounded at every step, and the
-  // other operands of the per-step products (h after its dropout mask; the GRU's r * h)
+  // other operands of the per-step products (h after its dropout mask; the GRU's r * h); with the
+  // weights' bits given, the per-step products on MKL's low-precision GEMM (the backward's dz
+  // rounded for them)
   int operand;
 };
 
@@ -286,6 +288,9 @@ struct Forward {
   // saved for the backward (training), both or neither:
   Scalar* h_prev;           // [B,T,U] the state before the step of time index t, or null
   Scalar* candidate_input;  // [B,T,U] reset_after: h_{t-1} R_h + b_rec_h; else r * h_{t-1} * dropout_h
+  // with SequenceOptions::operand: R's bits [U,3U] (the per-step products on MKL's low-precision
+  // GEMM for chunks of kLowGemmRows rows or more), or null
+  const uint16_t* recurrent_kernel_low;
   Forward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;  // the chunk [b0, b1)
 };
 
@@ -307,6 +312,7 @@ struct Backward {
   //   the recurrent row d(hR_h) | dz | dr); else [B,T,3U]: dz | dr | dh_tilde (both rows)
   Scalar* dz;
   Scalar* bias_rows;  // [B, width of dz]: dz summed over the steps per row (added to), or null
+  const uint16_t* recurrent_kernel_t_low;  // recurrent_kernel_t's bits with SequenceOptions::operand, or null
   Backward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;
 };
 
@@ -342,6 +348,7 @@ struct Forward {
   Scalar* y;                        // [B,T,U] or [B,U]
   Scalar* h_last;                   // [B,U]
   Scalar* h_prev;                   // [B,T,U] saved state before each step, or null
+  const uint16_t* recurrent_kernel_low;  // R's bits with SequenceOptions::operand (as gru::Forward), or null
   Forward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;
 };
 
@@ -357,6 +364,7 @@ struct Backward {
   Scalar* dh;                        // [B,U] in: dL/dh_last; out: dL/dh0
   Scalar* dz;                        // [B,T,U] dL/d pre-activation, zero at masked steps
   Scalar* bias_rows;                 // [B,U] (added to), or null
+  const uint16_t* recurrent_kernel_t_low;  // R^T's bits with SequenceOptions::operand, or null
   Backward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;
 };
 

@@ -53,7 +53,7 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& o) {
   const Scalar* rd = a.recurrent_dropout;
   StateRows<Scalar> state(a.h_prev, a.h_last, a.h0, B, Tn, U, o.go_backwards);
   std::vector<Scalar> masked_h(rd ? B * U : 0);
-  const StepOperand<Scalar> product(B, U, U, a.recurrent_kernel, U, Tn);
+  const StepProduct<Scalar> product(B, U, U, a.recurrent_kernel, U, Tn, o.operand, a.recurrent_kernel_low);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = time_index(s, Tn, o.go_backwards);
     const int64_t t_next = o.go_backwards ? t - 1 : t + 1;
@@ -100,7 +100,7 @@ void backward_loop(const Backward<Scalar>& a, const SequenceOptions& o) {
   const Scalar* rd = a.recurrent_dropout;
   const bool carry_on = a.keep != nullptr && !o.zero_output_for_mask;
   std::vector<Scalar> carry(carry_on ? B * U : 0, Scalar(0)), dh_prev(B * U), dh_new(B * U);
-  const StepOperand<Scalar> product(B, U, U, a.recurrent_kernel_t, U, Tn);
+  const StepProduct<Scalar> product(B, U, U, a.recurrent_kernel_t, U, Tn, o.operand, a.recurrent_kernel_t_low);
   auto kept = [&](int64_t b, int64_t t) { return a.keep == nullptr || a.keep[b * Tn + t]; };
   for (int64_t s = Tn - 1; s >= 0; --s) {
     const int64_t t = time_index(s, Tn, o.go_backwards);

@@ -136,7 +136,7 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
                                         c10::optional<torch::Tensor> recurrent_dropout_o,
                                         c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                         bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                        int64_t recurrent_activation, bool reset_after, std::vector<bool> needs);
+                                        int64_t recurrent_activation, bool reset_after, std::vector<bool> needs, int64_t operand);
 
 // As gru_forward with kernel [D,U], recurrent_kernel [U,U], bias (None | [U]), input_dropout
 // (None | [1,B,D]), recurrent_dropout (None | [1,B,U]). Returns [y, h_last] and, with save,
@@ -158,4 +158,4 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
                                                c10::optional<torch::Tensor> recurrent_dropout_o,
                                                c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                                bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                               std::vector<bool> needs);
+                                               std::vector<bool> needs, int64_t operand);

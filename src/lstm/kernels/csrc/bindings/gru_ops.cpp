@@ -11,6 +11,7 @@
 #include "bindings/optional_tensor.h"
 #include "bindings/products.h"
 #include "buffer_pool.h"
+#include "low_precision.h"
 #include "rnn.h"
 #include "threads.h"
 
@@ -23,7 +24,8 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
                                        c10::optional<torch::Tensor> recurrent_dropout_o,
                                        c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                        bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                       int64_t recurrent_activation, bool reset_after, bool save, int64_t operand) {
+                                       int64_t recurrent_activation, bool reset_after, bool save,
+                                       int64_t operand) {
   at::NoGradGuard no_grad;  // autograd is the caller's (a hand-derived backward)
   x = x.contiguous();
   kernel = kernel.contiguous();
@@ -56,13 +58,15 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
     h_last.copy_(h0);
     y.zero_();
   } else {
+    torch::Tensor recurrent_bits;  // (R in the operand type: its bits, with operand)
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_forward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
-      const gru::Forward<Scalar> args{B, Tn, U, ptr(gates), ptr(input_bias), ptr(recurrent_bias),
+      gru::Forward<Scalar> args{B, Tn, U, ptr(gates), ptr(input_bias), ptr(recurrent_bias),
                                       ptr(recurrent_kernel), ptr(recurrent_dropout), B * U,
                                       mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(h0), ptr(y), ptr(h_last),
                                       ptr(h_prev), ptr(candidate_input)};
+      args.recurrent_kernel_low = operand_bits(recurrent_kernel, operand, recurrent_bits);
       over_chunks(B, U * 3 * U,
                   [&](int64_t b0, int64_t b1) { gru::forward_loop(args.rows(b0, b1, options), options); });
     });
@@ -78,7 +82,8 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
                                         c10::optional<torch::Tensor> recurrent_dropout_o,
                                         c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                         bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                        int64_t recurrent_activation, bool reset_after, std::vector<bool> needs) {
+                                        int64_t recurrent_activation, bool reset_after, std::vector<bool> needs,
+                                        int64_t operand) {
   // needs: x, kernel, recurrent_kernel, bias, h0
   at::NoGradGuard no_grad;
   x = x.contiguous();
@@ -86,7 +91,7 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
   auto dy = opt(dy_o), input_dropout = opt(input_dropout_o);
   auto recurrent_dropout = opt(recurrent_dropout_o), mask = opt(mask_o);
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
-                                static_cast<int>(recurrent_activation), reset_after};
+                                static_cast<int>(recurrent_activation), reset_after, static_cast<int>(operand)};
   const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
   const int64_t width = (reset_after ? 4 : 3) * U;
   auto opts = x.options();
@@ -101,13 +106,15 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
   const bool need_bias = needs[3] && bias_dim > 0;
   auto bias_rows = need_bias ? torch::zeros({B, width}, opts) : torch::Tensor();
   if (Tn > 0) {
+    torch::Tensor recurrent_t_bits;  // (R^T in the operand type: its bits, with operand)
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
-      const gru::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(gates), ptr(h_prev), ptr(candidate_input),
+      gru::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(gates), ptr(h_prev), ptr(candidate_input),
                                        ptr(recurrent_kernel_t), ptr(recurrent_dropout), B * U,
                                        mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(dh), ptr(dz),
                                        ptr(bias_rows)};
+      args.recurrent_kernel_t_low = operand_bits(recurrent_kernel_t, operand, recurrent_t_bits);
       over_chunks(B, U * 3 * U,
                   [&](int64_t b0, int64_t b1) { gru::backward_loop(args.rows(b0, b1, options), options); });
     });

@@ -28,7 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias_dim"), py::arg("gates"), py::arg("h_prev"), py::arg("candidate_input"),
         py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"),
         py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
-        py::arg("recurrent_activation"), py::arg("reset_after"), py::arg("needs"));
+        py::arg("recurrent_activation"), py::arg("reset_after"), py::arg("needs"), py::arg("operand") = 0);
   m.def("simple_rnn_forward", &simple_rnn_forward,
         "SimpleRNN forward (fused): [y, h_last] (+ [outputs, h_prev] with save)", py::arg("x"), py::arg("kernel"),
         py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"), py::arg("input_dropout"),
@@ -39,7 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias_dim"), py::arg("outputs"),
         py::arg("h_prev"), py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"),
         py::arg("go_backwards"), py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
-        py::arg("needs"));
+        py::arg("needs"), py::arg("operand") = 0);
   m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");
   py::class_<LSTMStep>(m, "LSTMStep")
       .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())

@@ -12,6 +12,7 @@
 #include "bindings/optional_tensor.h"
 #include "bindings/products.h"
 #include "buffer_pool.h"
+#include "low_precision.h"
 #include "rnn.h"
 #include "threads.h"
 
@@ -47,13 +48,15 @@ std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor ker
     h_last.copy_(h0);
     y.zero_();
   } else {
+    torch::Tensor recurrent_bits;  // (R in the operand type: its bits, with operand)
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "simple_rnn_forward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
-      const simple_rnn::Forward<Scalar> args{B, Tn, U, ptr(outputs), ptr(bias), ptr(recurrent_kernel),
+      simple_rnn::Forward<Scalar> args{B, Tn, U, ptr(outputs), ptr(bias), ptr(recurrent_kernel),
                                              ptr(recurrent_dropout), B * U,
                                              mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(h0), ptr(y),
                                              ptr(h_last), ptr(h_prev)};
+      args.recurrent_kernel_low = operand_bits(recurrent_kernel, operand, recurrent_bits);
       over_chunks(B, U * U, [&](int64_t b0, int64_t b1) {
         simple_rnn::forward_loop(args.rows(b0, b1, options), options);
       });
@@ -71,7 +74,7 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
                                                c10::optional<torch::Tensor> recurrent_dropout_o,
                                                c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                                bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                               std::vector<bool> needs) {
+                                               std::vector<bool> needs, int64_t operand) {
   // needs: x, kernel, recurrent_kernel, bias, h0
   at::NoGradGuard no_grad;
   x = x.contiguous();
@@ -79,7 +82,7 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
   auto dy = opt(dy_o), input_dropout = opt(input_dropout_o);
   auto recurrent_dropout = opt(recurrent_dropout_o), mask = opt(mask_o);
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
-                                0, false};
+                                0, false, static_cast<int>(operand)};
   const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
   auto opts = x.options();
   auto dh = dh_last_o.has_value() ? dh_last_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
@@ -91,13 +94,15 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
   const bool need_bias = needs[3] && bias_dim > 0;
   auto bias_rows = need_bias ? torch::zeros({B, U}, opts) : torch::Tensor();
   if (Tn > 0) {
+    torch::Tensor recurrent_t_bits;  // (R^T in the operand type: its bits, with operand)
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "simple_rnn_backward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
-      const simple_rnn::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(outputs), ptr(recurrent_kernel_t),
+      simple_rnn::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(outputs), ptr(recurrent_kernel_t),
                                               ptr(recurrent_dropout), B * U,
                                               mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(dh), ptr(dz),
                                               ptr(bias_rows)};
+      args.recurrent_kernel_t_low = operand_bits(recurrent_kernel_t, operand, recurrent_t_bits);
       over_chunks(B, U * U, [&](int64_t b0, int64_t b1) {
         simple_rnn::backward_loop(args.rows(b0, b1, options), options);
       });
