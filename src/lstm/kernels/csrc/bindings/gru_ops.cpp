@@ -39,7 +39,7 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
                                 static_cast<int>(recurrent_activation), reset_after, static_cast<int>(operand)};
   const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
   auto opts = x.options();
-  auto gates = project_inputs(x, kernel, input_dropout);
+  auto gates = project_inputs(x, kernel, input_dropout, operand);
   torch::Tensor input_bias, recurrent_bias;
   if (bias.defined() && bias.dim() == 2) {
     input_bias = bias[0].contiguous();
@@ -123,24 +123,24 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
   // the input row's dz: dz | dr | dh_tilde (reset_after: after d(h R_h))
   auto dz_x = reset_after ? dz2.narrow(1, U, 3 * U) : dz2;
   torch::Tensor dx, dkernel, drecurrent, dbias;
-  input_gradients(dz_x, x, kernel, input_dropout, needs[0], needs[1], dx, dkernel);
+  input_gradients(dz_x, x, kernel, input_dropout, needs[0], needs[1], dx, dkernel, operand);
   if (needs[2]) {
     // the recurrent row's dz per gate z, r, h and the rows each multiplies
     auto rec_block = [&](int64_t gate) { return dz2.narrow(1, reset_after ? ((gate + 1) % 3) * U : gate * U, U); };
     auto rows_of = [&](int64_t gate) { return !reset_after && gate == 2 ? candidate_input : h_prev; };
     if (!recurrent_dropout.defined() && reset_after) {
-      auto all = at::mm(h_prev.reshape({B * Tn, U}).t(), dz2.narrow(1, 0, 3 * U));  // h | z | r
+      auto all = recurrent_gate_gradient(h_prev, torch::Tensor(), dz2.narrow(1, 0, 3 * U), operand);  // h | z | r
       drecurrent = at::cat({all.narrow(1, U, 2 * U), all.narrow(1, 0, U)}, 1);
     } else if (!recurrent_dropout.defined()) {
-      drecurrent = at::cat({recurrent_gate_gradient(h_prev, torch::Tensor(), dz2.narrow(1, 0, 2 * U)),
-                            recurrent_gate_gradient(candidate_input, torch::Tensor(), rec_block(2))},
+      drecurrent = at::cat({recurrent_gate_gradient(h_prev, torch::Tensor(), dz2.narrow(1, 0, 2 * U), operand),
+                            recurrent_gate_gradient(candidate_input, torch::Tensor(), rec_block(2), operand)},
                            1);
     } else {
       std::vector<torch::Tensor> parts;
       for (int64_t g = 0; g < 3; ++g) {
         // (reset_after = false: the candidate's rows carry their keep-mask already)
         auto m = !reset_after && g == 2 ? torch::Tensor() : recurrent_dropout[g];
-        parts.push_back(recurrent_gate_gradient(rows_of(g), m, rec_block(g)));
+        parts.push_back(recurrent_gate_gradient(rows_of(g), m, rec_block(g), operand));
       }
       drecurrent = at::cat(parts, 1);
     }

@@ -11,14 +11,43 @@
 #include "bindings/products.h"
 #include "buffer_pool.h"
 #include "gemm.h"
+#include "low_precision.h"
 #include "small_gemm.h"
 
 namespace lstm_bindings {
 
 using lstm_core::kSmallBatch;
 
-at::Tensor project_inputs(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& input_dropout) {
+namespace {
+
+// t's values in the operand type, contiguous (a float32 tensor of rounded values: exactly)
+at::Tensor in_operand_type(const at::Tensor& t, int64_t operand) {
+  return t.to(operand == 1 ? at::kBFloat16 : at::kHalf).contiguous();
+}
+
+const uint16_t* bits(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
+
+// op(A) [M,K] @ op(B) [K,N] on MKL's low-precision GEMM into a new float32 [M,N] (A, B in the
+// operand type, contiguous; trans: stored transposed)
+at::Tensor operand_product(int64_t operand, int64_t M, int64_t N, int64_t K, const at::Tensor& A, bool trans_a,
+                           const at::Tensor& B, bool trans_b, at::Tensor out = at::Tensor()) {
+  if (!out.defined()) out = at::empty({M, N}, A.options().dtype(at::kFloat));
+  lstm_core::operand_gemm(lstm_core::Operand(operand), M, N, K, bits(A), trans_a ? M : K, bits(B), trans_b ? K : N,
+                          0.0f, out.data_ptr<float>(), N, trans_a, trans_b);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor project_inputs(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& input_dropout,
+                          int64_t operand) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), GU = kernel.size(1);
+  if (operand && !input_dropout.defined() && x.scalar_type() == at::kFloat) {
+    auto out = buffer_pool::empty({B * T, GU}, x.options());
+    operand_product(operand, B * T, GU, D, in_operand_type(x, operand), false, in_operand_type(kernel, operand), false,
+                    out);
+    return out.view({B, T, GU});
+  }
   if (B * T <= kSmallBatch && !input_dropout.defined()) {
     // a streaming step's few rows: the register loop, without a torch op (measured: a GRU step at
     // batch 1, D=32, U=64: 11 -> 8 us)
@@ -49,8 +78,15 @@ at::Tensor project_inputs(const at::Tensor& x, const at::Tensor& kernel, const a
 
 void input_gradients(const at::Tensor& dz_x, const at::Tensor& x, const at::Tensor& kernel,
                      const at::Tensor& input_dropout, bool need_x, bool need_kernel, at::Tensor& dx,
-                     at::Tensor& dkernel) {
+                     at::Tensor& dkernel, int64_t operand) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), GU = kernel.size(1);
+  if (operand && !input_dropout.defined() && x.scalar_type() == at::kFloat) {
+    auto dz = in_operand_type(dz_x, operand);
+    if (need_x) dx = operand_product(operand, B * T, D, GU, dz, false, in_operand_type(kernel, operand), true)
+                         .view({B, T, D});
+    if (need_kernel) dkernel = operand_product(operand, D, GU, B * T, in_operand_type(x, operand), true, dz, false);
+    return;
+  }
   const bool per_gate = input_dropout.defined() && input_dropout.size(0) > 1;
   const int64_t G = per_gate ? input_dropout.size(0) : 1, U = GU / G;
   if (need_x) {
@@ -80,9 +116,13 @@ void input_gradients(const at::Tensor& dz_x, const at::Tensor& x, const at::Tens
   }
 }
 
-at::Tensor recurrent_gate_gradient(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& dz_gate) {
+at::Tensor recurrent_gate_gradient(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& dz_gate,
+                                   int64_t operand) {
   const int64_t B = h.size(0), T = h.size(1), U = h.size(2);
   auto rows = mask.defined() ? (h * mask.unsqueeze(1)).reshape({B * T, U}) : h.reshape({B * T, U});
+  if (operand && h.scalar_type() == at::kFloat)  // (h after its mask rounded, as the forward's operand was)
+    return operand_product(operand, U, dz_gate.size(1), B * T, in_operand_type(rows, operand), true,
+                           in_operand_type(dz_gate, operand), false);
   return at::mm(rows.t(), dz_gate);
 }
 

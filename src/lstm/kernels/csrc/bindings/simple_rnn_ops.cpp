@@ -40,7 +40,7 @@ std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor ker
                                 0, false, static_cast<int>(operand)};
   const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
   auto opts = x.options();
-  auto outputs = project_inputs(x, kernel, input_dropout);
+  auto outputs = project_inputs(x, kernel, input_dropout, operand);
   auto y = return_sequences ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
   auto h_last = torch::empty({B, U}, opts);
   auto h_prev = save ? buffer_pool::empty({B, Tn, U}, opts) : torch::Tensor();
@@ -110,9 +110,10 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
   }
   auto dz2 = dz.view({B * Tn, U});
   torch::Tensor dx, dkernel, drecurrent, dbias;
-  input_gradients(dz2, x, kernel, input_dropout, needs[0], needs[1], dx, dkernel);
+  input_gradients(dz2, x, kernel, input_dropout, needs[0], needs[1], dx, dkernel, operand);
   if (needs[2])
-    drecurrent = recurrent_gate_gradient(h_prev, recurrent_dropout.defined() ? recurrent_dropout[0] : torch::Tensor(), dz2);
+    drecurrent = recurrent_gate_gradient(h_prev, recurrent_dropout.defined() ? recurrent_dropout[0] : torch::Tensor(),
+                                         dz2, operand);
   if (need_bias) dbias = bias_rows.sum(0);
   return {dx, dkernel, drecurrent, dbias, needs[4] ? dh : torch::Tensor()};
 }
