@@ -1,5 +1,6 @@
 // The cells' products over all steps (products.h): the input projection and the
-// weight gradients, on ATen's mm (register tiles for a streaming step's few rows).
+// weight gradients, on ATen's mm (register tiles for a streaming step's few rows), or with
+// low-precision operands on MKL's bf16/f16 GEMM (low_precision.h).
 
 #include <torch/types.h>
 #include <ATen/EmptyTensor.h>
