@@ -48,7 +48,8 @@ def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
         assert row["status"] == "ok" and row["min_s"] > 0, row
 
     for check in report["correctness"]:  # (the bfloat16 rows within bfloat16's tolerance)
-        bound = bench_precision.TOLERANCE if check["contender"] == bench_precision.OURS else 1e-4
+        low = {bench_precision.ours_name(cell) for cell in bench_precision.CELLS}
+        bound = bench_precision.TOLERANCE if check["contender"] in low else 1e-4
         assert check.get("max_abs_diff_forward", 0) <= bound, check
 
     for title in ("Inference forward", "Training step", "Streaming, batch 1"):
@@ -67,14 +68,16 @@ def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
     assert "| shape (B,T,D,H) | contender |" in markdown and "| 2,5,3,4 | torch.nn.LSTM |" in markdown
 
     bf16 = {(r["mode"], tuple(r["shape"]), r["contender"]): r for r in report["bf16"]}
-    for mode in ("forward", "train"):
-        for shape in ((2, 5, 3, 4), (3, 4, 5, 6)):
-            base = bf16[mode, shape, bench_precision.TORCH_BF16]
-            for name in (bench_precision.OURS, bench_precision.TORCH_AUTOCAST, bench_precision.OURS_FP32):
-                row = bf16[mode, shape, name]
-                assert row["status"] == "ok" and row["speedup_vs_baseline_min"] == pytest.approx(
-                    base["min_s"] / row["min_s"])
-    assert "bfloat16 LSTM" in table
+    for cell in bench_precision.CELLS:
+        for mode in ("forward", "train"):
+            for shape in ((2, 5, 3, 4), (3, 4, 5, 6)):
+                base = bf16[mode, shape, bench_precision.torch_name(cell)]
+                for name in (bench_precision.ours_name(cell), bench_precision.torch_name(cell, "autocast"),
+                             bench_precision.ours_name(cell, "fp32")):
+                    row = bf16[mode, shape, name]
+                    assert row["status"] == "ok" and row["speedup_vs_baseline_min"] == pytest.approx(
+                        base["min_s"] / row["min_s"])
+    assert "bfloat16: min ms per call" in table
 
     cells = {(r["mode"], tuple(r["shape"]), r["contender"]): r for r in report["cells"]}
     for cell in bench_cells.CELLS:

@@ -71,7 +71,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-cells", action="store_true",
                         help="skip the GRU and SimpleRNN rows (against torch.nn.GRU / torch.nn.RNN)")
     parser.add_argument("--no-bf16", action="store_true",
-                        help="skip the bfloat16 rows (against torch.nn.LSTM in bfloat16 and under autocast)")
+                        help="skip the bfloat16 rows (LSTM, GRU, SimpleRNN against torch's in bfloat16 and under "
+                             "autocast)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (0)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "latest.json"), metavar="PATH",
                         help="where to write every number (default benchmarks/results/latest.json)")
@@ -466,28 +467,30 @@ def run(args) -> int:
             del contenders, x
             gc.collect()
 
-    for shape in settings["shapes"] if settings["bf16"] else ():
-        _log(f"bfloat16: {bench_precision.OURS} vs {bench_precision.TORCH_BF16} at B,T,D,H = {_shape_text(shape)}")
-        contenders, x = bench_precision.contenders(shape, settings["seed"])
-        try:
-            report["correctness"].append({"shape": list(shape), "contender": contenders[0].name,
-                                          **bench_precision.check(contenders, x)})
-        except ValueError as error:
-            print(f"lstm bench: error: {error}", file=sys.stderr)
-            return 1
-        for mode in settings["modes"]:
-            if mode == "forward":
-                with torch.no_grad():
-                    timings = time_interleaved([(c.name, c.forward, lambda: None) for c in contenders],
+    for cell in bench_precision.CELLS if settings["bf16"] else ():
+        for shape in settings["shapes"]:
+            _log(f"bfloat16: {bench_precision.ours_name(cell)} vs {bench_precision.torch_name(cell)} at B,T,D,H = "
+                 f"{_shape_text(shape)}")
+            contenders, x = bench_precision.contenders(cell, shape, settings["seed"])
+            try:
+                report["correctness"].append({"shape": list(shape), "contender": contenders[0].name,
+                                              **bench_precision.check(contenders, x)})
+            except ValueError as error:
+                print(f"lstm bench: error: {error}", file=sys.stderr)
+                return 1
+            for mode in settings["modes"]:
+                if mode == "forward":
+                    with torch.no_grad():
+                        timings = time_interleaved([(c.name, c.forward, lambda: None) for c in contenders],
+                                                   settings["repeats"], settings["repeats_explicit"],
+                                                   settings["budget_s"], settings["min_sample_s"], mode)
+                else:
+                    timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in contenders],
                                                settings["repeats"], settings["repeats_explicit"],
                                                settings["budget_s"], settings["min_sample_s"], mode)
-            else:
-                timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in contenders],
-                                           settings["repeats"], settings["repeats_explicit"],
-                                           settings["budget_s"], settings["min_sample_s"], mode)
-            report["bf16"] += _summarize(mode, shape, timings, contenders, bench_precision.TORCH_BF16, {})
-        del contenders, x
-        gc.collect()
+                report["bf16"] += _summarize(mode, shape, timings, contenders, bench_precision.torch_name(cell), {})
+            del contenders, x
+            gc.collect()
 
     if settings["variant_shape"] is not None:
         shape = tuple(settings["variant_shape"])
@@ -572,8 +575,8 @@ def _memory_rows(report):
     return rows
 
 
-BF16_TITLE = ("bfloat16 LSTM: min ms per call (speedup vs torch.nn.LSTM in bfloat16 with the same weights, from "
-              "the mins and the medians; fp32: this library in float32, autocast: torch.nn.LSTM under "
+BF16_TITLE = ("bfloat16: min ms per call (speedup vs torch's module in bfloat16 with the same weights, from the "
+              "mins and the medians; fp32: this library in float32, autocast: torch's float32 module under "
               "torch.autocast)")
 CELLS_TITLE = ("GRU and SimpleRNN: min ms per call (speedup vs torch.nn.GRU / torch.nn.RNN with the same weights, "
                "from the mins and the medians)")

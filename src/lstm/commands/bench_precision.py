@@ -1,9 +1,10 @@
-"""The bfloat16 section of `lstm bench`: this library's LSTM under the `mixed_bfloat16` policy
-(float32 weights, bfloat16 compute: what `torch.autocast` gives it) against `torch.nn.LSTM` in
-bfloat16 (a bf16 module) and under `torch.autocast("cpu", bfloat16)`, all holding the same weights,
-with this library's float32 LSTM beside them; inference forward and training step at each bench
-shape, interleaved as the other rows are. This library's bf16 call is checked against torch's
-bf16 module first (outputs and the input's gradient within bfloat16's tolerance)."""
+"""The bfloat16 section of `lstm bench`: this library's LSTM, GRU and SimpleRNN under the
+`mixed_bfloat16` policy (float32 weights, bfloat16 compute: what `torch.autocast` gives them)
+against `torch.nn.LSTM` / `GRU` / `RNN` in bfloat16 (a bf16 module) and under
+`torch.autocast("cpu", bfloat16)`, all holding the same weights, with this library's float32 layer
+beside them; inference forward and training step at each bench shape, interleaved as the other
+rows are. This library's bf16 call is checked against torch's bf16 module first (outputs and the
+input's gradient within bfloat16's tolerance)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,30 @@ import torch
 from .. import interop, layers
 from .bench_cases import Contender, _zero
 
-OURS = "lstm LSTM bf16"
-OURS_FP32 = "lstm LSTM fp32"
-TORCH_BF16 = "torch.nn.LSTM bf16"
-TORCH_AUTOCAST = "torch.nn.LSTM autocast"
+CELLS = {"lstm": (layers.LSTM, "torch.nn.LSTM"), "gru": (layers.GRU, "torch.nn.GRU"),
+         "simple_rnn": (layers.SimpleRNN, "torch.nn.RNN")}
 # outputs within a few bfloat16 roundings of each other (eps 2^-7, values in (-1, 1)); gradients relative
 TOLERANCE = 0.05
 
 
-def contenders(shape: tuple, seed: int = 0) -> tuple[list[Contender], torch.Tensor]:
-    """The four rows and the input x [B, T, D] (float32; each contender casts it as its users would)."""
+def ours_name(cell: str, precision: str = "bf16") -> str:
+    return f"lstm {CELLS[cell][0].__name__} {precision}"
+
+
+def torch_name(cell: str, how: str = "bf16") -> str:
+    return f"{CELLS[cell][1]} {how}"
+
+
+def contenders(cell: str, shape: tuple, seed: int = 0) -> tuple[list[Contender], torch.Tensor]:
+    """The four rows (ours bf16, torch bf16, torch autocast, ours fp32) and the input x [B, T, D]
+    (float32; each contender casts it as its users would)."""
     B, T, D, H = shape
+    cls = CELLS[cell][0]
     torch.manual_seed(seed)
-    ours = layers.LSTM(H, return_sequences=True, input_dim=D, dtype="mixed_bfloat16")
-    with torch.no_grad():  # a non-trivial bias (the default is zeros but for the forget gate)
+    ours = cls(H, return_sequences=True, input_dim=D, dtype="mixed_bfloat16")
+    with torch.no_grad():  # a non-trivial bias
         ours.cell.bias.add_(0.1 * torch.randn_like(ours.cell.bias))
-    ours_fp32 = layers.LSTM(H, return_sequences=True, input_dim=D)
+    ours_fp32 = cls(H, return_sequences=True, input_dim=D)
     ours_fp32.set_weights(ours.get_weights())
     module_bf16 = interop.to_torch(ours_fp32).bfloat16()
     module_autocast = interop.to_torch(ours_fp32)
@@ -39,13 +48,14 @@ def contenders(shape: tuple, seed: int = 0) -> tuple[list[Contender], torch.Tens
             return module_autocast(x)[0]
 
     rows = [
-        Contender(OURS, lambda: ours(x), lambda: ours(x).float().sum().backward(), _zero(ours.parameters()),
+        Contender(ours_name(cell), lambda: ours(x), lambda: ours(x).float().sum().backward(), _zero(ours.parameters()),
                   info={"module": ours}),
-        Contender(TORCH_BF16, lambda: module_bf16(x_bf16)[0], lambda: module_bf16(x_bf16)[0].float().sum().backward(),
-                  _zero(module_bf16.parameters()), info={"module": module_bf16}),
-        Contender(TORCH_AUTOCAST, autocast_forward, lambda: autocast_forward().float().sum().backward(),
+        Contender(torch_name(cell), lambda: module_bf16(x_bf16)[0],
+                  lambda: module_bf16(x_bf16)[0].float().sum().backward(), _zero(module_bf16.parameters()),
+                  info={"module": module_bf16}),
+        Contender(torch_name(cell, "autocast"), autocast_forward, lambda: autocast_forward().float().sum().backward(),
                   _zero(module_autocast.parameters())),
-        Contender(OURS_FP32, lambda: ours_fp32(x), lambda: ours_fp32(x).sum().backward(),
+        Contender(ours_name(cell, "fp32"), lambda: ours_fp32(x), lambda: ours_fp32(x).sum().backward(),
                   _zero(ours_fp32.parameters())),
     ]
     return rows, x
