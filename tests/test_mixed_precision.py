@@ -477,6 +477,21 @@ def test_fused_low_precision_under_autocast_and_compile():
     assert grad.dtype == torch.float32 and torch.equal(grad, want_grad)
 
 
+@pytest.mark.parametrize("cls", [layers.GRU, layers.SimpleRNN])
+def test_fused_gru_simple_rnn_low_precision_compile(cls):
+    """torch.compile traces the GRU's and SimpleRNN's bf16 custom ops (their fake kernels' dtypes)
+    and gives the eager numbers, forward and gradient."""
+    layer = randomized(cls(U, input_dim=D, return_sequences=True, return_state=True, dtype="mixed_bfloat16"))
+    x = inputs(20, T, D)
+    assert kernels.select(layer.recurrence(x)).name == "fused_gru_simple_rnn"
+    want = layer(x)
+    got = torch.compile(layer, fullgraph=True)(x)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
+    grad = torch.autograd.grad(got[0].float().sum(), layer.cell.kernel)[0]
+    assert grad.dtype == torch.float32
+    assert torch.equal(grad, torch.autograd.grad(layer(x)[0].float().sum(), layer.cell.kernel)[0])
+
+
 # ----- dispatch: the other low-precision routes run on the reference kernel ---------------------------
 @pytest.mark.parametrize("cls", CELLS)
 def test_fused_routes_decline_low_precision(cls):
