@@ -1,4 +1,4 @@
-"""Mixed precision (issue 18): bfloat16/float16 layers, Keras 3's dtype policies, torch.autocast,
+"""Mixed precision: bfloat16/float16 layers, Keras 3's dtype policies, torch.autocast,
 inputs cast to the compute dtype, and the reference kernel's low-precision numerics.
 
 Tolerances against float32 come from the low precision's epsilon: every step rounds h and each
