@@ -356,7 +356,30 @@ def test_equals_torch_under_autocast(cls):
 # differs, and the backward rounds each step's dz for its products (as torch.autocast's backward
 # does) where the reference rounds none. Bounds: outputs eps * sqrt(T), gradients 2 * eps * sqrt(T)
 # relative to the largest (measured: outputs <= 1 rounding, gradients <= 0.3 * eps * sqrt(T)).
-FUSED_ROUTES = {  # batch, features, training: which C++ route runs
+def assert_matches_the_reference(results, grads, parameters, low):
+    """results, grads: [the reference's, the fused kernel's] outputs and parameter gradients (grads
+    empty for an inference call). Outputs in `low` within eps * sqrt(T), gradients in each
+    parameter's dtype within 2 * eps * sqrt(T) of the largest."""
+    eps = torch.finfo(low).eps
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype == low
+        assert (got.float() - want.float()).abs().max() <= eps * math.sqrt(T)
+    for got, want, param in zip(grads[1], grads[0], parameters) if grads else ():
+        assert got.dtype == param.dtype
+        assert (got.float() - want.float()).abs().max() <= 2 * eps * math.sqrt(T) * want.float().abs().max()
+
+
+@pytest.fixture
+def one_thread():
+    """One thread: a call's batch is one chunk of rows, so its size picks the route (16+ rows:
+    MKL's low-precision GEMM per step; fewer: float's on the rounded values)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FUSED_ROUTES = {  # batch, features, training: which C++ route runs (on one thread)
     "few rows (float products of the rounded values)": (3, 5, True),
     "16+ rows (MKL's bf16/f16 products)": (20, 5, True),
     "inference, input fused into each step's product": (20, 5, False),
@@ -370,11 +393,11 @@ FUSED_ROUTES = {  # batch, features, training: which C++ route runs
     {"return_sequences": True}, {"return_sequences": False, "go_backwards": True},
     {"return_sequences": True, "zero_output_for_mask": True, "masked": True},
     {"return_sequences": False, "masked": True}], ids=str)
+@pytest.mark.usefixtures("one_thread")
 def test_fused_low_precision_against_the_reference(policy, route, options):
     batch, features, training = FUSED_ROUTES[route]
     options = dict(options)
     masked = options.pop("masked", False)
-    eps = torch.finfo(LOW[policy]).eps
     layer = randomized(layers.LSTM(U, input_dim=features, return_state=True, dtype=policy, **options))
     x = inputs(batch, T, features)
     mask = None
@@ -392,12 +415,7 @@ def test_fused_low_precision_against_the_reference(policy, route, options):
                 with torch.no_grad():
                     outputs = layer(x, mask=mask)
         results.append(outputs)
-    for got, want in zip(results[1], results[0]):
-        assert got.dtype == want.dtype == LOW[policy]
-        assert (got.float() - want.float()).abs().max() <= eps * math.sqrt(T)
-    for got, want, param in zip(grads[1], grads[0], layer.parameters()) if training else ():
-        assert got.dtype == param.dtype
-        assert (got.float() - want.float()).abs().max() <= 2 * eps * math.sqrt(T) * want.float().abs().max()
+    assert_matches_the_reference(results, grads, layer.parameters(), LOW[policy])
 
 
 @pytest.mark.parametrize("policy", ["bfloat16", "mixed_float16"])
@@ -407,7 +425,6 @@ def test_fused_low_precision_against_the_reference(policy, route, options):
 def test_fused_variants_low_precision_against_the_reference(policy, options):
     """The variants' C++ recurrence rounds h (and a projection's input) as the reference does, on
     float32 products of rounded operands: outputs within eps * sqrt(T), gradients 2 * eps * sqrt(T)."""
-    eps = torch.finfo(LOW[policy]).eps
     options = {"return_sequences": True, **options}
     layer = randomized(layers.LSTM(U, input_dim=D, return_state=True, dtype=policy, **options))
     x = inputs(20, T, D)
@@ -420,12 +437,7 @@ def test_fused_variants_low_precision_against_the_reference(policy, options):
             loss = (outputs[0].float() * inputs(*outputs[0].shape, seed=2)).sum() + outputs[2].float().sum()
             grads.append(torch.autograd.grad(loss, list(layer.parameters())))
         results.append(outputs)
-    for got, want in zip(results[1], results[0]):
-        assert got.dtype == want.dtype == LOW[policy]
-        assert (got.float() - want.float()).abs().max() <= eps * math.sqrt(T)
-    for got, want, param in zip(grads[1], grads[0], layer.parameters()):
-        assert got.dtype == param.dtype
-        assert (got.float() - want.float()).abs().max() <= 2 * eps * math.sqrt(T) * want.float().abs().max()
+    assert_matches_the_reference(results, grads, layer.parameters(), LOW[policy])
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
@@ -434,13 +446,16 @@ def test_fused_variants_low_precision_against_the_reference(policy, options):
     (layers.GRU, {"reset_after": False, "recurrent_dropout": 0.3, "seed": 3}),
     (layers.SimpleRNN, {"return_sequences": False}), (layers.SimpleRNN, {"recurrent_dropout": 0.3, "seed": 3})],
     ids=str)
-def test_fused_gru_simple_rnn_low_precision_against_the_reference(cls, options, policy):
+@pytest.mark.parametrize("batch", [3, 20], ids=["few rows", "16+ rows"])
+@pytest.mark.usefixtures("one_thread")
+def test_fused_gru_simple_rnn_low_precision_against_the_reference(cls, options, policy, batch):
     """The GRU's and SimpleRNN's C++ loops round h (and r * h, h after its dropout mask) as the
-    reference does: outputs within eps * sqrt(T), gradients 2 * eps * sqrt(T) of the largest."""
-    eps = torch.finfo(LOW[policy]).eps
+    reference does, their per-step products float's on the rounded values (few rows) or MKL's
+    low-precision GEMM (16+ rows): outputs within eps * sqrt(T), gradients 2 * eps * sqrt(T) of the
+    largest."""
     options = {"return_sequences": True, **options}
-    x = inputs(20, T, D)
-    mask = torch.rand(20, T, generator=torch.Generator().manual_seed(5)) > 0.3
+    x = inputs(batch, T, D)
+    mask = torch.rand(batch, T, generator=torch.Generator().manual_seed(5)) > 0.3
     results, grads = [], []
     for kernel in ("reference", "fused_gru_simple_rnn"):
         layer = randomized(cls(U, input_dim=D, return_state=True, dtype=policy, **options))  # (the same draws)
@@ -449,12 +464,7 @@ def test_fused_gru_simple_rnn_low_precision_against_the_reference(cls, options, 
             loss = (outputs[0].float() * inputs(*outputs[0].shape, seed=2)).sum() + outputs[1].float().sum()
             grads.append(torch.autograd.grad(loss, list(layer.parameters())))
         results.append(outputs)
-    for got, want in zip(results[1], results[0]):
-        assert got.dtype == want.dtype == LOW[policy]
-        assert (got.float() - want.float()).abs().max() <= eps * math.sqrt(T)
-    for got, want, param in zip(grads[1], grads[0], layer.parameters()):
-        assert got.dtype == param.dtype
-        assert (got.float() - want.float()).abs().max() <= 2 * eps * math.sqrt(T) * want.float().abs().max()
+    assert_matches_the_reference(results, grads, layer.parameters(), LOW[policy])
 
 
 def test_fused_low_precision_under_autocast_and_compile():

@@ -17,6 +17,7 @@ computed from the mins and from the medians.
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import json
 import math
@@ -443,38 +444,24 @@ def run(args) -> int:
                 notes[c.name] = f"on {c.info.get('owner')}"
         report["results"] += _summarize("stream", (1, 1, D, units), timings, contenders, cases.STREAM_BASELINE, notes)
 
+    # sections of contenders timed against one baseline per shape: (report key, log line, contenders
+    # and input, the check, the baseline's name) per cell and shape
+    paired = []
     for cell in bench_cells.CELLS if settings["cells"] else ():
-        for shape in settings["shapes"]:
-            _log(f"{bench_cells.ours_name(cell)} vs {bench_cells.torch_name(cell)} at B,T,D,H = {_shape_text(shape)}")
-            contenders, x = bench_cells.cell_contenders(cell, shape, settings["seed"])
-            try:
-                report["correctness"].append({"shape": list(shape), "contender": contenders[0].name,
-                                              **bench_cells.check(contenders, x, TOLERANCE)})
-            except ValueError as error:
-                print(f"lstm bench: error: {error}", file=sys.stderr)
-                return 1
-            for mode in settings["modes"]:
-                if mode == "forward":
-                    with torch.no_grad():
-                        timings = time_interleaved([(c.name, c.forward, lambda: None) for c in contenders],
-                                                   settings["repeats"], settings["repeats_explicit"],
-                                                   settings["budget_s"], settings["min_sample_s"], mode)
-                else:
-                    timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in contenders],
-                                               settings["repeats"], settings["repeats_explicit"],
-                                               settings["budget_s"], settings["min_sample_s"], mode)
-                report["cells"] += _summarize(mode, shape, timings, contenders, bench_cells.torch_name(cell), {})
-            del contenders, x
-            gc.collect()
-
+        paired.append(("cells", f"{bench_cells.ours_name(cell)} vs {bench_cells.torch_name(cell)}",
+                       functools.partial(bench_cells.cell_contenders, cell),
+                       functools.partial(bench_cells.check, tolerance=TOLERANCE), bench_cells.torch_name(cell)))
     for cell in bench_precision.CELLS if settings["bf16"] else ():
+        paired.append(("bf16", f"bfloat16: {bench_precision.ours_name(cell)} vs {bench_precision.torch_name(cell)}",
+                       functools.partial(bench_precision.contenders, cell), bench_precision.check,
+                       bench_precision.torch_name(cell)))
+    for key, title, make, check, baseline in paired:
         for shape in settings["shapes"]:
-            _log(f"bfloat16: {bench_precision.ours_name(cell)} vs {bench_precision.torch_name(cell)} at B,T,D,H = "
-                 f"{_shape_text(shape)}")
-            contenders, x = bench_precision.contenders(cell, shape, settings["seed"])
+            _log(f"{title} at B,T,D,H = {_shape_text(shape)}")
+            contenders, x = make(shape, settings["seed"])
             try:
                 report["correctness"].append({"shape": list(shape), "contender": contenders[0].name,
-                                              **bench_precision.check(contenders, x)})
+                                              **check(contenders, x)})
             except ValueError as error:
                 print(f"lstm bench: error: {error}", file=sys.stderr)
                 return 1
@@ -488,7 +475,7 @@ def run(args) -> int:
                     timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in contenders],
                                                settings["repeats"], settings["repeats_explicit"],
                                                settings["budget_s"], settings["min_sample_s"], mode)
-                report["bf16"] += _summarize(mode, shape, timings, contenders, bench_precision.torch_name(cell), {})
+                report[key] += _summarize(mode, shape, timings, contenders, baseline, {})
             del contenders, x
             gc.collect()
 

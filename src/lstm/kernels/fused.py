@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import native
+from .problem import state_dtype
 
 
 class FusedOp:
@@ -112,6 +113,41 @@ def operands_in_float32(op: FusedOp, inputs: Sequence, fixed: Sequence, low: Opt
 def in_input_dtypes(grads: Sequence, inputs: Sequence) -> list:
     """Each gradient in its input's dtype (float32 computations for bfloat16/float16 inputs)."""
     return [g if g is None or t is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+class RoundedOperandsOp(FusedOp):
+    """A FusedOp whose C++ recurrence runs in float32, in bfloat16/float16 too: it gets the tensors
+    `operands_in_float32` makes and the `operand` code (the C++ loop then rounds h at every step);
+    the outputs and h go back to the low precision (they hold rounded values: exactly), every
+    gradient to its input's dtype. Subclasses write `float32_forward` and `float32_backward`;
+    the outputs after the first two (C, the saved buffers) stay float32."""
+
+    def float32_forward(self, inputs, fixed, options, save, low: Optional[torch.dtype]) -> list:
+        raise NotImplementedError
+
+    def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite,
+                         low: Optional[torch.dtype]) -> Sequence:
+        raise NotImplementedError
+
+    def forward(self, inputs, fixed, options, save):
+        low = low_precision(inputs)
+        inputs, fixed = operands_in_float32(self, inputs, fixed, low)
+        results = self.float32_forward(inputs, fixed, options, save, low)
+        if low is not None:
+            results[0], results[1] = results[0].to(low), results[1].to(low)
+        return results
+
+    def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
+        low = low_precision(inputs)
+        converted, fixed = operands_in_float32(self, inputs, fixed, low)
+        grads = self.float32_backward(in_float32(output_grads, low), converted, saved, fixed, options, needs,
+                                      overwrite, low)
+        return in_input_dtypes(grads, inputs)
+
+    def forward_dtypes(self, inputs, fixed, options, save):
+        compute = inputs[0].dtype
+        count = len(self.forward_shapes(inputs, fixed, options, save))
+        return [compute, compute] + [state_dtype(compute)] * (count - 2)
 
 
 class Call:

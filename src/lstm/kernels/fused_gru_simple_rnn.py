@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, fused, native, support
-from .problem import Recurrence, RecurrenceResult, answers_empty_sequences, state_dtype
+from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 
 name = "fused_gru_simple_rnn"
 
@@ -64,7 +64,7 @@ class SimpleRNNOptions(NamedTuple):
     activation: int
 
 
-class _SequenceOp(fused.FusedOp):
+class _SequenceOp(fused.RoundedOperandsOp):
     """forward -> y, h_last, then with save the buffers of csrc/rnn.h (gru::, simple_rnn::): GRU gates
     [B,T,3U], h_prev and candidate_input [B,T,U]; SimpleRNN outputs and h_prev [B,T,U]."""
 
@@ -79,39 +79,19 @@ class _SequenceOp(fused.FusedOp):
         shapes = [(batch, steps, units) if options.return_sequences else (batch, units), (batch, units)]
         return shapes + [(batch, steps, width * units) for width in self.saved_widths] if save else shapes
 
-    def forward_dtypes(self, inputs, fixed, options, save):
-        compute = inputs[0].dtype
-        count = len(self.forward_shapes(inputs, fixed, options, save))
-        return [compute, compute] + [state_dtype(compute)] * (count - 2)  # (saved: float32 in bf16/f16)
-
-    def forward(self, inputs, fixed, options, save):
-        low = fused.low_precision(inputs)
-        inputs, fixed = fused.operands_in_float32(self, inputs, fixed, low)
-        results = self.native_forward(inputs, fixed, options, save, fused.OPERAND_CODES.get(low, 0))
-        if low is not None:  # (the outputs and h hold rounded values: exact in the low precision)
-            results[0], results[1] = results[0].to(low), results[1].to(low)
-        return results
-
-    def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
-        low = fused.low_precision(inputs)
-        converted, fixed = fused.operands_in_float32(self, inputs, fixed, low)
-        grads = self.native_backward(fused.in_float32(output_grads, low), converted, saved, fixed, options, needs,
-                                     fused.OPERAND_CODES.get(low, 0))
-        return fused.in_input_dtypes(grads, inputs)
-
 
 class GRUOp(_SequenceOp):
     name = "fused_gru"
     Options = GRUOptions
     saved_widths = (3, 1, 1)
 
-    def native_forward(self, inputs, fixed, options, save, operand):
-        return native.module.gru_forward(*inputs, *fixed, *options, save, operand)
+    def float32_forward(self, inputs, fixed, options, save, low):
+        return native.module.gru_forward(*inputs, *fixed, *options, save, fused.OPERAND_CODES.get(low, 0))
 
-    def native_backward(self, output_grads, inputs, saved, fixed, options, needs, operand):
+    def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
         x, kernel, recurrent_kernel, bias = inputs[:4]
         return native.module.gru_backward(*output_grads, x, kernel, recurrent_kernel, 0 if bias is None else bias.dim(),
-                                          *saved, *fixed, *options, needs, operand)
+                                          *saved, *fixed, *options, needs, fused.OPERAND_CODES.get(low, 0))
 
 
 class SimpleRNNOp(_SequenceOp):
@@ -119,14 +99,14 @@ class SimpleRNNOp(_SequenceOp):
     Options = SimpleRNNOptions
     saved_widths = (1, 1)
 
-    def native_forward(self, inputs, fixed, options, save, operand):
-        return native.module.simple_rnn_forward(*inputs, *fixed, *options, save, operand)
+    def float32_forward(self, inputs, fixed, options, save, low):
+        return native.module.simple_rnn_forward(*inputs, *fixed, *options, save, fused.OPERAND_CODES.get(low, 0))
 
-    def native_backward(self, output_grads, inputs, saved, fixed, options, needs, operand):
+    def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
         x, kernel, recurrent_kernel, bias = inputs[:4]
         return native.module.simple_rnn_backward(*output_grads, x, kernel, recurrent_kernel,
                                                  0 if bias is None else bias.dim(), *saved, *fixed, *options, needs,
-                                                 operand)
+                                                 fused.OPERAND_CODES.get(low, 0))
 
 
 GRU_OP, SIMPLE_RNN_OP = GRUOp(), SimpleRNNOp()

@@ -15,7 +15,7 @@ batch's single step, the fused-input inference) and the input projection in C++.
 the forward's buffers (the activated gates it saves anyway, plus each step's h and C), detached.
 
 bfloat16/float16 (problem.py, Recurrence: "Precision"): the float32 recurrence on operands rounded
-to the low precision (`fused.operands_in_float32`), h rounded at every step in C++.
+to the low precision, h rounded at every step in C++ (`fused.RoundedOperandsOp`).
 
 Autograd, torch.compile and torch.export: `fused.FusedOp` (the custom ops are
 lstm::fused_variants_forward / lstm::fused_variants_backward). The zoneout seed is one of the
@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from . import fused, native, support
-from .problem import Recurrence, RecurrenceResult, answers_empty_sequences, state_dtype
+from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 from .reference import masked_product
 
 name = "fused_variants"
@@ -92,7 +92,7 @@ def _project_backward(x, kernel, in_drop, dxk, need_x: bool, need_kernel: bool):
     return dx, dkernel
 
 
-class VariantsOp(fused.FusedOp):
+class VariantsOp(fused.RoundedOperandsOp):
     """The inputs of a variant that is off are None; forward -> Y, hT, cT, then the SAVED_COUNT
     buffers (with save or trace), then with trace each step's h and C."""
 
@@ -104,26 +104,16 @@ class VariantsOp(fused.FusedOp):
     Options = Options
     overwrites_saved = True  # G, or with layer norm xk and LN(A)
 
-    def forward(self, inputs, fixed, options, save):
-        low = fused.low_precision(inputs)
-        inputs, fixed = fused.operands_in_float32(self, inputs, fixed, low)
+    def float32_forward(self, inputs, fixed, options, save, low):
         x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P, h0, c0 = inputs
         in_drop, rd, mask, seed = fixed
         xk = _project(x, kernel, in_drop, 3 if options.coupled else 4, low)
         results = native.module.variant_forward(
             xk, gate_gain, bias, R, rd, peephole, gain_c, shift_c, P, int(seed), *options[:3], mask, h0, c0,
             *options[3:10], save, options.trace, fused.OPERAND_CODES.get(low, 0))
-        if low is not None:  # (the outputs and h hold rounded values: exact in the low precision)
-            results[0], results[1] = results[0].to(low), results[1].to(low)
         return results + [None] * (3 + SAVED_COUNT + 2 - len(results))
 
-    def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
-        low = fused.low_precision(inputs)
-        converted, fixed = fused.operands_in_float32(self, inputs, fixed, low)
-        grads = self._backward(fused.in_float32(output_grads, low), converted, saved, fixed, options, needs, overwrite)
-        return fused.in_input_dtypes(grads, inputs)
-
-    def _backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
+    def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
         x, kernel, gate_gain, bias, R, peephole, gain_c, shift_c, P = inputs[:9]
         in_drop, rd, mask, seed = fixed
         saved = [R.new_empty(0) if t is None else t for t in saved[:SAVED_COUNT]]
@@ -158,11 +148,6 @@ class VariantsOp(fused.FusedOp):
                  shape(B, T, on=ln), shape(B, T, on=ln)]
         trace = [(B, T, Ps), (B, T, U)] if options.trace else [(0,), (0,)]
         return [(B, T, Ps) if options.return_sequences else (B, Ps), (B, Ps), (B, U), *saved, *trace]
-
-    def forward_dtypes(self, inputs, fixed, options, save):
-        compute = inputs[0].dtype
-        count = len(self.forward_shapes(inputs, fixed, options, save))
-        return [compute, compute] + [state_dtype(compute)] * (count - 2)  # (the rest float32 in bf16/f16)
 
 
 OP = VariantsOp()
