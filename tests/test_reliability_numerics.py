@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import platform
 
 import pytest
 import torch
@@ -247,3 +248,36 @@ def test_fused_cpp_single_step_strided_mask():
     with torch.no_grad(), kernels.use("reference"):
         want = layer(x, mask=mask.contiguous())
     torch.testing.assert_close(got, want)
+
+
+# ----- denormals --------------------------------------------------------------------------------
+DENORMAL = torch.finfo(torch.float32).tiny  # the smallest normal float32
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="MXCSR: x86-64 only")
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_vanishing_gradients_are_flushed_not_crawled_through(kind):
+    """The loss on the last output of a long sequence: its gradient decays to denormal sizes on the
+    way back (the reference kernel's dx has them). The C++ kernels flush denormals to zero while
+    they run, as TensorFlow's threads run Keras (denormal arithmetic takes microcode assists: ~10x
+    slower training here, see lstm/kernels/csrc/threads.h), changing no gradient by more than the
+    summation order does; the caller's threads keep their own floating-point mode."""
+    torch.manual_seed(0)
+    layer = LAYERS[kind](8, **({"unit_forget_bias": False} if kind == "LSTM" else {}))
+    x = torch.randn(4, 400, 3, requires_grad=True)
+    layer(x)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(0.3)
+    fused = "fused_cpp" if kind == "LSTM" else "fused_gru_simple_rnn"
+    grads = {}
+    for kernel in ("reference", fused):
+        with kernels.use(kernel):
+            grads[kernel] = torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
+    is_denormal = lambda g: (g.abs() < DENORMAL) & (g != 0)  # noqa: E731
+    assert is_denormal(grads["reference"][0]).sum() > 100
+    for want, got in zip(grads["reference"], grads[fused]):
+        assert not is_denormal(got).any()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (torch.tensor(1e-39) * 1.0).item() > 0  # this thread
+    assert (torch.full((1 << 20,), 1e-39) * 1.0).min().item() > 0  # torch's pool

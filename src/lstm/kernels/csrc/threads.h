@@ -6,8 +6,49 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 namespace lstm_core {
+
+// Denormal floats flushed to zero (MXCSR FTZ and DAZ) while a kernel runs on this thread, as
+// TensorFlow's thread pools run Keras: a gradient that decays over hundreds of steps otherwise
+// crawls through denormals, and so do the products over all steps that read it (measured:
+// training 16,500,32,128 with the loss on the last output, 245 ms without, 18 ms with).
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
+  unsigned saved_;
+#endif
+};
+
+// FlushDenormals on every thread of ATen's pool for a scope, for MKL's threaded products over all
+// steps (MKL runs them on the same OpenMP threads): a backward's products read gradients that small
+class FlushDenormalsOnPool {
+ public:
+  FlushDenormalsOnPool() : flush_(at::in_parallel_region() ? 0 : at::get_num_threads()) {
+    at::parallel_for(0, static_cast<int64_t>(flush_.size()), 1, [&](int64_t, int64_t) {
+      flush_[at::get_thread_num()].emplace();
+    });
+  }
+  ~FlushDenormalsOnPool() {
+    at::parallel_for(0, static_cast<int64_t>(flush_.size()), 1, [&](int64_t, int64_t) {
+      flush_[at::get_thread_num()].reset();
+    });
+  }
+
+ private:
+  std::vector<std::optional<FlushDenormals>> flush_;
+};
 
 // Run f(b0, b1) over the batch rows, in parallel only when a step is big enough.
 constexpr int64_t kParallelWork = 1 << 14;  // elements of gate math per step
@@ -15,8 +56,12 @@ template <typename F>
 inline void over_rows(int64_t B, int64_t work_per_row, const F& f) {
   if (B * work_per_row >= kParallelWork && B > 1 && at::get_num_threads() > 1) {
     int64_t grain = std::max<int64_t>(1, kParallelWork / 4 / std::max<int64_t>(work_per_row, 1));
-    at::parallel_for(0, B, grain, f);
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      const FlushDenormals flush;
+      f(b0, b1);
+    });
   } else {
+    const FlushDenormals flush;
     f(0, B);
   }
 }
@@ -35,10 +80,12 @@ inline void over_chunks(int64_t B, int64_t work_per_row, const F& f) {
   int64_t chunks = B >= kMinChunkRows ? std::min<int64_t>(nt, B) : 1;
   if (chunks > 1 && (B / chunks) * work_per_row > kChunkMaxWork) chunks = 1;
   if (chunks <= 1 || at::in_parallel_region()) {
+    const FlushDenormals flush;
     f(0, B);
     return;
   }
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const FlushDenormals flush;
     int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     for (int64_t ch = c0; ch < c1; ++ch) f(ch * B / chunks, (ch + 1) * B / chunks);
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);

@@ -17,6 +17,7 @@
 #include "gemm.h"
 #include "low_precision.h"
 #include "rnn.h"
+#include "threads.h"
 
 using namespace lstm_core;
 using lstm_bindings::bool_or_none;
@@ -284,6 +285,7 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
                                          c10::optional<torch::Tensor> rec_drop_o,
                                          c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq,
                                          int64_t act, int64_t ract, std::vector<bool> needs) {
+  const FlushDenormalsOnPool flush;  // (the products over all steps read small gradients too)
   // needs: x, kernel, R, bias, h0, c0
   at::NoGradGuard no_grad;
   auto dY = opt(dY_o), in_drop = opt(in_drop_o), rec_drop = opt(rec_drop_o), mask = opt(mask_o);
@@ -411,6 +413,7 @@ std::vector<torch::Tensor> variant_backward(
     int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
     c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
     int64_t ract, double clip, bool consume) {
+  const FlushDenormalsOnPool flush;  // (the products over all steps read small gradients too)
   at::NoGradGuard no_grad;
   auto G = saved[0].contiguous(), Hp = saved[1].contiguous(), Cp = saved[2].contiguous();
   auto Ahat = saved[3], rstd_h = saved[4], mean_c = saved[5], rstd_c = saved[6], Xk = saved[8], rstd_x = saved[9],

@@ -75,6 +75,7 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
                                                c10::optional<torch::Tensor> mask_o, bool go_backwards,
                                                bool zero_output_for_mask, bool return_sequences, int64_t activation,
                                                std::vector<bool> needs, int64_t operand) {
+  const FlushDenormalsOnPool flush;  // (the products over all steps read small gradients too)
   // needs: x, kernel, recurrent_kernel, bias, h0
   at::NoGradGuard no_grad;
   x = x.contiguous();
