@@ -9,6 +9,7 @@ on gradients relative to their largest entry (measured: at most 0.82 * eps * sqr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zipfile
@@ -371,8 +372,8 @@ def assert_matches_the_reference(results, grads, parameters, low):
 
 @pytest.fixture
 def one_thread():
-    """One thread: a call's batch is one chunk of rows, so its size picks the route (16+ rows:
-    MKL's low-precision GEMM per step; fewer: float's on the rounded values)."""
+    """One thread: a call's batch is one chunk of rows, so its size picks the route (16+ rows: the
+    low-precision products per step; fewer: float's on the rounded values)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -381,7 +382,7 @@ def one_thread():
 
 FUSED_ROUTES = {  # batch, features, training: which C++ route runs (on one thread)
     "few rows (float products of the rounded values)": (3, 5, True),
-    "16+ rows (MKL's bf16/f16 products)": (20, 5, True),
+    "16+ rows (low-precision products: AMX tiles or MKL)": (20, 5, True),
     "inference, input fused into each step's product": (20, 5, False),
     "inference, input projected first (D > U)": (20, 9, False),
 }
@@ -450,9 +451,9 @@ def test_fused_variants_low_precision_against_the_reference(policy, options):
 @pytest.mark.usefixtures("one_thread")
 def test_fused_gru_simple_rnn_low_precision_against_the_reference(cls, options, policy, batch):
     """The GRU's and SimpleRNN's C++ loops round h (and r * h, h after its dropout mask) as the
-    reference does, their per-step products float's on the rounded values (few rows) or MKL's
-    low-precision GEMM (16+ rows): outputs within eps * sqrt(T), gradients 2 * eps * sqrt(T) of the
-    largest."""
+    reference does, their per-step products float's on the rounded values (few rows) or
+    low-precision products (16+ rows: AMX tiles in bf16 where the CPU has them, else MKL's GEMM):
+    outputs within eps * sqrt(T), gradients 2 * eps * sqrt(T) of the largest."""
     options = {"return_sequences": True, **options}
     x = inputs(batch, T, D)
     mask = torch.rand(batch, T, generator=torch.Generator().manual_seed(5)) > 0.3
@@ -465,6 +466,40 @@ def test_fused_gru_simple_rnn_low_precision_against_the_reference(cls, options, 
             grads.append(torch.autograd.grad(loss, list(layer.parameters())))
         results.append(outputs)
     assert_matches_the_reference(results, grads, layer.parameters(), LOW[policy])
+
+
+TILE_SHAPES = {  # batch, units, features, threads: the bf16 products' tiles of 16 rows x 16 columns x 32 deep
+    "partial tiles (37 rows, 20 units: K = 20, N = 80)": (37, 20, 5, 1),
+    "whole tiles, the columns spread over 2 threads": (64, 128, 32, 2),
+}
+
+
+@pytest.mark.parametrize("shape", list(TILE_SHAPES))
+@pytest.mark.parametrize("cls", RECURRENT)
+def test_fused_low_precision_tiles_against_the_reference(cls, shape):
+    """The bf16 per-step products (AMX tiles where the CPU has them) at shapes that leave partial
+    tiles in every dimension, and one big enough to spread over the threads: training and inference
+    within the bounds above."""
+    batch, units, features, threads = TILE_SHAPES[shape]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = inputs(batch, 6, features)
+        results, grads = [], []
+        for kernel in ("reference", "fused"):
+            layer = randomized(cls(units, input_dim=features, return_sequences=True, return_state=True,
+                                   dtype="mixed_bfloat16"), scale=0.2)
+            with kernels.use("reference") if kernel == "reference" else contextlib.nullcontext():
+                assert kernel == "reference" or kernels.select(layer.recurrence(x)).name != "reference"
+                with torch.no_grad():
+                    inference = layer(x)
+                outputs = layer(x)
+                loss = (outputs[0].float() * inputs(*outputs[0].shape, seed=2)).sum()
+                grads.append(torch.autograd.grad(loss, list(layer.parameters())))
+            results.append([*outputs, *inference])
+        assert_matches_the_reference(results, grads, layer.parameters(), torch.bfloat16)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_fused_low_precision_under_autocast_and_compile():

@@ -23,8 +23,9 @@ Saved for the backward: the activated gates [B,T,4U] and the states before each 
 
 Supported: LSTM, CPU float32/float64, the named activations (tanh, sigmoid, relu, linear,
 hard_sigmoid, hard_sigmoid_tf_keras), every option of a plain `Recurrence` (no LSTM variant).
-bfloat16/float16 without dropout (problem.py, Recurrence: "Precision"): the products on MKL's
-bf16/f16 GEMMs (float32 accumulation), the recurrence in float32 with h rounded at every step, the
+bfloat16/float16 without dropout (problem.py, Recurrence: "Precision"): the per-step products on
+AMX tiles in bfloat16 where the CPU has them (csrc/operand_right.h: the weights packed once per
+call), else on MKL's bf16/f16 GEMMs, float32 accumulation either way; the recurrence in float32 with h rounded at every step, the
 outputs, the saved h and the backward's dz in the low precision (csrc/bindings/lstm_ops.cpp).
 
 Traces (`trace=True`): the training forward's saved buffers are the trace: the gates i, f, c̃, o

@@ -16,6 +16,7 @@
 
 #include "gemm.h"
 #include "low_precision.h"
+#include "operand_right.h"
 #include "rnn.h"
 #include "sequence_rows.h"
 #include "simd.h"

@@ -23,13 +23,13 @@ void cblas_gemm_f16f16f32(int, int, int, int, int, int, float, const uint16_t*, 
                           float*, int) __attribute__((weak));
 }
 
-// float -> bfloat16 bits, rounded to nearest even (NaN kept a NaN)
+// float -> bfloat16 bits, rounded to nearest even (NaN kept a NaN); without a branch, so that
+// loops over rows of it vectorise
 inline uint16_t to_bf16(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return uint16_t(bits >> 16);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, quiet_nan = (bits >> 16) | 0x40u;
+  return uint16_t((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 inline float from_bf16(uint16_t x) {
@@ -107,49 +107,8 @@ inline void operand_gemm(Operand op, int64_t M, int64_t N, int64_t K, const uint
   gemm_nn<float>(M, N, K, a.data(), K, b.data(), N, beta, C, ldc);
 }
 
-// rows of a chunk from which MKL's low-precision GEMM beats float's on the same values (measured,
+// rows of a chunk from which a low-precision product beats float's on the same values (measured, MKL,
 // one thread: 16x256x64 3.5 vs 4.2 us, 8x512x128 7.0 vs 7.3 us, 4 rows: register tiles win)
 constexpr int64_t kLowGemmRows = 16;
-
-// A step loop's product with its right operand B [K,N]: StepOperand's, or with low-precision
-// operands (float, B's bits given, at least kLowGemmRows rows) MKL's bf16/f16 GEMM, A's rows
-// rounded to the operand type on the way (h holds rounded values already; a gradient is rounded
-// as torch.autocast's backward rounds it).
-template <typename T>
-class StepProduct {
- public:
-  StepProduct(int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb, int64_t steps, int operand,
-              const uint16_t* B_low)
-      : low_(std::is_same_v<T, float> && operand && B_low && M >= kLowGemmRows),
-        float_(M, N, K, B, ldb, low_ ? 0 : steps),
-        M_(M), N_(N), K_(K), ldb_(ldb), operand_(Operand(operand)), B_low_(B_low),
-        a_bits_(low_ ? M * K : 0) {}
-
-  // C[M, N] += A[M, K] @ B
-  void acc(const T* A, int64_t lda, T* C, int64_t ldc) const { product(A, lda, 1.0f, C, ldc); }
-  // C[M, N] = A[M, K] @ B
-  void set(const T* A, int64_t lda, T* C, int64_t ldc) const { product(A, lda, 0.0f, C, ldc); }
-
- private:
-  void product(const T* A, int64_t lda, float beta, T* C, int64_t ldc) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (low_) {
-        for (int64_t m = 0; m < M_; ++m)
-          for (int64_t k = 0; k < K_; ++k) a_bits_[m * K_ + k] = to_operand(operand_, A[m * lda + k]);
-        operand_gemm(operand_, M_, N_, K_, a_bits_.data(), K_, B_low_, ldb_, beta, C, ldc);
-        return;
-      }
-    }
-    if (beta == 0.0f) float_.set(A, lda, C, ldc);
-    else float_.acc(A, lda, C, ldc);
-  }
-
-  bool low_;
-  StepOperand<T> float_;
-  int64_t M_, N_, K_, ldb_;
-  Operand operand_;
-  const uint16_t* B_low_;
-  mutable std::vector<uint16_t> a_bits_;
-};
 
 }  // namespace lstm_core

@@ -21,6 +21,7 @@
 #include "gemm.h"
 #include "low_precision.h"
 #include "lstm_cell.h"
+#include "operand_right.h"
 #include "rnn.h"
 #include "simd.h"
 #include "threads.h"
@@ -246,14 +247,16 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
   std::vector<T> no_bias(v.bias ? 0 : GU, T(0));
   const T* bias = v.bias ? v.bias : no_bias.data();
   // low-precision operands (the plain cell in float): h rounded at every step, its bits kept for
-  // the products (from kLowGemmRows rows, MKL's; fewer take T's products of the same values) and
+  // the products (from kLowGemmRows rows, OperandRight's; fewer take T's products of the same values) and
   // the buffers written in the operand type
   const Operand operand = Operand(fl.operand);
   std::vector<uint16_t> h_low(kPlain && kHasOperands<T> && fl.operand ? nr * Ps : 0);
   if constexpr (kHasOperands<T>)
     if (!h_low.empty()) round_to_operand(operand, h.data(), h_low.data(), nr * Ps);
-  const bool low_gemm = !h_low.empty() && v.R_low && nr >= kLowGemmRows;
-  // (not packed with recurrent dropout, a product per gate, nor when MKL's low-precision GEMM runs)
+  std::optional<OperandRight> low_rec;
+  if (!h_low.empty() && v.R_low && nr >= kLowGemmRows) low_rec.emplace(operand, nr, GU, Ps, v.R_low, GU);
+  const bool low_gemm = low_rec.has_value();
+  // (not packed with recurrent dropout, a product per gate, nor when the low-precision products run)
   const StepOperand<T> rec(nr, GU, Ps, v.R, GU, v.rd || low_gemm ? 0 : Tn);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = fl.backwards ? Tn - 1 - s : s;
@@ -322,7 +325,7 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
     } else if (!low_gemm) {
       recurrent_product(v, fl, rec, b0, nr, h.data(), hm.data(), X + first * GU, Tn * GU, true);
     } else if constexpr (kHasOperands<T>) {
-      operand_gemm(operand, nr, GU, Ps, h_low.data(), Ps, v.R_low, GU, 1.0f, X + first * GU, Tn * GU);
+      low_rec->mm(h_low.data(), Ps, true, X + first * GU, Tn * GU);
     }
     over_rows(nr, (kPlain ? 5 : 12) * U, [&](int64_t r0, int64_t r1) {
       std::vector<uint8_t> keep_h(zoneout ? Ps : 0), keep_c(zoneout ? U : 0);
@@ -496,6 +499,7 @@ void forward_loop_xh_low(int64_t B, int64_t Tn, int64_t D, int64_t U, const uint
                          uint16_t* Y_low, float* Y, float* hT, float* cT) {
   const int64_t GU = 4 * U, DU = D + U;
   const Operand operand = Operand(fl.operand);
+  const OperandRight w(operand, B, GU, DU, W, GU);
   std::vector<uint16_t> xh(B * DU);
   std::vector<float> z(B * GU), c(c0, c0 + B * U), h(h0, h0 + B * U), ylast(fl.seq ? 0 : B * U, 0.0f);
   auto time_of = [&](int64_t s) { return fl.backwards ? Tn - 1 - s : s; };
@@ -506,7 +510,7 @@ void forward_loop_xh_low(int64_t B, int64_t Tn, int64_t D, int64_t U, const uint
   }
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = time_of(s);
-    operand_gemm(operand, B, GU, DU, xh.data(), DU, W, GU, 0.0f, z.data(), GU);
+    w.mm(xh.data(), DU, false, z.data(), GU);
     over_rows(B, 5 * U + DU, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const bool kept = keep == nullptr || keep[b * Tn + t];
@@ -721,8 +725,10 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
   const Operand operand = Operand(fl.operand);
   uint16_t* dz_low = kPlain && kHasOperands<T> && fl.operand ? v.dXW_low : nullptr;
   // (fewer rows than kLowGemmRows: the product with R^T takes float's, on dz unrounded)
-  const bool low_gemm = dz_low && nr >= kLowGemmRows;
-  // (not packed with recurrent dropout, a product per gate, nor when MKL's low-precision GEMM runs)
+  std::optional<OperandRight> low_rec_t;
+  if (dz_low && nr >= kLowGemmRows) low_rec_t.emplace(operand, nr, Ps, GU, v.RT_low, Ps);
+  const bool low_gemm = low_rec_t.has_value();
+  // (not packed with recurrent dropout, a product per gate, nor when the low-precision products run)
   const StepOperand<T> rec_t(nr, Ps, GU, v.RT, Ps, v.rd || low_gemm ? 0 : Tn);
   std::vector<T> dz_step(dz_low && !low_gemm ? nr * GU : 0);
   for (int64_t s = Tn - 1; s >= 0; --s) {
@@ -871,7 +877,7 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
     } else if (!low_gemm) {
       rec_t.acc(dz_step.data(), GU, dh.data(), Ps);
     } else if constexpr (kHasOperands<T>) {
-      operand_gemm(operand, nr, Ps, GU, dz_low + first * GU, Tn * GU, v.RT_low, Ps, 1.0f, dh.data(), Ps);
+      low_rec_t->mm(dz_low + first * GU, Tn * GU, true, dh.data(), Ps);
     }
   }
   std::copy(dh.begin(), dh.end(), gr.dh0 + b0 * Ps);

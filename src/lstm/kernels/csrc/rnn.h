@@ -51,8 +51,9 @@ struct Flags {
   // low-precision operands (low_precision.h Operand; float only): 0 none; 1 bfloat16, 2 float16.
   // h is rounded to it at every step (with a projection hu, its operand, too), so outputs and
   // states hold rounded values; the caller rounds the weights and x. The plain cell takes its
-  // products on MKL's low-precision GEMM where Params::R_low is given; every other product is
-  // float's on the rounded values (the same products, accumulated in float32)
+  // per-step products on operand_right.h's (AMX tiles in bf16, else MKL's low-precision GEMM) where
+  // Params::R_low is given; every other product is float's on the rounded values (the same
+  // products, accumulated in float32)
   int operand;
 };
 
@@ -261,8 +262,8 @@ struct SequenceOptions {
   bool reset_after;          // GRU: r multiplies h @ R_h + b_h (true) or h before the product (false)
   // low-precision operands, as lstm::Flags::operand (float only): h rounded at every step, and the
   // other operands of the per-step products (h after its dropout mask; the GRU's r * h); with the
-  // weights' bits given, the per-step products on MKL's low-precision GEMM (the backward's dz
-  // rounded for them)
+  // weights' bits given, the per-step products on operand_right.h's (AMX tiles in bf16, else MKL's
+  // low-precision GEMM; the backward's dz rounded for them)
   int operand;
 };
 
@@ -288,8 +289,8 @@ struct Forward {
   // saved for the backward (training), both or neither:
   Scalar* h_prev;           // [B,T,U] the state before the step of time index t, or null
   Scalar* candidate_input;  // [B,T,U] reset_after: h_{t-1} R_h + b_rec_h; else r * h_{t-1} * dropout_h
-  // with SequenceOptions::operand: R's bits [U,3U] (the per-step products on MKL's low-precision
-  // GEMM for chunks of kLowGemmRows rows or more), or null
+  // with SequenceOptions::operand: R's bits [U,3U] (the per-step products on operand_right.h's for
+  // chunks of kLowGemmRows rows or more), or null
   const uint16_t* recurrent_kernel_low;
   Forward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;  // the chunk [b0, b1)
 };

@@ -95,8 +95,8 @@ uint16_t* bits_of(const torch::Tensor& t) { return static_cast<uint16_t*>(t.data
 
 // The plain cell in bfloat16/float16 (problem.py, Recurrence: "Precision"): x in the low precision
 // L, the weights in L or float32, h0 in L or float32, c0 in float32 or L. The products take their
-// operands in L (x, the weights and h rounded to it) and accumulate in float32 (MKL's bf16/f16
-// GEMM); the gates, C and the recurrence in float32. Returns Y, hT in L, cT in float32 and, with
+// operands in L (x, the weights and h rounded to it) and accumulate in float32 (per step
+// operand_right.h's, over all steps MKL's bf16/f16 GEMM); the gates, C and the recurrence in float32. Returns Y, hT in L, cT in float32 and, with
 // save, G (float32), Hp (L), Cp (float32). No dropout (the caller's supports() declines it).
 std::vector<torch::Tensor> forward_low_precision(const torch::Tensor& x, const torch::Tensor& kernel,
                                                  const torch::Tensor& R, const torch::Tensor& bias,
