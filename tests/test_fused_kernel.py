@@ -424,9 +424,9 @@ def test_stream_and_cell_call_equal_reference(layer_cls, kwargs, dtype):
     out, states = cell(x[:, 0], [h])
     assert isinstance(cell._lean_call, fused_gru_simple_rnn.CellCall)
     with lstm.kernels.use("reference"):
-        out_r, states_r = cell(x[:, 0], h)
+        out_r, h_r = cell(x[:, 0], h)  # (a bare state in, a bare state out, as Keras)
     grads = torch.autograd.grad((out * 2 + states[0]).sum(), [h, *cell.parameters()])
-    grads_r = torch.autograd.grad((out_r * 2 + states_r[0]).sum(), [h, *cell.parameters()])
+    grads_r = torch.autograd.grad((out_r * 2 + h_r).sum(), [h, *cell.parameters()])
     for a, b in zip((out, *grads), (out_r, *grads_r)):
         assert torch.allclose(a, b, atol=tol)
     with pytest.raises(ValueError, match=r"states\[0\]: expected shape"):

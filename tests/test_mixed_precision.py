@@ -92,10 +92,16 @@ def test_rnn_bidirectional_and_core_layer_dtypes(policy):
     x = inputs(B, T, D)
     rnn = layers.RNN(layers.LSTMCell(U), dtype=policy, return_sequences=True)
     assert rnn(x).dtype == compute and rnn.cell.kernel.dtype == variable_dtype(policy)
-    both = layers.Bidirectional(layers.LSTM(U, return_sequences=True, return_state=True), dtype=policy)
+    # Keras: the wrapper's dtype casts its input and its merged output; the wrapped layers keep theirs
+    both = layers.Bidirectional(layers.LSTM(U, return_sequences=True, return_state=True, dtype=policy), dtype=policy)
     out, *states = both(x)
     assert out.dtype == compute and len(states) == 4 and all(s.dtype == compute for s in states)
     assert {p.dtype for p in both.parameters()} == {variable_dtype(policy)} and both.compute_dtype == compute
+    wrapper_only = layers.Bidirectional(layers.LSTM(U, return_sequences=True, return_state=True), dtype=policy)
+    out, *states = wrapper_only(x)
+    assert out.dtype == compute and all(s.dtype == torch.float32 for s in states)
+    assert {p.dtype for p in wrapper_only.parameters()} == {torch.float32}
+    assert layers.deserialize(layers.serialize(wrapper_only)).dtype_policy.name == policy
     dense = layers.Dense(3, dtype=policy)
     assert dense(x).dtype == compute and dense.kernel.dtype == variable_dtype(policy)
     embedding = layers.Embedding(10, 4, dtype=policy)
@@ -291,12 +297,14 @@ def test_config_round_trip(cls, policy):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_bidirectional_and_embedding_config_round_trip(policy):
-    for both in (layers.Bidirectional(layers.LSTM(U, dtype=policy)),
-                 layers.Bidirectional(layers.LSTM(U), dtype=policy)):
+    # (the wrapper's dtype and the wrapped layer's each round-trip, as Keras 3 keeps them apart)
+    for both, inner in ((layers.Bidirectional(layers.LSTM(U, dtype=policy)), policy),
+                        (layers.Bidirectional(layers.LSTM(U), dtype=policy), "float32")):
         config = both.get_config()
-        assert config["dtype"] == config_dtype(policy) == config["layer"]["config"]["dtype"]
+        assert config["dtype"] == config_dtype(policy) and config["layer"]["config"]["dtype"] == config_dtype(inner)
         again = layers.Bidirectional.from_config(config)
-        assert again.forward_layer.dtype_policy.name == again.backward_layer.dtype_policy.name == policy
+        assert again.dtype_policy.name == policy
+        assert again.forward_layer.dtype_policy.name == again.backward_layer.dtype_policy.name == inner
         assert again.get_config() == config
     embedding = layers.Embedding(10, 4, dtype=policy)
     assert layers.Embedding.from_config(embedding.get_config()).dtype_policy.name == policy

@@ -86,8 +86,8 @@ def test_to_torch_layer(kind, use_bias):
 def test_to_torch_bidirectional_and_stacks(kind):
     cls = LAYERS[kind]
     model = lstm.Sequential([
-        layers.Bidirectional(cls(4, return_sequences=True), input_shape=(None, 3), dtype="float64"),
-        layers.Bidirectional(cls(4, return_sequences=True), input_shape=(None, 8), dtype="float64"),
+        layers.Bidirectional(cls(4, return_sequences=True, dtype="float64"), input_shape=(None, 3)),
+        layers.Bidirectional(cls(4, return_sequences=True, dtype="float64"), input_shape=(None, 8)),
     ])
     randomize(model, 2)
     module = lstm.to_torch(model)

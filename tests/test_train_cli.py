@@ -1,13 +1,15 @@
-"""`lstm train|evaluate|predict|generate`: a --quick run per task, checkpoints, exact resume,
+"""`lstm train|evaluate|predict|generate|export`: a --quick run per task, checkpoints, exact resume,
 atomic writes, and clear errors for bad input."""
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,6 +73,29 @@ def test_evaluate_predict_generate(runs, capsys):
     assert len(forecast) == 48 and all(math.isfinite(v) for v in forecast)
     assert main(["generate", str(runs / "charlm"), "--prompt", "ROMEO.", "--length", "40", "--temperature", "0.7"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO.")
+
+
+def test_export_keras(runs, tmp_path, capsys):
+    """`lstm export RUN --format keras`: Keras 3 loads the trained model and predicts what it does."""
+    os.environ["KERAS_BACKEND"] = "torch"
+    import keras
+
+    from lstm.train.models import keras_model
+    from lstm.train.restore import restore
+
+    cases = {"sentiment": torch.tensor([[5, 17, 3, 9] + [0] * 76, [8] * 30 + [0] * 50]),
+             "charlm": torch.randint(0, 20, (2, 12), generator=torch.Generator().manual_seed(0))}
+    for task, x in cases.items():
+        output = tmp_path / f"{task}.keras"
+        assert main(["export", str(runs / task), "--format", "keras", "--output", str(output)]) == 0
+        assert str(output) in capsys.readouterr().out
+        theirs = keras.ops.convert_to_numpy(keras.saving.load_model(output)(x.numpy().astype("int32"), training=False))
+        task_object, model, _, _ = restore(runs / task)
+        ours = keras_model(model, task_object.name)(x).detach().numpy()
+        assert theirs.shape == ours.shape and np.abs(theirs - ours).max() <= 1e-5 * max(1.0, np.abs(ours).max())
+    assert main(["export", str(runs / "sentiment")]) == 0 and (runs / "sentiment" / "model.keras").exists()
+    assert main(["export", str(runs / "forecast")]) == 2
+    assert "no Keras equivalent" in capsys.readouterr().err
 
 
 def tiny(**extra):

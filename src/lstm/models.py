@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .layers.config import nested
+from .layers.validation import check_bool
 from .serialization import unique_name
 
 
@@ -53,7 +54,7 @@ class Sequential(nn.Module):
     def __init__(self, layers: Optional[Iterable[nn.Module]] = None, name: Optional[str] = None, trainable=True):
         super().__init__()
         self.name = name or unique_name(self.default_name)
-        self.trainable = bool(trainable)
+        self.trainable = check_bool(trainable, "trainable")
         self.layers = nn.ModuleList()
         for layer in layers or []:
             self.add(layer)

@@ -11,9 +11,9 @@ single-input functional chains). Where each format keeps the weights is describe
 `keras_golden/models/FORMATS.md`: Keras 3 addresses a layer's weights by class and position
 (`layers/lstm_1/cell/vars/0`), the legacy format by layer name and the `weight_names` attribute.
 
-`save_keras_weights(model_or_layer, path)` writes a Keras 3 `.weights.h5` with Keras 3's layout,
-and `load_keras_weights(model_or_layer, path)` reads one (or a legacy `.h5`) into an existing
-model or layer. Nothing here unpickles anything.
+`load_keras_weights(model_or_layer, path)` reads a Keras 3 `.weights.h5` (or a legacy `.h5`) into an
+existing model or layer; keras_writing.py writes them, and whole `.keras` files. Nothing here
+unpickles anything.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
-from ..layers import RNN, Bidirectional, InputLayer, LSTMCell, TimeDistributed, deserialize
+from ..layers import RNN, Bidirectional, InputLayer, TimeDistributed, deserialize
 from ..models import Sequential
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
-def _h5py():
+def import_h5py():
     try:
         import h5py
     except ImportError as error:  # pragma: no cover - h5py is a dependency of this module
@@ -283,7 +283,7 @@ def _read_head(path) -> bytes:
 
 
 def _open_h5(source, what: str):
-    h5py = _h5py()
+    h5py = import_h5py()
     try:
         return h5py.File(source, "r")
     except (OSError, ValueError) as error:
@@ -384,8 +384,10 @@ def load_keras(path, weights=None) -> Sequential:
 def load_keras_weights(target: nn.Module, path) -> nn.Module:
     """Reads a Keras 3 `.weights.h5` (or a legacy weights `.h5`) into an existing model or layer
     (the layout `save_keras_weights` writes for it). Returns `target`."""
+    from .keras_writing import plan_for
+
     path = os.fspath(path)
-    plan = _plan_for(target)
+    plan = plan_for(target)
     with _open_h5(path, path) as f:
         try:
             if plan is None:
@@ -397,95 +399,4 @@ def load_keras_weights(target: nn.Module, path) -> nn.Module:
     return target
 
 
-# ----- writing ----------------------------------------------------------------------------------
-_SUPPORTED_WRITE = ("LSTM", "GRU", "SimpleRNN", "RNN", "Bidirectional", "Dense", "Embedding", "Masking", "Dropout",
-                    "TimeDistributed", "InputLayer")
-
-
-def _plan_for(target: nn.Module) -> Optional[list]:
-    """Keras 3 keys of a Sequential's layers (None for a single layer)."""
-    if not isinstance(target, Sequential):
-        return None
-    plan, counts = [], {}
-    for module in target.layers:
-        class_name = type(module).__name__
-        if class_name not in _SUPPORTED_WRITE:
-            raise ValueError(f"layer {getattr(module, 'name', class_name)!r}: {class_name} has no Keras weights layout "
-                             f"here; supported: {', '.join(_SUPPORTED_WRITE)}")
-        if class_name == "InputLayer":  # Keras 3 Sequential.layers leaves the InputLayer out
-            plan.append((class_name, module, None))
-            continue
-        key = keras_snake_case(class_name)
-        n = counts.get(key, 0)
-        counts[key] = n + 1
-        plan.append((class_name, module, key if n == 0 else f"{key}_{n}"))
-    return plan
-
-
-def _write_vars(group, name: str, arrays: list) -> None:
-    variables = group.create_group("vars")
-    variables.attrs["name"] = name
-    for i, array in enumerate(arrays):
-        variables.create_dataset(str(i), data=np.asarray(array))
-
-
-def _write_layer(module: nn.Module, group) -> None:
-    name = getattr(module, "name", type(module).__name__.lower())
-    if isinstance(module, Bidirectional):
-        _write_vars(group, name, [])
-        _write_layer(module.forward_layer, group.create_group("forward_layer"))
-        _write_layer(module.backward_layer, group.create_group("backward_layer"))
-    elif isinstance(module, RNN):
-        if not module.built:
-            raise ValueError(f"layer {name!r} is not built (no weights yet); call it once or build() it first")
-        _write_vars(group, name, [])
-        _write_vars(group.create_group("cell"), module.cell.name, module.cell.get_weights())
-    elif isinstance(module, TimeDistributed):
-        _write_vars(group, name, [])
-        _write_layer(module.layer, group.create_group("layer"))
-    else:
-        if hasattr(module, "built") and not module.built:
-            raise ValueError(f"layer {name!r} is not built (no weights yet); call it once first")
-        _write_vars(group, name, module.get_weights() if hasattr(module, "get_weights") else [])
-
-
-def save_keras_weights(model_or_layer: nn.Module, path) -> None:
-    """Writes weights as a Keras 3 `.weights.h5` with Keras 3's groups and datasets.
-
-    A `Sequential` is written as Keras 3's `model.save_weights` writes that model
-    (`layers/<class>[_k]/...`, its InputLayer left out, root `vars` named after the model), so
-    `load_keras(model_json, weights=path)` and Keras' `model.load_weights(path)` read it. A
-    single layer (LSTM, GRU, SimpleRNN, Bidirectional, Dense, ...) is written as Keras 3 saves
-    that layer on its own (`cell/vars/0..2` at the root); wrap it in a Sequential for a model file.
-    """
-    h5py = _h5py()
-    for module in model_or_layer.modules():
-        variants = module.variants() if isinstance(module, LSTMCell) else {}
-        if variants:
-            raise ValueError(f"save_keras_weights: {module.name!r} uses the LSTM variant options {variants}, which "
-                             "Keras' LSTM does not have")
-    plan = _plan_for(model_or_layer)
-    if plan is None and type(model_or_layer).__name__ not in _SUPPORTED_WRITE:
-        raise ValueError(f"save_keras_weights: {type(model_or_layer).__name__} has no Keras weights layout; "
-                         f"supported: Sequential, {', '.join(_SUPPORTED_WRITE)}")
-    with h5py.File(os.fspath(path), "w") as f:
-        if plan is None:
-            _write_layer(model_or_layer, f)
-            return
-        layers = f.create_group("layers")
-        for _, module, key in plan:
-            if key is not None:
-                _write_layer(module, layers.create_group(key))
-        _write_vars(f, model_or_layer.name, [])
-
-
-def keras_config(model: Sequential) -> dict:
-    """A Keras-3-readable Sequential config of this model (for `load_keras(json, weights=...)`)."""
-    from ..layers import serialize
-
-    return {"class_name": "Sequential", "config": {"name": model.name, "trainable": model.trainable,
-                                                   "layers": [serialize(layer) for layer in model.layers]}}
-
-
-__all__ = ["load_keras", "load_keras_weights", "save_keras_weights", "keras_config", "model_from_config",
-           "keras_snake_case"]
+__all__ = ["load_keras", "load_keras_weights", "model_from_config", "keras_snake_case"]

@@ -28,7 +28,17 @@ def deserialize(config: dict, dialect: Optional[str] = None):
 
 
 def serialize(layer) -> dict:
-    return {"class_name": type(layer).__name__, "config": layer.get_config()}
+    """`layer` as Keras 3's `keras.layers.serialize` gives it: `{'module': 'keras.layers',
+    'class_name', 'config', 'registered_name': None}`, which `keras.layers.deserialize` and
+    `deserialize` both read (nested cells and layers inside the config written the same way). A
+    subclass of one of these layers is written as that layer: its config is the layer's."""
+    return {"module": "keras.layers", "class_name": class_name_of(layer), "config": layer.get_config(),
+            "registered_name": None}
+
+
+def class_name_of(layer) -> str:
+    """The class of this library (and Keras) that `layer` is, or extends: its class name in configs."""
+    return next((c.__name__ for c in type(layer).__mro__ if _CLASSES.get(c.__name__) is c), type(layer).__name__)
 
 
 __all__ = ["LSTMCell", "LSTM", "GRUCell", "GRU", "SimpleRNNCell", "SimpleRNN", "RNN", "RecurrentCell",

@@ -15,7 +15,7 @@ from ..serialization import unique_name
 from . import rng
 from .config import constructor_kwargs, nested
 from .precision import PolicyLayer, weight_array
-from .validation import (as_float_tensor, check_fraction, check_initial_state, check_mask, check_seed,
+from .validation import (as_float_tensor, check_bool, check_fraction, check_initial_state, check_mask, check_seed,
                          check_units, feature_size)
 
 _WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
@@ -58,7 +58,7 @@ class RecurrentCell(PolicyLayer, nn.Module):
         self.units = check_units(units)
         self.activation = activations.canonical(activation, "activation")
         self.recurrent_activation = activations.canonical(recurrent_activation, "recurrent_activation")
-        self.use_bias = bool(use_bias)
+        self.use_bias = check_bool(use_bias, "use_bias")
         self.kernel_initializer = initializers.get(kernel_initializer, "kernel_initializer")
         self.recurrent_initializer = initializers.get(recurrent_initializer, "recurrent_initializer")
         self.bias_initializer = initializers.get(bias_initializer, "bias_initializer")
@@ -78,7 +78,7 @@ class RecurrentCell(PolicyLayer, nn.Module):
         self._generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.dtype_policy = dtype if dtype is not None else "float32"
         self.name = name or unique_name(self.default_name)
-        self.trainable = bool(trainable)
+        self.trainable = check_bool(trainable, "trainable")
         self._cached_masks: Optional[tuple] = None
         for weight in self.weight_names():
             self.register_parameter(weight, None)
@@ -184,7 +184,10 @@ class RecurrentCell(PolicyLayer, nn.Module):
 
     @property
     def losses(self) -> list[torch.Tensor]:
-        """Weight penalties of the regularizers, recomputed from the current weights."""
+        """Weight penalties of the regularizers, recomputed from the current weights; none while the
+        cell is frozen (Keras 3 counts the regularizers of trainable weights only)."""
+        if not self.trainable:
+            return []
         pairs = zip(self.weights(), (self.kernel_regularizer, self.recurrent_regularizer, self.bias_regularizer))
         return [reg(w) for w, reg in pairs if reg is not None]
 
@@ -239,16 +242,19 @@ class RecurrentCell(PolicyLayer, nn.Module):
     def forward(self, inputs, states=None, training=None):
         """One step: `out, new_states = cell(x_t, [h, c])`, x_t [B, D]; states=None means zeros.
         Floating inputs and states are cast to the dtype the cell computes in (as Keras does)."""
+        bare = isinstance(states, torch.Tensor)  # (Keras returns the new state as it came: `[h] if nested else h`)
+        result = None
         if not torch.compiler.is_compiling():
             lean = self._lean_call
             if lean is None:
                 lean = self.__dict__["_lean_call"] = kernels.cell_call(self) or False
             if lean and type(inputs) is torch.Tensor:
                 result = lean(self, inputs, states, training)
-                if result is not None:
-                    return result
-        outputs, states = self.call_states(inputs, states, training)
-        return outputs, [s.to(outputs.dtype) for s in states]
+        if result is None:
+            outputs, states = self.call_states(inputs, states, training)
+            result = outputs, [s.to(outputs.dtype) for s in states]
+        outputs, states = result
+        return outputs, states[0] if bare and len(states) == 1 else states
 
     def call_states(self, inputs, states=None, training=None, carried: bool = False):
         """The cell call, returning the states as the kernels carry them (C in float32 for a
@@ -355,15 +361,15 @@ class RNN(nn.Module):
         self.cell = cell
         if dtype is not None and not cell.built:
             cell.dtype_policy = dtype
-        self.return_sequences = bool(return_sequences)
-        self.return_state = bool(return_state)
-        self.go_backwards = bool(go_backwards)
-        self.stateful = bool(stateful)
-        self.unroll = bool(unroll)  # same numbers either way; kept for config round-trips
-        self.zero_output_for_mask = bool(zero_output_for_mask)
+        self.return_sequences = check_bool(return_sequences, "return_sequences")
+        self.return_state = check_bool(return_state, "return_state")
+        self.go_backwards = check_bool(go_backwards, "go_backwards")
+        self.stateful = check_bool(stateful, "stateful")
+        self.unroll = check_bool(unroll, "unroll")  # same numbers either way; kept for config round-trips
+        self.zero_output_for_mask = check_bool(zero_output_for_mask, "zero_output_for_mask")
         self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
         self.name = name or unique_name(self.default_name)
-        self.trainable = bool(trainable)
+        self.trainable = check_bool(trainable, "trainable")
         if not self.trainable:  # Keras: a frozen layer freezes its cell's weights
             cell.trainable = False
             for param in cell.parameters():
@@ -423,8 +429,9 @@ class RNN(nn.Module):
 
     @property
     def losses(self) -> list[torch.Tensor]:
-        """Weight penalties (recomputed now) and the activity penalties of the last call."""
-        return self.cell.losses + self.activity_losses
+        """Weight penalties (recomputed now; none while the layer is frozen) and the activity
+        penalties of the last call."""
+        return (self.cell.losses if self.trainable else []) + self.activity_losses
 
     def compute_mask(self, inputs, mask=None):
         return mask if self.return_sequences else None
@@ -496,7 +503,9 @@ class RNN(nn.Module):
 
     def get_config(self) -> dict:
         config = self._layer_config()
-        config["cell"] = {"class_name": type(self.cell).__name__, "config": self.cell.get_config()}
+        from . import serialize
+
+        config["cell"] = serialize(self.cell)
         config["activity_regularizer"] = regularizers.serialize(self.activity_regularizer)
         return config
 

@@ -11,6 +11,7 @@ from torch import nn
 from ..serialization import parse_dtype_policy, unique_name
 from .base import RNN
 from .config import nested
+from .validation import as_float_tensor, check_bool
 
 MERGE_MODES = ("concat", "sum", "ave", "mul", None)
 
@@ -41,8 +42,10 @@ class Bidirectional(nn.Module):
             raise ValueError(f"merge_mode: expected one of {MERGE_MODES}, got {merge_mode!r}")
         self.merge_mode = merge_mode
         self.name = name or unique_name(self.default_name)
-        self.trainable = bool(trainable)
-        self._layer_config = {"class_name": type(layer).__name__, "config": layer.get_config()}
+        self.trainable = check_bool(trainable, "trainable")
+        from . import serialize
+
+        self._layer_config = serialize(layer)
         # Keras 3 strips the prefix, so a Keras 3 config's 'forward_lstm' stays 'forward_lstm'
         self.forward_layer = self._copy(layer, "forward_" + layer.name.removeprefix("forward_"), go_backwards=False)
         self._custom_backward = backward_layer is not None
@@ -65,12 +68,10 @@ class Bidirectional(nn.Module):
                 sub.trainable = sub.cell.trainable = False
                 for param in sub.parameters():
                     param.requires_grad_(False)
-        if dtype is not None:
-            policy = parse_dtype_policy(dtype)
-            for sub in (self.forward_layer, self.backward_layer):
-                if not sub.built:
-                    sub.cell.dtype_policy = policy
-            self._layer_config["config"]["dtype"] = self.forward_layer.cell.dtype_config()  # (what from_config reads)
+        # the wrapper's own dtype policy (Keras: its inputs cast to its compute dtype, the two directions'
+        # outputs cast back to it before merging; the wrapped layers keep theirs); none given: the
+        # forward layer's
+        self._policy = None if dtype is None else parse_dtype_policy(dtype)
         self.return_sequences = layer.return_sequences
         self.return_state = layer.return_state
         if input_shape is not None:
@@ -90,11 +91,13 @@ class Bidirectional(nn.Module):
     def built(self) -> bool:
         return self.forward_layer.built and self.backward_layer.built
 
-    # Keras' dtype attributes: the forward layer's (see lstm.layers.precision)
-    dtype_policy = property(lambda self: self.forward_layer.dtype_policy)
-    variable_dtype = property(lambda self: self.forward_layer.variable_dtype)
-    compute_dtype = property(lambda self: self.forward_layer.compute_dtype)
-    dtype = property(lambda self: self.forward_layer.dtype)
+    # Keras' dtype attributes: the wrapper's own policy, else the forward layer's (lstm.layers.precision)
+    dtype_policy = property(lambda self: self._policy or self.forward_layer.dtype_policy)
+    variable_dtype = property(lambda self: self._policy.variable_dtype if self._policy else
+                              self.forward_layer.variable_dtype)
+    compute_dtype = property(lambda self: self._policy.compute_dtype if self._policy else
+                             self.forward_layer.compute_dtype)
+    dtype = variable_dtype
 
     def forward(self, inputs, mask=None, initial_state=None, training=None):
         forward_state = backward_state = None
@@ -105,12 +108,16 @@ class Bidirectional(nn.Module):
                                  f"number of tensors), got {got}")
             half = len(initial_state) // 2
             forward_state, backward_state = list(initial_state[:half]), list(initial_state[half:])
+        if self._policy is not None:
+            inputs = as_float_tensor(inputs, "inputs").to(self._policy.compute_dtype)
         y_f = self.forward_layer(inputs, mask=mask, initial_state=forward_state, training=training)
         y_b = self.backward_layer(inputs, mask=mask, initial_state=backward_state, training=training)
         states = []
         if self.return_state:
             (y_f, *states_f), (y_b, *states_b) = y_f, y_b
             states = states_f + states_b
+        if self._policy is not None:
+            y_f, y_b = y_f.to(self._policy.compute_dtype), y_b.to(self._policy.compute_dtype)
         if self.return_sequences:
             y_b = y_b.flip(1)
         if self.merge_mode is None:
@@ -157,13 +164,14 @@ class Bidirectional(nn.Module):
         config = {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": self.forward_layer.cell.dtype_config(),
+            "dtype": self._policy.to_config() if self._policy else self.forward_layer.cell.dtype_config(),
             "layer": self._layer_config,
             "merge_mode": self.merge_mode,
         }
         if self._custom_backward:
-            config["backward_layer"] = {"class_name": type(self.backward_layer).__name__,
-                                        "config": self.backward_layer.get_config()}
+            from . import serialize
+
+            config["backward_layer"] = serialize(self.backward_layer)
         return config
 
     @classmethod
@@ -180,8 +188,7 @@ class Bidirectional(nn.Module):
         backward = None if backward is None else nested("['backward_layer']", deserialize, backward, dialect)
         for key in ("module", "registered_name", "build_config"):
             config.pop(key, None)
-        config.pop("dtype", None)  # the wrapped layers carry it
-        unknown = set(config) - {"name", "trainable", "merge_mode"}
+        unknown = set(config) - {"name", "trainable", "merge_mode", "dtype"}
         if unknown:
             raise ValueError(f"config: unknown keys {sorted(unknown)} for Bidirectional")
         return cls(layer, backward_layer=backward, **config)

@@ -23,7 +23,7 @@ from ..serialization import (FLOAT_DTYPES, activation_from_config, detect_dialec
 from . import rng
 from .config import nested
 from .precision import PolicyLayer, weight_array
-from .validation import check_fraction, check_seed, check_shape, check_units, feature_size
+from .validation import check_bool, check_fraction, check_seed, check_shape, check_units, feature_size
 
 # Keys Keras writes that change nothing at inference here (null/defaults checked where it matters).
 _BENIGN = {"module", "registered_name", "build_config", "batch_input_shape", "batch_shape", "input_length",
@@ -70,7 +70,7 @@ class _Layer(PolicyLayer, nn.Module):
     def __init__(self, name=None, trainable=True, dtype=None):
         super().__init__()
         self.name = name or unique_name(self.default_name)
-        self.trainable = bool(trainable)
+        self.trainable = check_bool(trainable, "trainable")
         self.dtype_policy = dtype if dtype is not None else "float32"
         for weight in self._weight_names:
             self.register_parameter(weight, None)
@@ -158,7 +158,7 @@ class InputLayer(_Layer):
             raise ValueError("InputLayer: input_tensor is not supported")
         nn.Module.__init__(self)
         self.name = name or unique_name(self.default_name)
-        self.trainable = bool(trainable)
+        self.trainable = check_bool(trainable, "trainable")
         if batch_shape is None:
             batch_shape = batch_input_shape
         if batch_shape is None and (shape is not None or input_shape is not None):
@@ -220,7 +220,7 @@ class Embedding(_Layer):
         self.embeddings_regularizer = regularizers.get(embeddings_regularizer, "embeddings_regularizer")
         self.embeddings_constraint = constraints.get(embeddings_constraint, "embeddings_constraint")
         self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
-        self.mask_zero = bool(mask_zero)
+        self.mask_zero = check_bool(mask_zero, "mask_zero")
         self._make("embeddings", self.embeddings_initializer((self.input_dim, self.output_dim), self.dtype))
         if weights is not None:
             self.set_weights(weights)
@@ -303,7 +303,7 @@ class Dense(_Layer):
         super().__init__(name, trainable, dtype)
         self.units = check_units(units)
         self.activation = activations.canonical(activation, "activation")
-        self.use_bias = bool(use_bias)
+        self.use_bias = check_bool(use_bias, "use_bias")
         self.kernel_initializer = _initializer(kernel_initializer, "kernel_initializer")
         self.bias_initializer = _initializer(bias_initializer, "bias_initializer")
         self.kernel_regularizer = regularizers.get(kernel_regularizer, "kernel_regularizer")
@@ -444,8 +444,9 @@ class TimeDistributed(_Layer):
         return getattr(self.layer, "compute_dtype", super().compute_dtype)
 
     def get_config(self) -> dict:
-        return {**self._base_config(), "layer": {"class_name": type(self.layer).__name__,
-                                                  "config": self.layer.get_config()}}
+        from . import serialize
+
+        return {**self._base_config(), "layer": serialize(self.layer)}
 
     @classmethod
     def from_config(cls, config: dict, dialect: Optional[str] = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..kernels import CellSpec
 from .base import CellLayer, RecurrentCell
+from .validation import check_bool
 
 
 class GRUCell(RecurrentCell):
@@ -25,7 +26,7 @@ class GRUCell(RecurrentCell):
                  bias_regularizer=None, kernel_constraint=None, recurrent_constraint=None,
                  bias_constraint=None, dropout=0.0, recurrent_dropout=0.0, implementation=2,
                  reset_after=True, seed=None, dtype=None, name=None, trainable=True, input_dim=None):
-        self.reset_after = bool(reset_after)
+        self.reset_after = check_bool(reset_after, "reset_after")
         super().__init__(units, activation, recurrent_activation, use_bias, kernel_initializer,
                          recurrent_initializer, bias_initializer, kernel_regularizer, recurrent_regularizer,
                          bias_regularizer, kernel_constraint, recurrent_constraint, bias_constraint, dropout,

@@ -9,7 +9,7 @@ import torch
 from ..kernels import CellSpec, Zoneout
 from . import rng
 from .base import CellLayer, RecurrentCell
-from .validation import check_fraction, check_units
+from .validation import check_bool, check_fraction, check_units
 
 # the variants' constructor arguments and their off values (kept out of configs while off)
 VARIANT_DEFAULTS = {"peephole": False, "layer_norm": False, "proj_size": 0, "coupled": False, "zoneout": 0.0,
@@ -97,7 +97,7 @@ class LSTMCell(RecurrentCell):
                  implementation=2, seed=None, dtype=None, name=None, trainable=True, input_dim=None, *,
                  peephole=False, layer_norm=False, proj_size=0, coupled=False, zoneout=0.0,
                  recurrent_dropconnect=0.0, forget_bias=0.0, cell_clip=None):
-        self.unit_forget_bias = bool(unit_forget_bias)
+        self.unit_forget_bias = check_bool(unit_forget_bias, "unit_forget_bias")
         self.peephole = _check_flag(peephole, "peephole")
         self.layer_norm = _check_flag(layer_norm, "layer_norm")
         self.coupled = _check_flag(coupled, "coupled")

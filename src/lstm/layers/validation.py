@@ -15,6 +15,13 @@ def check_units(units: Any, argument: str = "units") -> int:
     return int(units)
 
 
+def check_bool(value: Any, argument: str) -> bool:
+    """A bool (Python's or NumPy's), as Keras types these arguments; anything else a TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{argument}: expected True or False, got {value!r}")
+    return bool(value)
+
+
 def check_seed(seed: Any) -> Any:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an int or None, got {seed!r}")
