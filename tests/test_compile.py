@@ -12,6 +12,7 @@ one runs inductor (the default backend, ~15 s to compile on two busy cores)."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -253,13 +254,39 @@ def test_dynamic_sizes_compile_once():
 
 
 def test_lazy_layers_under_compile():
-    # not built yet: one graph break builds the weights eagerly; fullgraph says what to do
+    # not built yet: the default torch.compile builds the weights in an eager fallback
     x = torch.randn(2, 5, 4)
     model = models.Sequential([layers.LSTM(6, return_sequences=True), layers.GRU(3), layers.Dense(2)])
     out = torch.compile(model, backend="aot_eager")(x)
     assert torch.equal(out, model(x))
-    with pytest.raises(Exception, match="build the model first"):
-        torch.compile(models.Sequential([layers.GRU(3)]), fullgraph=True, backend="aot_eager")(x)
+
+
+_NOT_BUILT = re.escape(
+    "is not built: its weights are created on its first call (here for 4 input features), which "
+    "torch.compile(fullgraph=True) and torch.export cannot trace. Build it before compiling: give input_shape= or "
+    "input_dim= when constructing it, call it (or the model) once eagerly, or call layer.build(4)")
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: models.Sequential([layers.LSTM(6, return_sequences=True), layers.GRU(3), layers.Dense(2)]), "LSTM"),
+    (lambda: layers.GRU(3), "GRU"), (lambda: layers.Dense(3), "Dense"),
+    (lambda: layers.Bidirectional(layers.SimpleRNN(3)), "SimpleRNN 'forward_")])
+def test_fullgraph_and_export_of_a_layer_not_built_say_to_build_it(make, named):
+    # fullgraph=True: Dynamo wraps the library's error in its Unsupported, which carries the message
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(Exception, match=f"{named}.*{_NOT_BUILT}"):
+        torch.compile(make(), fullgraph=True, backend="aot_eager")(x)
+    with pytest.raises(RuntimeError, match=f"^{named}.*{_NOT_BUILT}$"):  # (non-strict export: the error itself)
+        torch.export.export(make(), (x,))
+    model = make()  # built (by one eager call), it compiles to one graph
+    model(x)
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+
+
+def test_fullgraph_cell_not_built_says_to_build_it():
+    cell = layers.LSTMCell(5)
+    with pytest.raises(Exception, match=f"LSTMCell 'lstm_cell.*{_NOT_BUILT}"):
+        torch.compile(lambda v: cell(v)[0], fullgraph=True, backend="aot_eager")(torch.randn(2, 4))
 
 
 # ----- the custom ops themselves -------------------------------------------------------------------

@@ -194,6 +194,25 @@ def test_unknown_names(cls):
         cls(3, kernel_initializer=3)
 
 
+@pytest.mark.parametrize("cls, torch_name, size_arguments", [
+    (LSTM, "LSTM", "input_dim= / input_shape="), (GRU, "GRU", "input_dim= / input_shape="),
+    (SimpleRNN, "RNN", "input_dim= / input_shape="), (LSTMCell, "LSTMCell", "input_dim="),
+    (GRUCell, "GRUCell", "input_dim="), (SimpleRNNCell, "RNNCell", "input_dim="),
+    (layers.Dense, "Linear", "input_dim= / input_shape=")])
+def test_torch_argument_order_says_how_the_layer_is_sized(cls, torch_name, size_arguments):
+    # torch.nn's (input size, output size) puts the output size where these layers take activation
+    name = cls.__name__
+    with raises(TypeError, "activation: expected an activation name or a callable, got the int 64",
+                f"{name} takes one size, units (its output size)", "finds its input size on its first call",
+                f"(or from {size_arguments})", f"torch.nn.{torch_name}(100, 64) is layers.{name}(64) here",
+                f"layers.{name}(64, input_dim=100)"):
+        cls(100, 64)
+    with raises(TypeError, "activation", "got the int 3", f"torch.nn.{torch_name}(8, 3)"):
+        cls(8, activation=np.int64(3))
+    with raises(TypeError, "activation", "got bool"):  # a bool is no size
+        cls(8, True)
+
+
 def test_unknown_recurrent_activation_and_activity_regularizer():
     with raises(ValueError, "recurrent_activation", "'sigmoidal'"):
         LSTM(3, recurrent_activation="sigmoidal")

@@ -308,3 +308,17 @@ def test_gates_of_a_run_trained_by_lstm_train(tmp_path):
     assert numbers["sections"]["gates"]["traces"]["task"] == "adding"
     assert _png_size(out / "gates_lstm.png")[0] >= 300
     assert "Gate traces of a trained model" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_on_stderr_unless_quiet(tmp_path, capsys, quiet):
+    """A full `lstm explain` runs for many minutes: each part says when it starts and finishes, n of m."""
+    assert main(["explain", "gates", "--quick", "--threads", "1", "--out", str(tmp_path)]
+                + (["--quiet"] if quiet else [])) == 0
+    err = capsys.readouterr().err
+    if quiet:
+        assert "lstm explain:" not in err
+        return
+    started, finished = err.splitlines()
+    assert started == "lstm explain: [1/1] gates (quick settings) ..."
+    assert finished.startswith("lstm explain: [1/1] gates done in ") and finished.endswith(" s elapsed)")

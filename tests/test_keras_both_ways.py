@@ -157,6 +157,19 @@ def test_serialize_is_what_keras_deserializes(case):
     assert set(keras.layers.serialize(theirs)) >= set(entry)
 
 
+def test_a_model_goes_through_keras_and_back():
+    """A Sequential serializes as Keras 3 writes one (module 'keras'): keras.layers.deserialize
+    rebuilds it, and this library reads Keras' serialization of it back to the same layers."""
+    model, _ = built(*MODELS["sentiment (Embedding mask_zero, Dropout, LSTM, Dense)"])
+    entry = layers.serialize(model)
+    assert (entry["module"], entry["class_name"]) == ("keras", "Sequential")
+    theirs = keras.layers.deserialize(entry)
+    assert [type(layer).__name__ for layer in theirs.layers] == ["Embedding", "Dropout", "LSTM", "Dropout", "Dense"]
+    again = layers.deserialize(keras.layers.serialize(theirs))
+    assert isinstance(again, lstm.Sequential) and again.name == model.name
+    assert [layer.get_config() for layer in again.layers] == [layer.get_config() for layer in model.layers]
+
+
 def test_the_tutorials_flat_configs_stay_flat():
     config = layers.LSTMCell(64).get_config()
     assert "module" not in config and config["units"] == 64 and config["activation"] == "tanh"

@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
 def test_quick_run_metrics(runs, task, metric, baseline_key):
     run = runs / task
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["task"] == task and metrics["metric"] == metric
+    assert metrics["task"] == task and metrics["metric"] == metric and metrics["quick"] is True
     assert metric in metrics["test"] and baseline_key in metrics["baseline"] and metrics["baseline"]["name"]
     assert len(metrics["epochs"]) == 2 and all(metric in e["val"] and "loss" in e["train"] for e in metrics["epochs"])
     assert finite(metrics) and metrics["wall_time_s"] > 0
@@ -167,7 +167,8 @@ def run_cli(*args):
 
 def test_bad_input_clear_messages(runs, tmp_path):
     done = run_cli("train", "nosuchtask")
-    assert done.returncode == 2 and "invalid choice: 'nosuchtask'" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and done.stderr == ("lstm train: error: unknown task 'nosuchtask'; the tasks are "
+                                                    "sentiment, charlm, forecast, vowels, adding, copy\n")
     done = run_cli("train", "sentiment", "--no-such-option")
     assert done.returncode == 2 and "unrecognized arguments: --no-such-option" in done.stderr
     done = run_cli("train", "sentiment", "--delay", "5")
@@ -242,6 +243,112 @@ def test_user_data(tmp_path):
     (tmp_path / "x.txt").write_text("to be or not to be, that is the question.\n" * 200)
     assert main(["train", "charlm", "--quick", "--no-progress", "--data", str(tmp_path / "x.txt"),
                  "--out", str(tmp_path / "c")]) == 0
+
+
+# ----- a new user's first hour: what to train, smoke runs, models to distrust, several inputs ------
+def test_train_without_a_task_lists_the_tasks_and_how_to_start(capsys):
+    from lstm.train.tasks import TASKS
+
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lstm train: error: give a TASK to train (or --resume RUN to continue a run); the tasks:\n")
+    for name, task in TASKS.items():
+        assert f"  {name:<10} {task.help}\n" in err
+    assert "To start: `lstm train sentiment` (add --quick for a smoke run under a minute)" in err
+    assert "usage:" not in err
+
+
+def test_mistyped_task_names_the_closest_and_the_tasks(capsys):
+    assert main(["train", "sentimnt", "--quick"]) == 2
+    assert capsys.readouterr().err == ("lstm train: error: unknown task 'sentimnt' (did you mean sentiment?); the "
+                                       "tasks are sentiment, charlm, forecast, vowels, adding, copy\n")
+
+
+def test_quick_run_says_it_is_a_smoke_run_at_start_and_end(tmp_path, capsys):
+    assert main(["train", "adding", "--quick", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "q")]) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "--quick" in line]
+    assert notices == [
+        "lstm train: a --quick smoke run: 10 steps, not a result; run without --quick for the real model",
+        "lstm train: that was a --quick smoke run (10 steps): its numbers are not a result; run without --quick "
+        "for the real model"]
+    assert json.loads((tmp_path / "q" / "metrics.json").read_text())["quick"] is True
+
+
+def _as_full_run(runs, task, tmp_path, test_metric):
+    """A copy of the --quick run of `task` as a run made without --quick (its checkpoint config says so,
+    loaded unchecked as from before checksums) whose metrics.json reports `test_metric(baseline's)`."""
+    run = tmp_path / task
+    shutil.copytree(runs / task, run)
+    folder = checkpoint.resolve(run)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, quick=False)))
+    (folder / "checksums.json").unlink()
+    for pointer in ("best.json", "latest.json"):
+        (run / pointer).write_text(json.dumps({"checkpoint": f"checkpoints/{folder.name}"}))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["test"][metrics["metric"]] = test_metric(metrics["baseline"][f"test_{metrics['metric']}"])
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run, metrics
+
+
+@pytest.mark.parametrize("task,worse,better", [("sentiment", lambda b: b, lambda b: b + 0.01),  # accuracy: higher
+                                               ("forecast", lambda b: b * 1.1, lambda b: b * 0.9)])  # rmse: lower
+def test_predict_warns_about_a_model_no_better_than_its_baseline(runs, tmp_path, capsys, task, worse, better):
+    given = "a moving, beautifully acted film" if task == "sentiment" else ",".join(["20000"] * 672)
+    run, metrics = _as_full_run(runs, task, tmp_path, worse)
+    assert main(["predict", str(run), given]) == 0
+    metric, baseline = metrics["metric"], metrics["baseline"]
+    assert capsys.readouterr().err == (
+        f"lstm predict: warning: the model of {run} is no better than its baseline (test {metric} "
+        f"{metrics['test'][metric]:.4f}, baseline {baseline[f'test_{metric}']:.4f}: {baseline['name']}); its "
+        f"answers are worth no more than the baseline's\n")
+    _as_full_run(runs, task, tmp_path / "better", better)
+    assert main(["predict", str(tmp_path / "better" / task), given]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_predict_and_generate_warn_about_a_quick_run(runs, capsys):
+    assert main(["predict", str(runs / "sentiment"), "a fine film"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"lstm predict: warning: {runs / 'sentiment'} is a --quick smoke run")
+    assert err.endswith("; train without --quick for the real model\n") and len(err.splitlines()) == 1
+    assert main(["generate", str(runs / "charlm"), "--length", "5"]) == 0
+    metrics = json.loads((runs / "charlm" / "metrics.json").read_text())
+    assert (f"is a --quick smoke run and no better than its baseline (test loss {metrics['test']['loss']:.4f}, "
+            f"baseline {metrics['baseline']['test_loss']:.4f}: character bigram (add-one))") in capsys.readouterr().err
+
+
+def test_predict_several_inputs_a_file_and_none(runs, tmp_path, capsys):
+    run = str(runs / "sentiment")
+    assert main(["predict", run, "a moving, beautifully acted film", "a dull mess", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in results] == ["a moving, beautifully acted film", "a dull mess"]
+    assert main(["predict", run, "a moving film", "a dull mess"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(" (probability " in line for line in lines)
+    (tmp_path / "inputs.txt").write_text("a moving film\n\n   \na dull mess\n")
+    assert main(["predict", run, "--file", str(tmp_path / "inputs.txt"), "--json"]) == 0
+    assert [r["text"] for r in json.loads(capsys.readouterr().out)] == ["a moving film", "a dull mess"]
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    for argv, message in [
+            (["--file", str(tmp_path / "blank.txt")],
+             f"--file {tmp_path / 'blank.txt'}: no input in it (expected one input per line; blank lines are "
+             f"skipped)"),
+            (["--file", str(tmp_path / "none.txt")], f"--file {tmp_path / 'none.txt'}: no such file"),
+            (["fine", "--file", str(tmp_path / "inputs.txt")], "not both (got 1 on the command line)"),
+            ([], "lstm predict: error: INPUT: none given; give one or more (a sentence; numbers or a CSV file for "
+                 "series tasks), or --file PATH with one per line")]:
+        assert main(["predict", run, *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_predict_on_a_charlm_run_points_to_generate(runs, capsys):
+    assert main(["predict", str(runs / "charlm"), "ROMEO."]) == 2
+    assert capsys.readouterr().err == (
+        f"lstm predict: error: {runs / 'charlm'} is a charlm run: a character model writes text rather than "
+        f"labelling it; use `lstm generate {runs / 'charlm'} --prompt ROMEO.`\n")
+    assert main(["predict", str(runs / "adding"), "1 2"]) == 2
+    assert "`lstm evaluate RUN` measures the model" in capsys.readouterr().err
 
 
 # ----- long sequences: --bptt and --recompute ------------------------------------------------------

@@ -4,6 +4,7 @@ long memory against T. Writes PNG figures, report.md and numbers.json into DIR."
 
 from __future__ import annotations
 
+import sys
 import time
 
 PARTS = ("gates", "gradients", "memory")
@@ -20,6 +21,8 @@ def add_arguments(parser) -> None:
                                                         "a text (charlm), numbers or a CSV file (forecast, vowels)")
     parser.add_argument("--seed", type=int, default=0, help="which generated example to trace (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr (which part runs, "
+                                                             "seconds so far)")
 
 
 def parts_of(names: list) -> list:
@@ -30,9 +33,13 @@ def parts_of(names: list) -> list:
     return list(PARTS) if not names or "all" in names else [part for part in PARTS if part in names]
 
 
+def progress(args, line: str) -> None:
+    if not args.quiet:
+        print(f"lstm explain: {line}", file=sys.stderr, flush=True)
+
+
 def run(args) -> int:
     import os
-    import sys
     from pathlib import Path
 
     import torch
@@ -52,14 +59,17 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started, cpu_started, load_at_start = time.time(), time.process_time(), os.getloadavg()[0]
     built = []
-    for part in parts:
-        print(f"lstm explain: {part} ({settings.label})", flush=True)
+    for number, part in enumerate(parts, 1):
+        # on stderr, so that the numbers the parts print (stdout) stay clean; a full run takes many minutes
+        progress(args, f"[{number}/{len(parts)}] {part} ({settings.label} settings) ...")
         if part == "gates":
             built.append(sections.gates_section(out, settings, args.run, args.input, args.seed))
         elif part == "gradients":
             built.append(sections.gradients_section(out, settings))
         else:
             built.append(sections.memory_section(out, settings))
+        progress(args, f"[{number}/{len(parts)}] {part} done in {built[-1].seconds:.0f} s "
+                       f"({time.time() - started:.0f} s elapsed)")
     command = "lstm explain " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["explain"] else "lstm explain"
     timing = report.Timing(time.time() - started, time.process_time() - cpu_started, load_at_start,
                            os.getloadavg()[0])

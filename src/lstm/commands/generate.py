@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a charlm run folder or one of its checkpoints")
@@ -16,7 +18,7 @@ def run(args) -> int:
 
     from ..train import TrainError
     from ..train.generate import sample
-    from ..train.restore import restore
+    from ..train.restore import caveat, restore
 
     if not args.temperature > 0:
         raise TrainError(f"--temperature must be > 0, got {args.temperature}")
@@ -30,4 +32,7 @@ def run(args) -> int:
 
     text = sample(model, read_config(folder)["meta"], args.prompt, args.length, args.temperature, args.seed)
     print(args.prompt + text)
+    warning = caveat(task, folder)
+    if warning:
+        print(f"lstm generate: {warning}", file=sys.stderr)
     return 0

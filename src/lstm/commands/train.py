@@ -44,9 +44,10 @@ def add_arguments(parser) -> None:
     from ..train.tasks import TASKS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "tasks:\n" + "\n".join(f"  {name:<10} {task.help}" for name, task in TASKS.items())
-    parser.add_argument("task", nargs="?", choices=list(TASKS), metavar="TASK",
-                        help=f"one of {', '.join(TASKS)} (omit with --resume)")
+    parser.epilog = "tasks:\n" + task_list()
+    # (no `choices`: argparse would answer a mistyped task with the whole usage before the tasks; run()
+    # names the known tasks and the closest one)
+    parser.add_argument("task", nargs="?", metavar="TASK", help=f"one of {', '.join(TASKS)} (omit with --resume)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default runs/TASK-DATE-TIME)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     parser.add_argument("--quick", action="store_true", help="a tiny run (under a minute), for smoke tests")
@@ -59,6 +60,13 @@ def add_arguments(parser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
 
 
+def task_list() -> str:
+    """One line per task: its name and what it trains on (the task registry's own description)."""
+    from ..train.tasks import TASKS
+
+    return "\n".join(f"  {name:<10} {task.help}" for name, task in TASKS.items())
+
+
 def run(args) -> int:
     import torch
 
@@ -67,7 +75,9 @@ def run(args) -> int:
     from ..train.loop import train
 
     if args.task is None and not args.resume:
-        raise TrainError("give a TASK (or --resume RUN)")
+        raise TrainError("give a TASK to train (or --resume RUN to continue a run); the tasks:\n" + task_list()
+                         + "\nTo start: `lstm train sentiment` (add --quick for a smoke run under a minute); "
+                           "`lstm train --help` lists the options")
     if args.task is not None and args.resume:
         raise TrainError("give either a TASK or --resume RUN, not both (a resumed run keeps its task)")
     if args.resume and args.quick:

@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.ticker import LogFormatter
 
 from .figures import new_figure, save
-from .training import BASELINE_ERROR, CELL_NAMES, ERROR_NAME, TASKS, Budget, TrainedModel, trained
+from .training import BASELINE_ERROR, CELL_NAMES, ERROR_NAME, TASKS, TrainedModel, trained
 
 COLOURS = {"simple_rnn": "#d62728", "gru": "#2ca02c", "lstm": "#1f77b4"}
 
@@ -15,15 +15,16 @@ COLOURS = {"simple_rnn": "#d62728", "gru": "#2ca02c", "lstm": "#1f77b4"}
 def run_grid(lengths: dict, budgets: dict, cells=tuple(CELL_NAMES), log=print) -> list[TrainedModel]:
     """Every cell on every task in `lengths` ({task: [T, ...]}) with that task's budget."""
     results = []
+    total = sum(len(task_lengths) for task_lengths in lengths.values()) * len(cells)  # models, for "n/total"
     for task, task_lengths in lengths.items():
         if task not in TASKS:
             raise ValueError(f"task: expected one of {list(TASKS)}, got {task!r}")
         for length in task_lengths:
             for cell in cells:
                 result = trained(cell, task, length, budgets[task])
-                log(f"  memory: {task:<6} T={length:<4} {CELL_NAMES[cell]:<9} {ERROR_NAME[task]} "
-                    f"{result.test_error:.4f}  ({result.seconds:.0f} s)")
                 results.append(result)
+                log(f"  memory {len(results)}/{total}: {task:<6} T={length:<4} {CELL_NAMES[cell]:<9} "
+                    f"{ERROR_NAME[task]} {result.test_error:.4f}  ({result.seconds:.0f} s)")
     return results
 
 

@@ -15,26 +15,36 @@ from ..serialization import unique_name
 from . import rng
 from .config import constructor_kwargs, nested
 from .precision import PolicyLayer, weight_array
-from .validation import (as_float_tensor, check_bool, check_fraction, check_initial_state, check_mask, check_seed,
-                         check_units, feature_size)
+from .validation import (as_float_tensor, check_activation_is_not_a_size, check_bool, check_fraction,
+                         check_initial_state, check_mask, check_seed, check_units, feature_size)
 
 _WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
 
 
-def _build(layer, inputs) -> None:
-    layer.build(inputs.shape[-1], device=inputs.device)
+def build_now(layer, inputs, owner=None) -> None:
+    """layer.build for these inputs, or, while torch.compile or torch.export traces, the error saying
+    to build `owner` (the layer the user called; default `layer`) before compiling.
+
+    A traced graph cannot create weights. Raised while tracing, this error is what
+    torch.compile(fullgraph=True) and torch.export report; the default torch.compile runs the
+    raising frames eagerly instead, and there the weights are built.
+    """
+    features = inputs.shape[-1]
+    if torch.compiler.is_compiling():
+        owner = owner or layer
+        raise RuntimeError(
+            f"{type(owner).__name__} {owner.name!r} is not built: its weights are created on its first call "
+            f"(here for {features} input features), which torch.compile(fullgraph=True) and torch.export "
+            f"cannot trace. Build it before compiling: give input_shape= or input_dim= when constructing it, "
+            f"call it (or the model) once eagerly, or call layer.build({features})")
+    _build_untraced(layer, features, inputs.device)
 
 
-# Under torch.compile a lazy layer's first call builds its weights eagerly (one graph break);
-# fullgraph=True and torch.export stop there with this reason.
-_build_eagerly = torch.compiler.disable(
-    _build, reason="a layer builds its weights on its first call, which torch.compile(fullgraph=True) and "
-                   "torch.export cannot trace: build the model first (input_shape=..., or one eager call)")
-
-
-def build_now(layer, inputs) -> None:
-    """layer.build for these inputs (under torch.compile: eagerly, outside the graph)."""
-    (_build_eagerly if torch.compiler.is_compiling() else _build)(layer, inputs)
+# In the default torch.compile's eager fallback Dynamo would still trace the initializers, frame by
+# frame, into graphs of their own that are never used again.
+@torch.compiler.disable
+def _build_untraced(layer, features: int, device) -> None:
+    layer.build(features, device=device)
 
 
 class RecurrentCell(PolicyLayer, nn.Module):
@@ -47,6 +57,7 @@ class RecurrentCell(PolicyLayer, nn.Module):
 
     kind: str = ""
     default_name: str = ""
+    torch_counterpart: str = ""  # the torch.nn module taking (input size, output size), named in errors
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
@@ -56,6 +67,7 @@ class RecurrentCell(PolicyLayer, nn.Module):
                  dtype=None, name=None, trainable=True, input_dim=None):
         super().__init__()
         self.units = check_units(units)
+        check_activation_is_not_a_size(activation, self, self.units, "input_dim=")
         self.activation = activations.canonical(activation, "activation")
         self.recurrent_activation = activations.canonical(recurrent_activation, "recurrent_activation")
         self.use_bias = check_bool(use_bias, "use_bias")
@@ -282,9 +294,10 @@ class RecurrentCell(PolicyLayer, nn.Module):
         result = kernels.run(problem)
         return result.outputs, list(result.states)
 
-    def _ensure_built(self, inputs: torch.Tensor) -> None:
+    def _ensure_built(self, inputs: torch.Tensor, owner=None) -> None:
+        """Builds on the first call; `owner` is the layer named in errors (default: this cell)."""
         if not self.built:
-            build_now(self, inputs)
+            build_now(self, inputs, owner)
         elif inputs.shape[-1] != self.input_dim:
             raise ValueError(f"inputs: expected {self.input_dim} features (the size this layer was built for), "
                              f"got {inputs.shape[-1]} (input shape {tuple(inputs.shape)})")
@@ -445,7 +458,7 @@ class RNN(nn.Module):
             raise ValueError(f"inputs: expected a 3-D tensor [batch, timesteps, features], got shape "
                              f"{tuple(inputs.shape)}")
         cell = self.cell
-        cell._ensure_built(inputs)
+        cell._ensure_built(inputs, owner=self)
         compute = cell.call_dtype(inputs.device)
         inputs = inputs.to(compute)
         batch = inputs.shape[0]
@@ -541,10 +554,14 @@ class CellLayer(RNN):
     the config is flat, as in Keras."""
 
     cell_class: type = RecurrentCell
+    torch_counterpart: str = ""  # the torch.nn module taking (input size, output size), named in errors
     layer_keys = ("return_sequences", "return_state", "go_backwards", "stateful", "unroll",
                   "zero_output_for_mask", "activity_regularizer", "name", "trainable", "input_shape")
 
     def __init__(self, units, **kwargs):
+        # (checked here too, so that the error names this layer rather than its cell)
+        check_activation_is_not_a_size(kwargs.get("activation"), self, check_units(units),
+                                       "input_dim= / input_shape=")
         layer_kwargs = {k: kwargs.pop(k) for k in self.layer_keys if k in kwargs}
         input_shape = layer_kwargs.pop("input_shape", None)
         if input_shape is not None and kwargs.get("input_dim") is None:  # the subclasses pass input_dim=None

@@ -23,7 +23,8 @@ from ..serialization import (FLOAT_DTYPES, activation_from_config, detect_dialec
 from . import rng
 from .config import nested
 from .precision import PolicyLayer, weight_array
-from .validation import check_bool, check_fraction, check_seed, check_shape, check_units, feature_size
+from .validation import (check_activation_is_not_a_size, check_bool, check_fraction, check_seed, check_shape,
+                         check_units, feature_size)
 
 # Keys Keras writes that change nothing at inference here (null/defaults checked where it matters).
 _BENIGN = {"module", "registered_name", "build_config", "batch_input_shape", "batch_shape", "input_length",
@@ -294,6 +295,7 @@ class Dense(_Layer):
     `kernel` [in, units] as in Keras, built on the first call or at once with `input_dim`/`input_shape`."""
 
     default_name = "dense"
+    torch_counterpart = "Linear"  # the torch.nn module taking (input size, output size), named in errors
     _weight_names = ("kernel", "bias")
 
     def __init__(self, units, activation=None, use_bias=True, kernel_initializer="glorot_uniform",
@@ -302,6 +304,7 @@ class Dense(_Layer):
                  trainable=True, dtype=None, input_shape=None, input_dim=None):
         super().__init__(name, trainable, dtype)
         self.units = check_units(units)
+        check_activation_is_not_a_size(activation, self, self.units, "input_dim= / input_shape=")
         self.activation = activations.canonical(activation, "activation")
         self.use_bias = check_bool(use_bias, "use_bias")
         self.kernel_initializer = _initializer(kernel_initializer, "kernel_initializer")
@@ -343,7 +346,7 @@ class Dense(_Layer):
         if not self.built:
             from .base import build_now
 
-            build_now(self, inputs)  # (eagerly under torch.compile)
+            build_now(self, inputs)
         elif inputs.shape[-1] != self.input_dim:
             raise ValueError(f"inputs: {self.name!r} expects {self.input_dim} features, got input shape "
                              f"{tuple(inputs.shape)}")

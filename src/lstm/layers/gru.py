@@ -19,6 +19,7 @@ class GRUCell(RecurrentCell):
 
     kind = "gru"
     default_name = "gru_cell"
+    torch_counterpart = "GRUCell"
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
@@ -48,6 +49,7 @@ class GRU(CellLayer):
 
     cell_class = GRUCell
     default_name = "gru"
+    torch_counterpart = "GRU"
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",

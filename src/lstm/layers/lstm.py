@@ -88,6 +88,7 @@ class LSTMCell(RecurrentCell):
 
     kind = "lstm"
     default_name = "lstm_cell"
+    torch_counterpart = "LSTMCell"
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
@@ -199,6 +200,7 @@ class LSTM(CellLayer):
 
     cell_class = LSTMCell
     default_name = "lstm"
+    torch_counterpart = "LSTM"
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid", use_bias=True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",

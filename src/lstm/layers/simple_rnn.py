@@ -11,6 +11,7 @@ class SimpleRNNCell(RecurrentCell):
 
     kind = "simple_rnn"
     default_name = "simple_rnn_cell"
+    torch_counterpart = "RNNCell"
 
     def __init__(self, units, activation="tanh", use_bias=True, kernel_initializer="glorot_uniform",
                  recurrent_initializer="orthogonal", bias_initializer="zeros", kernel_regularizer=None,
@@ -33,6 +34,7 @@ class SimpleRNN(CellLayer):
 
     cell_class = SimpleRNNCell
     default_name = "simple_rnn"
+    torch_counterpart = "RNN"
 
     def __init__(self, units, activation="tanh", use_bias=True, kernel_initializer="glorot_uniform",
                  recurrent_initializer="orthogonal", bias_initializer="zeros", kernel_regularizer=None,

@@ -15,6 +15,18 @@ def check_units(units: Any, argument: str = "units") -> int:
     return int(units)
 
 
+def check_activation_is_not_a_size(activation: Any, layer, units: int, size_arguments: str) -> None:
+    """An int given as `activation` is torch.nn's habit of passing (input size, output size) to
+    `layer.torch_counterpart`, where `layer` takes (units, activation): say how this layer is sized."""
+    if isinstance(activation, numbers.Integral) and not isinstance(activation, bool):
+        name, size = type(layer).__name__, int(activation)
+        raise TypeError(
+            f"activation: expected an activation name or a callable, got the int {size}. {name} takes one size, "
+            f"units (its output size), and finds its input size on its first call (or from {size_arguments}): "
+            f"torch.nn.{layer.torch_counterpart}({units}, {size}) is layers.{name}({size}) here, or "
+            f"layers.{name}({size}, input_dim={units}) to create the weights at once")
+
+
 def check_bool(value: Any, argument: str) -> bool:
     """A bool (Python's or NumPy's), as Keras types these arguments; anything else a TypeError."""
     if not isinstance(value, (bool, np.bool_)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
         saved = checkpoint.read_config(folder)
         task = get(saved["task"])
         hp = dict(saved["hp"])
+        quick = bool(saved.get("quick"))  # a resumed --quick run is still one (runs saved before: not known)
         if options.get("epochs") is not None:
             hp["epochs"] = options["epochs"]
             checks.check(hp)
@@ -142,7 +144,7 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
     torch.manual_seed(hp["seed"])
     data = task.load(hp)
     model = task.model(hp, data.meta).to(device)
-    config = {"task": task.name, "hp": hp, "meta": data.meta, "data": data.info,
+    config = {"task": task.name, "quick": quick, "hp": hp, "meta": data.meta, "data": data.info,
               "architecture": architecture(model)}
     if resume and saved.get("architecture") != config["architecture"]:
         raise TrainError(f"--resume {run}: its checkpoint is of another architecture than this task builds")
@@ -187,6 +189,9 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
     # ---- the loop
     steps_per_epoch = len(epoch_order(hp, 0, data.size("train")))
     total_steps = hp["epochs"] * steps_per_epoch
+    if quick and main:
+        _smoke_run_notice(f"a --quick smoke run: {total_steps} steps, not a result; run without --quick for the "
+                          f"real model")
     for epoch in range(state["epoch"], hp["epochs"]):
         data.prepare_epoch(hp, epoch)
         batches = epoch_order(hp, epoch, data.size("train"))
@@ -255,7 +260,7 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
     final = {}
     if main:
         baseline = task.baseline(data, hp)
-        final = {"task": task.name, "target": task.target, "metric": task.metric,
+        final = {"task": task.name, "quick": quick, "target": task.target, "metric": task.metric,
                  "best_epoch": state["best_epoch"], "val": state["history"][-1]["val"] if state["history"] else {},
                  "best_val": state["history"][state["best_epoch"] - 1]["val"] if state["best_epoch"] else None,
                  "test": test_metrics, "baseline": baseline,
@@ -268,10 +273,19 @@ def _train(options, task_name, out, resume, quick, progress, save_every, log, ca
         log(f"test ({'epoch ' + str(state['best_epoch'])}): " + "  ".join(
             f"{k} {v:.4f}" for k, v in test_metrics.items()) + f"   baseline: {json.dumps(baseline)}")
         log(f"wrote {run / 'metrics.json'}, {run / 'curves.png'}, checkpoints in {run / 'checkpoints'}")
+        if quick:
+            _smoke_run_notice(f"that was a --quick smoke run ({total_steps} steps): its numbers are not a result; "
+                              f"run without --quick for the real model")
     if callback is not None:
         callback(model, rank)
     distributed.barrier()
     return final
+
+
+def _smoke_run_notice(text: str) -> None:
+    """On stderr, not through `log`: a --quick run's numbers must not be mistaken for a result even when
+    the log (stdout) is redirected to a file."""
+    print(f"lstm train: {text}", file=sys.stderr, flush=True)
 
 
 def _pointed(run: Path, pointer: str):

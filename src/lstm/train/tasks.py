@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -82,7 +84,8 @@ class Task:
         return {}
 
     def predict(self, model, hp: dict, meta: dict, inputs: str) -> dict:
-        raise TrainError(f"`lstm predict` does not apply to the {self.name} task")
+        raise TrainError(f"`lstm predict` does not apply to the {self.name} task: its sequences are generated, "
+                         f"not given; `lstm evaluate RUN` measures the model on them")
 
 
 def _split_seed(hp):
@@ -318,13 +321,18 @@ class Vowels(Task):
         return {"label": meta["labels"][best], "probability": probs[best].item(), "steps": int(mask.sum())}
 
 
+def _names_a_file(inputs: str) -> bool:
+    try:
+        return Path(inputs).is_file()
+    except OSError:  # numbers too long for a file name (ENAMETOOLONG) are no file's name
+        return False
+
+
 def _read_numbers(inputs: str) -> np.ndarray:
     """Numbers from a file (CSV rows) or from the argument itself ('1,2,3' or '1 2 3')."""
-    from pathlib import Path
-
     if not inputs or not inputs.strip():
         raise TrainError("predict: the input is empty; give numbers ('1,2,3') or a CSV file of numbers")
-    text = Path(inputs).read_text() if len(inputs) < 4096 and Path(inputs).is_file() else inputs
+    text = Path(inputs).read_text() if _names_a_file(inputs) else inputs
     rows = [line.replace(",", " ").split() for line in text.strip().splitlines() if line.strip()]
     try:
         values = [[float(v) for v in row] for row in rows]
@@ -477,5 +485,7 @@ TASKS = {task.name: task for task in (Sentiment(), CharLMTask(), Forecast(), Vow
 
 def get(name: str) -> Task:
     if name not in TASKS:
-        raise TrainError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
+        closest = difflib.get_close_matches(name, TASKS, n=1)
+        suggestion = f" (did you mean {closest[0]}?)" if closest else ""
+        raise TrainError(f"unknown task {name!r}{suggestion}; the tasks are {', '.join(TASKS)}")
     return TASKS[name]
