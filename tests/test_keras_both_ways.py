@@ -103,9 +103,9 @@ def test_keras_files_of_keras_itself_round_trip(tmp_path):
 
 
 def test_save_keras_refusals(tmp_path):
-    with pytest.raises(ValueError, match=r"'lstm_peep'.*variant options \{'peephole': True\}.*Keras' LSTM"):
-        lstm.save_keras(lstm.Sequential([layers.LSTM(3, peephole=True, input_dim=2, name="lstm_peep")]),
-                        tmp_path / "a.keras")
+    peephole = lstm.Sequential([layers.LSTM(3, peephole=True, input_dim=2, name="lstm_peep")])
+    with pytest.raises(ValueError, match=r"^save_keras: 'lstm_peep'.*options \{'peephole': True\}.*Keras' LSTM"):
+        lstm.save_keras(peephole, tmp_path / "a.keras")
     with pytest.raises(TypeError, match=r"^model: expected an lstm.Sequential, got LSTM"):
         lstm.save_keras(layers.LSTM(3, input_dim=2), tmp_path / "b.keras")
     with pytest.raises(ValueError, match=r"input shape is unknown.*lstm.layers.Input"):
@@ -116,6 +116,10 @@ def test_save_keras_refusals(tmp_path):
     stateful = lstm.Sequential([layers.Input(batch_shape=(2, None, 2)), layers.LSTM(3, stateful=True, input_dim=2)])
     lstm.save_keras(stateful, tmp_path / "e.keras")
     assert keras.saving.load_model(tmp_path / "e.keras").layers[0].stateful
+    dense_only, x = built(lambda: lstm.Sequential([layers.Dense(3), layers.Dense(1)]), lambda: torch.randn(4, 5))
+    lstm.save_keras(dense_only, tmp_path / "f.keras")  # (no recurrent layer: a [batch, features] input)
+    assert np.abs(keras_predict(keras.saving.load_model(tmp_path / "f.keras"), x) -
+                  dense_only(x).detach().numpy()).max() <= TOLERANCE
 
 
 # ----- configs ------------------------------------------------------------------------------------

@@ -110,13 +110,14 @@ def save_keras_weights(model_or_layer: nn.Module, path) -> None:
         _write_vars(f, model_or_layer.name, [])
 
 
-
 def _input_layer(model: Sequential) -> dict:
     """The InputLayer entry a Keras 3 Sequential config starts with: the model's own, or one made
     from its first layers (token ids [batch, steps] for an Embedding, else [batch, steps, features]
-    with the features a built layer's kernel takes; the batch fixed only by an InputLayer)."""
+    with the features a built layer's kernel takes, [batch, features] for a model without a
+    recurrent layer; the batch fixed only by an InputLayer)."""
     if model.layers and isinstance(model.layers[0], InputLayer):
         return serialize(model.layers[0])
+    sequences = any(isinstance(layer, (RNN, Bidirectional, TimeDistributed)) for layer in model.layers)
     batch_shape, dtype = None, "float32"
     for layer in model.layers:
         if isinstance(layer, Embedding):
@@ -124,7 +125,7 @@ def _input_layer(model: Sequential) -> dict:
         elif isinstance(layer, (RNN, Bidirectional, TimeDistributed)) or hasattr(layer, "kernel"):
             weights = layer.get_weights() if getattr(layer, "built", True) else []
             if weights:
-                batch_shape = [None, None, int(np.shape(weights[0])[0])]
+                batch_shape = [None, None, int(np.shape(weights[0])[0])][-3 if sequences else -2:]
         if batch_shape is not None or getattr(layer, "built", True) is False:
             break
     if batch_shape is None:
@@ -160,6 +161,8 @@ def save_keras(model: Sequential, path) -> None:
     `keras.saving.load_model(path)` loads it with no custom objects and predicts what `model`
     predicts; `load_keras(path)` reads it back. Raises ValueError naming the layer for what Keras
     cannot hold (an LSTM variant option, a layer Keras does not have, a layer not built yet)."""
+    if isinstance(model, Sequential):
+        check_keras_layers(model, "save_keras")
     config = keras_config(model)
     weights = io.BytesIO()
     save_keras_weights(model, weights)
