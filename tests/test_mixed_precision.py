@@ -453,7 +453,9 @@ def test_fused_variants_low_precision_against_the_reference(policy, options):
 @pytest.mark.parametrize("cls, options", [
     (layers.GRU, {}), (layers.GRU, {"reset_after": False, "go_backwards": True}),
     (layers.GRU, {"reset_after": False, "recurrent_dropout": 0.3, "seed": 3}),
-    (layers.SimpleRNN, {"return_sequences": False}), (layers.SimpleRNN, {"recurrent_dropout": 0.3, "seed": 3})],
+    (layers.SimpleRNN, {"return_sequences": False}), (layers.SimpleRNN, {"recurrent_dropout": 0.3, "seed": 3}),
+    (layers.GRU, {"dropout": 0.3, "seed": 3}), (layers.SimpleRNN, {"dropout": 0.2, "recurrent_dropout": 0.3, "seed": 3}),
+    (layers.GRU, {"dropout": 0.3, "implementation": 1, "reset_after": False, "seed": 3})],  # (a mask per gate)
     ids=str)
 @pytest.mark.parametrize("batch", [3, 20], ids=["few rows", "16+ rows"])
 @pytest.mark.usefixtures("one_thread")
@@ -463,7 +465,7 @@ def test_fused_gru_simple_rnn_low_precision_against_the_reference(cls, options, 
     low-precision products (16+ rows: AMX tiles in bf16 where the CPU has them, else MKL's GEMM):
     outputs within eps * sqrt(T), gradients 2 * eps * sqrt(T) of the largest."""
     options = {"return_sequences": True, **options}
-    x = inputs(batch, T, D)
+    x = inputs(batch, T, D).requires_grad_()  # (dx too: input dropout's mask is in it)
     mask = torch.rand(batch, T, generator=torch.Generator().manual_seed(5)) > 0.3
     results, grads = [], []
     for kernel in ("reference", "fused_gru_simple_rnn"):
@@ -471,9 +473,9 @@ def test_fused_gru_simple_rnn_low_precision_against_the_reference(cls, options, 
         with kernels.use(kernel):
             outputs = layer(x, mask=mask, training=True)
             loss = (outputs[0].float() * inputs(*outputs[0].shape, seed=2)).sum() + outputs[1].float().sum()
-            grads.append(torch.autograd.grad(loss, list(layer.parameters())))
+            grads.append(torch.autograd.grad(loss, [x, *layer.parameters()]))
         results.append(outputs)
-    assert_matches_the_reference(results, grads, layer.parameters(), LOW[policy])
+    assert_matches_the_reference(results, grads, [x, *layer.parameters()], LOW[policy])
 
 
 TILE_SHAPES = {  # batch, units, features, threads: the bf16 products' tiles of 16 rows x 16 columns x 32 deep

@@ -37,10 +37,8 @@ name = "fused_gru_simple_rnn"
 
 
 def supports(p: Recurrence) -> bool:
-    # (in bfloat16/float16 no input dropout: the C++ projection does not round x after its mask)
     return (p.plain and p.cell.kind in ("gru", "simple_rnn") and support.activation_codes(p.cell) is not None
-            and (support.on_cpu_in_one_float_dtype(p)
-                 or (support.on_cpu_in_low_precision(p, dropout=True) and p.input_dropout is None))
+            and (support.on_cpu_in_one_float_dtype(p) or support.on_cpu_in_low_precision(p, dropout=True))
             and support.extension_ready())
 
 

@@ -43,10 +43,20 @@ at::Tensor operand_product(int64_t operand, int64_t M, int64_t N, int64_t K, con
 at::Tensor project_inputs(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& input_dropout,
                           int64_t operand) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), GU = kernel.size(1);
-  if (operand && !input_dropout.defined() && x.scalar_type() == at::kFloat) {
+  if (operand && x.scalar_type() == at::kFloat) {
     auto out = buffer_pool::empty({B * T, GU}, x.options());
-    operand_product(operand, B * T, GU, D, in_operand_type(x, operand), false, in_operand_type(kernel, operand), false,
-                    out);
+    auto kernel_low = in_operand_type(kernel, operand);
+    if (!input_dropout.defined()) {
+      operand_product(operand, B * T, GU, D, in_operand_type(x, operand), false, kernel_low, false, out);
+    } else {  // x after each gate's mask, rounded: the product's operand (as the reference's)
+      const int64_t G = input_dropout.size(0), U = GU / G;
+      for (int64_t g = 0; g < G; ++g) {
+        auto rows = in_operand_type((x * input_dropout[g].unsqueeze(1)).reshape({B * T, D}), operand);
+        if (G == 1) operand_product(operand, B * T, GU, D, rows, false, kernel_low, false, out);
+        else out.narrow(1, g * U, U).copy_(operand_product(operand, B * T, U, D, rows, false,
+                                                            kernel_low.narrow(1, g * U, U).contiguous(), false));
+      }
+    }
     return out.view({B, T, GU});
   }
   if (B * T <= kSmallBatch && !input_dropout.defined()) {
@@ -81,11 +91,29 @@ void input_gradients(const at::Tensor& dz_x, const at::Tensor& x, const at::Tens
                      const at::Tensor& input_dropout, bool need_x, bool need_kernel, at::Tensor& dx,
                      at::Tensor& dkernel, int64_t operand) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), GU = kernel.size(1);
-  if (operand && !input_dropout.defined() && x.scalar_type() == at::kFloat) {
-    auto dz = in_operand_type(dz_x, operand);
-    if (need_x) dx = operand_product(operand, B * T, D, GU, dz, false, in_operand_type(kernel, operand), true)
-                         .view({B, T, D});
-    if (need_kernel) dkernel = operand_product(operand, D, GU, B * T, in_operand_type(x, operand), true, dz, false);
+  if (operand && x.scalar_type() == at::kFloat) {
+    auto dz = in_operand_type(dz_x, operand), kernel_low = in_operand_type(kernel, operand);
+    if (!input_dropout.defined()) {
+      if (need_x) dx = operand_product(operand, B * T, D, GU, dz, false, kernel_low, true).view({B, T, D});
+      if (need_kernel) dkernel = operand_product(operand, D, GU, B * T, in_operand_type(x, operand), true, dz, false);
+      return;
+    }
+    // per gate's mask: dx = sum_g (dz_g kernel_g^T) * mask_g, dkernel_g = (x * mask_g, rounded)^T dz_g
+    const int64_t G = input_dropout.size(0), U = GU / G;
+    std::vector<at::Tensor> parts;
+    for (int64_t g = 0; g < G; ++g) {
+      auto dz_g = G == 1 ? dz : dz.narrow(1, g * U, U).contiguous();
+      auto kernel_g = G == 1 ? kernel_low : kernel_low.narrow(1, g * U, U).contiguous();
+      auto mask = input_dropout[g].unsqueeze(1);
+      if (need_x) {
+        auto part = operand_product(operand, B * T, D, U, dz_g, false, kernel_g, true).view({B, T, D}) * mask;
+        dx = g == 0 ? part : dx + part;
+      }
+      if (need_kernel)
+        parts.push_back(operand_product(operand, D, U, B * T,
+                                        in_operand_type((x * mask).reshape({B * T, D}), operand), true, dz_g, false));
+    }
+    if (need_kernel) dkernel = G == 1 ? parts[0] : at::cat(parts, 1);
     return;
   }
   const bool per_gate = input_dropout.defined() && input_dropout.size(0) > 1;

@@ -11,8 +11,8 @@ namespace lstm_bindings {
 // low-precision recurrences take them) each product runs on MKL's low-precision GEMM, float32 out,
 // its other operand (a gradient) rounded to that type as torch.autocast's backward rounds it.
 //
-// x [B,T,D] @ kernel [D,G*U] with input-dropout keep-masks [1|G,B,D] (undefined: none) applied to x:
-// [B,T,G*U] from the buffer pool
+// x [B,T,D] @ kernel [D,G*U] with input-dropout keep-masks [1|G,B,D] (undefined: none) applied to x
+// (with `operand`, x after a mask rounded: the product's operand): [B,T,G*U] from the buffer pool
 at::Tensor project_inputs(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& input_dropout,
                           int64_t operand = 0);
 // From dz_x [B*T, G*U] (any row stride), the gradient of project_inputs' output: dx [B,T,D] and
