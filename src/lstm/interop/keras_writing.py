@@ -125,7 +125,8 @@ def _input_layer(model: Sequential) -> dict:
         elif isinstance(layer, (RNN, Bidirectional, TimeDistributed)) or hasattr(layer, "kernel"):
             weights = layer.get_weights() if getattr(layer, "built", True) else []
             if weights:
-                batch_shape = [None, None, int(np.shape(weights[0])[0])][-3 if sequences else -2:]
+                features = int(np.shape(weights[0])[0])
+                batch_shape = [None, None, features] if sequences else [None, features]
         if batch_shape is not None or getattr(layer, "built", True) is False:
             break
     if batch_shape is None:

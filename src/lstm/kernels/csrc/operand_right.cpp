@@ -161,9 +161,9 @@ OperandRight::OperandRight(Operand op, int64_t M, int64_t N, int64_t K, const ui
           tile[pair * 2 * kTileColumns + 2 * (n % kTileColumns) + half] = B[k * ldb + n];
       }
     }
-  // A goes through a_ when it is in float32, or its rows or columns do not fill whole tiles (zeros
-  // pad the rest, once here)
-  if (tiles_) a_.assign(blocks_of(M, kTileRows) * kTileRows * k_blocks_ * kTileDepth, 0);
+  // A goes through a_ when it is in float32, or (for the tiles) its rows or columns do not fill
+  // whole tiles (zeros pad the rest, once here)
+  a_.assign(tiles_ ? blocks_of(M, kTileRows) * kTileRows * k_blocks_ * kTileDepth : M * K, 0);
 }
 
 void OperandRight::mm(const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
@@ -181,10 +181,9 @@ void OperandRight::mm(const uint16_t* A, int64_t lda, bool accumulate, float* C,
 void OperandRight::mm(const float* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
   if (M_ == 0 || N_ == 0) return;
   if (!tiles_) {
-    std::vector<uint16_t> bits(M_ * K_);
     for (int64_t m = 0; m < M_; ++m)
-      for (int64_t k = 0; k < K_; ++k) bits[m * K_ + k] = to_operand(op_, A[m * lda + k]);
-    operand_gemm(op_, M_, N_, K_, bits.data(), K_, B_, ldb_, accumulate ? 1.0f : 0.0f, C, ldc);
+      for (int64_t k = 0; k < K_; ++k) a_[m * K_ + k] = to_operand(op_, A[m * lda + k]);
+    operand_gemm(op_, M_, N_, K_, a_.data(), K_, B_, ldb_, accumulate ? 1.0f : 0.0f, C, ldc);
     return;
   }
 #ifdef LSTM_AMX

@@ -41,7 +41,8 @@ class OperandRight {
   bool tiles_;
   int64_t k_blocks_, n_blocks_;      // B in tiles: 32 rows (16 VNNI pairs) x 16 columns each
   std::vector<uint16_t> packed_;     // [n_blocks, k_blocks, 16, 32]: tile (n, k), pairs of rows interleaved
-  mutable std::vector<uint16_t> a_;  // A in the operand type, its rows and columns padded to the tiles
+  // A in the operand type: for the tiles its rows and columns padded to them, else [M, K]
+  mutable std::vector<uint16_t> a_;
 };
 
 // A step loop's product with its right operand B [K,N]: StepOperand's, or with low-precision
