@@ -9,7 +9,8 @@ true runs a problem, and the first that offers a cell call or a streaming step f
 gives it (a kernel offers them by defining `cell_call(cell)` / `stream_step(cell, batch)`).
 None means the plain route: the cell builds a one-step `Recurrence` and calls `run`.
 `use("reference")` (or the environment variable LSTM_KERNEL) forces one kernel for all three,
-which is how the equality tests run the same layer on each path.
+which is how the equality tests run the same layer on each path. A kernel sees a problem's
+`lengths` only if it says `takes_lengths = True`; the others get them as the equivalent mask.
 """
 
 from __future__ import annotations
@@ -74,21 +75,27 @@ def forced_name() -> str | None:
 _forced_name_when_tracing = torch._dynamo.assume_constant_result(forced_name)
 
 
+def as_seen_by(kernel: Kernel, problem: Recurrence) -> Recurrence:
+    """The problem as `kernel` takes it: with its lengths as a mask unless the kernel takes lengths."""
+    return problem if getattr(kernel, "takes_lengths", False) else problem.masked()
+
+
 def select(problem: Recurrence) -> Kernel:
     forced = _forced_name_when_tracing() if torch.compiler.is_compiling() else forced_name()
     if forced:
         kernel = _by_name(forced)
-        if not kernel.supports(problem):
+        if not kernel.supports(as_seen_by(kernel, problem)):
             raise ValueError(f"kernel {forced!r} does not support this recurrence ({problem.cell})")
         return kernel
     for _, kernel in _registry:
-        if kernel.supports(problem):
+        if kernel.supports(as_seen_by(kernel, problem)):
             return kernel
     raise RuntimeError("no kernel supports this recurrence")  # the reference supports all
 
 
 def run(problem: Recurrence) -> RecurrenceResult:
-    return select(problem).run(problem)
+    kernel = select(problem)
+    return kernel.run(as_seen_by(kernel, problem))
 
 
 def _offered(capability: str, *args, forced: str | None = None):

@@ -7,6 +7,7 @@ and hand it to `lstm.kernels.run`; kernels return a `RecurrenceResult`. Nothing 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial, wraps
 from typing import Callable, Optional, Union
@@ -129,6 +130,10 @@ class Recurrence:
     bias              [G*U], GRU reset_after [2, G*U] (input row, recurrent row), or None
     initial_state     tuple of [B, U]: (h, c) for LSTM, (h,) otherwise
     mask              bool [B, T] or None; False steps keep the state (Keras masking)
+    lengths           int64 [B] or None: row b's steps are [0, lengths[b]), the rest padding; the
+                      same as the right-padded mask `arange(T) < lengths[:, None]` (with `mask` too:
+                      both must keep a step). A kernel without `takes_lengths = True` gets that
+                      mask instead (dispatch); one with it may skip the padding
     input_dropout     [1 or G, B, D] scaled keep-masks, one per gate or shared, or None
     recurrent_dropout [G, B, U] scaled keep-masks on h_{t-1}, or None
 
@@ -172,6 +177,19 @@ class Recurrence:
     layer_norm: Optional[tuple] = None
     projection: Optional[torch.Tensor] = None
     zoneout: Optional[Zoneout] = None
+    lengths: Optional[torch.Tensor] = None
+
+    def step_mask(self) -> Optional[torch.Tensor]:
+        """The bool [B, T] mask of the steps that count (`mask` and `lengths` together), or None."""
+        if self.lengths is None:
+            return self.mask
+        steps = torch.arange(self.inputs.shape[1], device=self.lengths.device)
+        by_length = steps[None, :] < self.lengths[:, None]
+        return by_length if self.mask is None else self.mask & by_length
+
+    def masked(self) -> "Recurrence":
+        """This problem with its lengths given as a mask (itself when it has none)."""
+        return self if self.lengths is None else dataclasses.replace(self, mask=self.step_mask(), lengths=None)
 
     @property
     def compute_dtype(self) -> torch.dtype:
