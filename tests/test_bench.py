@@ -7,13 +7,14 @@ import json
 import pytest
 
 from lstm import cli
-from lstm.commands import bench_cases as cases, bench_cells, bench_precision, bench_variants
+from lstm.commands import bench_cases as cases, bench_cells, bench_lengths, bench_precision, bench_variants
 
 
 def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "--quick", "--shapes", "2,5,3,4", "3,4,5,6", "--repeats", "1", "--no-memory",
-                     "--stream-units", "4", "--variant-shape", "2,5,3,6", "--json", str(out)])
+                     "--stream-units", "4", "--variant-shape", "2,5,3,6", "--lengths-shape", "5,9,3,4",
+                     "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
@@ -91,6 +92,23 @@ def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
         assert len(checked) == 2 and all(c["max_abs_diff_forward"] <= 1e-4 and c["max_rel_diff_grad_x"] <= 1e-4
                                          for c in checked)
     assert "GRU and SimpleRNN" in table and "| train | 2,5,3,4 | lstm GRU |" in markdown
+
+    ragged = {(r["mode"], r["contender"]): r for r in report["lengths"]}
+    for mode in ("forward", "train"):
+        base = ragged[mode, bench_lengths.BASELINE]
+        for name in (bench_lengths.OURS, bench_lengths.TORCH_PACKED, bench_lengths.FULL):
+            row = ragged[mode, name]
+            assert row["shape"] == [5, 9, 3, 4] and row["status"] == "ok"
+            assert row["speedup_vs_baseline_min"] == pytest.approx(base["min_s"] / row["min_s"])
+    checked = [c for c in report["correctness"] if c["contender"] == bench_lengths.OURS]
+    assert len(checked) == 1 and checked[0]["max_abs_diff_forward"] <= 1e-4 and checked[0]["max_abs_diff_grad_x"] <= 1e-4
+    assert "Ragged batch" in table and "| train | 5,9,3,4 | lstm LSTM lengths |" in markdown
+
+
+def test_bench_lengths_are_drawn_like_the_sentiment_sentences():
+    lengths = bench_lengths.sentence_lengths(20000, 80, seed=0).double()
+    assert 18 <= lengths.mean() <= 19 and 17 <= lengths.median() <= 19
+    assert 37 <= lengths.quantile(0.99) <= 43 and lengths.min() >= 1 and lengths.max() <= 80
 
 
 def test_variant_ratio_pairs_each_round_with_the_baselines_sample_of_that_round():

@@ -291,7 +291,7 @@ def test_fullgraph_cell_not_built_says_to_build_it():
 
 # ----- the custom ops themselves -------------------------------------------------------------------
 from test_fused_kernel import make_problem  # noqa: E402
-from lstm.kernels import fused_cpp, fused_gru_simple_rnn, native, reference  # noqa: E402
+from lstm.kernels import fused_cpp, fused_gru_simple_rnn, native, packing, reference  # noqa: E402
 
 
 def _detached(args):
@@ -319,14 +319,20 @@ def test_fused_gru_simple_rnn_ops_pass_opcheck(kind, reset_after):
     torch.library.opcheck(backward, (*grads, *_detached(inputs), *fixed, outs[2:], *options, [True] * 5))
 
 
-def test_fused_cpp_ops_pass_opcheck():
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_cpp_ops_pass_opcheck(packed):
     if native.extension() is None:
         pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
-    p = make_problem("lstm", 3, 4, 2, 5, dtype=torch.float64, mask="holes", recurrent_dropout=True,
-                     input_dropout="shared", return_sequences=False)
+    p = make_problem("lstm", 3, 4, 2, 5, dtype=torch.float64, mask="none" if packed else "holes", recurrent_dropout=True,
+                     input_dropout="shared", return_sequences=packed)
     inputs = [p.inputs, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state]
-    fixed = [p.input_dropout, p.recurrent_dropout, p.mask]
-    options = fused_cpp.Options(False, False, False, 0, 1)
+    fixed = [p.input_dropout, p.recurrent_dropout, p.mask, None]
+    if packed:  # the rows' valid steps only (packing.py): x [N, 1, D], per-row masks in the packed order
+        plan = packing.plan(torch.tensor([4, 1, 3]), 4, go_backwards=False, zero_output_for_mask=False)
+        inputs = [packing.pack_inputs(p.inputs, plan), *inputs[1:4], *(plan.pack(s) for s in p.initial_state)]
+        fixed = [plan.per_packed_row(plan.pack(p.input_dropout, 1)), plan.pack(p.recurrent_dropout, 1), None,
+                 plan.batch_sizes]
+    options = fused_cpp.Options(False, False, packed, 0, 1)
     forward, backward = fused_cpp.OP.forward_op, fused_cpp.OP.backward_op
     torch.library.opcheck(forward, (*inputs, *fixed, *options, True))  # schema, fake kernel, autograd, aot dispatch
     torch.library.opcheck(forward, (*_detached(inputs), *fixed, *options, False))  # inference
@@ -431,7 +437,7 @@ def test_fused_variants_ops_pass_opcheck(coupled):
     zoneout = p.zoneout
     inputs = [p.inputs, p.kernel, gate_gain, p.bias, p.recurrent_kernel, p.peephole, gain_c, shift_c, p.projection,
               *p.initial_state]
-    fixed = [p.input_dropout, p.recurrent_dropout, p.mask, torch.tensor(int(zoneout.seed), dtype=torch.int64)]
+    fixed = [p.input_dropout, p.recurrent_dropout, p.mask, torch.tensor(int(zoneout.seed), dtype=torch.int64), None]
 
     def options(trace):
         return fused_variants.Options(zoneout.offset, zoneout.threshold(zoneout.rate_h),

@@ -71,6 +71,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-variants", action="store_true", help="skip the LSTM variants' rows")
     parser.add_argument("--no-cells", action="store_true",
                         help="skip the GRU and SimpleRNN rows (against torch.nn.GRU / torch.nn.RNN)")
+    parser.add_argument("--lengths-shape", default=None, metavar="B,T,D,H",
+                        help="the ragged batch's shape (default 64,80,100,64: the sentiment task's)")
+    parser.add_argument("--no-lengths", action="store_true",
+                        help="skip the ragged batch (per-row lengths vs padded vs torch's PackedSequence)")
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip the bfloat16 rows (LSTM, GRU, SimpleRNN against torch's in bfloat16 and under "
                              "autocast)")
@@ -334,7 +338,7 @@ def _layer_grads(contender):
 
 # ----- the run ---------------------------------------------------------------------------------
 def _settings(args) -> dict:
-    from . import bench_cases as cases, bench_variants
+    from . import bench_cases as cases, bench_lengths, bench_variants
 
     quick = args.quick
     shapes = ([cases.parse_shape(s) for item in args.shapes for s in item.split(";") if s.strip()]
@@ -363,7 +367,8 @@ def _settings(args) -> dict:
         "stream_units": stream_units, "memory_shape": None if args.no_memory else memory_shape,
         "memory_contenders": [cases.MEMORY_KEYS[k] for k in memory_keys],
         "onnx": not args.no_onnx, "seed": args.seed, "tolerance": TOLERANCE,
-        "cells": not args.no_cells, "bf16": not args.no_bf16,
+        "cells": not args.no_cells, "bf16": not args.no_bf16, "lengths_shape": None if args.no_lengths else (
+            cases.parse_shape(args.lengths_shape) if args.lengths_shape else bench_lengths.SHAPE),
         "variant_shape": None if args.no_variants else (
             cases.parse_shape(args.variant_shape) if args.variant_shape else bench_variants.SHAPE),
     }
@@ -373,14 +378,15 @@ def run(args) -> int:
     import torch
 
     from .. import kernels
-    from . import bench_cases as cases, bench_cells, bench_precision, bench_variants
+    from . import bench_cases as cases, bench_cells, bench_lengths, bench_precision, bench_variants
 
     settings = _settings(args)
     threads = settings["threads"]
     torch.set_num_threads(threads)
     started = time.perf_counter()
     report = {"machine": machine_info(threads), "settings": settings, "kernels_available": kernels.available(),
-              "default_kernel": {}, "correctness": [], "results": [], "cells": [], "bf16": [], "variants": None,
+              "default_kernel": {}, "correctness": [], "results": [], "cells": [], "bf16": [], "lengths": [],
+              "variants": None,
               "memory": None,
               "method": {"timing": __doc__.split("Timing: ", 1)[1].strip(), "memory": cases.MEMORY_METHOD}}
     _log(f"lstm bench: torch {torch.__version__}, {threads} threads, kernels {kernels.available()}, "
@@ -445,18 +451,22 @@ def run(args) -> int:
         report["results"] += _summarize("stream", (1, 1, D, units), timings, contenders, cases.STREAM_BASELINE, notes)
 
     # sections of contenders timed against one baseline per shape: (report key, log line, contenders
-    # and input, the check, the baseline's name) per cell and shape
+    # and input, the check, the baseline's name, the shapes) per cell
     paired = []
     for cell in bench_cells.CELLS if settings["cells"] else ():
         paired.append(("cells", f"{bench_cells.ours_name(cell)} vs {bench_cells.torch_name(cell)}",
                        functools.partial(bench_cells.cell_contenders, cell),
-                       functools.partial(bench_cells.check, tolerance=TOLERANCE), bench_cells.torch_name(cell)))
+                       functools.partial(bench_cells.check, tolerance=TOLERANCE), bench_cells.torch_name(cell),
+                       settings["shapes"]))
     for cell in bench_precision.CELLS if settings["bf16"] else ():
         paired.append(("bf16", f"bfloat16: {bench_precision.ours_name(cell)} vs {bench_precision.torch_name(cell)}",
                        functools.partial(bench_precision.contenders, cell), bench_precision.check,
-                       bench_precision.torch_name(cell)))
-    for key, title, make, check, baseline in paired:
-        for shape in settings["shapes"]:
+                       bench_precision.torch_name(cell), settings["shapes"]))
+    if settings["lengths_shape"] is not None:
+        paired.append(("lengths", "ragged batch: lengths vs padded vs torch's PackedSequence", bench_lengths.contenders,
+                       bench_lengths.check, bench_lengths.BASELINE, [tuple(settings["lengths_shape"])]))
+    for key, title, make, check, baseline, shapes in paired:
+        for shape in shapes:
             _log(f"{title} at B,T,D,H = {_shape_text(shape)}")
             contenders, x = make(shape, settings["seed"])
             try:
@@ -565,12 +575,15 @@ def _memory_rows(report):
 BF16_TITLE = ("bfloat16: min ms per call (speedup vs torch's module in bfloat16 with the same weights, from the "
               "mins and the medians; fp32: this library in float32, autocast: torch's float32 module under "
               "torch.autocast)")
+LENGTHS_TITLE = ("Ragged batch (lengths like the sentiment task's: mean 18.5 of 80 steps): min ms per call (speedup "
+                 "vs the same layer over the padded batch, from the mins and the medians; lengths = T: every row "
+                 "full length)")
 CELLS_TITLE = ("GRU and SimpleRNN: min ms per call (speedup vs torch.nn.GRU / torch.nn.RNN with the same weights, "
                "from the mins and the medians)")
 
 
 def _paired_rows(results) -> list[list[str]]:
-    """The rows of a section timed against one baseline per shape (the GRU/SimpleRNN, bfloat16)."""
+    """The rows of a section timed against one baseline per shape (GRU/SimpleRNN, bfloat16, lengths)."""
     head = ["mode", "B,T,D,H", "contender", "min ms", "baseline min ms", "speedup (min)", "speedup (median)"]
     rows = [head]
     by_key = {}
@@ -654,6 +667,8 @@ def render_text(report) -> str:
         lines += ["", f"== {CELLS_TITLE} =="] + _plain_table(_paired_rows(report["cells"]), right={3, 4, 5, 6})
     if report.get("bf16"):
         lines += ["", f"== {BF16_TITLE} =="] + _plain_table(_paired_rows(report["bf16"]), right={3, 4, 5, 6})
+    if report.get("lengths"):
+        lines += ["", f"== {LENGTHS_TITLE} =="] + _plain_table(_paired_rows(report["lengths"]), right={3, 4, 5, 6})
     if report["variants"]:
         lines += ["", f"== {_variants_title(report)} =="] + _plain_table(_variant_table(report), right={1, 2, 3, 4, 5})
     if report["memory"]:
@@ -699,6 +714,8 @@ def render_markdown(report) -> str:
         lines += ["", f"### {CELLS_TITLE}", ""] + _md_table(_paired_rows(report["cells"]), right={3, 4, 5, 6})
     if report.get("bf16"):
         lines += ["", f"### {BF16_TITLE}", ""] + _md_table(_paired_rows(report["bf16"]), right={3, 4, 5, 6})
+    if report.get("lengths"):
+        lines += ["", f"### {LENGTHS_TITLE}", ""] + _md_table(_paired_rows(report["lengths"]), right={3, 4, 5, 6})
     if report["variants"]:
         lines += ["", f"### {_variants_title(report)}", ""] + _md_table(_variant_table(report), right={1, 2, 3, 4, 5})
     if report["memory"]:

@@ -10,7 +10,8 @@ gives it (a kernel offers them by defining `cell_call(cell)` / `stream_step(cell
 None means the plain route: the cell builds a one-step `Recurrence` and calls `run`.
 `use("reference")` (or the environment variable LSTM_KERNEL) forces one kernel for all three,
 which is how the equality tests run the same layer on each path. A kernel sees a problem's
-`lengths` only if it says `takes_lengths = True`; the others get them as the equivalent mask.
+`lengths` only if it says `takes_lengths = True` (the others get them as the equivalent mask), and
+a problem with resets only if it says `takes_resets = True`.
 """
 
 from __future__ import annotations
@@ -80,15 +81,21 @@ def as_seen_by(kernel: Kernel, problem: Recurrence) -> Recurrence:
     return problem if getattr(kernel, "takes_lengths", False) else problem.masked()
 
 
+def _takes(kernel: Kernel, problem: Recurrence) -> bool:
+    if problem.reset is not None and not getattr(kernel, "takes_resets", False):
+        return False
+    return kernel.supports(as_seen_by(kernel, problem))
+
+
 def select(problem: Recurrence) -> Kernel:
     forced = _forced_name_when_tracing() if torch.compiler.is_compiling() else forced_name()
     if forced:
         kernel = _by_name(forced)
-        if not kernel.supports(as_seen_by(kernel, problem)):
+        if not _takes(kernel, problem):
             raise ValueError(f"kernel {forced!r} does not support this recurrence ({problem.cell})")
         return kernel
     for _, kernel in _registry:
-        if kernel.supports(as_seen_by(kernel, problem)):
+        if _takes(kernel, problem):
             return kernel
     raise RuntimeError("no kernel supports this recurrence")  # the reference supports all
 

@@ -28,6 +28,13 @@ AMX tiles in bfloat16 where the CPU has them (csrc/operand_right.h: the weights 
 call), else on MKL's bf16/f16 GEMMs, float32 accumulation either way; the recurrence in float32 with h rounded at every step, the
 outputs, the saved h and the backward's dz in the low precision (csrc/bindings/lstm_ops.cpp).
 
+Per-row lengths (`Recurrence.lengths`, or a right-padded mask) and resets: the call runs packed
+(packing.py, csrc/row_layout.h): only the rows' valid steps, gathered time-major with the rows
+sorted by length (a reset starts a row of its own), so the input GEMM, each step and the
+backward's products do work in proportion to the sum of the lengths; each thread takes every n-th
+row, so the threads' shares stay even. Traces and torch.compile take the mask route instead (and
+leave resets to the reference kernel).
+
 Traces (`trace=True`): the training forward's saved buffers are the trace: the gates i, f, c̃, o
 are views of the activated gates, c and h the states after each step (at a masked step the
 step's own values, as the reference gives them, computed from the saved gates and state).
@@ -52,17 +59,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import dispatch, fused, native, support
+from . import dispatch, fused, native, packing, support
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences, state_dtype
 
 name = "fused_cpp"
+takes_lengths = True
+takes_resets = True  # (packed: packing.py)
 
 
 def supports(p: Recurrence) -> bool:
     return (p.plain and p.cell.kind == "lstm" and (p.bias is None or p.bias.dim() == 1)
             and support.activation_codes(p.cell) is not None
             and (support.on_cpu_in_one_float_dtype(p) or support.on_cpu_in_low_precision(p, dropout=False))
-            and support.extension_ready())
+            and (p.reset is None or packing.can_pack(p, packable=not p.trace)) and support.extension_ready())
 
 
 class Options(NamedTuple):
@@ -81,7 +90,7 @@ class LSTMOp(fused.FusedOp):
 
     name = "fused_cpp"
     input_names = ("x", "kernel", "recurrent_kernel", "bias", "h0", "c0")
-    fixed_names = ("input_dropout", "recurrent_dropout", "mask")
+    fixed_names = ("input_dropout", "recurrent_dropout", "mask", "batch_sizes")
     output_count = 3
     Options = Options
 
@@ -94,11 +103,11 @@ class LSTMOp(fused.FusedOp):
         return fused.in_input_dtypes(grads, inputs)  # (in bfloat16/float16 some come in float32)
 
     def forward_shapes(self, inputs, fixed, options, save):
-        x, recurrent_kernel = inputs[0], inputs[2]
-        (batch, steps, _), units = x.shape, recurrent_kernel.shape[0]
-        outputs = (batch, steps, units) if options.return_sequences else (batch, units)
+        x, recurrent_kernel, h0 = inputs[0], inputs[2], inputs[4]
+        (rows, columns, _), units, batch = x.shape, recurrent_kernel.shape[0], h0.shape[0]  # (packed: x [N, 1, D])
+        outputs = (rows, columns, units) if options.return_sequences else (batch, units)
         shapes = [outputs, (batch, units), (batch, units)]
-        return shapes + [(batch, steps, 4 * units), (batch, steps, units), (batch, steps, units)] if save else shapes
+        return shapes + [(rows, columns, 4 * units), (rows, columns, units), (rows, columns, units)] if save else shapes
 
     def forward_dtypes(self, inputs, fixed, options, save):
         compute = inputs[0].dtype
@@ -132,12 +141,26 @@ def _trace(p: Recurrence, G: Tensor, Hp: Tensor, Cp: Tensor, hT: Tensor, cT: Ten
 
 @answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
+    p, lengths = packing.route(p, packable=not p.trace)
+    if lengths is not None:
+        return _run_packed(p, lengths)
     options = Options(bool(p.go_backwards), bool(p.zero_output_for_mask), bool(p.return_sequences),
                       *support.activation_codes(p.cell))
     inputs = (p.inputs, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state)
-    fixed = (p.input_dropout, p.recurrent_dropout, p.mask)
+    fixed = (p.input_dropout, p.recurrent_dropout, p.mask, None)
     (y, hT, cT), saved = OP.call(inputs, fixed, options, keep_saved=p.trace)
     return RecurrenceResult(y, (hT, cT), _trace(p, *saved, hT, cT) if p.trace else None)
+
+
+def _run_packed(p: Recurrence, lengths: Tensor) -> RecurrenceResult:
+    """The call on the rows' valid steps only (packing.py)."""
+    options = Options(False, False, bool(p.return_sequences), *support.activation_codes(p.cell))
+
+    def call(x, states, input_dropout, recurrent_dropout, batch_sizes):
+        inputs = (x, p.kernel, p.recurrent_kernel, p.bias, *states)
+        return OP.call(inputs, (input_dropout, recurrent_dropout, None, batch_sizes), options)[0]
+
+    return packing.run_packed(p, lengths, call)
 
 
 class CellCall:
@@ -159,7 +182,7 @@ class CellCall:
         self.draws = bool(cell.dropout or cell.recurrent_dropout or getattr(cell, "recurrent_dropconnect", 0)
                           or any(getattr(cell, "zoneout", ())))
         # one step, the last output, no mask, no trace: one call object serves every call
-        self.call = fused.Call(OP, (None, None, None), Options(False, False, False, *codes))
+        self.call = fused.Call(OP, (None, None, None, None), Options(False, False, False, *codes))
 
     def __call__(self, cell, x, states, training):
         if self.draws and (cell.training if training is None else training):

@@ -134,6 +134,11 @@ class Recurrence:
                       same as the right-padded mask `arange(T) < lengths[:, None]` (with `mask` too:
                       both must keep a step). A kernel without `takes_lengths = True` gets that
                       mask instead (dispatch); one with it may skip the padding
+    reset             bool [B, T] or None: before the step of time index t, a row with reset[b, t]
+                      starts again from `reset_state` (an episode boundary inside the sequence);
+                      ignored at steps that do not count (masked, past a row's length). Only kernels
+                      that say `takes_resets = True` get problems with resets (dispatch)
+    reset_state       the states a reset restores (as initial_state), or None: zeros
     input_dropout     [1 or G, B, D] scaled keep-masks, one per gate or shared, or None
     recurrent_dropout [G, B, U] scaled keep-masks on h_{t-1}, or None
 
@@ -178,6 +183,14 @@ class Recurrence:
     projection: Optional[torch.Tensor] = None
     zoneout: Optional[Zoneout] = None
     lengths: Optional[torch.Tensor] = None
+    reset: Optional[torch.Tensor] = None
+    reset_state: Optional[tuple] = None
+
+    def restored_states(self) -> tuple:
+        """The states a reset restores: `reset_state`, or zeros shaped as the initial state."""
+        if self.reset_state is not None:
+            return tuple(self.reset_state)
+        return tuple(torch.zeros_like(s) for s in self.initial_state)
 
     def step_mask(self) -> Optional[torch.Tensor]:
         """The bool [B, T] mask of the steps that count (`mask` and `lengths` together), or None."""

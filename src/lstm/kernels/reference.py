@@ -11,7 +11,8 @@ This is the ground truth every fused kernel is tested against. It reads like the
 
 with Keras' weights: W = [kernel; recurrent_kernel] split into blocks i | f | c | o, σ the
 `recurrent_activation` and tanh the `activation`. Masking follows Keras (SPEC.md §6): a
-masked step keeps the state and repeats the previous output (or outputs zeros).
+masked step keeps the state and repeats the previous output (or outputs zeros). A reset before a
+step that counts sets the state to the restored one first.
 
 The LSTM variants (CellSpec flags), each written from its paper:
     peephole      z_i += p_i * C_{t-1}, z_f += p_f * C_{t-1}, z_o += p_o * C_t   (Gers & Schmidhuber 2000)
@@ -45,6 +46,7 @@ from .problem import (LOW_PRECISION, TRACE_KEYS, Recurrence, RecurrenceResult, a
                       final_states)
 
 name = "reference"
+takes_resets = True
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
@@ -198,6 +200,7 @@ def _run_low_precision(p: Recurrence) -> RecurrenceResult:
     in_float32 = replace(
         p, inputs=f32(p.inputs), kernel=rounded(f32(p.kernel)), recurrent_kernel=rounded(f32(p.recurrent_kernel)),
         bias=f32(p.bias), initial_state=(rounded(f32(h0)), *map(f32, other_states)),
+        reset_state=None if p.reset_state is None else (rounded(f32(p.reset_state[0])), *map(f32, p.reset_state[1:])),
         input_dropout=f32(p.input_dropout), recurrent_dropout=f32(p.recurrent_dropout), peephole=f32(p.peephole),
         layer_norm=None if p.layer_norm is None else tuple(map(f32, p.layer_norm)),
         projection=None if p.projection is None else rounded(f32(p.projection)))
@@ -209,10 +212,14 @@ def _run(p: Recurrence, rounded: Rounding) -> RecurrenceResult:
     step = _STEPS[p.cell.kind]
     σ = activations.get(p.cell.recurrent_activation)
     tanh = activations.get(p.cell.activation)
-    x, mask = p.inputs, p.mask
+    x, mask, reset = p.inputs, p.step_mask(), p.reset
+    if reset is not None:
+        reset = reset if mask is None else reset & mask
+        restored = p.restored_states()
     if p.go_backwards:
         x = x.flip(1)
         mask = None if mask is None else mask.flip(1)
+        reset = None if reset is None else reset.flip(1)
     batch, steps = x.shape[0], x.shape[1]
     xw = _input_projection(p, x, rounded)
 
@@ -225,6 +232,9 @@ def _run(p: Recurrence, rounded: Rounding) -> RecurrenceResult:
         masks = (p.zoneout.mask(k, batch, steps, size, x.device) for k, size in enumerate((p.output_size, p.units)))
         zoneout = {name: keep for name, keep in zip(("keep_h", "keep_c"), masks) if keep is not None}
     for t in range(steps):
+        if reset is not None:
+            starts = reset[:, t, None]
+            state = tuple(torch.where(starts, new, old) for new, old in zip(restored, state))
         output, new_state, internals = step(xw[:, t], state, p, σ, tanh, rounded,
                                             **{name: keep[:, t] for name, keep in zoneout.items()})
         if mask is not None:

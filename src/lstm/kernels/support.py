@@ -22,7 +22,7 @@ def activation_codes(cell) -> Optional[tuple[int, int]]:
 
 def on_cpu_in_one_float_dtype(p: Recurrence) -> bool:
     """Every tensor of the problem on the CPU with the input's dtype, float32 or float64 (the
-    step mask: on the CPU, any dtype)."""
+    step mask and the lengths: on the CPU, any dtype)."""
     x = p.inputs
     dtype = x.dtype
     if (dtype is not torch.float32 and dtype is not torch.float64) or x.dim() != 3:
@@ -31,7 +31,7 @@ def on_cpu_in_one_float_dtype(p: Recurrence) -> bool:
               p.projection, *(p.layer_norm or ()), *p.initial_state):
         if t is not None and (not t.is_cpu or t.dtype is not dtype):
             return False
-    return p.mask is None or p.mask.is_cpu
+    return (p.mask is None or p.mask.is_cpu) and (p.lengths is None or p.lengths.is_cpu)
 
 
 def on_cpu_in_low_precision(p: Recurrence, dropout: bool) -> bool:
@@ -47,7 +47,7 @@ def on_cpu_in_low_precision(p: Recurrence, dropout: bool) -> bool:
               p.projection, *(p.layer_norm or ()), *p.initial_state):
         if t is not None and (not t.is_cpu or t.dtype not in dtypes):
             return False
-    return p.mask is None or p.mask.is_cpu
+    return (p.mask is None or p.mask.is_cpu) and (p.lengths is None or p.lengths.is_cpu)
 
 
 def steps_in_weights_dtype(cell) -> bool:

@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import activations, constraints, initializers, kernels, regularizers
 from ..kernels import STATE_COUNT, CellSpec, Recurrence, state_dtype
@@ -16,7 +17,7 @@ from . import rng
 from .config import constructor_kwargs, nested
 from .precision import PolicyLayer, weight_array
 from .validation import (as_float_tensor, check_activation_is_not_a_size, check_bool, check_fraction,
-                         check_initial_state, check_mask, check_seed, check_units, feature_size)
+                         check_initial_state, check_lengths, check_mask, check_seed, check_units, feature_size)
 
 _WEIGHT_NAMES = ("kernel", "recurrent_kernel", "bias")
 
@@ -242,10 +243,11 @@ class RecurrentCell(PolicyLayer, nn.Module):
         """Forget the masks a direct cell call reuses (Keras' `reset_dropout_mask`)."""
         self._cached_masks = None
 
-    def recurrence(self, inputs, initial_state, training=False, **options) -> Recurrence:
-        """The kernel's problem for one call (`training` draws what a variant draws per call)."""
+    def recurrence(self, inputs, initial_state, training=False, lengths=None, **options) -> Recurrence:
+        """The kernel's problem for one call (`training` draws what a variant draws per call);
+        `lengths`: int64 [B], each row's number of valid steps (see `Recurrence`)."""
         return Recurrence(self.cell_spec(), inputs, self.kernel, self.recurrent_kernel, self.bias,
-                          tuple(initial_state), **options)
+                          tuple(initial_state), lengths=lengths, **options)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -353,13 +355,47 @@ class RecurrentCell(PolicyLayer, nn.Module):
         return Stream(self, batch_size)
 
 
+def unpacked(inputs: PackedSequence, mask, lengths) -> tuple:
+    """A PackedSequence as a right-padded [B, T, D] tensor (T: its longest row) and its rows'
+    lengths [B] (int64, on the CPU), both in the original batch order."""
+    for argument, value in (("mask", mask), ("lengths", lengths)):
+        if value is not None:
+            raise ValueError(f"inputs, {argument}: a PackedSequence carries its rows' lengths, so {argument}= must be "
+                             f"None with it, got a {type(value).__name__}; pass a padded tensor with {argument}=, or "
+                             "the PackedSequence alone")
+    return pad_packed_sequence(inputs, batch_first=True)
+
+
+def packed_like(packed: PackedSequence, outputs: torch.Tensor, lengths: torch.Tensor) -> PackedSequence:
+    """Right-padded outputs [B, T, U] in the original batch order, packed as `packed` is: the same
+    batch_sizes, sorted_indices and unsorted_indices (as torch.nn.LSTM returns them)."""
+    order = packed.sorted_indices
+    if order is not None:  # the input's own order (a fresh sort could order rows of equal length otherwise)
+        outputs, lengths = outputs.index_select(0, order.to(outputs.device)), lengths[order.cpu()]
+    data = pack_padded_sequence(outputs, lengths, batch_first=True).data
+    return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
 class RNN(nn.Module):
     """A recurrent layer over a cell, with Keras' call: `layer(inputs [B, T, D], mask=None,
-    initial_state=None, training=None)`.
+    initial_state=None, training=None, lengths=None, reset=None)`.
 
     Returns the last output [B, U] or, with return_sequences, every output [B, T, U] in
     processing order (go_backwards does not re-reverse, as in Keras); with return_state, the
     final states follow: `(output, h, c)` for LSTM. `training=None` follows `module.training`.
+
+    `lengths` [B] integers: row b's valid steps are [0, lengths[b]), the rest padding: exactly
+    the right-padded mask `arange(T) < lengths[:, None]` (and'ed with `mask` when both are given).
+    `inputs` may be a `torch.nn.utils.rnn.PackedSequence`: it runs as its padded form with its
+    lengths, and with return_sequences the outputs come back packed as the input was (a
+    go_backwards layer's in input order, as torch's reverse direction gives them); the last
+    output and the states are tensors in the original batch order (as torch.nn.LSTM's h_n).
+
+    `reset` [B, T] bools: episode boundaries inside the sequences. Before the step at time t of a
+    row with reset[b, t] (a step that counts: masked and padded steps ignore it), the state starts
+    again from `initial_state`, or zeros when none is given (a stateful layer's carried state is not
+    restored: a reset starts a new episode). Gradients do not cross a reset (but reach
+    `initial_state` from every episode it starts). Indexed by time, going backwards too.
     """
 
     default_name = "rnn"
@@ -449,10 +485,11 @@ class RNN(nn.Module):
     def compute_mask(self, inputs, mask=None):
         return mask if self.return_sequences else None
 
-    def recurrence(self, inputs, mask=None, initial_state=None, training=None, trace=False) -> Recurrence:
-        """The kernels' problem for a call `layer(inputs, mask, initial_state, training)`: the
-        arguments checked, the weights built, the inputs cast to the dtype the call computes in,
-        a stateful layer's states taken, dropout drawn."""
+    def recurrence(self, inputs, mask=None, initial_state=None, training=None, trace=False,
+                   lengths=None, reset=None) -> Recurrence:
+        """The kernels' problem for a call `layer(inputs, mask, initial_state, training, lengths=...)`:
+        the arguments checked, the weights built, the inputs cast to the dtype the call computes in
+        and zeroed at the steps that do not count, a stateful layer's states taken, dropout drawn."""
         inputs = as_float_tensor(inputs, "inputs")
         if inputs.dim() != 3:
             raise ValueError(f"inputs: expected a 3-D tensor [batch, timesteps, features], got shape "
@@ -462,9 +499,8 @@ class RNN(nn.Module):
         compute = cell.call_dtype(inputs.device)
         inputs = inputs.to(compute)
         batch = inputs.shape[0]
-        mask = check_mask(mask, inputs)
-        if mask is not None:  # masked steps never reach a product: NaN padding * 0 would be NaN gradients
-            inputs = inputs.masked_fill(~mask[..., None], 0)
+        mask, lengths = check_mask(mask, inputs), check_lengths(lengths, inputs)
+        reset = check_mask(reset, inputs, "reset")
         if initial_state is None and self.stateful and self._states is not None:
             if self._states[0].shape[0] != batch:
                 raise ValueError(f"inputs: this stateful layer carries states for batch size "
@@ -475,15 +511,27 @@ class RNN(nn.Module):
             states = check_initial_state(initial_state, cell, batch, inputs, "initial_state", compute)
         training = self.training if training is None else bool(training)
         input_masks, recurrent_masks = cell.dropout_masks(batch, inputs.device, training)
-        return cell.recurrence(
-            inputs, states, training, mask=mask, go_backwards=self.go_backwards,
+        problem = cell.recurrence(
+            inputs, states, training, lengths=lengths, mask=mask, reset=reset,
+            reset_state=None if reset is None or initial_state is None else tuple(states),  # (None: zeros)
+            go_backwards=self.go_backwards,
             zero_output_for_mask=self.zero_output_for_mask, return_sequences=self.return_sequences,
             input_dropout=input_masks, recurrent_dropout=recurrent_masks, trace=trace)
+        counted = problem.step_mask()
+        if counted is not None:  # masked and padded steps never reach a product: NaN padding * 0 would be NaN gradients
+            problem.inputs = inputs.masked_fill(~counted[..., None], 0)
+        return problem
 
-    def forward(self, inputs, mask=None, initial_state=None, training=None, return_gates=False):
+    def forward(self, inputs, mask=None, initial_state=None, training=None, return_gates=False, lengths=None,
+                reset=None):
         """`return_gates=True` appends a dict of per-step internals, each [B, T, U] in processing
-        order (LSTM: i, f, c_tilde, c, o, h; GRU: z, r, h_tilde, h; SimpleRNN: h)."""
-        problem = self.recurrence(inputs, mask, initial_state, training, trace=bool(return_gates) or self.record_gates)
+        order (LSTM: i, f, c_tilde, c, o, h; GRU: z, r, h_tilde, h; SimpleRNN: h). `lengths`,
+        `reset` and PackedSequence inputs: see the class docstring."""
+        if isinstance(inputs, PackedSequence):
+            return self._forward_packed(inputs, mask, lengths, initial_state=initial_state, training=training,
+                                        return_gates=return_gates, reset=reset)
+        problem = self.recurrence(inputs, mask, initial_state, training, trace=bool(return_gates) or self.record_gates,
+                                  lengths=lengths, reset=reset)
         batch = problem.inputs.shape[0]
         result = kernels.run(problem)
         if self.record_gates:
@@ -499,6 +547,17 @@ class RNN(nn.Module):
         if return_gates:
             returned.append(result.trace)
         return tuple(returned) if len(returned) > 1 else result.outputs
+
+    def _forward_packed(self, packed: PackedSequence, mask, lengths, **call):
+        padded, lengths = unpacked(packed, mask, lengths)
+        returned = self.forward(padded, lengths=lengths, **call)
+        if not self.return_sequences:
+            return returned
+        outputs, *rest = returned if isinstance(returned, tuple) else (returned,)
+        if self.go_backwards:  # a packing has no processing order: each row's outputs in input order
+            outputs = outputs.flip(1)
+        outputs = packed_like(packed, outputs, lengths)
+        return (outputs, *rest) if rest else outputs
 
     # ----- config --------------------------------------------------------------------------
     def _layer_config(self) -> dict:

@@ -7,11 +7,12 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..serialization import parse_dtype_policy, unique_name
-from .base import RNN
+from .base import RNN, packed_like, unpacked
 from .config import nested
-from .validation import as_float_tensor, check_bool
+from .validation import as_float_tensor, check_bool, check_mask
 
 MERGE_MODES = ("concat", "sum", "ave", "mul", None)
 
@@ -25,6 +26,16 @@ class Bidirectional(nn.Module):
     output zeros. Returns the merged output, then `(h_f, c_f, h_b, c_b)` with return_state;
     with merge_mode=None the two outputs come first, unmerged. `initial_state` is a list with
     the forward states first, then the backward ones.
+
+    `lengths` [B] (row b's valid steps are [0, lengths[b])) go to both directions, as the
+    equivalent right-padded mask would (Keras): the backward direction starts at each row's last
+    valid step, and with return_sequences its padded steps output zeros. A PackedSequence input
+    runs as its padded form with its lengths; with return_sequences the merged output (each of the
+    two with merge_mode=None) comes back packed as the input was, the states as tensors.
+
+    `reset` [B, T] marks the steps where an episode starts (see RNN): the forward direction starts
+    again before them, the backward direction before each episode's last step (the step before a
+    reset), so neither direction carries a state across a boundary.
     """
 
     default_name = "bidirectional"
@@ -99,7 +110,10 @@ class Bidirectional(nn.Module):
                              self.forward_layer.compute_dtype)
     dtype = variable_dtype
 
-    def forward(self, inputs, mask=None, initial_state=None, training=None):
+    def forward(self, inputs, mask=None, initial_state=None, training=None, lengths=None, reset=None):
+        packed = inputs if isinstance(inputs, PackedSequence) else None
+        if packed is not None:  # unpacked once for both directions
+            inputs, lengths = unpacked(packed, mask, lengths)
         forward_state = backward_state = None
         if initial_state is not None:
             if not isinstance(initial_state, (list, tuple)) or len(initial_state) % 2:
@@ -110,8 +124,14 @@ class Bidirectional(nn.Module):
             forward_state, backward_state = list(initial_state[:half]), list(initial_state[half:])
         if self._policy is not None:
             inputs = as_float_tensor(inputs, "inputs").to(self._policy.compute_dtype)
-        y_f = self.forward_layer(inputs, mask=mask, initial_state=forward_state, training=training)
-        y_b = self.backward_layer(inputs, mask=mask, initial_state=backward_state, training=training)
+        backward_reset = None
+        if reset is not None:  # an episode ending at t - 1 starts the backward direction there
+            reset = check_mask(reset, as_float_tensor(inputs, "inputs"), "reset")
+            backward_reset = torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], dim=1)
+        y_f = self.forward_layer(inputs, mask=mask, initial_state=forward_state, training=training, lengths=lengths,
+                                 reset=reset)
+        y_b = self.backward_layer(inputs, mask=mask, initial_state=backward_state, training=training, lengths=lengths,
+                                  reset=backward_reset)
         states = []
         if self.return_state:
             (y_f, *states_f), (y_b, *states_b) = y_f, y_b
@@ -130,6 +150,8 @@ class Bidirectional(nn.Module):
             merged = [(y_f + y_b) / 2]
         else:
             merged = [y_f * y_b]
+        if packed is not None and self.return_sequences:
+            merged = [packed_like(packed, y, lengths) for y in merged]
         returned = merged + states
         return returned[0] if len(returned) == 1 else tuple(returned)
 

@@ -92,22 +92,51 @@ def _check_dense(value: torch.Tensor, argument: str) -> None:
         raise ValueError(f"{argument}: expected a tensor with data, got one on the meta device")
 
 
-def check_mask(mask: Any, inputs: torch.Tensor) -> torch.Tensor | None:
-    """A [batch, timesteps] bool mask (ints are cast, as in Keras), on the inputs' device."""
+def check_mask(mask: Any, inputs: torch.Tensor, argument: str = "mask") -> torch.Tensor | None:
+    """A [batch, timesteps] bool mask (ints are cast, as in Keras), on the inputs' device (`reset`
+    is checked as one too)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         try:
             mask = torch.as_tensor(np.asarray(mask))
         except (TypeError, ValueError) as error:
-            raise TypeError(f"mask: expected a bool or integer tensor or array, got {type(mask).__name__}") from error
-    _check_dense(mask, "mask")
+            raise TypeError(f"{argument}: expected a bool or integer tensor or array, got {type(mask).__name__}") \
+                from error
+    _check_dense(mask, argument)
     if mask.is_floating_point() or mask.is_complex():
-        raise TypeError(f"mask: expected a bool or integer tensor, got dtype {mask.dtype}")
+        raise TypeError(f"{argument}: expected a bool or integer tensor, got dtype {mask.dtype}")
     expected = tuple(inputs.shape[:2])
     if tuple(mask.shape) != expected:
-        raise ValueError(f"mask: expected shape {expected} [batch, timesteps], got {tuple(mask.shape)}")
+        raise ValueError(f"{argument}: expected shape {expected} [batch, timesteps], got {tuple(mask.shape)}")
     return mask.to(device=inputs.device, dtype=torch.bool)
+
+
+def check_lengths(lengths: Any, inputs: torch.Tensor) -> torch.Tensor | None:
+    """Each row's number of valid steps, [batch] integers in [0, timesteps] (row b's steps are
+    [0, lengths[b]), the rest padding), as int64 on the inputs' device."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        try:
+            lengths = torch.as_tensor(np.asarray(lengths))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"lengths: expected an integer tensor, list or array, got {type(lengths).__name__}") \
+                from error
+    _check_dense(lengths, "lengths")
+    if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+        raise TypeError(f"lengths: expected integers (each row's number of valid steps), got dtype {lengths.dtype}")
+    batch, steps = inputs.shape[:2]
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"lengths: expected shape ({batch},) [batch], got {tuple(lengths.shape)}")
+    # checked where the lengths are (a CPU tensor costs no device sync); a traced graph cannot raise on values
+    if not torch.compiler.is_compiling():
+        outside = ((lengths < 0) | (lengths > steps)).nonzero()
+        if len(outside):
+            row = int(outside[0, 0])
+            raise ValueError(f"lengths: expected each value in [0, {steps}] (the inputs have {steps} timesteps), "
+                             f"got lengths[{row}] = {int(lengths[row])}")
+    return lengths.to(device=inputs.device, dtype=torch.int64)
 
 
 def check_initial_state(states: Any, cell, batch: int, inputs: torch.Tensor | None, argument: str,

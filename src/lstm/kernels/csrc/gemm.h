@@ -111,18 +111,21 @@ class StepOperand {
     }
   }
   // C[M, N] += A[M, K] @ B
-  void acc(const T* A, int64_t lda, T* C, int64_t ldc) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_) return packed_->mm(A, lda, 1.0f, C, ldc);
-    }
-    mm_acc<T>(M_, N_, K_, A, lda, B_, ldb_, C, ldc);
-  }
+  void acc(const T* A, int64_t lda, T* C, int64_t ldc) const { acc(M_, A, lda, C, ldc); }
   // C[M, N] = A[M, K] @ B
-  void set(const T* A, int64_t lda, T* C, int64_t ldc) const {
+  void set(const T* A, int64_t lda, T* C, int64_t ldc) const { set(M_, A, lda, C, ldc); }
+  // the same for the first `rows` rows only (rows <= M)
+  void acc(int64_t rows, const T* A, int64_t lda, T* C, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (packed_) return packed_->mm(A, lda, 0.0f, C, ldc);
+      if (packed_) return packed_->mm(rows, A, lda, 1.0f, C, ldc);
     }
-    mm_set<T>(M_, N_, K_, A, lda, B_, ldb_, C, ldc);
+    mm_acc<T>(rows, N_, K_, A, lda, B_, ldb_, C, ldc);
+  }
+  void set(int64_t rows, const T* A, int64_t lda, T* C, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_) return packed_->mm(rows, A, lda, 0.0f, C, ldc);
+    }
+    mm_set<T>(rows, N_, K_, A, lda, B_, ldb_, C, ldc);
   }
 
  private:

@@ -23,6 +23,7 @@
 #include "lstm_cell.h"
 #include "operand_right.h"
 #include "rnn.h"
+#include "row_layout.h"
 #include "simd.h"
 #include "threads.h"
 
@@ -209,38 +210,54 @@ inline bool is_plain(const Params<T>& v, const Flags& fl) {
   return !fl.coupled && !fl.peephole && !fl.ln && !fl.proj && fl.clip < 0 && !v.keep_h && !v.keep_c;
 }
 
-// The rows' recurrent product of one step: dst[nr, GU] (+)= h @ R, per gate times the recurrent
-// dropout masks when there are any (hm: scratch [nr, Ps]; rounded, the product's operand, with
-// low-precision operands); `accumulate` adds to dst.
+// The recurrent product of a chunk's first `rows` rows at one step: dst[rows, GU] (+)= h @ R, per
+// gate times the recurrent dropout masks when there are any (hm: scratch [rows, Ps]; rounded, the
+// product's operand, with low-precision operands); `accumulate` adds to dst.
 template <typename T>
-inline void recurrent_product(const Params<T>& v, const Flags& fl, const StepOperand<T>& rec, int64_t b0, int64_t nr,
-                              const T* h, T* hm, T* dst, int64_t ld, bool accumulate) {
+inline void recurrent_product(const Params<T>& v, const Flags& fl, const StepOperand<T>& rec, const Chunk& ch,
+                              int64_t rows, const T* h, T* hm, T* dst, int64_t ld, bool accumulate) {
   const int64_t U = v.U, Ps = v.Ps, GU = v.GU;
   if (!v.rd) {
-    if (accumulate) rec.acc(h, Ps, dst, ld);
-    else rec.set(h, Ps, dst, ld);
+    if (accumulate) rec.acc(rows, h, Ps, dst, ld);
+    else rec.set(rows, h, Ps, dst, ld);
     return;
   }
   for (int64_t g = 0; g < v.G; ++g) {
-    const T* m = v.rd + (g * v.B + b0) * Ps;
-    for (int64_t j = 0; j < nr * Ps; ++j) hm[j] = h[j] * m[j];
+    for (int64_t b = 0; b < rows; ++b) {
+      const T* m = v.rd + (g * v.B + ch.batch_row(b)) * Ps;
+      for (int64_t j = 0; j < Ps; ++j) hm[b * Ps + j] = h[b * Ps + j] * m[j];
+    }
     if constexpr (kHasOperands<T>)
-      if (fl.operand) round_in_place(Operand(fl.operand), hm, nr * Ps);
-    if (accumulate) mm_acc<T>(nr, U, Ps, hm, Ps, v.R + g * U, GU, dst + g * U, ld);
-    else mm_set<T>(nr, U, Ps, hm, Ps, v.R + g * U, GU, dst + g * U, ld);
+      if (fl.operand) round_in_place(Operand(fl.operand), hm, rows * Ps);
+    if (accumulate) mm_acc<T>(rows, U, Ps, hm, Ps, v.R + g * U, GU, dst + g * U, ld);
+    else mm_set<T>(rows, U, Ps, hm, Ps, v.R + g * U, GU, dst + g * U, ld);
   }
 }
 
-// ForwardPass::run for batch rows [b0, b1) (the pointers at row 0). Without layer norm the
+// A chunk's rows of a [B, width] buffer: gathered into dense [count, width], or scattered back
+template <typename T>
+inline std::vector<T> chunk_rows(const T* all, const Chunk& ch, int64_t width) {
+  std::vector<T> rows(ch.count * width);
+  for (int64_t b = 0; b < ch.count; ++b)
+    std::copy(all + ch.batch_row(b) * width, all + (ch.batch_row(b) + 1) * width, &rows[b * width]);
+  return rows;
+}
+
+template <typename T>
+inline void put_chunk_rows(const std::vector<T>& rows, const Chunk& ch, int64_t width, T* all) {
+  for (int64_t b = 0; b < ch.count; ++b) std::copy(&rows[b * width], &rows[(b + 1) * width], all + ch.batch_row(b) * width);
+}
+
+// ForwardPass::run for one chunk of the batch rows (the pointers at row 0). Without layer norm the
 // step's pre-activations are formed in xk's rows (h @ R added there) and become the gates in
 // place; with it, z = LN(xk) g_x + LN(A) g_h + b goes to G (training) or a scratch buffer.
 template <typename T, bool kPlain>
-void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T* X, const T* h0, const T* c0, T* Y,
-                  T* hT, T* cT, const Saved<T>& sv, T* Htr, T* Ctr) {
-  const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
+void forward_rows(const Params<T>& v, const Flags& fl, const RowLayout& L, const Chunk& ch, T* X, const T* h0,
+                  const T* c0, T* Y, T* hT, T* cT, const Saved<T>& sv, T* Htr, T* Ctr) {
+  const int64_t nr = ch.count, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU, ld = L.chunk_stride(ch);
   const GateOffsets off(fl.coupled, U);
   const bool ln = !kPlain && fl.ln, proj = !kPlain && fl.proj, zoneout = !kPlain && (v.keep_h || v.keep_c);
-  std::vector<T> h(h0 + b0 * Ps, h0 + b1 * Ps), c(c0 + b0 * U, c0 + b1 * U), prev(fl.seq ? 0 : nr * Ps, T(0));
+  std::vector<T> h = chunk_rows(h0, ch, Ps), c = chunk_rows(c0, ch, U), prev(fl.seq ? 0 : nr * Ps, T(0));
   std::vector<T> A(ln && !fl.save ? nr * GU : 0), z_ln(ln && !fl.save ? nr * GU : 0), hm(v.rd ? nr * Ps : 0);
   std::vector<T> hu(kPlain ? 0 : nr * U), cnew(kPlain ? 0 : nr * U), r(proj ? nr * Ps : 0);
   std::vector<T> rs_a(ln ? nr : 0), mu_a(ln ? nr : 0), rs_x(ln ? nr : 0), mu_x(ln ? nr : 0);
@@ -259,12 +276,13 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
   // (not packed with recurrent dropout, a product per gate, nor when the low-precision products run)
   const StepOperand<T> rec(nr, GU, Ps, v.R, GU, v.rd || low_gemm ? 0 : Tn);
   for (int64_t s = 0; s < Tn; ++s) {
-    const int64_t t = fl.backwards ? Tn - 1 - s : s;
-    const int64_t first = b0 * Tn + t;  // the chunk's first row at this step
+    const int64_t na = L.taking(ch, s);  // the chunk's rows [0, na) take this step
+    if (na == 0) break;                  // (packed: nor any later one)
+    const int64_t first = L.row(ch.first, s);  // the chunk's first row at this step
     // the row's output and (Keras masking) its state: h and C already hold the new state of a kept
     // row, the old one of a masked row
     auto emit = [&](int64_t b, bool kept) {
-      const int64_t prow = (b0 + b) * Tn + s;
+      const int64_t prow = L.output_row(ch.batch_row(b), s);
       const T* hb = &h[b * Ps];
       if (fl.seq && v.Y_low) {  // (h_low holds h's bits)
         uint16_t* y = v.Y_low + prow * Ps;
@@ -284,10 +302,10 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
     };
     // the new state of a variant's row from its h (hn) and C (cnew): zoneout, the trace, masking
     auto finish_row = [&](int64_t b, const T* hn, uint8_t* keep_h, uint8_t* keep_c) {
-      const int64_t row = (b0 + b) * Tn + t, prow = (b0 + b) * Tn + s;
+      const int64_t row = L.row(ch.batch_row(b), s), prow = L.output_row(ch.batch_row(b), s);
       T* hb = &h[b * Ps];
       T* cb = &c[b * U];
-      const int64_t zrow = (v.zoneout_offset + s) * v.B + b0 + b;  // (problem.Zoneout's numbering)
+      const int64_t zrow = (v.zoneout_offset + s) * v.B + ch.batch_row(b);  // (problem.Zoneout's numbering)
       const uint8_t* kh = zoneout ? zoneout_row(v.zoneout_seed, v.keep_h, zrow * Ps, Ps, 0, keep_h) : nullptr;
       const uint8_t* kc = zoneout ? zoneout_row(v.zoneout_seed, v.keep_c, zrow * U, U, 1, keep_c) : nullptr;
       const T* cn = &cnew[b * U];
@@ -316,37 +334,37 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
     int64_t lda = GU;
     if (ln) {
       A0 = fl.save ? sv.Ahat + first * GU : A.data();
-      lda = fl.save ? Tn * GU : GU;
-      recurrent_product(v, fl, rec, b0, nr, h.data(), hm.data(), A0, lda, false);
-      for (int64_t b = 0; b < nr; ++b) {  // the rows' statistics first, apart: independent reductions the CPU overlaps
+      lda = fl.save ? ld * GU : GU;
+      recurrent_product(v, fl, rec, ch, na, h.data(), hm.data(), A0, lda, false);
+      for (int64_t b = 0; b < na; ++b) {  // the rows' statistics first, apart: independent reductions the CPU overlaps
         rs_a[b] = row_stats(A0 + b * lda, GU, mu_a[b]);
-        rs_x[b] = row_stats(X + (first + b * Tn) * GU, GU, mu_x[b]);
+        rs_x[b] = row_stats(X + (first + b * ld) * GU, GU, mu_x[b]);
       }
     } else if (!low_gemm) {
-      recurrent_product(v, fl, rec, b0, nr, h.data(), hm.data(), X + first * GU, Tn * GU, true);
+      recurrent_product(v, fl, rec, ch, na, h.data(), hm.data(), X + first * GU, ld * GU, true);
     } else if constexpr (kHasOperands<T>) {
-      low_rec->mm(h_low.data(), Ps, true, X + first * GU, Tn * GU);
+      low_rec->mm(na, h_low.data(), Ps, true, X + first * GU, ld * GU);
     }
-    over_rows(nr, (kPlain ? 5 : 12) * U, [&](int64_t r0, int64_t r1) {
+    over_rows(na, (kPlain ? 5 : 12) * U, [&](int64_t r0, int64_t r1) {
       std::vector<uint8_t> keep_h(zoneout ? Ps : 0), keep_c(zoneout ? U : 0);
       for (int64_t b = r0; b < r1; ++b) {
-        const int64_t row = (b0 + b) * Tn + t;
+        const int64_t row = L.row(ch.batch_row(b), s);
         // this row's input at the next step (rows only written are left to the store buffer: write
         // prefetches held fill buffers and slowed the loop)
         if constexpr (kPlain) {
           // the row's buffers at the next step, for writing (measured on the plain loop: faster;
           // on the variants' loop they held fill buffers and slowed it)
           if (s + 1 < Tn) {
-            const int64_t next = row + (fl.backwards ? -1 : 1);
+            const int64_t next = L.row(ch.batch_row(b), s + 1);
             prefetch_write(X + next * GU, GU);
             if (fl.save) {
               prefetch_write(sv.Hp + next * Ps, Ps);
               prefetch_write(sv.Cp + next * U, U);
             }
-            if (fl.seq) prefetch_write(Y + ((b0 + b) * Tn + s + 1) * Ps, Ps);
+            if (fl.seq) prefetch_write(Y + L.output_row(ch.batch_row(b), s + 1) * Ps, Ps);
           }
         } else if (s + 1 < Tn) {
-          prefetch_read(X + (row + (fl.backwards ? -1 : 1)) * GU, GU);
+          prefetch_read(X + L.row(ch.batch_row(b), s + 1) * GU, GU);
         }
         T* xk = X + row * GU;
         T* z = !ln ? xk : fl.save ? sv.G + row * GU : &z_ln[b * GU];
@@ -429,16 +447,16 @@ void forward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, T
       }
     });
     if (proj) {  // h = hu @ P for all rows, then their states
-      mm_set<T>(nr, Ps, U, hu.data(), U, v.P, Ps, r.data(), Ps);
+      mm_set<T>(na, Ps, U, hu.data(), U, v.P, Ps, r.data(), Ps);
       if constexpr (kHasOperands<T>)
-        if (fl.operand) round_in_place(operand, r.data(), nr * Ps);
+        if (fl.operand) round_in_place(operand, r.data(), na * Ps);
       std::vector<uint8_t> keep_h(zoneout ? Ps : 0), keep_c(zoneout ? U : 0);
-      for (int64_t b = 0; b < nr; ++b) finish_row(b, &r[b * Ps], keep_h.data(), keep_c.data());
+      for (int64_t b = 0; b < na; ++b) finish_row(b, &r[b * Ps], keep_h.data(), keep_c.data());
     }
   }
-  std::copy(h.begin(), h.end(), hT + b0 * Ps);
-  std::copy(c.begin(), c.end(), cT + b0 * U);
-  if (!fl.seq) std::copy(prev.begin(), prev.end(), Y + b0 * Ps);
+  put_chunk_rows(h, ch, Ps, hT);
+  put_chunk_rows(c, ch, U, cT);
+  if (!fl.seq) put_chunk_rows(prev, ch, Ps, Y);
 }
 
 // Inference over a large batch: no [B,T,4U] projection buffer at all (for big shapes it costs
@@ -705,19 +723,20 @@ inline void cell_backward_row(const Params<T>& v, const Flags& fl, const GateOff
   for (int64_t j = 0; j < U; ++j) dc_prev[j] += d3[j];
 }
 
-// BackwardPass::run for batch rows [b0, b1). The weight-gradient sums go to rows of the *_rows
-// buffers: the variants' to the chunk's first row (its rows run on one thread), the plain cell's
-// bias to each batch row's (its rows may be split over the threads at each step).
+// BackwardPass::run for one chunk of the batch rows. The weight-gradient sums go to rows of the
+// *_rows buffers: the variants' to the chunk's first row (its rows run on one thread), the plain
+// cell's bias to each batch row's (its rows may be split over the threads at each step).
 template <typename T, bool kPlain>
-void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, const T* dY, const T* dhT,
-                   const T* dcT, const Saved<T>& sv, const Gradients<T>& gr, T* peep_rows, T* norm_c_rows,
-                   T* gain_rows, T* bias_rows) {
-  const int64_t nr = b1 - b0, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU;
+void backward_rows(const Params<T>& v, const Flags& fl, const RowLayout& L, const Chunk& ch, const T* dY,
+                   const T* dhT, const T* dcT, const Saved<T>& sv, const Gradients<T>& gr, T* peep_rows,
+                   T* norm_c_rows, T* gain_rows, T* bias_rows) {
+  const int64_t nr = ch.count, Tn = v.Tn, U = v.U, Ps = v.Ps, GU = v.GU, ld = L.chunk_stride(ch);
+  const int64_t b0 = ch.first;  // (the chunk's sums go to its first row's)
   const GateOffsets off(fl.coupled, U);
   const bool ln = !kPlain && fl.ln, proj = !kPlain && fl.proj, zoneout = !kPlain && (v.keep_h || v.keep_c);
   std::vector<T> dh(nr * Ps, T(0)), dc(nr * U, T(0)), dprev(nr * Ps, T(0));
-  if (dhT) std::copy(dhT + b0 * Ps, dhT + b1 * Ps, dh.begin());
-  if (dcT) std::copy(dcT + b0 * U, dcT + b1 * U, dc.begin());
+  if (dhT) dh = chunk_rows(dhT, ch, Ps);
+  if (dcT) dc = chunk_rows(dcT, ch, U);
   std::vector<T> dr(kPlain ? 0 : nr * Ps), dhu(proj ? nr * U : 0), dcn(kPlain ? 0 : nr * U), tmp(v.rd ? nr * Ps : 0);
   std::vector<char> active(nr);
   // low-precision operands (the plain cell in float): each step's dz rounded, into dXW_low, for
@@ -732,14 +751,22 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
   const StepOperand<T> rec_t(nr, Ps, GU, v.RT, Ps, v.rd || low_gemm ? 0 : Tn);
   std::vector<T> dz_step(dz_low && !low_gemm ? nr * GU : 0);
   for (int64_t s = Tn - 1; s >= 0; --s) {
-    const int64_t t = fl.backwards ? Tn - 1 - s : s;
-    const int64_t first = b0 * Tn + t;  // the chunk's first row at this step
+    const int64_t na = L.taking(ch, s);  // the chunk's rows [0, na) took this step
+    if (na == 0) continue;               // (packed: the chunk's rows all ended before it)
+    const int64_t first = L.row(ch.first, s);  // the chunk's first row at this step
+    // the row's output gradient at step s: with return_sequences the step's, else the last step's
+    // (packed: the caller gives the last output's gradient as dhT's)
+    auto output_gradient = [&](int64_t b) -> const T* {
+      if (!dY) return nullptr;
+      if (fl.seq) return dY + L.output_row(ch.batch_row(b), s) * Ps;
+      return s == Tn - 1 && !L.packed() ? dY + ch.batch_row(b) * Ps : nullptr;
+    };
     // dL/d(the row's output) into dprev; whether the step counts for the row; a masked row's
     // state passed through and its output repeated the previous one (or was zero)
     auto take_output_gradient = [&](int64_t b) {
-      const int64_t row = (b0 + b) * Tn + t, prow = (b0 + b) * Tn + s;
+      const int64_t row = L.row(ch.batch_row(b), s);
       T* pb = &dprev[b * Ps];
-      const T* dy = fl.seq ? (dY ? dY + prow * Ps : nullptr) : (dY && s == Tn - 1 ? dY + (b0 + b) * Ps : nullptr);
+      const T* dy = output_gradient(b);
       if (dy)
         for (int64_t j = 0; j < Ps; ++j) pb[j] += dy[j];
       active[b] = !v.mask || v.mask[row];
@@ -754,16 +781,16 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
     };
     if constexpr (kPlain) {
       const bool in_place = gr.dXW == sv.G;  // (then dz goes through a scratch row: the row math reads G)
-      over_rows(nr, 8 * U, [&](int64_t r0, int64_t r1) {
+      over_rows(na, 8 * U, [&](int64_t r0, int64_t r1) {
         std::vector<T> dhn(U), tc(U), d1(U), dz_row(in_place || low_gemm ? GU : 0);
         for (int64_t b = r0; b < r1; ++b) {
-          const int64_t row = (b0 + b) * Tn + t;
+          const int64_t row = L.row(ch.batch_row(b), s);
           if (s > 0) {  // this row's buffers at the next step (the previous one in time)
-            const int64_t next = row + (fl.backwards ? 1 : -1);
+            const int64_t next = L.row(ch.batch_row(b), s - 1);
             prefetch_read(sv.G + next * GU, GU);
             prefetch_read(sv.Cp + next * U, U);
             prefetch_write(gr.dXW + next * GU, GU);
-            if (dY && fl.seq) prefetch_read(dY + ((b0 + b) * Tn + s - 1) * Ps, Ps);
+            if (dY && fl.seq) prefetch_read(dY + L.output_row(ch.batch_row(b), s - 1) * Ps, Ps);
           }
           T* dhb = &dh[b * Ps];
           if (v.mask) {  // (the output gradients of masked steps wait in dprev)
@@ -777,8 +804,7 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
               pb[j] = T(0);
             }
           } else {
-            const int64_t prow = (b0 + b) * Tn + s;
-            const T* dy = fl.seq ? (dY ? dY + prow * Ps : nullptr) : (dY && s == Tn - 1 ? dY + (b0 + b) * Ps : nullptr);
+            const T* dy = output_gradient(b);
             if (dy) {
               for (int64_t j = 0; j < U; ++j) dhn[j] = dhb[j] + dy[j];
             } else {
@@ -795,20 +821,20 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
             if (dz_low)
               for (int64_t j = 0; j < GU; ++j) dz_low[row * GU + j] = to_operand(operand, dz[j]);
           if (bias_rows) {
-            T* dbr = bias_rows + (b0 + b) * GU;
+            T* dbr = bias_rows + ch.batch_row(b) * GU;
             for (int64_t j = 0; j < GU; ++j) dbr[j] += dz[j];
           }
         }
       });
     } else {
       std::vector<uint8_t> keep_h(zoneout ? Ps : 0), keep_c(zoneout ? U : 0);
-      for (int64_t b = 0; b < nr; ++b) {
+      for (int64_t b = 0; b < na; ++b) {
         if (!take_output_gradient(b)) {
           std::fill(&dr[b * Ps], &dr[b * Ps] + Ps, T(0));
           continue;
         }
-        const int64_t row = (b0 + b) * Tn + t;
-        const int64_t zrow = (v.zoneout_offset + s) * v.B + b0 + b;  // (problem.Zoneout's numbering)
+        const int64_t row = L.row(ch.batch_row(b), s);
+        const int64_t zrow = (v.zoneout_offset + s) * v.B + ch.batch_row(b);  // (problem.Zoneout's numbering)
         const uint8_t* kh = zoneout ? zoneout_row(v.zoneout_seed, v.keep_h, zrow * Ps, Ps, 0, keep_h.data()) : nullptr;
         const uint8_t* kc = zoneout ? zoneout_row(v.zoneout_seed, v.keep_c, zrow * U, U, 1, keep_c.data()) : nullptr;
         T* pb = &dprev[b * Ps];
@@ -830,21 +856,21 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
       }
       const T* dhu_all = dr.data();
       if (proj) {
-        mm_set<T>(nr, U, Ps, dr.data(), Ps, v.PT, U, dhu.data(), U);
+        mm_set<T>(na, U, Ps, dr.data(), Ps, v.PT, U, dhu.data(), U);
         dhu_all = dhu.data();
       }
       std::vector<T> dz(GU), scratch(kCellScratchRows * U);
-      for (int64_t b = 0; b < nr; ++b) {
-        const int64_t row = (b0 + b) * Tn + t;
+      for (int64_t b = 0; b < na; ++b) {
+        const int64_t row = L.row(ch.batch_row(b), s);
         if (s > 0) {  // this row's buffers at the next step (the previous one in time)
-          const int64_t next = row + (fl.backwards ? 1 : -1);
+          const int64_t next = L.row(ch.batch_row(b), s - 1);
           prefetch_read(sv.G + next * GU, GU);
           prefetch_read(sv.Cp + next * U, U);
           if (ln) {
             prefetch_read(sv.Xk + next * GU, GU);
             prefetch_read(sv.Ahat + next * GU, GU);
           }
-          if (dY && fl.seq) prefetch_read(dY + ((b0 + b) * Tn + s - 1) * Ps, Ps);
+          if (dY && fl.seq) prefetch_read(dY + L.output_row(ch.batch_row(b), s - 1) * Ps, Ps);
         }
         if (!active[b]) continue;
         cell_backward_row<T>(v, fl, off, sv.G + row * GU, sv.Cp + row * U, dhu_all + b * U, &dcn[b * U],
@@ -864,24 +890,27 @@ void backward_rows(const Params<T>& v, const Flags& fl, int64_t b0, int64_t b1, 
         }
       }
     }
-    // dh_{t-1} += dA @ R^T (rows strided by T*GU in dXW / DA), per gate times the recurrent dropout masks
+    // dh_{t-1} += dA @ R^T (a step's rows of the chunk ld apart in dXW / DA), per gate times the
+    // recurrent dropout masks
     const T* dA = dz_low ? nullptr : (ln ? gr.DA : gr.dXW) + first * GU;
     if (v.rd) {
       for (int64_t g = 0; g < v.G; ++g) {
-        mm_set<T>(nr, Ps, U, dA + g * U, Tn * GU, v.RT + g * U * Ps, Ps, tmp.data(), Ps);
-        const T* m = v.rd + (g * v.B + b0) * Ps;
-        for (int64_t j = 0; j < nr * Ps; ++j) dh[j] += tmp[j] * m[j];
+        mm_set<T>(na, Ps, U, dA + g * U, ld * GU, v.RT + g * U * Ps, Ps, tmp.data(), Ps);
+        for (int64_t b = 0; b < na; ++b) {
+          const T* m = v.rd + (g * v.B + ch.batch_row(b)) * Ps;
+          for (int64_t j = 0; j < Ps; ++j) dh[b * Ps + j] += tmp[b * Ps + j] * m[j];
+        }
       }
     } else if (!dz_low) {
-      rec_t.acc(dA, Tn * GU, dh.data(), Ps);
+      rec_t.acc(na, dA, ld * GU, dh.data(), Ps);
     } else if (!low_gemm) {
-      rec_t.acc(dz_step.data(), GU, dh.data(), Ps);
+      rec_t.acc(na, dz_step.data(), GU, dh.data(), Ps);
     } else if constexpr (kHasOperands<T>) {
-      low_rec_t->mm(dz_low + first * GU, Tn * GU, true, dh.data(), Ps);
+      low_rec_t->mm(na, dz_low + first * GU, ld * GU, true, dh.data(), Ps);
     }
   }
-  std::copy(dh.begin(), dh.end(), gr.dh0 + b0 * Ps);
-  std::copy(dc.begin(), dc.end(), gr.dc0 + b0 * U);
+  put_chunk_rows(dh, ch, Ps, gr.dh0);
+  put_chunk_rows(dc, ch, U, gr.dc0);
 }
 
 }  // namespace
@@ -894,9 +923,12 @@ void ForwardPass<T>::run(T* xk, const T* h0, const T* c0, T* Y, T* hT, T* cT, co
                          T* Ctr) const {
   const Params<T>& v = params_;
   const bool plain = is_plain(v, flags_) && !Htr;
-  over_chunks(v.B, v.Ps * v.GU, [&](int64_t b0, int64_t b1) {
-    if (plain) forward_rows<T, true>(v, flags_, b0, b1, xk, h0, c0, Y, hT, cT, saved, Htr, Ctr);
-    else forward_rows<T, false>(v, flags_, b0, b1, xk, h0, c0, Y, hT, cT, saved, Htr, Ctr);
+  const RowLayout L(v.batch_sizes, v.B, v.Tn, flags_.backwards);
+  const int64_t chunks = chunk_count(v.B, v.Ps * v.GU);
+  run_chunks(chunks, [&](int64_t c) {
+    const Chunk ch = L.chunk(c, chunks);
+    if (plain) forward_rows<T, true>(v, flags_, L, ch, xk, h0, c0, Y, hT, cT, saved, Htr, Ctr);
+    else forward_rows<T, false>(v, flags_, L, ch, xk, h0, c0, Y, hT, cT, saved, Htr, Ctr);
   });
 }
 
@@ -940,12 +972,15 @@ void BackwardPass<T>::run(const T* dY, const T* dhT, const T* dcT, const Saved<T
   std::vector<T> gain_rows(fl.ln ? B * 2 * GU : 0), bias_rows(grads.dbias ? B * GU : 0);  // gains: g_x, g_h
   std::vector<char> chunk_start(B, 0);
   auto data = [](std::vector<T>& rows) { return rows.empty() ? nullptr : rows.data(); };
-  over_chunks(B, v.Ps * GU, [&](int64_t b0, int64_t b1) {
-    if (b1 > b0) chunk_start[b0] = 1;  // (an empty batch runs one empty chunk)
+  const RowLayout L(v.batch_sizes, B, v.Tn, fl.backwards);
+  const int64_t chunks = chunk_count(B, v.Ps * GU);
+  run_chunks(chunks, [&](int64_t c) {
+    const Chunk ch = L.chunk(c, chunks);
+    if (ch.count > 0) chunk_start[ch.first] = 1;  // (an empty batch runs one empty chunk)
     if (plain)
-      backward_rows<T, true>(v, fl, b0, b1, dY, dhT, dcT, saved, grads, nullptr, nullptr, nullptr, data(bias_rows));
+      backward_rows<T, true>(v, fl, L, ch, dY, dhT, dcT, saved, grads, nullptr, nullptr, nullptr, data(bias_rows));
     else
-      backward_rows<T, false>(v, fl, b0, b1, dY, dhT, dcT, saved, grads, data(peep_rows), data(norm_c_rows),
+      backward_rows<T, false>(v, fl, L, ch, dY, dhT, dcT, saved, grads, data(peep_rows), data(norm_c_rows),
                               data(gain_rows), data(bias_rows));
   });
   // out [n] = columns [offset, offset + n) of the rows (`width` wide) that hold sums

@@ -166,36 +166,37 @@ OperandRight::OperandRight(Operand op, int64_t M, int64_t N, int64_t K, const ui
   a_.assign(tiles_ ? blocks_of(M, kTileRows) * kTileRows * k_blocks_ * kTileDepth : M * K, 0);
 }
 
-void OperandRight::mm(const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
-  if (M_ == 0 || N_ == 0) return;
+void OperandRight::mm(int64_t rows, const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
+  if (rows == 0 || N_ == 0) return;
   if (!tiles_) {
-    operand_gemm(op_, M_, N_, K_, A, lda, B_, ldb_, accumulate ? 1.0f : 0.0f, C, ldc);
+    operand_gemm(op_, rows, N_, K_, A, lda, B_, ldb_, accumulate ? 1.0f : 0.0f, C, ldc);
     return;
   }
-  if (M_ % kTileRows == 0 && K_ % kTileDepth == 0) return tiles_mm(A, lda, accumulate, C, ldc);
+  if (rows % kTileRows == 0 && K_ % kTileDepth == 0) return tiles_mm(rows, A, lda, accumulate, C, ldc);
+  // (a partial tile's rows past `rows` hold earlier rows or zeros: their products are not stored)
   const int64_t padded = k_blocks_ * kTileDepth;
-  for (int64_t m = 0; m < M_; ++m) std::memcpy(a_.data() + m * padded, A + m * lda, K_ * sizeof(uint16_t));
-  tiles_mm(a_.data(), padded, accumulate, C, ldc);
+  for (int64_t m = 0; m < rows; ++m) std::memcpy(a_.data() + m * padded, A + m * lda, K_ * sizeof(uint16_t));
+  tiles_mm(rows, a_.data(), padded, accumulate, C, ldc);
 }
 
-void OperandRight::mm(const float* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
-  if (M_ == 0 || N_ == 0) return;
+void OperandRight::mm(int64_t rows, const float* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
+  if (rows == 0 || N_ == 0) return;
   if (!tiles_) {
-    for (int64_t m = 0; m < M_; ++m)
+    for (int64_t m = 0; m < rows; ++m)
       for (int64_t k = 0; k < K_; ++k) a_[m * K_ + k] = to_operand(op_, A[m * lda + k]);
-    operand_gemm(op_, M_, N_, K_, a_.data(), K_, B_, ldb_, accumulate ? 1.0f : 0.0f, C, ldc);
+    operand_gemm(op_, rows, N_, K_, a_.data(), K_, B_, ldb_, accumulate ? 1.0f : 0.0f, C, ldc);
     return;
   }
 #ifdef LSTM_AMX
   const int64_t padded = k_blocks_ * kTileDepth;
-  for (int64_t m = 0; m < M_; ++m) to_bf16_row(A + m * lda, a_.data() + m * padded, K_);
-  tiles_mm(a_.data(), padded, accumulate, C, ldc);
+  for (int64_t m = 0; m < rows; ++m) to_bf16_row(A + m * lda, a_.data() + m * padded, K_);
+  tiles_mm(rows, a_.data(), padded, accumulate, C, ldc);
 #endif
 }
 
-void OperandRight::tiles_mm(const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
+void OperandRight::tiles_mm(int64_t M, const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
 #ifdef LSTM_AMX
-  const int64_t m_tiles = blocks_of(M_, kTileRows), n_pairs = blocks_of(n_blocks_, 2);
+  const int64_t m_tiles = blocks_of(M, kTileRows), n_pairs = blocks_of(n_blocks_, 2);
   auto run = [&](int64_t p0, int64_t p1) {
     configure_tiles();
     for (int64_t p = p0; p < p1; ++p) {
@@ -204,7 +205,7 @@ void OperandRight::tiles_mm(const uint16_t* A, int64_t lda, bool accumulate, flo
       const uint16_t* B0 = packed_.data() + nb * k_blocks_ * kTileElements;
       const uint16_t* B1 = B0 + k_blocks_ * kTileElements;
       for (int64_t mt = 0; mt < m_tiles; mt += 2) {
-        const int64_t rows = std::min(2 * kTileRows, M_ - mt * kTileRows);
+        const int64_t rows = std::min(2 * kTileRows, M - mt * kTileRows);
         const uint16_t* Ab = A + mt * kTileRows * lda;
         float* Cb = C + mt * kTileRows * ldc + n0;
         if (mt + 1 < m_tiles) {
@@ -219,7 +220,7 @@ void OperandRight::tiles_mm(const uint16_t* A, int64_t lda, bool accumulate, flo
     }
     release_tiles();
   };
-  if (M_ * N_ * K_ >= kParallelProduct && n_pairs > 1 && !at::in_parallel_region() && at::get_num_threads() > 1)
+  if (M * N_ * K_ >= kParallelProduct && n_pairs > 1 && !at::in_parallel_region() && at::get_num_threads() > 1)
     at::parallel_for(0, n_pairs, 1, run);
   else
     run(0, n_pairs);

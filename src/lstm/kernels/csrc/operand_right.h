@@ -27,12 +27,19 @@ class OperandRight {
   OperandRight(Operand op, int64_t M, int64_t N, int64_t K, const uint16_t* B, int64_t ldb);
 
   // C[M, N] (+)= A[M, K] @ B with A in the operand type (lda its row stride); `accumulate` adds to C
-  void mm(const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const;
+  void mm(const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
+    mm(M_, A, lda, accumulate, C, ldc);
+  }
   // the same with A in float32, rounded to the operand type on the way
-  void mm(const float* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const;
+  void mm(const float* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
+    mm(M_, A, lda, accumulate, C, ldc);
+  }
+  // the same for the first `rows` rows only (rows <= M)
+  void mm(int64_t rows, const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const;
+  void mm(int64_t rows, const float* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const;
 
  private:
-  void tiles_mm(const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const;
+  void tiles_mm(int64_t rows, const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const;
 
   Operand op_;
   int64_t M_, N_, K_;

@@ -37,10 +37,11 @@ class PackedRight {
     sgemm_pack("A", "N", &N_, &M_, &K_, &one, B, &ld, buffer_.data_ptr<float>());
   }
 
-  // C[M, N] = beta * C + A[M, K] @ B
-  void mm(const float* A, int64_t lda, float beta, float* C, int64_t ldc) const {
-    const int la = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    sgemm_compute("P", "N", &N_, &M_, &K_, buffer_.data_ptr<float>(), &N_, A, &la, &beta, C, &lc);
+  // C[rows, N] = beta * C + A[rows, K] @ B, rows <= M (the packed B^T does not depend on them)
+  void mm(int64_t rows, const float* A, int64_t lda, float beta, float* C, int64_t ldc) const {
+    if (rows == 0) return;
+    const int m = static_cast<int>(rows), la = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    sgemm_compute("P", "N", &N_, &m, &K_, buffer_.data_ptr<float>(), &N_, A, &la, &beta, C, &lc);
   }
 
  private:

@@ -79,6 +79,11 @@ struct Params {
   const T* P;        // [U,Ps] the projection
   const T* PT;       // [Ps,U] P transposed (the backward's)
   const bool* mask;  // [B,T] keep
+  // [Tn] the packed layout (row_layout.h: torch's PackedSequence, time-major, the rows sorted by
+  // length, longest first, step s taking the first batch_sizes[s]; forwards, no mask), or nullptr:
+  // batch-major. Packed, every [B,T,*] buffer below is [N,*] with N the sum of batch_sizes, the
+  // outputs with flags.seq too, and a batch row's weights-side buffers ([B,*], rd) are in that order
+  const int64_t* batch_sizes;
   // zoneout (problem.Zoneout): a counter-based draw from the seed, so the forward and the
   // backward draw the same flags with no mask memory; thresholds on 24-bit uniforms (0: off)
   uint64_t zoneout_seed, keep_h, keep_c;

@@ -74,22 +74,34 @@ constexpr int64_t kMinChunkRows = 2;  // two rows are worth a thread each (measu
 // Only while a chunk's per-step GEMM is small: big steps go faster on MKL's own threads
 // (measured on 2 cores: 64,100,128,256 inference 32 ms on MKL threads vs 57 ms in chunks).
 constexpr int64_t kChunkMaxWork = 2 << 20;  // multiply-adds of one chunk's step
-template <typename F>
-inline void over_chunks(int64_t B, int64_t work_per_row, const F& f) {
-  const int64_t nt = at::get_num_threads();
-  int64_t chunks = B >= kMinChunkRows ? std::min<int64_t>(nt, B) : 1;
+// How many chunks a batch of B rows is run in (1: on the caller's thread, products on MKL's threads).
+inline int64_t chunk_count(int64_t B, int64_t work_per_row) {
+  int64_t chunks = B >= kMinChunkRows ? std::min<int64_t>(at::get_num_threads(), B) : 1;
   if (chunks > 1 && (B / chunks) * work_per_row > kChunkMaxWork) chunks = 1;
-  if (chunks <= 1 || at::in_parallel_region()) {
+  return at::in_parallel_region() ? 1 : std::max<int64_t>(chunks, 1);
+}
+
+// Run f(c) for each chunk c < chunks, a thread each (single-threaded BLAS inside)
+template <typename F>
+inline void run_chunks(int64_t chunks, const F& f) {
+  if (chunks <= 1) {
     const FlushDenormals flush;
-    f(0, B);
+    f(int64_t(0));
     return;
   }
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const FlushDenormals flush;
     int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-    for (int64_t ch = c0; ch < c1; ++ch) f(ch * B / chunks, (ch + 1) * B / chunks);
+    for (int64_t c = c0; c < c1; ++c) f(c);
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
   });
+}
+
+// Run f(b0, b1) over the chunks of a batch of B rows, each a range of consecutive rows
+template <typename F>
+inline void over_chunks(int64_t B, int64_t work_per_row, const F& f) {
+  const int64_t chunks = chunk_count(B, work_per_row);
+  run_chunks(chunks, [&](int64_t c) { f(c * B / chunks, (c + 1) * B / chunks); });
 }
 
 }  // namespace lstm_core

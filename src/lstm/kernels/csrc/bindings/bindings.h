@@ -12,12 +12,16 @@
 
 // ----- the LSTM (lstm_ops.cpp) ---------------------------------------------------------------------
 // The plain cell: x [B,T,D], kernel [D,4U], R [U,4U], bias [4U], h0, c0 [B,U]. Returns Y, hT, cT
-// and, with save, the saved G [B,T,4U], Hp, Cp [B,T,U] (rnn.h: lstm::ForwardPass).
+// and, with save, the saved G [B,T,4U], Hp, Cp [B,T,U] (rnn.h: lstm::ForwardPass). With batch_sizes
+// [T] (int64, CPU) the call is packed (rnn.h Params::batch_sizes): x [N,1,D], in_drop per packed
+// row [G,N,D], rec_drop per batch row in the packed order, B = batch_sizes[0], Y and the saved
+// buffers [N,1,*]; forwards, no mask. The variants take the same.
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor R,
                                         c10::optional<torch::Tensor> bias_o, torch::Tensor h0, torch::Tensor c0,
                                         c10::optional<torch::Tensor> in_drop_o,
                                         c10::optional<torch::Tensor> rec_drop_o,
-                                        c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out,
+                                        c10::optional<torch::Tensor> mask_o,
+                                        c10::optional<torch::Tensor> batch_sizes_o, bool backwards, bool zero_out,
                                         bool seq, int64_t act, int64_t ract, bool save);
 
 // needs: which of dx, dkernel, dR, dbias, dh0, dc0 to form. Returns them (undefined where not
@@ -27,8 +31,9 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
                                          torch::Tensor R, torch::Tensor G, torch::Tensor Hp, torch::Tensor Cp,
                                          c10::optional<torch::Tensor> in_drop_o,
                                          c10::optional<torch::Tensor> rec_drop_o,
-                                         c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq,
-                                         int64_t act, int64_t ract, std::vector<bool> needs);
+                                         c10::optional<torch::Tensor> mask_o,
+                                         c10::optional<torch::Tensor> batch_sizes_o, bool backwards, bool zero_out,
+                                         bool seq, int64_t act, int64_t ract, std::vector<bool> needs);
 
 // ----- one step (streaming_ops.cpp) ----------------------------------------------------------------
 // One step for a tiny batch without saving (rnn.h: lstm::SingleStep): x [B,1,D] or [B,D], the
@@ -87,7 +92,8 @@ std::vector<torch::Tensor> variant_forward(torch::Tensor xk, c10::optional<torch
                                            c10::optional<torch::Tensor> gain_c_o,
                                            c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
                                            int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h,
-                                           int64_t keep_c, c10::optional<torch::Tensor> mask_o, torch::Tensor h0,
+                                           int64_t keep_c, c10::optional<torch::Tensor> mask_o,
+                                           c10::optional<torch::Tensor> batch_sizes_o, torch::Tensor h0,
                                            torch::Tensor c0, bool backwards, bool zero_out, bool seq, bool coupled,
                                            int64_t act, int64_t ract, double clip, bool save, bool trace,
                                            int64_t operand);
@@ -102,8 +108,8 @@ std::vector<torch::Tensor> variant_backward(
     torch::Tensor R, c10::optional<torch::Tensor> rd_o, c10::optional<torch::Tensor> peep_o,
     c10::optional<torch::Tensor> gain_c_o, c10::optional<torch::Tensor> shift_c_o, c10::optional<torch::Tensor> P_o,
     int64_t zoneout_seed, int64_t zoneout_offset, int64_t keep_h, int64_t keep_c,
-    c10::optional<torch::Tensor> mask_o, bool backwards, bool zero_out, bool seq, bool coupled, int64_t act,
-    int64_t ract, double clip, bool consume);
+    c10::optional<torch::Tensor> mask_o, c10::optional<torch::Tensor> batch_sizes_o, bool backwards, bool zero_out,
+    bool seq, bool coupled, int64_t act, int64_t ract, double clip, bool consume);
 
 // ----- the GRU (gru_ops.cpp) and the SimpleRNN (simple_rnn_ops.cpp) ------------------------------
 // Python's keyword names: the parameter names less the _o (module.cpp). Autograd is the caller's (a hand-derived
