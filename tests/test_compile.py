@@ -298,6 +298,24 @@ def _detached(args):
     return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
 
+def _sequence_op(kind, reset_after, go_backwards, return_sequences):
+    """The GRU's or SimpleRNN's op and its options (activation tanh, recurrent activation sigmoid)."""
+    if kind == "gru":
+        return fused_gru_simple_rnn.GRU_OP, fused_gru_simple_rnn.GRUOptions(go_backwards, False, return_sequences, 0,
+                                                                             1, reset_after)
+    return fused_gru_simple_rnn.SIMPLE_RNN_OP, fused_gru_simple_rnn.SimpleRNNOptions(go_backwards, False,
+                                                                                      return_sequences, 0)
+
+
+def _opcheck_sequence_op(op, options, inputs, fixed):
+    forward, backward = op.forward_op, op.backward_op
+    torch.library.opcheck(forward, (*inputs, *fixed, *options, True))  # schema, fake kernel, autograd, aot dispatch
+    torch.library.opcheck(forward, (*_detached(inputs), *fixed, *options, False))  # inference
+    outs = forward(*_detached(inputs), *fixed, *options, True)
+    grads = [torch.randn_like(t) for t in outs[:2]]
+    torch.library.opcheck(backward, (*grads, *_detached(inputs), *fixed, outs[2:], *options, [True] * 5))
+
+
 @pytest.mark.parametrize("kind, reset_after", [("gru", True), ("gru", False), ("simple_rnn", True)])
 def test_fused_gru_simple_rnn_ops_pass_opcheck(kind, reset_after):
     if native.extension() is None:
@@ -306,17 +324,25 @@ def test_fused_gru_simple_rnn_ops_pass_opcheck(kind, reset_after):
                      input_dropout="per_gate" if kind == "gru" else "shared", go_backwards=True,
                      reset_after=reset_after)
     inputs = [p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.initial_state[0]]
-    fixed = [p.input_dropout, p.recurrent_dropout, p.mask]
-    if kind == "gru":
-        op, options = fused_gru_simple_rnn.GRU_OP, fused_gru_simple_rnn.GRUOptions(True, False, True, 0, 1, reset_after)
-    else:
-        op, options = fused_gru_simple_rnn.SIMPLE_RNN_OP, fused_gru_simple_rnn.SimpleRNNOptions(True, False, True, 0)
-    forward, backward = op.forward_op, op.backward_op
-    torch.library.opcheck(forward, (*inputs, *fixed, *options, True))  # schema, fake kernel, autograd, aot dispatch
-    torch.library.opcheck(forward, (*_detached(inputs), *fixed, *options, False))  # inference
-    outs = forward(*_detached(inputs), *fixed, *options, True)
-    grads = [torch.randn_like(t) for t in outs[:2]]
-    torch.library.opcheck(backward, (*grads, *_detached(inputs), *fixed, outs[2:], *options, [True] * 5))
+    fixed = [p.input_dropout, p.recurrent_dropout, p.mask, None]
+    _opcheck_sequence_op(*_sequence_op(kind, reset_after, True, True), inputs, fixed)
+
+
+@pytest.mark.parametrize("return_sequences", [True, False])
+@pytest.mark.parametrize("kind, reset_after", [("gru", True), ("gru", False), ("simple_rnn", True)])
+def test_fused_gru_simple_rnn_packed_ops_pass_opcheck(kind, reset_after, return_sequences):
+    """The packed call (per-row lengths, packing.py): x [N, 1, D], the fake kernel's batch from h0's."""
+    if native.extension() is None:
+        pytest.skip(f"the C++ kernels are not loaded: {native.unavailable_reason()}")
+    p = make_problem(kind, 3, 4, 2, 5, dtype=torch.float64, recurrent_dropout=True,
+                     input_dropout="per_gate" if kind == "gru" else "shared", reset_after=reset_after)
+    plan = packing.plan(torch.tensor([2, 4, 1]), 4, go_backwards=False)
+    leaf = lambda t: t.detach().requires_grad_()  # noqa: E731
+    inputs = [leaf(packing.pack_inputs(p.inputs, plan)), p.kernel, p.recurrent_kernel, p.bias,
+              leaf(plan.pack(p.initial_state[0]))]
+    fixed = [plan.per_packed_row(plan.pack(p.input_dropout, 1)), plan.pack(p.recurrent_dropout, 1), None,
+             plan.batch_sizes]
+    _opcheck_sequence_op(*_sequence_op(kind, reset_after, False, return_sequences), inputs, fixed)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -328,7 +354,7 @@ def test_fused_cpp_ops_pass_opcheck(packed):
     inputs = [p.inputs, p.kernel, p.recurrent_kernel, p.bias, *p.initial_state]
     fixed = [p.input_dropout, p.recurrent_dropout, p.mask, None]
     if packed:  # the rows' valid steps only (packing.py): x [N, 1, D], per-row masks in the packed order
-        plan = packing.plan(torch.tensor([4, 1, 3]), 4, go_backwards=False, zero_output_for_mask=False)
+        plan = packing.plan(torch.tensor([4, 1, 3]), 4, go_backwards=False)
         inputs = [packing.pack_inputs(p.inputs, plan), *inputs[1:4], *(plan.pack(s) for s in p.initial_state)]
         fixed = [plan.per_packed_row(plan.pack(p.input_dropout, 1)), plan.pack(p.recurrent_dropout, 1), None,
                  plan.batch_sizes]

@@ -14,6 +14,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstm
+import lstm.kernels.packing
 from lstm import layers
 from lstm.layers.validation import check_lengths
 
@@ -93,6 +94,20 @@ def assert_close(got: dict, expected: dict, tolerance: float, what: str) -> None
         scale = max(float(expected[key].abs().max()) if expected[key].numel() else 0.0, 1.0)
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=tolerance * scale,
                                    msg=lambda m, key=key: f"{what}, {key}: {m}")
+
+
+def bfloat16_bound(steps: int) -> float:
+    """bfloat16's tolerance relative to each tensor's largest entry: 2 eps sqrt(T) (tests/test_mixed_precision.py)."""
+    return 2 * torch.finfo(torch.bfloat16).eps * math.sqrt(steps)
+
+
+def assert_within(got: dict, expected: dict, bound: float, what: str) -> None:
+    """Each tensor within `bound` times its largest entry (at least 1), compared in float32."""
+    assert got.keys() == expected.keys(), what
+    for key in expected:
+        scale = max(float(expected[key].abs().max()), 1.0)
+        difference = float((got[key].float() - expected[key].float()).abs().max())
+        assert difference <= bound * scale, f"{what}, {key}: {difference} > {bound * scale}"
 
 
 def kernels_running(layer, x, **call) -> list:
@@ -198,7 +213,7 @@ def test_mixed_bfloat16_lengths_equal_the_padding_mask(cell):
     """Within bfloat16's tolerance (2 eps sqrt(T): tests/test_mixed_precision.py) of the reference
     kernel's mask route in the same precision."""
     cls, options = CELLS[cell]
-    bound = 2 * torch.finfo(torch.bfloat16).eps * math.sqrt(T)
+    bound = bfloat16_bound(T)
     x = inputs(torch.float32)
     for go_backwards in (False, True):
         layer = make(cls, options, "mixed_bfloat16", return_sequences=True, return_state=True,
@@ -208,10 +223,7 @@ def test_mixed_bfloat16_lengths_equal_the_padding_mask(cell):
         for name in kernels_running(layer, x, lengths=LENGTHS):
             with lstm.kernels.use(name):
                 got = results(layer, x, lengths=LENGTHS)
-            for key in expected:
-                scale = max(float(expected[key].abs().max()), 1.0)
-                difference = float((got[key].float() - expected[key].float()).abs().max())
-                assert difference <= bound * scale, f"{cell}, {name}, {key}: {difference} > {bound * scale}"
+            assert_within(got, expected, bound, f"{cell}, {name}")
             assert torch.count_nonzero(got["grad x"][~padding_mask(LENGTHS)]) == 0
 
 
@@ -242,6 +254,126 @@ def test_nan_padding_reaches_no_output_and_no_gradient(cell):
             for key in expected:
                 assert torch.isfinite(got[key]).all(), f"{cell}, {name}: {key} not finite"
                 assert torch.equal(got[key], expected[key]), f"{cell}, {name}: {key}"
+
+
+# ----- the C++ GRU and SimpleRNN: the packed route ---------------------------------------------
+SEQUENCE_CELLS = ["gru reset_after", "gru reset_before", "simple_rnn"]
+# dropout in training: per-gate input masks where the layer has them (recurrent dropout forces
+# implementation 1 on the GRU; implementation 1 alone too), a shared one otherwise
+DROPOUT_CELLS = {
+    "gru reset_after, input and recurrent dropout": (layers.GRU, {"dropout": 0.3, "recurrent_dropout": 0.4}),
+    "gru reset_before, input and recurrent dropout": (layers.GRU, {"reset_after": False, "dropout": 0.3,
+                                                                   "recurrent_dropout": 0.4}),
+    "gru implementation 1, input dropout": (layers.GRU, {"dropout": 0.3, "implementation": 1}),
+    "gru shared input dropout": (layers.GRU, {"reset_after": False, "dropout": 0.3}),
+    "simple_rnn, input and recurrent dropout": (layers.SimpleRNN, {"dropout": 0.3, "recurrent_dropout": 0.4}),
+}
+FUSED_SEQUENCE = "fused_gru_simple_rnn"
+
+
+@pytest.fixture
+def packed_calls(monkeypatch) -> dict:
+    """{"calls": how many kernel calls ran packed (packing.run_packed)} while the test runs."""
+    if not lstm.kernels.native.extension():
+        pytest.skip(f"the C++ kernels are not loaded: {lstm.kernels.native.unavailable_reason()}")
+    count = {"calls": 0}
+    run_packed = lstm.kernels.packing.run_packed
+
+    def counting(*args, **kwargs):
+        count["calls"] += 1
+        return run_packed(*args, **kwargs)
+
+    monkeypatch.setattr(lstm.kernels.packing, "run_packed", counting)
+    return count
+
+
+def lengths_against_the_mask(layer, x, lengths, states=None, seed=None) -> tuple[dict, dict]:
+    """(the C++ GRU/SimpleRNN kernel's lengths call, the reference kernel's mask call); with `seed`
+    the global generator is seeded before each, so dropout draws the same masks."""
+    calls = {}
+    routes = {FUSED_SEQUENCE: {"lengths": lengths}, "reference": {"mask": padding_mask(lengths, x.shape[1])}}
+    for name, call in routes.items():
+        if seed is not None:
+            torch.manual_seed(seed)
+        with lstm.kernels.use(name):
+            calls[name] = results(layer, x, states, **call)
+    return calls[FUSED_SEQUENCE], calls["reference"]
+
+
+@pytest.mark.parametrize("cell", SEQUENCE_CELLS)
+def test_fused_gru_simple_rnn_runs_lengths_packed(cell, packed_calls):
+    """The lengths tests above reach the packed route of the C++ GRU/SimpleRNN; a trace takes the
+    mask route, and rows all of full length the plain one."""
+    cls, options = CELLS[cell]
+    layer = make(cls, options, "float64", return_sequences=True)
+    assert FUSED_SEQUENCE in kernels_running(layer, inputs(), lengths=LENGTHS)
+    with lstm.kernels.use(FUSED_SEQUENCE):
+        layer(inputs(), lengths=LENGTHS)
+        assert packed_calls["calls"] == 1
+        layer(inputs(), lengths=LENGTHS, return_gates=True)
+        layer(inputs(), lengths=torch.full((B,), T))
+    assert packed_calls["calls"] == 1
+
+
+@pytest.mark.parametrize("cell", DROPOUT_CELLS)
+def test_dropout_with_lengths_equals_the_padding_mask(cell, packed_calls):
+    """Input and recurrent dropout in training (the same masks: the same seed before each call) on
+    the packed route, against the reference kernel's mask route."""
+    cls, options = DROPOUT_CELLS[cell]
+    x = inputs()
+    for return_sequences, go_backwards, zero_output_for_mask in CALLS:
+        layer = make(cls, options, "float64", return_state=True, return_sequences=return_sequences,
+                     go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask).train()
+        what = (f"{cell}, return_sequences={return_sequences}, go_backwards={go_backwards}, "
+                f"zero_output_for_mask={zero_output_for_mask}")
+        got, expected = lengths_against_the_mask(layer, x, LENGTHS, initial_states(layer, torch.float64), seed=7)
+        assert_close(got, expected, TOLERANCE[torch.float64], what)
+        assert torch.count_nonzero(got["grad x"][~padding_mask(LENGTHS)]) == 0, f"{what}: gradient at a padded step"
+    assert packed_calls["calls"] == len(CALLS)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "mixed_bfloat16"])
+@pytest.mark.parametrize("cell", SEQUENCE_CELLS)
+def test_rows_split_over_two_threads_equal_the_padding_mask(cell, dtype, packed_calls):
+    """A batch the C++ loops run in two chunks (one thread each taking every second row of the
+    packed order, csrc/row_layout.h; in bfloat16 enough rows for the low-precision per-step
+    products), with empty rows, full rows and rows of equal length, dropout on."""
+    cls, options = CELLS[cell]
+    batch, steps, units = 37, 9, 20
+    lengths = torch.randint(0, steps + 1, (batch,), generator=torch.Generator().manual_seed(5))
+    lengths[:6], lengths[6:8], lengths[8:10] = 4, 0, steps
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        layer = randomized(cls(units, input_dim=D, dtype=dtype, return_sequences=True, return_state=True, dropout=0.3,
+                               recurrent_dropout=0.4, **options)).train()
+        x = inputs(torch.float64 if dtype == "float64" else torch.float32, batch=batch, steps=steps)
+        g = torch.Generator().manual_seed(2)
+        states = [torch.randn(batch, units, generator=g, dtype=torch.float64).to(x.dtype)]
+        got, expected = lengths_against_the_mask(layer, x, lengths, states, seed=7)
+    finally:
+        torch.set_num_threads(threads)
+    if dtype == "float64":
+        assert_close(got, expected, TOLERANCE[torch.float64], f"{cell}, {dtype}")
+    else:
+        assert_within(got, expected, bfloat16_bound(steps), f"{cell}, {dtype}")
+    assert torch.count_nonzero(got["grad x"][~padding_mask(lengths, steps)]) == 0
+    assert packed_calls["calls"] == 1
+
+
+@pytest.mark.parametrize("cell", SEQUENCE_CELLS)
+def test_rows_of_equal_length_equal_the_padding_mask(cell):
+    """Every row the same length: each step taken by the whole batch (shorter than T: packed; T: no padding)."""
+    cls, options = CELLS[cell]
+    x = inputs()
+    for lengths in (torch.full((B,), 4), torch.full((B,), T)):
+        for return_sequences, go_backwards, zero_output_for_mask in CALLS:
+            layer = make(cls, options, "float64", return_state=True, return_sequences=return_sequences,
+                         go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask)
+            what = (f"{cell}, lengths {lengths.tolist()}, return_sequences={return_sequences}, "
+                    f"go_backwards={go_backwards}, zero_output_for_mask={zero_output_for_mask}")
+            assert_lengths_equal_mask(layer, x, lengths, torch.float64, what, initial_states(layer, torch.float64))
 
 
 # ----- Bidirectional ---------------------------------------------------------------------------

@@ -183,7 +183,10 @@ def test_gru_and_simple_rnn_take_resets(cell):
     reset = _random_resets(3, 8, seed=2)
     lengths = torch.tensor([8, 2, 5])
     expected = _run(layer, x, "reference", reset=reset, lengths=lengths)
-    for kernel in _taking_kernels(layer, x, reset=reset, lengths=lengths)[1:]:
+    kernels = _taking_kernels(layer, x, reset=reset, lengths=lengths)
+    if lstm.kernels.native.extension():
+        assert "fused_gru_simple_rnn" in kernels, kernels
+    for kernel in kernels[1:]:
         got = _run(layer, x, kernel, reset=reset, lengths=lengths)
         _assert_all_close(got[0] + list(got[1]), expected[0] + list(expected[1]), 1e-10)
     # each episode equals a call of its own

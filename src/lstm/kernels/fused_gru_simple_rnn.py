@@ -9,6 +9,12 @@ loops and layouts: csrc/rnn.h, the torch side: csrc/bindings/), thin bindings he
 Supported: GRU (reset_after True or False, bias [3U] or [2, 3U]) and SimpleRNN, CPU float32/float64,
 the named activations, every option of a plain `Recurrence`.
 
+Per-row lengths (`Recurrence.lengths`, or a right-padded mask) and resets: the call runs packed
+(packing.py, csrc/row_layout.h), as fused_cpp's LSTM: only the rows' valid steps (a reset starts a
+row of its own), so the products over all steps, each step's product and its gate math do work in
+proportion to the sum of the lengths. Traces and torch.compile take the mask route instead (and
+leave resets to the reference kernel); rows all of full length, the unmasked one.
+
 Traces (`trace=True`) come from the saving forward's buffers (time-indexed, flipped for
 go_backwards), detached: GRU z, r, h_tilde are the saved gates and h = z * h_prev + (1 - z) *
 h_tilde (a masked step's own value, as the reference gives it); SimpleRNN h is the saved outputs.
@@ -30,16 +36,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import dispatch, fused, native, support
+from . import dispatch, fused, native, packing, support
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 
 name = "fused_gru_simple_rnn"
+takes_lengths = True
+takes_resets = True  # (packed: packing.py)
 
 
 def supports(p: Recurrence) -> bool:
     return (p.plain and p.cell.kind in ("gru", "simple_rnn") and support.activation_codes(p.cell) is not None
             and (support.on_cpu_in_one_float_dtype(p) or support.on_cpu_in_low_precision(p, dropout=True))
-            and support.extension_ready())
+            and (p.reset is None or packing.can_pack(p, packable=not p.trace)) and support.extension_ready())
 
 
 class GRUOptions(NamedTuple):
@@ -64,18 +72,20 @@ class SimpleRNNOptions(NamedTuple):
 
 class _SequenceOp(fused.RoundedOperandsOp):
     """forward -> y, h_last, then with save the buffers of csrc/rnn.h (gru::, simple_rnn::): GRU gates
-    [B,T,3U], h_prev and candidate_input [B,T,U]; SimpleRNN outputs and h_prev [B,T,U]."""
+    [B,T,3U], h_prev and candidate_input [B,T,U]; SimpleRNN outputs and h_prev [B,T,U]. Packed
+    (batch_sizes given): x [N,1,D], input_dropout per packed row [G,N,D], recurrent_dropout per
+    running row [G,B,U], y and the saved buffers [N,1,*] (csrc/bindings/bindings.h)."""
 
     input_names = ("x", "kernel", "recurrent_kernel", "bias", "h0")
-    fixed_names = ("input_dropout", "recurrent_dropout", "mask")
+    fixed_names = ("input_dropout", "recurrent_dropout", "mask", "batch_sizes")
     output_count = 2
     saved_widths: tuple  # of the saved buffers, in units
 
     def forward_shapes(self, inputs, fixed, options, save):
-        x, recurrent_kernel = inputs[0], inputs[2]
-        (batch, steps, _), units = x.shape, recurrent_kernel.shape[0]
-        shapes = [(batch, steps, units) if options.return_sequences else (batch, units), (batch, units)]
-        return shapes + [(batch, steps, width * units) for width in self.saved_widths] if save else shapes
+        x, recurrent_kernel, h0 = inputs[0], inputs[2], inputs[4]
+        (rows, columns, _), units, batch = x.shape, recurrent_kernel.shape[0], h0.shape[0]  # (packed: x [N, 1, D])
+        shapes = [(rows, columns, units) if options.return_sequences else (batch, units), (batch, units)]
+        return shapes + [(rows, columns, width * units) for width in self.saved_widths] if save else shapes
 
 
 class GRUOp(_SequenceOp):
@@ -121,11 +131,25 @@ def _trace(p: Recurrence, saved) -> dict:
 
 @answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
+    p, lengths = packing.route(p, packable=not p.trace)
+    if lengths is not None:
+        return _run_packed(p, lengths)
     op, options = _op_and_options(p.cell, p.go_backwards, p.zero_output_for_mask, p.return_sequences)
     inputs = (p.inputs, p.kernel, p.recurrent_kernel, p.bias, p.initial_state[0])
-    fixed = (p.input_dropout, p.recurrent_dropout, p.mask)
+    fixed = (p.input_dropout, p.recurrent_dropout, p.mask, None)
     (y, h_last), saved = op.call(inputs, fixed, options, keep_saved=p.trace)
     return RecurrenceResult(y, (h_last,), _trace(p, saved) if p.trace else None)
+
+
+def _run_packed(p: Recurrence, lengths: Tensor) -> RecurrenceResult:
+    """The call on the rows' valid steps only (packing.py)."""
+    op, options = _op_and_options(p.cell, return_sequences=p.return_sequences)
+
+    def call(x, states, input_dropout, recurrent_dropout, batch_sizes):
+        inputs = (x, p.kernel, p.recurrent_kernel, p.bias, *states)
+        return op.call(inputs, (input_dropout, recurrent_dropout, None, batch_sizes), options)[0]
+
+    return packing.run_packed(p, lengths, call)
 
 
 def _op_and_options(cell, go_backwards=False, zero_output_for_mask=False, return_sequences=False):
@@ -158,7 +182,7 @@ class CellCall:
     def __init__(self, cell):
         self.draws = bool(cell.dropout or cell.recurrent_dropout)
         op, options = _op_and_options(cell)
-        self.call = fused.Call(op, (None, None, None), options)
+        self.call = fused.Call(op, (None, None, None, None), options)
 
     def __call__(self, cell, x, states, training):
         if self.draws and (cell.training if training is None else training):
@@ -211,7 +235,8 @@ class StreamStep:
             x = x[None]
         if not _steppable(x, self.weights[0]) or x.shape[0] != self.batch_size or x.requires_grad:
             return None
-        y, self.h = self.op.forward((x[:, None, :], *self.weights, self.h), (None, None, None), self.options, False)
+        y, self.h = self.op.forward((x[:, None, :], *self.weights, self.h), (None, None, None, None), self.options,
+                                    False)
         return y
 
     def state(self) -> list:

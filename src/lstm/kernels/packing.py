@@ -14,7 +14,8 @@ Resets (`Recurrence.reset`) cost nothing more: a reset starts a new episode, and
 row of its own in the packed layout (a segment), starting from the restored states; a batch row's
 final states are those of its last segment.
 
-Every tensor op here is differentiable (index_select, index_copy, where), so autograd carries the
+The layout is built in C++ (csrc/bindings/packing.cpp), which also places the packed rows in their
+padded tensors; every step on the way in and out is differentiable, so autograd carries the
 gradients through the packing; the padded steps of x get exactly zero.
 
 LSTM_NO_PACKING=1 turns the packed route off (every call takes the mask route), to measure it.
@@ -30,6 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import native
 from .problem import Recurrence, RecurrenceResult
 
 
@@ -41,12 +43,14 @@ def _packing_off() -> bool:
 def _lengths(p: Recurrence) -> Optional[Tensor]:
     """Each row's length when the steps that count are its first ones (`lengths`, a right-padded
     mask, or all of them), else None."""
-    mask = p.step_mask()
-    if mask is None:
+    if p.mask is None:
+        if p.lengths is not None:
+            return p.lengths
         return torch.full((p.inputs.shape[0],), p.inputs.shape[1], dtype=torch.int64, device=p.inputs.device)
-    if p.mask is not None and not bool((mask[:, 1:] <= mask[:, :-1]).all()):  # (each row: kept steps, then not)
+    mask = p.step_mask()
+    if not bool((mask[:, 1:] <= mask[:, :-1]).all()):  # (each row: kept steps, then not)
         return None
-    return p.lengths if p.mask is None else mask.sum(1)
+    return mask.sum(1)
 
 
 def can_pack(p: Recurrence, packable: bool = True) -> bool:
@@ -67,9 +71,11 @@ def route(p: Recurrence, packable: bool = True) -> tuple[Recurrence, Optional[Te
         if p.reset is not None:
             raise ValueError("reset: this kernel runs resets packed only (each row's steps that count first)")
         return p.masked(), None
-    if p.reset is None and bool((lengths == p.inputs.shape[1]).all()):
+    steps = p.inputs.shape[1]
+    shortest, longest = (int(v) for v in torch.aminmax(lengths)) if lengths.numel() else (steps, 0)
+    if p.reset is None and shortest == steps:
         return dataclasses.replace(p, mask=None, lengths=None), None
-    if not bool((lengths > 0).any()):  # no step counts (so no reset does): nothing to pack
+    if longest == 0:  # no step counts (so no reset does): nothing to pack
         return dataclasses.replace(p.masked(), reset=None), None
     return p, lengths
 
@@ -83,7 +89,7 @@ class Packing:
     restarts: Tensor     # [V] bool: the segment starts from the restored states (else the initial ones)
     batch_sizes: Tensor  # [S] int64 (CPU): step s is taken by segments [0, batch_sizes[s])
     sources: Tensor      # [N] int64: the row of x.reshape(B * T, D) each packed row holds
-    outputs: Tensor      # [B * T] int64: the packed row each output step repeats (N: a zero row)
+    positions: Tensor    # [N] int64: the output position, of [B * T] in processing order, it shows
     running: Tensor      # [B'] int64: the batch rows that take a step (length > 0)
     last: Tensor         # [B'] int64: the segment each of them ends in
     lengths: Tensor      # [B] int64
@@ -97,10 +103,13 @@ class Packing:
         return None if per_segment is None else per_segment.index_select(dim, ranks(self.batch_sizes,
                                                                                     per_segment.device))
 
-    def starting_states(self, initial: Tensor, restored: Tensor) -> Tensor:
-        """[V, *] each segment's first state: the restored one after a reset, else the initial one."""
-        return torch.where(self.restarts[:, None], restored.index_select(0, self.rows),
-                           initial.index_select(0, self.rows).to(restored.dtype))
+    def starting_states(self, initial: Tensor, restored: Optional[Tensor]) -> Tensor:
+        """[V, *] each segment's first state: the restored one after a reset (None: no reset), else
+        the initial one."""
+        starting = initial.index_select(0, self.rows)
+        if restored is None:
+            return starting
+        return torch.where(self.restarts[:, None], restored.index_select(0, self.rows), starting.to(restored.dtype))
 
     def unpack_states(self, initial: Tensor, final: Tensor) -> Tensor:
         """[B, *] states: each running row's last segment's final ones, the initial ones of rows that
@@ -115,66 +124,68 @@ def ranks(batch_sizes: Tensor, device=None) -> Tensor:
     return torch.arange(int(sizes.sum()), device=device) - first_rows.repeat_interleave(sizes)
 
 
-def plan(lengths: Tensor, steps: int, go_backwards: bool, zero_output_for_mask: bool,
-         reset: Optional[Tensor] = None) -> Packing:
+def plan(lengths: Tensor, steps: int, go_backwards: bool, reset: Optional[Tensor] = None) -> Packing:
     """The packed layout of rows with these lengths ([B] int64, 0 <= lengths <= steps, some > 0) and
-    resets (bool [B, T] by time index, or None). Built on j, a row's valid steps in processing order: time j,
-    or going backwards length - 1 - j (Keras' processing step T - length + j)."""
+    resets (bool [B, T] by time index, or None), built by the C++ extension (the kernels that run
+    packed are its own); on the lengths' device."""
     device = lengths.device
     lengths = lengths.to(torch.int64)
-    batch = lengths.shape[0]
-    j = torch.arange(steps, device=device).expand(batch, steps)
-    length = lengths[:, None]
-    valid = j < length
-    time = (length - 1 - j).clamp(min=0) if go_backwards else j
-    restarts = torch.zeros_like(valid)
-    if reset is not None:
-        restarts = valid & reset.to(device=device, dtype=torch.bool).gather(1, time)
-    starts = restarts | (valid & (j == 0))
-    # the segments, numbered in batch-row order: each valid step's segment and the segment's first j
-    per_row = starts.sum(1)
-    segment_of = torch.cumsum(starts, 1) - 1 + (torch.cumsum(per_row, 0) - per_row)[:, None]
-    segment_rows, segment_first = starts.nonzero(as_tuple=True)
-    count = segment_rows.shape[0]
-    segment_of = segment_of.clamp(0, count - 1)  # (invalid steps: any segment, never read)
-    segment_lengths = torch.bincount(segment_of[valid], minlength=count)
-    # sorted longest first: segment k has rank[k]; step s is taken by ranks [0, batch_sizes[s])
-    sorted_lengths, order = torch.sort(segment_lengths, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(count, device=device)
-    longest = int(sorted_lengths[0])
-    batch_sizes = (torch.arange(longest, device=device)[:, None] < sorted_lengths[None, :]).sum(1).cpu()
-    first_row = torch.zeros(longest + 1, dtype=torch.int64, device=device)
-    first_row[1:] = batch_sizes.to(device).cumsum(0)
-    total = int(first_row[-1])
-    # each valid step's packed row: its segment's step j - first j, at the segment's rank
-    step = torch.where(valid, j - segment_first[segment_of], 0)
-    packed = first_row[step] + rank[segment_of]
-    sources = torch.empty(total, dtype=torch.int64, device=device)
-    sources[packed[valid]] = (torch.arange(batch, device=device)[:, None] * steps + time)[valid]
-    # the outputs in processing order: position q of a row shows j = q (going backwards q - (T - length))
-    shown = j - (steps - length) if go_backwards else j
-    if not go_backwards and not zero_output_for_mask:  # after its end a row repeats its last output
-        shown = torch.minimum(shown, length - 1)
-    visible = (shown >= 0) & (shown < length)
-    outputs = torch.where(visible, packed.gather(1, shown.clamp(0, steps - 1)), total).reshape(-1)
-    running = (lengths > 0).nonzero(as_tuple=True)[0]
-    last = rank[segment_of[running, lengths[running] - 1]]
-    return Packing(segment_rows[order], restarts[segment_rows, segment_first][order], batch_sizes, sources, outputs,
-                   running, last, lengths)
+    rows, restarts, batch_sizes, sources, positions, running, last = native.extension().packing_plan(
+        lengths.cpu(), None if reset is None else reset.to(dtype=torch.bool).cpu(), steps, go_backwards)
+    on_device = (tensor.to(device) for tensor in (rows, restarts, sources, positions, running, last))
+    rows, restarts, sources, positions, running, last = on_device
+    return Packing(rows, restarts, batch_sizes, sources, positions, running, last, lengths)
+
+
+class _DistinctRows(torch.autograd.Function):
+    """x.index_select(0, index) for distinct indices: its gradient is placed in zeros by the C++
+    (index_select's own adds it in, a serial scatter-add, the costliest step of a short call)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return native.extension().scatter_rows(grad, index, ctx.rows), None
+
+
+class _PlacedRows(torch.autograd.Function):
+    """rows [N, F] placed at distinct indices [N] of a [total, F] tensor of zeros (by the C++, on
+    its buffer pool); the gradient is gathered back."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, total: int) -> Tensor:
+        ctx.save_for_backward(index)
+        return native.extension().scatter_rows(rows, index, total)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
 
 
 def pack_inputs(x: Tensor, packing: Packing) -> Tensor:
     """x [B, T, D] as the packed rows [N, 1, D]."""
     batch, steps, features = x.shape
-    return x.reshape(batch * steps, features).index_select(0, packing.sources).view(-1, 1, features)
+    return _DistinctRows.apply(x.reshape(batch * steps, features), packing.sources).view(-1, 1, features)
 
 
-def unpack_outputs(y: Tensor, packing: Packing, batch: int, steps: int) -> Tensor:
-    """Packed outputs [N, *, P] as [B, T, P] in processing order (padded steps per Keras' rules)."""
-    size = y.shape[-1]
-    rows = torch.cat([y.reshape(-1, size), y.new_zeros(1, size)])
-    return rows.index_select(0, packing.outputs).view(batch, steps, size)
+def unpack_outputs(y: Tensor, packing: Packing, final_h: Tensor, steps: int, go_backwards: bool,
+                   zero_output_for_mask: bool) -> Tensor:
+    """Packed outputs [N, *, P] as [B, T, P] in processing order, padded steps per Keras' rules:
+    zeros, or going forwards without zero_output_for_mask, after a row's end its last output (its
+    final h [B, P])."""
+    batch, size = packing.lengths.shape[0], y.shape[-1]
+    outputs = _PlacedRows.apply(y.reshape(-1, size), packing.positions, batch * steps).view(batch, steps, size)
+    if go_backwards or zero_output_for_mask:
+        return outputs
+    lengths = packing.lengths[:, None]
+    repeats = (torch.arange(steps, device=lengths.device) >= lengths) & (lengths > 0)
+    return torch.where(repeats[..., None], final_h[:, None, :].to(outputs.dtype), outputs)
 
 
 def last_outputs(final_h: Tensor, packing: Packing, steps: int, go_backwards: bool,
@@ -192,24 +203,24 @@ def last_outputs(final_h: Tensor, packing: Packing, steps: int, go_backwards: bo
     return torch.where(keeps[:, None], final_h, torch.zeros((), dtype=final_h.dtype, device=final_h.device))
 
 
-# (x [N, 1, D], initial states of the running rows (LSTM h0 [B', P], c0 [B', U]; else h0 [B', U]),
-# input_dropout per packed row [G, N, D], recurrent_dropout per running row [G, B', P], batch_sizes)
-# -> the packed call's (y [N, 1, P] with return_sequences (else anything), *final states)
+# (x [N, 1, D], each segment's starting states (LSTM h0 [V, P], c0 [V, U]; else h0 [V, U]),
+# input_dropout per packed row [G, N, D], recurrent_dropout per segment [G, V, P], batch_sizes)
+# -> the packed call's (y [N, 1, P] with return_sequences (else anything), *final states [V, *])
 PackedCall = Callable[[Tensor, tuple, Optional[Tensor], Optional[Tensor], Tensor], tuple]
 
 
 def run_packed(p: Recurrence, lengths: Tensor, call: PackedCall) -> RecurrenceResult:
     """A problem (no trace, no zoneout) run by a kernel's packed `call` on the rows' valid steps."""
-    batch, steps, _ = p.inputs.shape
-    packing = plan(lengths, steps, p.go_backwards, p.zero_output_for_mask, p.reset)
-    starting = tuple(packing.starting_states(initial, restored)
-                     for initial, restored in zip(p.initial_state, p.restored_states()))
+    steps = p.inputs.shape[1]
+    packing = plan(lengths, steps, p.go_backwards, p.reset)
+    restored = p.restored_states() if p.reset is not None else (None,) * len(p.initial_state)
+    starting = tuple(packing.starting_states(*states) for states in zip(p.initial_state, restored))
     y, *final = call(pack_inputs(p.inputs, packing), starting,
                      packing.per_packed_row(packing.pack(p.input_dropout, 1)), packing.pack(p.recurrent_dropout, 1),
                      packing.batch_sizes)
     states = tuple(packing.unpack_states(initial, state) for initial, state in zip(p.initial_state, final))
     if p.return_sequences:
-        outputs = unpack_outputs(y, packing, batch, steps)
+        outputs = unpack_outputs(y, packing, states[0], steps, p.go_backwards, p.zero_output_for_mask)
     else:
         outputs = last_outputs(states[0], packing, steps, p.go_backwards, p.zero_output_for_mask)
     return RecurrenceResult(outputs, states)

@@ -129,7 +129,10 @@ class Recurrence:
     recurrent_kernel  [U, G*U]
     bias              [G*U], GRU reset_after [2, G*U] (input row, recurrent row), or None
     initial_state     tuple of [B, U]: (h, c) for LSTM, (h,) otherwise
-    mask              bool [B, T] or None; False steps keep the state (Keras masking)
+    mask              bool [B, T] or None; False steps keep the state (Keras masking). The inputs
+                      at steps that do not count (masked, past a row's length) may hold anything
+                      (padding, NaN): `masked()` gives them as zeros, as a kernel reading every
+                      step needs (NaN * 0 would be NaN gradients); a packed kernel never reads them
     lengths           int64 [B] or None: row b's steps are [0, lengths[b]), the rest padding; the
                       same as the right-padded mask `arange(T) < lengths[:, None]` (with `mask` too:
                       both must keep a step). A kernel without `takes_lengths = True` gets that
@@ -201,8 +204,12 @@ class Recurrence:
         return by_length if self.mask is None else self.mask & by_length
 
     def masked(self) -> "Recurrence":
-        """This problem with its lengths given as a mask (itself when it has none)."""
-        return self if self.lengths is None else dataclasses.replace(self, mask=self.step_mask(), lengths=None)
+        """This problem with its lengths given as a mask and zeros in its inputs at the steps that
+        do not count (itself when every step counts)."""
+        counted = self.step_mask()
+        if counted is None:
+            return self
+        return dataclasses.replace(self, mask=counted, lengths=None, inputs=self.inputs.masked_fill(~counted[..., None], 0))
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -46,6 +46,7 @@ from .problem import (LOW_PRECISION, TRACE_KEYS, Recurrence, RecurrenceResult, a
                       final_states)
 
 name = "reference"
+takes_lengths = True  # (as their mask: `Recurrence.masked`)
 takes_resets = True
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
@@ -173,6 +174,7 @@ _STEPS = {"lstm": lstm_step, "gru": gru_step, "simple_rnn": simple_rnn_step}
 
 @answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
+    p = p.masked()  # (every step's inputs reach a product: those that do not count as zeros)
     with _autocast_off(p.inputs.device.type):
         if p.compute_dtype in LOW_PRECISION:
             return _run_low_precision(p)

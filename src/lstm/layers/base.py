@@ -511,16 +511,12 @@ class RNN(nn.Module):
             states = check_initial_state(initial_state, cell, batch, inputs, "initial_state", compute)
         training = self.training if training is None else bool(training)
         input_masks, recurrent_masks = cell.dropout_masks(batch, inputs.device, training)
-        problem = cell.recurrence(
+        return cell.recurrence(
             inputs, states, training, lengths=lengths, mask=mask, reset=reset,
             reset_state=None if reset is None or initial_state is None else tuple(states),  # (None: zeros)
             go_backwards=self.go_backwards,
             zero_output_for_mask=self.zero_output_for_mask, return_sequences=self.return_sequences,
             input_dropout=input_masks, recurrent_dropout=recurrent_masks, trace=trace)
-        counted = problem.step_mask()
-        if counted is not None:  # masked and padded steps never reach a product: NaN padding * 0 would be NaN gradients
-            problem.inputs = inputs.masked_fill(~counted[..., None], 0)
-        return problem
 
     def forward(self, inputs, mask=None, initial_state=None, training=None, return_gates=False, lengths=None,
                 reset=None):

@@ -130,10 +130,10 @@ def check_lengths(lengths: Any, inputs: torch.Tensor) -> torch.Tensor | None:
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"lengths: expected shape ({batch},) [batch], got {tuple(lengths.shape)}")
     # checked where the lengths are (a CPU tensor costs no device sync); a traced graph cannot raise on values
-    if not torch.compiler.is_compiling():
-        outside = ((lengths < 0) | (lengths > steps)).nonzero()
-        if len(outside):
-            row = int(outside[0, 0])
+    if not torch.compiler.is_compiling() and batch:
+        shortest, longest = (int(v) for v in torch.aminmax(lengths))
+        if shortest < 0 or longest > steps:
+            row = int(((lengths < 0) | (lengths > steps)).nonzero()[0, 0])
             raise ValueError(f"lengths: expected each value in [0, {steps}] (the inputs have {steps} timesteps), "
                              f"got lengths[{row}] = {int(lengths[row])}")
     return lengths.to(device=inputs.device, dtype=torch.int64)

@@ -65,18 +65,18 @@ class StepProduct {
     if (std::is_same_v<T, float> && operand && B_low && M >= kLowGemmRows) low_.emplace(Operand(operand), M, N, K, B_low, ldb);
   }
 
-  // C[M, N] += A[M, K] @ B
-  void acc(const T* A, int64_t lda, T* C, int64_t ldc) const { product(A, lda, true, C, ldc); }
-  // C[M, N] = A[M, K] @ B
-  void set(const T* A, int64_t lda, T* C, int64_t ldc) const { product(A, lda, false, C, ldc); }
+  // C[rows, N] += A[rows, K] @ B, rows <= M (the loop's rows that take the step)
+  void acc(int64_t rows, const T* A, int64_t lda, T* C, int64_t ldc) const { product(rows, A, lda, true, C, ldc); }
+  // C[rows, N] = A[rows, K] @ B
+  void set(int64_t rows, const T* A, int64_t lda, T* C, int64_t ldc) const { product(rows, A, lda, false, C, ldc); }
 
  private:
-  void product(const T* A, int64_t lda, bool accumulate, T* C, int64_t ldc) const {
+  void product(int64_t rows, const T* A, int64_t lda, bool accumulate, T* C, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (low_) return low_->mm(A, lda, accumulate, C, ldc);
+      if (low_) return low_->mm(rows, A, lda, accumulate, C, ldc);
     }
-    if (accumulate) float_.acc(A, lda, C, ldc);
-    else float_.set(A, lda, C, ldc);
+    if (accumulate) float_.acc(rows, A, lda, C, ldc);
+    else float_.set(rows, A, lda, C, ldc);
   }
 
   StepOperand<T> float_;

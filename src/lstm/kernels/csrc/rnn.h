@@ -15,9 +15,11 @@
 // zero_out.
 // Activation codes (simd.h): tanh 0, sigmoid 1, relu 2, linear 3, hard_sigmoid 4,
 // hard_sigmoid_tf_keras 5; the backward takes the derivatives from the activated values.
-// Threads: each LSTM run() spreads the batch rows over ATen's threads itself (threads.h), each
-// thread running every step for its rows; the GRU's and SimpleRNN's loops run the rows they are
-// given (the caller splits the batch: threads.h over_chunks).
+// Threads: each LSTM run() and each GRU and SimpleRNN loop spreads the batch rows over ATen's
+// threads itself (threads.h), each thread running every step for its rows.
+// Packed calls (per-row lengths): the same buffers in torch's PackedSequence layout (row_layout.h),
+// where each batch row takes only its own steps (lstm::Params::batch_sizes, and the GRU's and
+// SimpleRNN's `batch_sizes` below).
 #pragma once
 
 #include <cstdint>
@@ -249,13 +251,19 @@ extern template class SingleStep<double>;
 }  // namespace lstm
 
 // ----- the GRU and the SimpleRNN (gru.cpp, simple_rnn.cpp) -----------------------------------------
-// A loop runs the whole sequence for `batch` rows (a chunk of the call's B rows: the caller gives
-// each thread its own chunk, threads.h over_chunks); every [B,...] pointer below points at the
-// chunk's first row, B being the chunk's rows. Dropout keep-masks [G,B_call,*] keep the call's
-// rows: `dropout_gate_stride` = B_call * U steps from gate to gate. Outputs y are in processing
-// order. The gates of a masked step are still computed and saved (traces read them; the backward
-// ignores them). The input projection x @ kernel (input dropout applied) and the weight gradients
-// are the caller's GEMMs over all steps at once; the loops add the bias row by row.
+// A loop runs the whole call: it spreads the B batch rows over ATen's threads in chunks (threads.h
+// chunk_count, run_chunks; row_layout.h Chunk), each thread running every step for its rows. Outputs
+// y are in processing order. The gates of a masked step are still computed and saved (traces read
+// them; the backward ignores them). The input projection x @ kernel (input dropout applied) and
+// the weight gradients are the caller's GEMMs over all steps at once; the loops add the bias row by
+// row.
+// Packed (batch_sizes given: row_layout.h, as lstm::Params::batch_sizes): every [B,T,*] buffer
+// below is [N,*] with N the sum of batch_sizes, y with return_sequences too; B = batch_sizes[0],
+// and the per-batch-row buffers ([B,*]: h0, h_last, dh, bias_rows; the recurrent dropout masks)
+// hold the rows in the packed order; forwards, no mask (go_backwards false, keep null). Only the
+// rows taking a step run it (its products and gate math): work in proportion to the sum of the
+// lengths. A packed backward without return_sequences takes no dy: the caller gives the last
+// output's gradient (the final state's) in dh.
 
 // The options of a sequence call besides its weights (activation codes above).
 struct SequenceOptions {
@@ -280,13 +288,12 @@ namespace gru {
 
 template <typename Scalar>
 struct Forward {
-  int64_t batch, steps, units;      // B (this chunk's rows), T, U
+  int64_t batch, steps, units;      // B, T, U
   Scalar* gates;                    // [B,T,3U] in: x @ kernel; out: activated z | r | h_tilde
   const Scalar* input_bias;         // [3U] or null
   const Scalar* recurrent_bias;     // [3U] or null (reset_after only: bias[1])
   const Scalar* recurrent_kernel;   // [U,3U]
-  const Scalar* recurrent_dropout;  // [3,B_call,U] keep-masks on h_{t-1}, or null
-  int64_t dropout_gate_stride;      // B_call * U
+  const Scalar* recurrent_dropout;  // [3,B,U] keep-masks on h_{t-1}, or null
   const bool* keep;                 // [B,T] step mask (time order), or null
   const Scalar* h0;                 // [B,U]
   Scalar* y;                        // [B,T,U] (return_sequences) or [B,U]
@@ -297,7 +304,7 @@ struct Forward {
   // with SequenceOptions::operand: R's bits [U,3U] (the per-step products on operand_right.h's for
   // chunks of kLowGemmRows rows or more), or null
   const uint16_t* recurrent_kernel_low;
-  Forward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;  // the chunk [b0, b1)
+  const int64_t* batch_sizes;  // [T] the packed layout, or null: batch-major
 };
 
 template <typename Scalar>
@@ -309,8 +316,7 @@ struct Backward {
   const Scalar* candidate_input;    // [B,T,U]
   // reset_after: [3U,U] = [R_h; R_z; R_r]^T (the blocks in dz's order); else R^T [3U,U]
   const Scalar* recurrent_kernel_t;
-  const Scalar* recurrent_dropout;  // [3,B_call,U] or null
-  int64_t dropout_gate_stride;
+  const Scalar* recurrent_dropout;  // [3,B,U] or null
   const bool* keep;                 // [B,T] or null
   Scalar* dh;                       // [B,U] in: dL/dh_last; out: dL/dh0
   // dL/d pre-activations, per time index, zero at masked steps:
@@ -319,7 +325,7 @@ struct Backward {
   Scalar* dz;
   Scalar* bias_rows;  // [B, width of dz]: dz summed over the steps per row (added to), or null
   const uint16_t* recurrent_kernel_t_low;  // recurrent_kernel_t's bits with SequenceOptions::operand, or null
-  Backward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;
+  const int64_t* batch_sizes;              // [T] the packed layout, or null: batch-major
 };
 
 template <typename Scalar>
@@ -327,10 +333,6 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& options);
 template <typename Scalar>
 void backward_loop(const Backward<Scalar>& a, const SequenceOptions& options);
 
-extern template struct Forward<float>;
-extern template struct Forward<double>;
-extern template struct Backward<float>;
-extern template struct Backward<double>;
 extern template void forward_loop<float>(const Forward<float>&, const SequenceOptions&);
 extern template void forward_loop<double>(const Forward<double>&, const SequenceOptions&);
 extern template void backward_loop<float>(const Backward<float>&, const SequenceOptions&);
@@ -347,15 +349,14 @@ struct Forward {
   Scalar* outputs;                  // [B,T,U] in: x @ kernel; out: every step's own act(...) (masked too)
   const Scalar* bias;               // [U] or null
   const Scalar* recurrent_kernel;   // [U,U]
-  const Scalar* recurrent_dropout;  // [1,B_call,U] or null
-  int64_t dropout_gate_stride;
+  const Scalar* recurrent_dropout;  // [1,B,U] or null
   const bool* keep;                 // [B,T] or null
   const Scalar* h0;                 // [B,U]
   Scalar* y;                        // [B,T,U] or [B,U]
   Scalar* h_last;                   // [B,U]
   Scalar* h_prev;                   // [B,T,U] saved state before each step, or null
   const uint16_t* recurrent_kernel_low;  // R's bits with SequenceOptions::operand (as gru::Forward), or null
-  Forward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;
+  const int64_t* batch_sizes;            // [T] the packed layout, or null: batch-major
 };
 
 template <typename Scalar>
@@ -364,14 +365,13 @@ struct Backward {
   const Scalar* dy;                  // [B,T,U] or [B,U], or null
   const Scalar* outputs;             // [B,T,U] the forward's outputs
   const Scalar* recurrent_kernel_t;  // [U,U] R^T
-  const Scalar* recurrent_dropout;   // [1,B_call,U] or null
-  int64_t dropout_gate_stride;
+  const Scalar* recurrent_dropout;   // [1,B,U] or null
   const bool* keep;                  // [B,T] or null
   Scalar* dh;                        // [B,U] in: dL/dh_last; out: dL/dh0
   Scalar* dz;                        // [B,T,U] dL/d pre-activation, zero at masked steps
   Scalar* bias_rows;                 // [B,U] (added to), or null
   const uint16_t* recurrent_kernel_t_low;  // R^T's bits with SequenceOptions::operand, or null
-  Backward rows(int64_t b0, int64_t b1, const SequenceOptions& options) const;
+  const int64_t* batch_sizes;              // [T] the packed layout, or null: batch-major
 };
 
 template <typename Scalar>
@@ -379,10 +379,6 @@ void forward_loop(const Forward<Scalar>& a, const SequenceOptions& options);
 template <typename Scalar>
 void backward_loop(const Backward<Scalar>& a, const SequenceOptions& options);
 
-extern template struct Forward<float>;
-extern template struct Forward<double>;
-extern template struct Backward<float>;
-extern template struct Backward<double>;
 extern template void forward_loop<float>(const Forward<float>&, const SequenceOptions&);
 extern template void forward_loop<double>(const Forward<double>&, const SequenceOptions&);
 extern template void backward_loop<float>(const Backward<float>&, const SequenceOptions&);

@@ -35,6 +35,21 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
                                          c10::optional<torch::Tensor> batch_sizes_o, bool backwards, bool zero_out,
                                          bool seq, int64_t act, int64_t ract, std::vector<bool> needs);
 
+// ----- per-row lengths and resets (packing.cpp) ---------------------------------------------------
+// The packed layout of rows with lengths [B] (int64, in [0, T], some > 0) and resets (bool [B, T] by
+// time index, or none): a segment per episode of each row (its valid steps, split before each
+// reset), sorted longest first. Returns, all CPU: rows [V] (the batch row of each segment), restarts
+// [V] (bool: starts after a reset), batch_sizes [S] (step s is taken by segments [0, batch_sizes[s])),
+// sources [N] (each packed row's row of x viewed [B*T, D]), positions [N] (the output position it
+// shows, of [B*T, P] in processing order), running [B'] (the rows with length > 0), last [B'] (the
+// segment each of them ends in).
+std::vector<torch::Tensor> packing_plan(const torch::Tensor& lengths, const c10::optional<torch::Tensor>& reset_o,
+                                        int64_t steps, bool go_backwards);
+
+// rows [N, F] placed at the distinct indices [N] of a [total, F] tensor, zeros elsewhere (from the
+// buffer pool: no page faults for a call's outputs or input gradient).
+torch::Tensor scatter_rows(const torch::Tensor& rows, const torch::Tensor& index, int64_t total);
+
 // ----- one step (streaming_ops.cpp) ----------------------------------------------------------------
 // One step for a tiny batch without saving (rnn.h: lstm::SingleStep): x [B,1,D] or [B,D], the
 // tensors dense. Returns Y ([B,1,U] with seq, else [B,U]), hT, cT.
@@ -124,11 +139,16 @@ std::vector<torch::Tensor> variant_backward(
 // Returns [y, h_last] and, with save, [gates, h_prev, candidate_input] (rnn.h: gru::Forward).
 // operand: 0, or bfloat16 (1) / float16 (2) rounding of h and the per-step products' operands
 // (rnn.h: SequenceOptions), the float32 tensors holding values the caller rounded.
+// batch_sizes (None | int64 [T], CPU): packed, as lstm_forward's (rnn.h: the GRU's and SimpleRNN's
+// packed layout): x [N,1,D], input_dropout per packed row [1|3,N,D], recurrent_dropout per batch
+// row in the packed order, B = batch_sizes[0], y (return_sequences) and the saved buffers [N,1,*];
+// no mask, go_backwards false. The backward takes the same.
 std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor recurrent_kernel,
                                        c10::optional<torch::Tensor> bias_o, torch::Tensor h0,
                                        c10::optional<torch::Tensor> input_dropout_o,
                                        c10::optional<torch::Tensor> recurrent_dropout_o,
-                                       c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                       c10::optional<torch::Tensor> mask_o,
+                                       c10::optional<torch::Tensor> batch_sizes_o, bool go_backwards,
                                        bool zero_output_for_mask, bool return_sequences, int64_t activation,
                                        int64_t recurrent_activation, bool reset_after, bool save, int64_t operand);
 
@@ -140,18 +160,21 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
                                         int64_t bias_dim, torch::Tensor gates, torch::Tensor h_prev,
                                         torch::Tensor candidate_input, c10::optional<torch::Tensor> input_dropout_o,
                                         c10::optional<torch::Tensor> recurrent_dropout_o,
-                                        c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                        c10::optional<torch::Tensor> mask_o,
+                                        c10::optional<torch::Tensor> batch_sizes_o, bool go_backwards,
                                         bool zero_output_for_mask, bool return_sequences, int64_t activation,
-                                        int64_t recurrent_activation, bool reset_after, std::vector<bool> needs, int64_t operand);
+                                        int64_t recurrent_activation, bool reset_after, std::vector<bool> needs,
+                                        int64_t operand);
 
 // As gru_forward with kernel [D,U], recurrent_kernel [U,U], bias (None | [U]), input_dropout
-// (None | [1,B,D]), recurrent_dropout (None | [1,B,U]). Returns [y, h_last] and, with save,
-// [outputs, h_prev] (rnn.h: simple_rnn::Forward).
+// (None | [1,B,D]), recurrent_dropout (None | [1,B,U]); packed likewise. Returns [y, h_last] and,
+// with save, [outputs, h_prev] (rnn.h: simple_rnn::Forward).
 std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor kernel, torch::Tensor recurrent_kernel,
                                               c10::optional<torch::Tensor> bias_o, torch::Tensor h0,
                                               c10::optional<torch::Tensor> input_dropout_o,
                                               c10::optional<torch::Tensor> recurrent_dropout_o,
-                                              c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                              c10::optional<torch::Tensor> mask_o,
+                                              c10::optional<torch::Tensor> batch_sizes_o, bool go_backwards,
                                               bool zero_output_for_mask, bool return_sequences, int64_t activation,
                                               bool save, int64_t operand);
 
@@ -162,6 +185,7 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
                                                torch::Tensor outputs, torch::Tensor h_prev,
                                                c10::optional<torch::Tensor> input_dropout_o,
                                                c10::optional<torch::Tensor> recurrent_dropout_o,
-                                               c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                               c10::optional<torch::Tensor> mask_o,
+                                               c10::optional<torch::Tensor> batch_sizes_o, bool go_backwards,
                                                bool zero_output_for_mask, bool return_sequences, int64_t activation,
                                                std::vector<bool> needs, int64_t operand);

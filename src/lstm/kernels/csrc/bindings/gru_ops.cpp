@@ -1,6 +1,6 @@
 // The GRU's torch bindings (bindings.h: gru_forward, gru_backward): checks, buffers from
 // the pool, the input projection and weight-gradient GEMMs over all steps (products.h), and the
-// recurrence (rnn.h: gru::forward_loop, gru::backward_loop) on each thread's chunk of rows.
+// recurrence (rnn.h: gru::forward_loop, gru::backward_loop), batch-major or packed (layout.h).
 
 #include <torch/types.h>
 
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "bindings/bindings.h"
+#include "bindings/layout.h"
 #include "bindings/optional_tensor.h"
 #include "bindings/products.h"
 #include "buffer_pool.h"
@@ -22,7 +23,8 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
                                        c10::optional<torch::Tensor> bias_o, torch::Tensor h0,
                                        c10::optional<torch::Tensor> input_dropout_o,
                                        c10::optional<torch::Tensor> recurrent_dropout_o,
-                                       c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                       c10::optional<torch::Tensor> mask_o,
+                                       c10::optional<torch::Tensor> batch_sizes_o, bool go_backwards,
                                        bool zero_output_for_mask, bool return_sequences, int64_t activation,
                                        int64_t recurrent_activation, bool reset_after, bool save,
                                        int64_t operand) {
@@ -37,7 +39,9 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
                                 static_cast<int>(recurrent_activation), reset_after, static_cast<int>(operand)};
-  const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
+  const Layout n = layout_of(x, opt(batch_sizes_o));
+  check_packed(n, mask, go_backwards, "gru_forward");
+  const int64_t B = n.B, Tn = n.Tn, U = recurrent_kernel.size(0), XB = n.rows, XT = n.columns;
   auto opts = x.options();
   auto gates = project_inputs(x, kernel, input_dropout, operand);
   torch::Tensor input_bias, recurrent_bias;
@@ -47,12 +51,12 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
   } else if (bias.defined()) {
     input_bias = bias.contiguous();
   }
-  auto y = return_sequences ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
+  auto y = return_sequences ? buffer_pool::empty({XB, XT, U}, opts) : torch::empty({B, U}, opts);
   auto h_last = torch::empty({B, U}, opts);
   torch::Tensor h_prev, candidate_input;
   if (save) {
-    h_prev = buffer_pool::empty({B, Tn, U}, opts);
-    candidate_input = buffer_pool::empty({B, Tn, U}, opts);
+    h_prev = buffer_pool::empty({XB, XT, U}, opts);
+    candidate_input = buffer_pool::empty({XB, XT, U}, opts);
   }
   if (Tn == 0) {
     h_last.copy_(h0);
@@ -62,13 +66,12 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_forward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
-      gru::Forward<Scalar> args{B, Tn, U, ptr(gates), ptr(input_bias), ptr(recurrent_bias),
-                                      ptr(recurrent_kernel), ptr(recurrent_dropout), B * U,
+      const gru::Forward<Scalar> args{B, Tn, U, ptr(gates), ptr(input_bias), ptr(recurrent_bias),
+                                      ptr(recurrent_kernel), ptr(recurrent_dropout),
                                       mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(h0), ptr(y), ptr(h_last),
-                                      ptr(h_prev), ptr(candidate_input)};
-      args.recurrent_kernel_low = operand_bits(recurrent_kernel, operand, recurrent_bits);
-      over_chunks(B, U * 3 * U,
-                  [&](int64_t b0, int64_t b1) { gru::forward_loop(args.rows(b0, b1, options), options); });
+                                      ptr(h_prev), ptr(candidate_input),
+                                      operand_bits(recurrent_kernel, operand, recurrent_bits), n.batch_sizes};
+      gru::forward_loop(args, options);
     });
   }
   if (!save) return {y, h_last};
@@ -80,7 +83,8 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
                                         int64_t bias_dim, torch::Tensor gates, torch::Tensor h_prev,
                                         torch::Tensor candidate_input, c10::optional<torch::Tensor> input_dropout_o,
                                         c10::optional<torch::Tensor> recurrent_dropout_o,
-                                        c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                        c10::optional<torch::Tensor> mask_o,
+                                        c10::optional<torch::Tensor> batch_sizes_o, bool go_backwards,
                                         bool zero_output_for_mask, bool return_sequences, int64_t activation,
                                         int64_t recurrent_activation, bool reset_after, std::vector<bool> needs,
                                         int64_t operand) {
@@ -93,7 +97,9 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
   auto recurrent_dropout = opt(recurrent_dropout_o), mask = opt(mask_o);
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
                                 static_cast<int>(recurrent_activation), reset_after, static_cast<int>(operand)};
-  const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
+  const Layout n = layout_of(x, opt(batch_sizes_o));
+  check_packed(n, mask, go_backwards, "gru_backward");
+  const int64_t B = n.B, Tn = n.Tn, U = recurrent_kernel.size(0), XB = n.rows, XT = n.columns;
   const int64_t width = (reset_after ? 4 : 3) * U;
   auto opts = x.options();
   auto dh = dh_last_o.has_value() ? dh_last_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
@@ -103,7 +109,7 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
   // reset_after: R^T's blocks in dz's order h | z | r
   auto R = recurrent_kernel;
   auto recurrent_kernel_t = (reset_after ? at::cat({R.narrow(1, 2 * U, U), R.narrow(1, 0, 2 * U)}, 1) : R).t().contiguous();
-  auto dz = buffer_pool::empty({B, Tn, width}, opts);
+  auto dz = buffer_pool::empty({XB, XT, width}, opts);
   const bool need_bias = needs[3] && bias_dim > 0;
   auto bias_rows = need_bias ? torch::zeros({B, width}, opts) : torch::Tensor();
   if (Tn > 0) {
@@ -111,16 +117,15 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
-      gru::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(gates), ptr(h_prev), ptr(candidate_input),
-                                       ptr(recurrent_kernel_t), ptr(recurrent_dropout), B * U,
+      const gru::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(gates), ptr(h_prev), ptr(candidate_input),
+                                       ptr(recurrent_kernel_t), ptr(recurrent_dropout),
                                        mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(dh), ptr(dz),
-                                       ptr(bias_rows)};
-      args.recurrent_kernel_t_low = operand_bits(recurrent_kernel_t, operand, recurrent_t_bits);
-      over_chunks(B, U * 3 * U,
-                  [&](int64_t b0, int64_t b1) { gru::backward_loop(args.rows(b0, b1, options), options); });
+                                       ptr(bias_rows), operand_bits(recurrent_kernel_t, operand, recurrent_t_bits),
+                                       n.batch_sizes};
+      gru::backward_loop(args, options);
     });
   }
-  auto dz2 = dz.view({B * Tn, width});
+  auto dz2 = dz.view({XB * XT, width});
   // the input row's dz: dz | dr | dh_tilde (reset_after: after d(h R_h))
   auto dz_x = reset_after ? dz2.narrow(1, U, 3 * U) : dz2;
   torch::Tensor dx, dkernel, drecurrent, dbias;
@@ -137,10 +142,11 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
                             recurrent_gate_gradient(candidate_input, torch::Tensor(), rec_block(2), operand)},
                            1);
     } else {
+      const auto rows_recurrent_dropout = per_buffer_row(recurrent_dropout, n);
       std::vector<torch::Tensor> parts;
       for (int64_t g = 0; g < 3; ++g) {
         // (reset_after = false: the candidate's rows carry their keep-mask already)
-        auto m = !reset_after && g == 2 ? torch::Tensor() : recurrent_dropout[g];
+        auto m = !reset_after && g == 2 ? torch::Tensor() : rows_recurrent_dropout[g];
         parts.push_back(recurrent_gate_gradient(rows_of(g), m, rec_block(g), operand));
       }
       drecurrent = at::cat(parts, 1);

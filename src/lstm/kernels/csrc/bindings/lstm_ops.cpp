@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bindings/bindings.h"
+#include "bindings/layout.h"
 #include "bindings/optional_tensor.h"
 #include "bindings/products.h"
 #include "buffer_pool.h"
@@ -23,7 +24,10 @@ using namespace lstm_core;
 using lstm_bindings::bool_or_none;
 using lstm_bindings::contiguous_or_none;
 using lstm_bindings::input_gradients;
+using lstm_bindings::Layout;
+using lstm_bindings::layout_of;
 using lstm_bindings::opt;
+using lstm_bindings::per_buffer_row;
 using lstm_bindings::project_inputs;
 using lstm_bindings::recurrent_gate_gradient;
 
@@ -37,34 +41,6 @@ struct Weights {
 struct Zoneout {  // the seed, the step offset and the two keep thresholds (0: off) of problem.Zoneout
   int64_t seed, offset, keep_h, keep_c;
 };
-
-// A call's layout (row_layout.h): batch-major, its buffers [B,T,*] shaped like x [B,T,D]; or
-// packed (batch_sizes given), x [N,1,D] and the buffers [N,1,*] (the products over all steps take
-// N rows either way), B = batch_sizes[0] rows (each takes the first step), T = its steps.
-struct Layout {
-  int64_t B, Tn;               // batch rows, steps
-  int64_t rows, columns;       // x's first two sizes: each buffer's
-  const int64_t* batch_sizes;  // or nullptr
-};
-
-Layout layout_of(const torch::Tensor& x, const torch::Tensor& batch_sizes) {
-  if (!batch_sizes.defined()) return {x.size(0), x.size(1), x.size(0), x.size(1), nullptr};
-  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.numel() > 0 && batch_sizes.scalar_type() == torch::kLong &&
-                  batch_sizes.is_cpu() && batch_sizes.is_contiguous() && x.size(1) == 1,
-              "packed LSTM call: expected batch_sizes a non-empty int64 [T] and x [N, 1, D]");
-  const int64_t* sizes = batch_sizes.data_ptr<int64_t>();
-  return {sizes[0], batch_sizes.numel(), x.size(0), 1, sizes};
-}
-
-// A per-batch-row tensor [G, B, *] as per-buffer-row [G, rows, *] (packed: the batch row of each)
-torch::Tensor per_buffer_row(const torch::Tensor& per_batch_row, const Layout& n) {
-  if (!n.batch_sizes) return per_batch_row;
-  auto batch_rows = torch::empty({n.rows}, torch::kLong);
-  int64_t* out = batch_rows.data_ptr<int64_t>();
-  for (int64_t s = 0; s < n.Tn; ++s)
-    for (int64_t b = 0; b < n.batch_sizes[s]; ++b) *out++ = b;
-  return per_batch_row.index_select(1, batch_rows.to(per_batch_row.device()));
-}
 
 // the raw view of one call's tensors (undefined: nullptr); GU gate columns
 template <typename T>

@@ -20,26 +20,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("variant_backward", &variant_backward, "LSTM variants backward (BPTT)");
   m.def("gru_forward", &gru_forward, "GRU forward (fused): [y, h_last] (+ [gates, h_prev, candidate_input] with save)",
         py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"),
-        py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"),
-        py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
+        py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"), py::arg("batch_sizes"),
+        py::arg("go_backwards"), py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
         py::arg("recurrent_activation"), py::arg("reset_after"), py::arg("save"), py::arg("operand") = 0);
   m.def("gru_backward", &gru_backward, "GRU backward (BPTT): [dx, dkernel, drecurrent_kernel, dbias, dh0]",
         py::arg("dy"), py::arg("dh_last"), py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"),
         py::arg("bias_dim"), py::arg("gates"), py::arg("h_prev"), py::arg("candidate_input"),
-        py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"),
-        py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
+        py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"), py::arg("batch_sizes"),
+        py::arg("go_backwards"), py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
         py::arg("recurrent_activation"), py::arg("reset_after"), py::arg("needs"), py::arg("operand") = 0);
   m.def("simple_rnn_forward", &simple_rnn_forward,
         "SimpleRNN forward (fused): [y, h_last] (+ [outputs, h_prev] with save)", py::arg("x"), py::arg("kernel"),
         py::arg("recurrent_kernel"), py::arg("bias"), py::arg("h0"), py::arg("input_dropout"),
-        py::arg("recurrent_dropout"), py::arg("mask"), py::arg("go_backwards"), py::arg("zero_output_for_mask"),
-        py::arg("return_sequences"), py::arg("activation"), py::arg("save"), py::arg("operand") = 0);
+        py::arg("recurrent_dropout"), py::arg("mask"), py::arg("batch_sizes"), py::arg("go_backwards"),
+        py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"), py::arg("save"),
+        py::arg("operand") = 0);
   m.def("simple_rnn_backward", &simple_rnn_backward,
         "SimpleRNN backward (BPTT): [dx, dkernel, drecurrent_kernel, dbias, dh0]", py::arg("dy"), py::arg("dh_last"),
         py::arg("x"), py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias_dim"), py::arg("outputs"),
         py::arg("h_prev"), py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"),
-        py::arg("go_backwards"), py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
-        py::arg("needs"), py::arg("operand") = 0);
+        py::arg("batch_sizes"), py::arg("go_backwards"), py::arg("zero_output_for_mask"), py::arg("return_sequences"),
+        py::arg("activation"), py::arg("needs"), py::arg("operand") = 0);
+  m.def("packing_plan", &packing_plan, "the packed layout of rows with these lengths and resets (packing.py)",
+        py::arg("lengths"), py::arg("reset"), py::arg("steps"), py::arg("go_backwards"));
+  m.def("scatter_rows", &scatter_rows, "rows [N, F] at the distinct indices [N] of a [total, F] tensor of zeros",
+        py::arg("rows"), py::arg("index"), py::arg("total"));
   m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");
   py::class_<LSTMStep>(m, "LSTMStep")
       .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())

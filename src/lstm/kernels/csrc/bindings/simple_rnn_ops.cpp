@@ -1,7 +1,7 @@
 // The SimpleRNN's torch bindings (bindings.h: simple_rnn_forward, simple_rnn_backward): checks,
 // buffers from the pool, the input projection and weight-gradient GEMMs over all steps
-// (products.h), and the recurrence (rnn.h: simple_rnn::forward_loop, simple_rnn::backward_loop) on
-// each thread's chunk of rows.
+// (products.h), and the recurrence (rnn.h: simple_rnn::forward_loop, simple_rnn::backward_loop),
+// batch-major or packed (layout.h).
 
 #include <torch/types.h>
 
@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bindings/bindings.h"
+#include "bindings/layout.h"
 #include "bindings/optional_tensor.h"
 #include "bindings/products.h"
 #include "buffer_pool.h"
@@ -23,7 +24,8 @@ std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor ker
                                               c10::optional<torch::Tensor> bias_o, torch::Tensor h0,
                                               c10::optional<torch::Tensor> input_dropout_o,
                                               c10::optional<torch::Tensor> recurrent_dropout_o,
-                                              c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                              c10::optional<torch::Tensor> mask_o,
+                                              c10::optional<torch::Tensor> batch_sizes_o, bool go_backwards,
                                               bool zero_output_for_mask, bool return_sequences, int64_t activation,
                                               bool save, int64_t operand) {
   at::NoGradGuard no_grad;  // autograd is the caller's (a hand-derived backward)
@@ -38,12 +40,14 @@ std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor ker
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
                                 0, false, static_cast<int>(operand)};
-  const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
+  const Layout n = layout_of(x, opt(batch_sizes_o));
+  check_packed(n, mask, go_backwards, "simple_rnn_forward");
+  const int64_t B = n.B, Tn = n.Tn, U = recurrent_kernel.size(0), XB = n.rows, XT = n.columns;
   auto opts = x.options();
   auto outputs = project_inputs(x, kernel, input_dropout, operand);
-  auto y = return_sequences ? buffer_pool::empty({B, Tn, U}, opts) : torch::empty({B, U}, opts);
+  auto y = return_sequences ? buffer_pool::empty({XB, XT, U}, opts) : torch::empty({B, U}, opts);
   auto h_last = torch::empty({B, U}, opts);
-  auto h_prev = save ? buffer_pool::empty({B, Tn, U}, opts) : torch::Tensor();
+  auto h_prev = save ? buffer_pool::empty({XB, XT, U}, opts) : torch::Tensor();
   if (Tn == 0) {
     h_last.copy_(h0);
     y.zero_();
@@ -52,14 +56,11 @@ std::vector<torch::Tensor> simple_rnn_forward(torch::Tensor x, torch::Tensor ker
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "simple_rnn_forward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
-      simple_rnn::Forward<Scalar> args{B, Tn, U, ptr(outputs), ptr(bias), ptr(recurrent_kernel),
-                                             ptr(recurrent_dropout), B * U,
-                                             mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(h0), ptr(y),
-                                             ptr(h_last), ptr(h_prev)};
-      args.recurrent_kernel_low = operand_bits(recurrent_kernel, operand, recurrent_bits);
-      over_chunks(B, U * U, [&](int64_t b0, int64_t b1) {
-        simple_rnn::forward_loop(args.rows(b0, b1, options), options);
-      });
+      const simple_rnn::Forward<Scalar> args{B, Tn, U, ptr(outputs), ptr(bias), ptr(recurrent_kernel),
+                                             ptr(recurrent_dropout), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                                             ptr(h0), ptr(y), ptr(h_last), ptr(h_prev),
+                                             operand_bits(recurrent_kernel, operand, recurrent_bits), n.batch_sizes};
+      simple_rnn::forward_loop(args, options);
     });
   }
   if (!save) return {y, h_last};
@@ -72,7 +73,8 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
                                                torch::Tensor outputs, torch::Tensor h_prev,
                                                c10::optional<torch::Tensor> input_dropout_o,
                                                c10::optional<torch::Tensor> recurrent_dropout_o,
-                                               c10::optional<torch::Tensor> mask_o, bool go_backwards,
+                                               c10::optional<torch::Tensor> mask_o,
+                                               c10::optional<torch::Tensor> batch_sizes_o, bool go_backwards,
                                                bool zero_output_for_mask, bool return_sequences, int64_t activation,
                                                std::vector<bool> needs, int64_t operand) {
   const FlushDenormalsOnPool flush;  // (the products over all steps read small gradients too)
@@ -84,14 +86,16 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
   auto recurrent_dropout = opt(recurrent_dropout_o), mask = opt(mask_o);
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
                                 0, false, static_cast<int>(operand)};
-  const int64_t B = x.size(0), Tn = x.size(1), U = recurrent_kernel.size(0);
+  const Layout n = layout_of(x, opt(batch_sizes_o));
+  check_packed(n, mask, go_backwards, "simple_rnn_backward");
+  const int64_t B = n.B, Tn = n.Tn, U = recurrent_kernel.size(0), XB = n.rows, XT = n.columns;
   auto opts = x.options();
   auto dh = dh_last_o.has_value() ? dh_last_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
   if (dy.defined()) dy = buffer_pool::contiguous(dy.to(x.scalar_type()));
   if (recurrent_dropout.defined()) recurrent_dropout = recurrent_dropout.contiguous();
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   auto recurrent_kernel_t = recurrent_kernel.t().contiguous();
-  auto dz = buffer_pool::empty({B, Tn, U}, opts);
+  auto dz = buffer_pool::empty({XB, XT, U}, opts);
   const bool need_bias = needs[3] && bias_dim > 0;
   auto bias_rows = need_bias ? torch::zeros({B, U}, opts) : torch::Tensor();
   if (Tn > 0) {
@@ -99,22 +103,20 @@ std::vector<torch::Tensor> simple_rnn_backward(c10::optional<torch::Tensor> dy_o
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "simple_rnn_backward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
-      simple_rnn::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(outputs), ptr(recurrent_kernel_t),
-                                              ptr(recurrent_dropout), B * U,
-                                              mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(dh), ptr(dz),
-                                              ptr(bias_rows)};
-      args.recurrent_kernel_t_low = operand_bits(recurrent_kernel_t, operand, recurrent_t_bits);
-      over_chunks(B, U * U, [&](int64_t b0, int64_t b1) {
-        simple_rnn::backward_loop(args.rows(b0, b1, options), options);
-      });
+      const simple_rnn::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(outputs), ptr(recurrent_kernel_t),
+                                              ptr(recurrent_dropout), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                                              ptr(dh), ptr(dz), ptr(bias_rows),
+                                              operand_bits(recurrent_kernel_t, operand, recurrent_t_bits),
+                                              n.batch_sizes};
+      simple_rnn::backward_loop(args, options);
     });
   }
-  auto dz2 = dz.view({B * Tn, U});
+  auto dz2 = dz.view({XB * XT, U});
   torch::Tensor dx, dkernel, drecurrent, dbias;
   input_gradients(dz2, x, kernel, input_dropout, needs[0], needs[1], dx, dkernel, operand);
   if (needs[2])
-    drecurrent = recurrent_gate_gradient(h_prev, recurrent_dropout.defined() ? recurrent_dropout[0] : torch::Tensor(),
-                                         dz2, operand);
+    drecurrent = recurrent_gate_gradient(
+        h_prev, recurrent_dropout.defined() ? per_buffer_row(recurrent_dropout, n)[0] : torch::Tensor(), dz2, operand);
   if (need_bias) dbias = bias_rows.sum(0);
   return {dx, dkernel, drecurrent, dbias, needs[4] ? dh : torch::Tensor()};
 }
