@@ -98,6 +98,55 @@ def test_export_keras(runs, tmp_path, capsys):
     assert "no Keras equivalent" in capsys.readouterr().err
 
 
+def test_export_onnx_and_predict_through_it(runs, tmp_path, capsys):
+    """`lstm export RUN --format onnx [--state]`: ONNX Runtime predicts what the checkpoint does
+    (`lstm predict RUN --onnx FILE`: sentiment, and vowels through the graph's mask input), and the
+    character model exported with --state runs a text in two chunks, its state fed back, as the
+    model does in one call."""
+    ort = pytest.importorskip("onnxruntime")
+    from lstm.train.restore import restore
+
+    series = tmp_path / "series.csv"
+    np.savetxt(series, np.random.default_rng(0).standard_normal((15, 12)), delimiter=",")
+    for task, inputs in (("sentiment", ["a moving, beautifully acted film", "a dull mess"]), ("vowels", [str(series)])):
+        output = tmp_path / f"{task}.onnx"
+        assert main(["export", str(runs / task), "--format", "onnx", "--output", str(output)]) == 0
+        graph_inputs = "inputs, mask" if task == "vowels" else "inputs"
+        assert f"wrote {output} (ONNX opset 17; inputs {graph_inputs}; outputs outputs)" in capsys.readouterr().out
+        assert main(["predict", str(runs / task), *inputs, "--json"]) == 0
+        ours = json.loads(capsys.readouterr().out)
+        assert main(["predict", str(runs / task), *inputs, "--json", "--onnx", str(output)]) == 0
+        theirs = json.loads(capsys.readouterr().out)
+        for a, b in zip(ours if isinstance(ours, list) else [ours], theirs if isinstance(theirs, list) else [theirs]):
+            assert a["label"] == b["label"] and abs(a["probability"] - b["probability"]) <= 1e-5
+
+    assert main(["export", str(runs / "charlm"), "--format", "onnx", "--state"]) == 0
+    assert "inputs inputs, lstm/initial_h, lstm/initial_c; outputs outputs, lstm/h, lstm/c" in capsys.readouterr().out
+    session = ort.InferenceSession(str(runs / "charlm" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(1, 20, (2, 12), generator=torch.Generator().manual_seed(0))
+    _, model, _, _ = restore(runs / "charlm")
+    state = {f"lstm/initial_{s}": np.zeros((2, model.lstm.units), np.float32) for s in "hc"}
+    chunks = []
+    for part in (ids[:, :5], ids[:, 5:]):
+        logits, h, c = session.run(None, {"inputs": part.numpy(), **state})
+        chunks.append(logits)
+        state = {"lstm/initial_h": h, "lstm/initial_c": c}
+    with torch.no_grad():
+        expected = model(ids)[0].numpy()
+    assert np.abs(np.concatenate(chunks, axis=1) - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+    assert main(["export", str(runs / "sentiment"), "--format", "onnx"]) == 0
+    assert (runs / "sentiment" / "model.onnx").exists()
+    assert main(["export", str(runs / "forecast"), "--format", "onnx"]) == 2
+    assert "the forecast model (Forecaster) has no ONNX equivalent" in capsys.readouterr().err
+    assert main(["export", str(runs / "sentiment"), "--state"]) == 2
+    assert "--state: only for --format onnx" in capsys.readouterr().err
+    assert main(["predict", str(runs / "vowels"), str(series), "--onnx", str(tmp_path / "sentiment.onnx")]) == 2
+    assert "the graph has no `mask` input" in capsys.readouterr().err
+    assert main(["predict", str(runs / "sentiment"), "fine", "--onnx", str(tmp_path / "none.onnx")]) == 2
+    assert f"--onnx {tmp_path / 'none.onnx'}: no such file" in capsys.readouterr().err
+
+
 def tiny(**extra):
     return dict({"epochs": 2, "steps_per_epoch": 4, "batch_size": 16, "units": 8}, **extra)
 

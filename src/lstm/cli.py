@@ -14,7 +14,7 @@ COMMANDS = {
     "evaluate": ("lstm.commands.evaluate", "metrics of a trained checkpoint on the validation and test splits"),
     "predict": ("lstm.commands.predict", "a sentence -> label and probability; a series -> forecast"),
     "generate": ("lstm.commands.generate", "sample text from a charlm checkpoint"),
-    "export": ("lstm.commands.export", "a trained model as a Keras 3 .keras file"),
+    "export": ("lstm.commands.export", "a trained model as a Keras 3 .keras file or an ONNX graph"),
     "explain": ("lstm.commands.explain", "see inside: gate traces, the gate table, vanishing gradients, long memory"),
 }
 

@@ -1,6 +1,6 @@
 """`lstm predict CHECKPOINT INPUT...`: a sentence -> label and probability (sentiment); a series (numbers
 or a CSV file) -> its forecast (forecast) or speaker (vowels). Several inputs, or `--file PATH` with one
-per line, give one result per line."""
+per line, give one result per line; `--onnx FILE` runs the exported model in ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def add_arguments(parser) -> None:
                         help="a sentence; or numbers / a CSV file for series tasks; several give one result each")
     parser.add_argument("--file", metavar="PATH", help="read the inputs from PATH, one per line (blank lines skipped)")
     parser.add_argument("--json", action="store_true", help="print JSON (a list when there are several inputs)")
+    parser.add_argument("--onnx", metavar="FILE", help="run the model exported to FILE (`lstm export CHECKPOINT "
+                                                       "--format onnx`) in ONNX Runtime instead of the checkpoint's")
 
 
 def run(args) -> int:
@@ -31,6 +33,10 @@ def run(args) -> int:
         raise TrainError(f"{args.checkpoint} is a charlm run: a character model writes text rather than labelling "
                          f"it; use `lstm generate {shlex.quote(args.checkpoint)} --prompt {prompt}`")
     inputs = _inputs(args)
+    if args.onnx:
+        from .onnx_model import OnnxModel
+
+        model = OnnxModel(args.onnx)
     meta = _meta(folder)
     results = [task.predict(model, hp, meta, text) for text in inputs]
     if args.json:

@@ -133,18 +133,19 @@ class CharLM(nn.Module):
         return self.output(self.dropout(outputs)), [h, c]
 
 
-def keras_model(model: nn.Module, task: str) -> Sequential:
-    """The task's model as a Sequential of Keras' layers (for a Keras file): the Sequential models as
-    they are; the character model without its state output (Keras' Sequential returns one tensor),
-    the same logits. The forecaster has none: its seasonal naive forecast and highway are not layers."""
+def keras_model(model: nn.Module, task: str, file_format: str = "Keras") -> Sequential:
+    """The task's model as a Sequential of Keras' layers (for a Keras or ONNX file): the Sequential
+    models as they are; the character model without its state output (Keras' Sequential returns one
+    tensor), the same logits. The forecaster has none: its seasonal naive forecast and highway are
+    not layers."""
     if isinstance(model, Sequential):
         return model
     if isinstance(model, CharLM):
         lstm = layers.LSTM.from_config({**model.lstm.get_config(), "return_state": False})
         lstm.set_weights(model.lstm.get_weights())
         return Sequential([model.embedding, lstm, model.dropout, model.output], name=task)
-    raise ValueError(f"the {task} model ({type(model).__name__}) has no Keras equivalent: it adds a seasonal naive "
-                     "forecast and a linear highway to its LSTM's output, which no Keras layer computes")
+    raise ValueError(f"the {task} model ({type(model).__name__}) has no {file_format} equivalent: it adds a seasonal "
+                     "naive forecast and a linear highway to its LSTM's output, which no Keras layer computes")
 
 
 def architecture(model: nn.Module) -> dict:

@@ -62,6 +62,7 @@ class Task:
     defaults: dict = {}
     quick: dict = {}
     target: str = ""            # the issue's quality bar, for the report
+    takes_mask = False          # the model is called with mask= (padded series of several lengths)
 
     def options(self) -> set:
         """The hyper-parameters this task reads (an option outside them is an error, not ignored)."""
@@ -269,6 +270,7 @@ class Vowels(Task):
                 "maxlen": 32}
     quick = {"epochs": 2, "steps_per_epoch": 5}
     target = "test accuracy >= 0.95"
+    takes_mask = True
 
     def load(self, hp):
         train_series, train_y = vowels_data.japanese_vowels("TRAIN")
