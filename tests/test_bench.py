@@ -96,7 +96,7 @@ def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
     ragged = {(r["mode"], r["contender"]): r for r in report["lengths"]}
     for mode in ("forward", "train"):
         base = ragged[mode, bench_lengths.BASELINE]
-        for name in (bench_lengths.OURS, bench_lengths.TORCH_PACKED, bench_lengths.FULL):
+        for name in (bench_lengths.OURS, bench_lengths.PADDED, bench_lengths.TORCH_PACKED, bench_lengths.FULL):
             row = ragged[mode, name]
             assert row["shape"] == [5, 9, 3, 4] and row["status"] == "ok"
             assert row["speedup_vs_baseline_min"] == pytest.approx(base["min_s"] / row["min_s"])

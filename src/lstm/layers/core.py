@@ -237,7 +237,9 @@ class Embedding(_Layer):
         elif inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self.input_dim):
             raise ValueError(f"inputs: {self.name!r} expects token ids in [0, {self.input_dim}), got values in "
                              f"[{int(inputs.min())}, {int(inputs.max())}]")
-        return self.embeddings[inputs.long()].to(self.compute_dtype)  # (Keras: a mixed policy's outputs)
+        # F.embedding: its backward sums repeated ids (the padding) in parallel; indexing's adds them one by one
+        embedded = torch.nn.functional.embedding(inputs.long(), self.embeddings)
+        return embedded.to(self.compute_dtype)  # (Keras: a mixed policy's outputs)
 
     def compute_mask(self, inputs, mask=None):
         if not self.mask_zero:
