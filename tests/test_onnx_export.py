@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -478,3 +480,23 @@ def test_variant_options_identity_at_inference_export(tmp_path):
     layer = randomized(lstm_with(zoneout=0.3, recurrent_dropconnect=0.2, dropout=0.1, recurrent_dropout=0.1,
                                  return_sequences=True))
     check(layer, tmp_path / "z.onnx", floats(2), "LSTM")
+
+
+def test_the_library_imports_without_onnx_and_export_says_what_to_install():
+    """onnx is an optional extra: `import lstm` works without it, and export_onnx names the package."""
+    script = """
+import sys
+sys.modules["onnx"] = None  # (as if not installed)
+import torch
+import lstm
+from lstm import layers
+model = lstm.models.Sequential([layers.LSTM(3, input_dim=2)])
+model(torch.zeros(1, 2, 2))
+try:
+    lstm.export_onnx(model, "unused.onnx", torch.zeros(1, 2, 2))
+except ModuleNotFoundError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 'pip install "lstm[onnx]"' in result.stdout

@@ -114,6 +114,8 @@ class Packing:
     def unpack_states(self, initial: Tensor, final: Tensor) -> Tensor:
         """[B, *] states: each running row's last segment's final ones, the initial ones of rows that
         took no step."""
+        if self.running.shape[0] == initial.shape[0]:  # (every row ran: running is 0 .. B - 1)
+            return final.index_select(0, self.last)
         return initial.to(final.dtype).index_copy(0, self.running, final.index_select(0, self.last))
 
 
@@ -165,13 +167,17 @@ class _PlacedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None
+        # (contiguous: a sum's gradient comes expanded, which index_select reads 3x slower than a copy and a gather)
+        return grad.contiguous().index_select(0, index), None, None
 
 
 def pack_inputs(x: Tensor, packing: Packing) -> Tensor:
     """x [B, T, D] as the packed rows [N, 1, D]."""
     batch, steps, features = x.shape
-    return _DistinctRows.apply(x.reshape(batch * steps, features), packing.sources).view(-1, 1, features)
+    rows = x.reshape(batch * steps, features)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _DistinctRows.apply(rows, packing.sources).view(-1, 1, features)
+    return rows.index_select(0, packing.sources).view(-1, 1, features)
 
 
 def unpack_outputs(y: Tensor, packing: Packing, final_h: Tensor, steps: int, go_backwards: bool,
@@ -180,7 +186,12 @@ def unpack_outputs(y: Tensor, packing: Packing, final_h: Tensor, steps: int, go_
     zeros, or going forwards without zero_output_for_mask, after a row's end its last output (its
     final h [B, P])."""
     batch, size = packing.lengths.shape[0], y.shape[-1]
-    outputs = _PlacedRows.apply(y.reshape(-1, size), packing.positions, batch * steps).view(batch, steps, size)
+    rows = y.reshape(-1, size)
+    if torch.is_grad_enabled() and y.requires_grad:
+        outputs = _PlacedRows.apply(rows, packing.positions, batch * steps)
+    else:
+        outputs = native.extension().scatter_rows(rows, packing.positions, batch * steps)
+    outputs = outputs.view(batch, steps, size)
     if go_backwards or zero_output_for_mask:
         return outputs
     lengths = packing.lengths[:, None]
