@@ -32,7 +32,7 @@ def _taking_kernels(layer, x, **call):
     return sorted(names, key=lambda n: n != "reference")
 
 
-def _run(layer, x, kernel, initial_state=None, **call):
+def outputs_and_gradients(layer, x, kernel, initial_state=None, **call):
     """Outputs and the gradients of a weighted sum of them w.r.t. x, the initial states and the weights."""
     x = x.clone().requires_grad_()
     states = None if initial_state is None else [s.clone().requires_grad_() for s in initial_state]
@@ -76,9 +76,9 @@ def test_every_kernel_equals_the_reference(variant, return_sequences, go_backwar
         call = {"reset": reset, "lengths": lengths}
         kernels = _taking_kernels(layer, x, **call)
         assert len(kernels) >= 2, kernels  # (a fused kernel runs it)
-        expected = _run(layer, x, "reference", **call)
+        expected = outputs_and_gradients(layer, x, "reference", **call)
         for kernel in kernels[1:]:
-            got = _run(layer, x, kernel, **call)
+            got = outputs_and_gradients(layer, x, kernel, **call)
             _assert_all_close(got[0] + list(got[1]), expected[0] + list(expected[1]), 1e-10)
 
 
@@ -167,9 +167,9 @@ def test_dropout_and_low_precision_with_resets():
         layer.train()
         kernels = _taking_kernels(layer, x, reset=reset, lengths=lengths)
         assert "fused_cpp" in kernels or "fused_variants" in kernels, kernels
-        expected = _run(layer, x, "reference", reset=reset, lengths=lengths)
+        expected = outputs_and_gradients(layer, x, "reference", reset=reset, lengths=lengths)
         for kernel in kernels[1:]:
-            got = _run(layer, x, kernel, reset=reset, lengths=lengths)
+            got = outputs_and_gradients(layer, x, kernel, reset=reset, lengths=lengths)
             _assert_all_close([o.float() for o in got[0]] + [g.float() for g in got[1] if g is not None],
                               [o.float() for o in expected[0]] + [g.float() for g in expected[1] if g is not None],
                               tol)
@@ -182,12 +182,12 @@ def test_gru_and_simple_rnn_take_resets(cell):
     x = torch.randn(3, 8, 2, dtype=torch.float64)
     reset = _random_resets(3, 8, seed=2)
     lengths = torch.tensor([8, 2, 5])
-    expected = _run(layer, x, "reference", reset=reset, lengths=lengths)
+    expected = outputs_and_gradients(layer, x, "reference", reset=reset, lengths=lengths)
     kernels = _taking_kernels(layer, x, reset=reset, lengths=lengths)
     if lstm.kernels.native.extension():
         assert "fused_gru_simple_rnn" in kernels, kernels
     for kernel in kernels[1:]:
-        got = _run(layer, x, kernel, reset=reset, lengths=lengths)
+        got = outputs_and_gradients(layer, x, kernel, reset=reset, lengths=lengths)
         _assert_all_close(got[0] + list(got[1]), expected[0] + list(expected[1]), 1e-10)
     # each episode equals a call of its own
     y, _ = layer(x[:1], reset=reset[:1])

@@ -139,9 +139,17 @@ def plan(lengths: Tensor, steps: int, go_backwards: bool, reset: Optional[Tensor
     return Packing(rows, restarts, batch_sizes, sources, positions, running, last, lengths)
 
 
+def _place_rows(rows: Tensor, index: Tensor, total: int) -> Tensor:
+    """rows [N, F] at the distinct indices [N] of a [total, F] tensor of zeros: by the C++ on the
+    CPU (its buffer pool: no page faults), by torch elsewhere."""
+    if rows.is_cpu:
+        return native.extension().scatter_rows(rows, index, total)
+    return rows.new_zeros(total, rows.shape[1]).index_copy_(0, index, rows)
+
+
 class _DistinctRows(torch.autograd.Function):
-    """x.index_select(0, index) for distinct indices: its gradient is placed in zeros by the C++
-    (index_select's own adds it in, a serial scatter-add, the costliest step of a short call)."""
+    """x.index_select(0, index) for distinct indices: its gradient is placed in zeros (`_place_rows`;
+    index_select's own adds it in, a serial scatter-add, the costliest step of a short call)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
@@ -152,17 +160,16 @@ class _DistinctRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
-        return native.extension().scatter_rows(grad, index, ctx.rows), None
+        return _place_rows(grad, index, ctx.rows), None
 
 
 class _PlacedRows(torch.autograd.Function):
-    """rows [N, F] placed at distinct indices [N] of a [total, F] tensor of zeros (by the C++, on
-    its buffer pool); the gradient is gathered back."""
+    """`_place_rows` under autograd: the gradient is gathered back."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, index: Tensor, total: int) -> Tensor:
         ctx.save_for_backward(index)
-        return native.extension().scatter_rows(rows, index, total)
+        return _place_rows(rows, index, total)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -190,7 +197,7 @@ def unpack_outputs(y: Tensor, packing: Packing, final_h: Tensor, steps: int, go_
     if torch.is_grad_enabled() and y.requires_grad:
         outputs = _PlacedRows.apply(rows, packing.positions, batch * steps)
     else:
-        outputs = native.extension().scatter_rows(rows, packing.positions, batch * steps)
+        outputs = _place_rows(rows, packing.positions, batch * steps)
     outputs = outputs.view(batch, steps, size)
     if go_backwards or zero_output_for_mask:
         return outputs

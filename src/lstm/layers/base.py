@@ -488,8 +488,8 @@ class RNN(nn.Module):
     def recurrence(self, inputs, mask=None, initial_state=None, training=None, trace=False,
                    lengths=None, reset=None) -> Recurrence:
         """The kernels' problem for a call `layer(inputs, mask, initial_state, training, lengths=...)`:
-        the arguments checked, the weights built, the inputs cast to the dtype the call computes in
-        and zeroed at the steps that do not count, a stateful layer's states taken, dropout drawn."""
+        the arguments checked, the weights built, the inputs cast to the dtype the call computes in,
+        a stateful layer's states taken, dropout drawn."""
         inputs = as_float_tensor(inputs, "inputs")
         if inputs.dim() != 3:
             raise ValueError(f"inputs: expected a 3-D tensor [batch, timesteps, features], got shape "
