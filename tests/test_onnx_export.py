@@ -500,3 +500,22 @@ except ModuleNotFoundError as error:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert 'pip install "lstm[onnx]"' in result.stdout
+
+
+def test_quantized_export_runs_int8_ops_within_quantization_error(tmp_path):
+    """quantize=True: ONNX Runtime's quantize_dynamic, per output channel: the LSTM runs as
+    DynamicQuantizeLSTM, Dense as MatMulInteger, and the outputs stay within int8's error."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    torch.manual_seed(0)
+    model = lstm.models.Sequential([layers.LSTM(32, return_sequences=True, input_dim=8), layers.Dense(4)])
+    x = torch.randn(3, 10, 8)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    path = lstm.export_onnx(model, tmp_path / "int8.onnx", x, quantize=True)
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= ops and "LSTM" not in ops
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"inputs": x.numpy()})[0]
+    error = float(np.abs(got - expected).max())
+    assert 0 < error <= 0.05 * max(1.0, float(np.abs(expected).max())), error

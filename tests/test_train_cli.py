@@ -147,6 +147,26 @@ def test_export_onnx_and_predict_through_it(runs, tmp_path, capsys):
     assert f"--onnx {tmp_path / 'none.onnx'}: no such file" in capsys.readouterr().err
 
 
+def test_export_int8_and_evaluate_through_onnx_runtime(runs, capsys):
+    """`lstm export RUN --format onnx --int8` and `lstm evaluate RUN --onnx FILE`: the float32 graph
+    measures what the checkpoint does (sentiment; charlm, whose model returns its state too), the
+    int8 one within quantization's error of it."""
+    pytest.importorskip("onnxruntime")
+    for task, metric, int8_tolerance in (("sentiment", "loss", 0.02), ("charlm", "loss", 0.02)):
+        assert main(["evaluate", str(runs / task), "--split", "test", "--no-baseline", "--json"]) == 0
+        expected = json.loads(capsys.readouterr().out)["test"][metric]
+        for flags, name, tolerance in (([], "model.onnx", 1e-5), (["--int8"], "model-int8.onnx", int8_tolerance)):
+            assert main(["export", str(runs / task), "--format", "onnx", *flags]) == 0
+            assert f"model{'-int8' if flags else ''}.onnx (ONNX opset 17{', int8' if flags else ''};" in \
+                capsys.readouterr().out
+            assert main(["evaluate", str(runs / task), "--split", "test", "--no-baseline", "--json", "--onnx",
+                         str(runs / task / name)]) == 0
+            got = json.loads(capsys.readouterr().out)["test"][metric]
+            assert abs(got - expected) <= tolerance * max(1.0, abs(expected)), (task, name, got, expected)
+    assert main(["export", str(runs / "sentiment"), "--int8"]) == 2
+    assert "--int8: only for --format onnx" in capsys.readouterr().err
+
+
 def tiny(**extra):
     return dict({"epochs": 2, "steps_per_epoch": 4, "batch_size": 16, "units": 8}, **extra)
 

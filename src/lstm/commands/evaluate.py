@@ -1,5 +1,6 @@
 """`lstm evaluate CHECKPOINT`: the metrics of a checkpoint (a run folder: its best checkpoint) on the
-validation and test splits, beside the task's baseline."""
+validation and test splits, beside the task's baseline; `--onnx FILE`: of its exported model, run
+by ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", choices=["val", "test", "both"], default="both")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--onnx", metavar="FILE", help="measure the model exported to FILE (`lstm export CHECKPOINT "
+                                                       "--format onnx [--int8]`) in ONNX Runtime instead")
 
 
 def run(args) -> int:
@@ -21,6 +24,11 @@ def run(args) -> int:
 
     torch.set_num_threads(2)
     task, model, hp, folder = restore(args.checkpoint)
+    if args.onnx:
+        from ..train.models import CharLM
+        from .onnx_model import OnnxModel
+
+        model = OnnxModel(args.onnx, returns_state=isinstance(model, CharLM))
     data = task.load(hp)
     splits = ["val", "test"] if args.split == "both" else [args.split]
     result = {"task": task.name, "checkpoint": str(folder)}

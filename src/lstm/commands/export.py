@@ -1,7 +1,8 @@
 """`lstm export CHECKPOINT --format keras|onnx`: a trained run's model as a file other tools load: a
 Keras 3 `.keras` model that `keras.saving.load_model` reads with no custom objects, or an ONNX
 graph (opset 17) that ONNX Runtime runs (`--state`: with each recurrent layer's state as inputs and
-outputs, to run a sequence chunk by chunk; `lstm predict RUN --onnx FILE` runs it)."""
+outputs, to run a sequence chunk by chunk; `--int8`: quantized; `lstm predict RUN --onnx FILE` and
+`lstm evaluate RUN --onnx FILE` run it)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--state", action="store_true",
                         help="onnx: each recurrent layer's initial state as graph inputs (<layer>/initial_h, "
                              "<layer>/initial_c) and its final state as outputs (<layer>/h, <layer>/c)")
+    parser.add_argument("--int8", action="store_true",
+                        help="onnx: int8 weights, activations quantized at run time (ONNX Runtime's "
+                             "quantize_dynamic; default file model-int8.onnx)")
 
 
 def run(args) -> int:
@@ -28,12 +32,12 @@ def run(args) -> int:
     from ..train.models import keras_model
     from ..train.restore import restore
 
-    if args.state and args.format != "onnx":
-        raise ValueError(f"--state: only for --format onnx (the graph's state inputs and outputs), got --format "
-                         f"{args.format}")
+    for flag, given in (("--state", args.state), ("--int8", args.int8)):
+        if given and args.format != "onnx":
+            raise ValueError(f"{flag}: only for --format onnx, got --format {args.format}")
     task, model, _, folder = restore(args.checkpoint)
     run_folder = Path(args.checkpoint)
-    suffix = FORMATS[args.format]
+    suffix = ("-int8" if args.int8 else "") + FORMATS[args.format]
     if args.output:
         output = Path(args.output)
     elif (run_folder / "latest.json").exists():
@@ -47,10 +51,10 @@ def run(args) -> int:
     import onnx
 
     layers = keras_model(model, task.name, "ONNX")
-    export_onnx(layers, output, example_input(layers), state=args.state, mask=task.takes_mask)
+    export_onnx(layers, output, example_input(layers), state=args.state, mask=task.takes_mask, quantize=args.int8)
     graph = onnx.load(str(output)).graph
-    print(f"wrote {output} (ONNX opset 17; inputs {', '.join(i.name for i in graph.input)}; outputs "
-          f"{', '.join(o.name for o in graph.output)})")
+    print(f"wrote {output} (ONNX opset 17{', int8' if args.int8 else ''}; inputs "
+          f"{', '.join(i.name for i in graph.input)}; outputs {', '.join(o.name for o in graph.output)})")
     return 0
 
 

@@ -1,6 +1,7 @@
 """A model exported by `lstm export RUN --format onnx`, run by ONNX Runtime and called as a task's
-model is (`model(x, mask=None, training=False)` -> a tensor), so that `lstm predict --onnx` serves
-the exported file through the task's own pre- and post-processing."""
+model is (`model(x, mask=None, training=False)` -> a tensor; the character model's -> (logits,
+None)), so that `lstm predict --onnx` and `lstm evaluate --onnx` serve the exported file through
+the task's own pre- and post-processing."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(i
                "tensor(bool)": np.bool_}
 
 
-class OnnxModel:
+class OnnxModel(torch.nn.Module):
     """The graph's first output for its first input; a `mask` input gets the call's mask (all steps
-    valid without one), state inputs (a graph exported with --state) get zeros."""
+    valid without one), state inputs (a graph exported with --state) get zeros. `returns_state`:
+    answer (output, None), as the character model returns (logits, state)."""
 
-    def __init__(self, path):
+    def __init__(self, path, returns_state: bool = False):
+        super().__init__()
+        self.returns_state = returns_state
         try:
             import onnxruntime
         except ImportError:
@@ -33,7 +37,7 @@ class OnnxModel:
             raise TrainError(f"--onnx {path}: ONNX Runtime cannot load it ({str(error).splitlines()[0]})") from None
         self.inputs = self.session.get_inputs()
 
-    def __call__(self, x, mask=None, training=False):
+    def forward(self, x, mask=None, training=False):
         names = [i.name for i in self.inputs]
         if mask is not None and "mask" not in names:
             raise TrainError(f"--onnx {self.path}: this task passes a mask, and the graph has no `mask` input (its "
@@ -51,4 +55,4 @@ class OnnxModel:
         except Exception as error:
             raise TrainError(f"--onnx {self.path}: ONNX Runtime cannot run it on this task's input of shape "
                              f"{x.shape} ({str(error).splitlines()[0]})") from None
-        return torch.as_tensor(output)
+        return (torch.as_tensor(output), None) if self.returns_state else torch.as_tensor(output)

@@ -30,6 +30,7 @@ and the option (see `onnx_recurrent`).
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
@@ -73,7 +74,7 @@ class Settings:
 
 def export_onnx(model: nn.Module, path, example_input, input_names: Sequence[str] = ("inputs",),
                 output_names: Optional[Sequence[str]] = None, opset_version: int = OPSET,
-                dynamic_axes: bool = True, *, state: bool = False, mask: bool = False) -> str:
+                dynamic_axes: bool = True, *, state: bool = False, mask: bool = False, quantize: bool = False) -> str:
     """Writes `model` as ONNX (see the module docstring); returns the path.
 
     example_input: an example batch (array or tensor): its dtype (float, or int ids) and rank make
@@ -84,6 +85,10 @@ def export_onnx(model: nn.Module, path, example_input, input_names: Sequence[str
     opset_version: 17 (the only one written).
     state: initial states as graph inputs and final states as outputs, per recurrent layer.
     mask: a `mask` [batch, time] bool graph input, passed as the model's mask= argument.
+    quantize: int8 weights, activations quantized at run time, by ONNX Runtime's quantize_dynamic
+        (per output channel, signed int8): its LSTM runs as DynamicQuantizeLSTM, Dense as
+        MatMulInteger, Embedding as int8 rows; GRU and SimpleRNN stay float32 (ONNX Runtime has no
+        quantized form of them). Needs onnxruntime.
     """
     if opset_version != OPSET:
         raise ValueError(f"opset_version: this exporter writes opset {OPSET}, got {opset_version!r}")
@@ -92,7 +97,7 @@ def export_onnx(model: nn.Module, path, example_input, input_names: Sequence[str
         raise ValueError(f"input_names: expected one name (the data input's; state inputs are named by their "
                          f"layers), got {input_names}")
     example = example_input if isinstance(example_input, torch.Tensor) else torch.as_tensor(np.asarray(example_input))
-    for flag, value in (("state", state), ("mask", mask), ("dynamic_axes", dynamic_axes)):
+    for flag, value in (("state", state), ("mask", mask), ("dynamic_axes", dynamic_axes), ("quantize", quantize)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag}: expected True or False, got {value!r}")
     graph = Graph(reserved=_reserved_names(model, input_names, output_names))
@@ -138,8 +143,23 @@ def export_onnx(model: nn.Module, path, example_input, input_names: Sequence[str
                         doc=f"exported by lstm from {type(model).__name__}")
     onnx.checker.check_model(proto)
     path = os.fspath(path)
-    onnx.save(proto, path)
+    if quantize:
+        _save_quantized(proto, path)
+    else:
+        onnx.save(proto, path)
     return path
+
+
+def _save_quantized(proto, path: str) -> None:
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise ModuleNotFoundError('export_onnx(quantize=True) needs onnxruntime: pip install "lstm[onnx]"',
+                                  name="onnxruntime") from None
+    with tempfile.TemporaryDirectory() as folder:
+        float_path = os.path.join(folder, "float32.onnx")
+        onnx.save(proto, float_path)
+        quantize_dynamic(float_path, path, per_channel=True, weight_type=QuantType.QInt8)
 
 
 def _model(graph: Graph, flow: Flow, model: nn.Module, settings: Settings) -> tuple:

@@ -76,7 +76,7 @@ def evaluate(task: Task, model, data, split: str, hp: dict, rank: int = 0, world
     model.eval()
     sums: dict = {}
     size = data.size(split)
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # (a model without parameters: an ONNX graph, CPU)
     for start in range(rank * hp["eval_batch_size"], size, world * hp["eval_batch_size"]):
         index = torch.arange(start, min(start + hp["eval_batch_size"], size))
         with precision.autocast(hp.get("precision", "fp32"), device):
