@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +132,14 @@ def test_bench_memory_worker_measures_a_training_step():
 def test_bench_rejects_a_bad_shape(capsys):
     assert cli.main(["bench", "--shapes", "2,5,3", "--no-memory"]) == 2
     assert "B,T,D,H" in capsys.readouterr().err
+
+
+def test_the_gpu_check_runs_its_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.py, prepared for a GPU machine, runs end to end on tiny shapes here."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["correctness"] and all(row["ok"] for row in results["correctness"])
+    assert {row["mode"] for row in results["timing"]} == {"forward", "train"}

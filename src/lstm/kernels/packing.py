@@ -128,8 +128,8 @@ def ranks(batch_sizes: Tensor, device=None) -> Tensor:
 
 def plan(lengths: Tensor, steps: int, go_backwards: bool, reset: Optional[Tensor] = None) -> Packing:
     """The packed layout of rows with these lengths ([B] int64, 0 <= lengths <= steps, some > 0) and
-    resets (bool [B, T] by time index, or None), built by the C++ extension (the kernels that run
-    packed are its own); on the lengths' device."""
+    resets (bool [B, T] by time index, or None), built by the C++ extension (a kernel that runs
+    packed needs it loaded); on the lengths' device."""
     device = lengths.device
     lengths = lengths.to(torch.int64)
     rows, restarts, batch_sizes, sources, positions, running, last = native.extension().packing_plan(

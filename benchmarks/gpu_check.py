@@ -1,0 +1,172 @@
+"""The device check: on a CUDA machine, what the GPU route computes and how fast, in a few minutes.
+
+    python benchmarks/gpu_check.py --out OUT          # on the GPU machine
+    python benchmarks/gpu_check.py --smoke --out OUT  # tiny shapes on whatever device there is (here: the CPU)
+
+Steps, each written to OUT/results.json as soon as it is done (a run cut short still reports):
+  environment  torch, CUDA, cuDNN, the GPU, TF32 settings
+  correctness  this library's layers on the device (LSTM and GRU; plain, and lengths with
+               go_backwards) against the float64 reference kernel on the same device: outputs,
+               final states and every gradient, as relative norm errors (tolerances: float32 1e-5,
+               TF32 5e-3), and the kernel each case dispatches to
+  timing       inference forward (no_grad) and training step (forward + backward of sum(out * g)),
+               the layer against torch.nn.LSTM / GRU (cuDNN) at the bench shapes, float32 with TF32
+               off and on: median ms and the ratio (>= 1: ours faster)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import lstm
+from lstm import layers
+
+SHAPES = [(2, 80, 100, 64), (32, 80, 100, 64), (64, 100, 128, 256), (16, 500, 32, 128), (256, 50, 64, 512),
+          (16, 1024, 768, 768)]
+SMOKE_SHAPES = [(2, 6, 3, 4), (3, 5, 4, 8)]
+TOLERANCE = {"float32": 1e-5, "tf32": 5e-3}
+
+
+def environment(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "device": str(device), "lstm_kernels_cpu": lstm.kernels.native_build()}
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        info.update(gpu=properties.name, sms=properties.multi_processor_count, cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(), cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_precision=torch.get_float32_matmul_precision())
+    return info
+
+
+def _layer(kind: str, units: int, device, dtype=torch.float32, **options):
+    layer_class = {"lstm": layers.LSTM, "gru": layers.GRU}[kind]
+    return layer_class(units, return_sequences=True, return_state=True, dtype=str(dtype).split(".")[1],
+                       **options).to(device)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _outputs_and_gradients(layer, x, kernel=None, **call):
+    x = x.clone().requires_grad_()
+    context = lstm.kernels.use(kernel) if kernel else torch.enable_grad()
+    with context:
+        outputs = layer(x, **call)
+    weights = torch.Generator().manual_seed(0)
+    loss = sum((o * torch.randn(o.shape, generator=weights, dtype=torch.float64).to(o)).sum() for o in outputs)
+    grads = torch.autograd.grad(loss, [x, *layer.parameters()], allow_unused=True)
+    return [o.detach() for o in outputs] + [g for g in grads if g is not None]
+
+
+def correctness(device, shapes) -> list:
+    rows = []
+    for kind in ("lstm", "gru"):
+        for shape in shapes:
+            B, T, D, H = shape
+            cases = {"plain": {}}
+            if shape == shapes[min(1, len(shapes) - 1)]:
+                cases["lengths, go_backwards"] = {"go_backwards": True}
+            for case, options in cases.items():
+                torch.manual_seed(0)
+                layer = _layer(kind, H, device, input_dim=D, **options)
+                x = torch.randn(B, T, D, device=device)
+                call = {"lengths": torch.randint(0, T + 1, (B,), device=device)} if options else {}
+                chosen = lstm.kernels.select(layer.recurrence(x, **call)).name
+                double = _layer(kind, H, device, torch.float64, input_dim=D, **options)
+                double.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+                expected = _outputs_and_gradients(double, x.double(), "reference", **call)
+                for precision, tf32 in (("float32", False), ("tf32", True)):
+                    torch.backends.cudnn.allow_tf32 = tf32
+                    got = _outputs_and_gradients(layer, x, **call)
+                    errors = [_relative(g, e) for g, e in zip(got, expected)]
+                    rows.append({"kind": kind, "shape": list(shape), "case": case, "precision": precision,
+                                 "kernel": chosen, "max_relative_error": max(errors),
+                                 "ok": max(errors) <= TOLERANCE[precision]})
+    torch.backends.cudnn.allow_tf32 = True
+    return rows
+
+
+def _median_ms(function, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[2:])
+
+
+def timing(device, shapes, repeats: int) -> list:
+    rows = []
+    for kind in ("lstm", "gru"):
+        for shape in shapes:
+            B, T, D, H = shape
+            torch.manual_seed(0)
+            ours = _layer(kind, H, device, input_dim=D)
+            theirs = lstm.to_torch(ours).to(device)
+            x = torch.randn(B, T, D, device=device)
+            g = torch.randn(B, T, H, device=device)
+            calls = {
+                "lstm": (lambda: ours(x)[0], lambda: (ours(x)[0] * g).sum().backward()),
+                "torch": (lambda: theirs(x)[0], lambda: (theirs(x)[0] * g).sum().backward()),
+            }
+            for tf32 in (False, True):
+                torch.backends.cudnn.allow_tf32 = tf32
+                for mode in ("forward", "train"):
+                    medians = {}
+                    for name, (forward, train) in calls.items():
+                        if mode == "forward":
+                            with torch.no_grad():
+                                medians[name] = _median_ms(forward, device, repeats)
+                        else:
+                            medians[name] = _median_ms(train, device, repeats)
+                    rows.append({"kind": kind, "shape": list(shape), "tf32": tf32, "mode": mode,
+                                 "lstm_ms": medians["lstm"], "torch_ms": medians["torch"],
+                                 "speedup": medians["torch"] / medians["lstm"]})
+    torch.backends.cudnn.allow_tf32 = True
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_check_out", help="folder for results.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, on the CPU when there is no GPU")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        parser.error("no CUDA device: run with --smoke to check the script on the CPU")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    os.makedirs(args.out, exist_ok=True)
+    results = {"environment": environment(device)}
+
+    def save():
+        with open(os.path.join(args.out, "results.json"), "w") as file:
+            json.dump(results, file, indent=1)
+
+    save()
+    results["correctness"] = correctness(device, shapes if args.smoke else shapes[:5])
+    save()
+    results["timing"] = timing(device, shapes, 3 if args.smoke else args.repeats)
+    save()
+    print(json.dumps(results["environment"]))
+    for row in results["correctness"]:
+        print(f"check  {row['kind']:<4} {str(row['shape']):<22} {row['case']:<22} {row['precision']:<8} "
+              f"{row['kernel']:<22} {row['max_relative_error']:.2e} {'ok' if row['ok'] else 'FAIL'}")
+    for row in results["timing"]:
+        print(f"time   {row['kind']:<4} {str(row['shape']):<22} tf32={str(row['tf32']):<5} {row['mode']:<7} "
+              f"lstm {row['lstm_ms']:8.3f} ms  torch {row['torch_ms']:8.3f} ms  {row['speedup']:.2f}x")
+    return 0 if all(row["ok"] for row in results["correctness"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
