@@ -19,8 +19,10 @@ zoneout and dropconnect are identity). The graph's inputs and outputs, batch and
 - `outputs`: what the model returns (a Bidirectional with merge_mode=None returns two:
   `outputs`, `outputs_backward`).
 - with state=True, and for a layer with return_state=True or a cell: `<layer>/h` and, for an LSTM,
-  `<layer>/c` per recurrent layer (a cell's: `<cell>/h`, `<cell>/c`), its final states: fed back as the next call's `initial_*`,
-  chunks of a sequence run as the whole sequence does (a stateful model deploys this way).
+  `<layer>/c` per recurrent layer (a cell's: `<cell>/h`, `<cell>/c`), its final states: fed back
+  as the next call's `initial_*`, chunks of a sequence run as the whole sequence does (a stateful
+  model deploys this way).
+- with quantize=True: the same graph with int8 weights (see `export_onnx`).
 
 Masks (Embedding(mask_zero=True), Masking, the mask input) follow Keras exactly, for any mask
 pattern (see `onnx_masks`). What ONNX cannot express is refused with a ValueError naming the layer

@@ -74,7 +74,7 @@ class _SequenceOp(fused.RoundedOperandsOp):
     """forward -> y, h_last, then with save the buffers of csrc/rnn.h (gru::, simple_rnn::): GRU gates
     [B,T,3U], h_prev and candidate_input [B,T,U]; SimpleRNN outputs and h_prev [B,T,U]. Packed
     (batch_sizes given): x [N,1,D], input_dropout per packed row [G,N,D], recurrent_dropout per
-    running row [G,B,U], y and the saved buffers [N,1,*] (csrc/bindings/bindings.h)."""
+    packed batch row [G,B,U], y and the saved buffers [N,1,*] (csrc/bindings/bindings.h)."""
 
     input_names = ("x", "kernel", "recurrent_kernel", "bias", "h0")
     fixed_names = ("input_dropout", "recurrent_dropout", "mask", "batch_sizes")

@@ -209,7 +209,8 @@ class Recurrence:
         counted = self.step_mask()
         if counted is None:
             return self
-        return dataclasses.replace(self, mask=counted, lengths=None, inputs=self.inputs.masked_fill(~counted[..., None], 0))
+        inputs = self.inputs.masked_fill(~counted[..., None], 0)
+        return dataclasses.replace(self, mask=counted, lengths=None, inputs=inputs)
 
     @property
     def compute_dtype(self) -> torch.dtype:
