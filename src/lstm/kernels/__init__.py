@@ -4,6 +4,7 @@
 
 from . import fused_cpp, fused_gru_simple_rnn, fused_variants, native, reference, torch_rnn
 from .dispatch import available, cell_call, register, run, select, stream_step, use
+from .keep_masks import keep_mask
 from .problem import STATE_COUNT, CellSpec, Recurrence, RecurrenceResult, Zoneout, state_dtype
 
 register(reference, priority=0)
@@ -27,4 +28,5 @@ def native_build() -> str:
 
 
 __all__ = ["STATE_COUNT", "CellSpec", "Recurrence", "RecurrenceResult", "Zoneout", "available", "cell_call",
-           "empty_cache", "native_build", "register", "run", "select", "state_dtype", "stream_step", "use"]
+           "empty_cache", "keep_mask", "native_build", "register", "run", "select", "state_dtype", "stream_step",
+           "use"]

@@ -23,7 +23,7 @@ to the low precision, h rounded at every step in C++ (`fused.RoundedOperandsOp`)
 Autograd, torch.compile and torch.export: `fused.FusedOp` (the custom ops are
 lstm::fused_variants_forward / lstm::fused_variants_backward). The zoneout seed is one of the
 tensors without gradient there: a 0-dim int64 tensor drawn when the graph runs
-(layers.rng.zoneout_seed), an int in eager calls.
+(layers.rng.counter_seed), an int in eager calls.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def _trace(p: Recurrence, G: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> 
 def run(p: Recurrence) -> RecurrenceResult:
     p, lengths = packing.route(p, packable=not p.trace and p.zoneout is None)
     cell, zoneout = p.cell, p.zoneout
-    seed = 0 if zoneout is None else zoneout.seed  # (a tensor under torch.compile: rng.zoneout_seed)
+    seed = 0 if zoneout is None else zoneout.seed  # (a tensor under torch.compile: rng.counter_seed)
     if torch.compiler.is_compiling():
         seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
     elif isinstance(seed, torch.Tensor):

@@ -112,12 +112,17 @@ class Zoneout:
             return None
         arange = partial(torch.arange, dtype=torch.int64, device=device)
         row = (self.offset + arange(steps))[None, :, None] * batch + arange(batch)[:, None, None]
-        n = (row * size + arange(size)) * 2 + stream
-        z = self.seed + (n + 1) * _GOLDEN
-        z = (z ^ _shift_right(z, 30)) * _MIX1
-        z = (z ^ _shift_right(z, 27)) * _MIX2
-        z = z ^ _shift_right(z, 31)
-        return _shift_right(z, 64 - UNIFORM_BITS) < threshold
+        return counter_bits(self.seed, (row * size + arange(size)) * 2 + stream) < threshold
+
+
+def counter_bits(seed: Union[int, torch.Tensor], n: torch.Tensor) -> torch.Tensor:
+    """int64: counter n's uniform draw in [0, 2^24), the top 24 bits of splitmix64(seed + (n + 1) *
+    golden) (csrc/counter_hash.h computes the same): zoneout's and dropout's draws."""
+    z = seed + (n + 1) * _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 64 - UNIFORM_BITS)
 
 
 @dataclass

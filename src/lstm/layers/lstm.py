@@ -164,7 +164,7 @@ class LSTMCell(RecurrentCell):
             keep = self._keep_mask(tuple(self.recurrent_kernel.shape), self.recurrent_dropconnect, inputs.device)
             problem.recurrent_kernel = self.recurrent_kernel * keep
         if training and any(self.zoneout):  # the masks are a function of one seed per call
-            problem.zoneout = Zoneout(rng.zoneout_seed(self._generator), *self.zoneout)
+            problem.zoneout = Zoneout(rng.counter_seed(self._generator), *self.zoneout)
         return problem
 
     def _common_config(self) -> dict:

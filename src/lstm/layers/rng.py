@@ -1,8 +1,7 @@
 """Random draws of the layers (dropout keep-masks, zoneout seeds) that also work inside torch.compile.
 
-`bernoulli(shape, p, dtype, generator)` is `torch.rand(shape, generator=...) < p` as `dtype` (a uniform
-draw and a comparison: three times faster on the CPU than torch.bernoulli's draws);
-`zoneout_seed(generator)` is `int(torch.randint(0, 2**62, (), generator=...))`.
+`bernoulli(shape, p, dtype, generator)` draws keep-masks counter-based (`kernels.keep_mask`), seeded by
+`counter_seed(generator)`, which is `int(torch.randint(0, 2**62, (), generator=...))` (zoneout's seed too).
 Dynamo cannot put a `torch.Generator` in a graph, so a seeded draw under torch.compile goes
 through a custom op (`lstm::seeded_bernoulli`, `lstm::seeded_randint`), which draws from the same
 generator when the compiled graph runs: a seeded layer gives the same masks compiled and eager.
@@ -15,10 +14,13 @@ Unseeded draws use torch's global RNG as usual (under inductor that is inductor'
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .. import kernels
 
 _generators: dict[int, torch.Generator] = {}  # the generators of compiled graphs, by key
 
@@ -50,7 +52,7 @@ def bernoulli(shape, p: float, dtype: torch.dtype, generator: Optional[torch.Gen
 
 
 def _draws(shape, p: float, dtype: torch.dtype, generator: Optional[torch.Generator]) -> Tensor:
-    return (torch.rand(shape, generator=generator) < p).to(dtype)
+    return kernels.keep_mask(counter_seed(generator), math.prod(shape), p).view(tuple(shape)).to(dtype)
 
 
 @torch.library.custom_op("lstm::seeded_randint", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -66,9 +68,10 @@ def _(key, high):
 SEED_BOUND = 2 ** 62
 
 
-def zoneout_seed(generator: Optional[torch.Generator] = None):
-    """A seed in [0, 2**62) from `generator` or torch's RNG: an int, or under torch.compile a
-    0-dim int64 tensor drawn when the graph runs (the same draw as eagerly)."""
+def counter_seed(generator: Optional[torch.Generator] = None):
+    """A seed of counter-based draws (dropout's keep-masks, zoneout's) in [0, 2**62) from
+    `generator` or torch's RNG: an int, or under torch.compile a 0-dim int64 tensor drawn when the
+    graph runs (the same draw as eagerly)."""
     if not torch.compiler.is_compiling():
         return int(torch.randint(0, SEED_BOUND, (), generator=generator))
     if generator is not None:

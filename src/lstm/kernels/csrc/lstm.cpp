@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "counter_hash.h"
 #include "gemm.h"
 #include "low_precision.h"
 #include "lstm_cell.h"
@@ -167,13 +168,7 @@ inline void gate_norms_backward(const T* __restrict__ dz, const T* xk, T mean_x,
 // the threshold; base = ((offset + step) * B + row) * size, which no chunking of the call changes.
 // Counter-based, so forward and backward draw the same flags with no mask memory.
 inline void zoneout_flags(uint64_t seed, uint64_t threshold, int64_t base, int64_t n, int stream, uint8_t* keep) {
-  for (int64_t j = 0; j < n; ++j) {
-    uint64_t z = seed + (uint64_t((base + j) * 2 + stream) + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    keep[j] = (z >> 40) < threshold;
-  }
+  for (int64_t j = 0; j < n; ++j) keep[j] = counter_bits(seed, uint64_t((base + j) * 2 + stream)) < threshold;
 }
 
 // One stream's keep flags for one row and step, in `buffer`; nullptr when it has no zoneout.

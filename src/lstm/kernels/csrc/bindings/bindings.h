@@ -50,6 +50,10 @@ std::vector<torch::Tensor> packing_plan(const torch::Tensor& lengths, const c10:
 // buffer pool: no page faults for a call's outputs or input gradient).
 torch::Tensor scatter_rows(const torch::Tensor& rows, const torch::Tensor& index, int64_t total);
 
+// ----- dropout's keep-masks (keep_masks.cpp) ------------------------------------------------------
+// float32 [count]: element n is 1 when counter_bits(seed, n) < threshold (counter_hash.h), else 0.
+torch::Tensor keep_mask(int64_t seed, int64_t count, int64_t threshold);
+
 // ----- one step (streaming_ops.cpp) ----------------------------------------------------------------
 // One step for a tiny batch without saving (rnn.h: lstm::SingleStep): x [B,1,D] or [B,D], the
 // tensors dense. Returns Y ([B,1,U] with seq, else [B,U]), hT, cT.

@@ -45,6 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lengths"), py::arg("reset"), py::arg("steps"), py::arg("go_backwards"));
   m.def("scatter_rows", &scatter_rows, "rows [N, F] at the distinct indices [N] of a [total, F] tensor of zeros",
         py::arg("rows"), py::arg("index"), py::arg("total"));
+  m.def("keep_mask", &keep_mask, "float32 [count]: 1 where counter_bits(seed, n) < threshold (dropout's keep-masks)",
+        py::arg("seed"), py::arg("count"), py::arg("threshold"));
   m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");
   py::class_<LSTMStep>(m, "LSTMStep")
       .def(py::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())
