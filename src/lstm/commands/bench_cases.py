@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import itertools
 import json
 import os
 import sys
+import tempfile
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -32,7 +31,7 @@ LSTM_REFERENCE = "lstm (reference)"
 RECOMPUTE_CHUNK = 100
 LSTM_RECOMPUTE = f"lstm (recompute, chunks of {RECOMPUTE_CHUNK})"
 TORCH_LOOP = "torch loop (nn.LSTMCell)"
-ONNX = "onnxruntime (exported nn.LSTM)"
+ONNX = "onnxruntime (lstm.export_onnx)"
 
 SEQUENCE_CONTENDERS = (LSTM_DEFAULT, LSTM_REFERENCE, BASELINE, TORCH_LOOP, ONNX)
 SHORT_NAMES = {LSTM_DEFAULT: "lstm", LSTM_REFERENCE: "lstm (reference)", BASELINE: "torch.nn.LSTM",
@@ -80,7 +79,7 @@ def parse_shape(text: str) -> tuple:
 def onnx_status() -> Optional[str]:
     """None when ONNX export + onnxruntime are usable, else the n/a reason."""
     try:
-        import onnx  # noqa: F401  (torch.onnx.export needs it)
+        import onnx  # noqa: F401  (lstm.export_onnx needs it)
     except ImportError:
         return "n/a (onnx not installed)"
     try:
@@ -97,15 +96,6 @@ def _zero(params) -> Callable[[], None]:
         for p in params:
             p.grad = None
     return zero
-
-
-class _LastOutput(torch.nn.Module):
-    def __init__(self, lstm: torch.nn.LSTM):
-        super().__init__()
-        self.lstm = lstm
-
-    def forward(self, x):
-        return self.lstm(x)[0]
 
 
 def build_models(D: int, H: int, seed: int = 0):
@@ -144,25 +134,23 @@ def torch_cell_loop(cell: torch.nn.LSTMCell, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(outputs, dim=1)
 
 
-def export_onnx(torch_lstm: torch.nn.LSTM, x: torch.Tensor, threads: int):
-    """torch.onnx.export (TorchScript exporter, dynamo=False) of nn.LSTM for this exact input
-    shape, loaded in an onnxruntime CPU session with intra_op_num_threads=threads."""
+def onnx_session(layer, x: torch.Tensor, threads: int):
+    """The layer written by this library's exporter (`lstm.export_onnx`: the standard ONNX LSTM op),
+    loaded in an onnxruntime CPU session with intra_op_num_threads=threads."""
     import onnxruntime as ort
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            torch.onnx.export(_LastOutput(torch_lstm).eval(), (x,), buffer, input_names=["x"],
-                              output_names=["y"], opset_version=17, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # no busy-waiting of ORT's pool between calls: it would steal the cores from the next contender
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    from .. import interop
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = interop.export_onnx(layer, os.path.join(folder, "lstm.onnx"), x)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting of ORT's pool between calls: it would steal the cores from the next contender
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def sequence_contenders(shape: tuple, threads: int, seed: int = 0, onnx: bool = True,
@@ -205,11 +193,11 @@ def sequence_contenders(shape: tuple, threads: int, seed: int = 0, onnx: bool = 
                 result.append(Contender(name, status=status))
                 continue
             try:
-                session = export_onnx(torch_lstm, x, threads)
+                session = onnx_session(layer, x, threads)
             except Exception as error:  # an exporter/runtime problem is a row, not a crash
                 result.append(Contender(name, status=f"n/a (export failed: {type(error).__name__}: {error})"[:200]))
                 continue
-            feed = {"x": x.numpy()}
+            feed = {"inputs": x.numpy()}
             result.append(Contender(name, lambda: torch.from_numpy(session.run(None, feed)[0]),
                                     status=None, info={"train": "n/a (forward only)"}))
         else:
