@@ -29,6 +29,9 @@ POLICIES = ["float32", "float64", *LOW]
 B, T, D, U = 3, 12, 5, 6
 
 
+needs_cpp = pytest.mark.skipif(kernels.native.extension() is None, reason="the C++ kernels are not loaded")
+
+
 def keras3_policy(name: str, class_name: str = "DTypePolicy") -> dict:
     return {"module": "keras", "class_name": class_name, "config": {"name": name}, "registered_name": None}
 
@@ -147,6 +150,8 @@ def test_low_precision_against_float32(cls, options, policy):
     (y_full, *s_full), (y_low, *s_low) = full(x, mask=mask, training=True), low(x, mask=mask, training=True)
     # (the fused C++ kernels run low precision too: tested against the reference below)
     expected = "fused_gru_simple_rnn" if cls is not layers.LSTM else "fused_cpp" if not options else "fused_variants"
+    if kernels.native.extension() is None:
+        expected = "reference"  # (without the C++ kernels: LSTM_NO_CPP=1)
     assert kernels.select(low.recurrence(x, mask)).name == expected
     for got, want in zip([y_low, *s_low], [y_full, *s_full]):
         assert got.dtype == LOW[policy]
@@ -396,6 +401,7 @@ FUSED_ROUTES = {  # batch, features, training: which C++ route runs (on one thre
 }
 
 
+@needs_cpp
 @pytest.mark.parametrize("policy", ["bfloat16", "mixed_bfloat16", "float16", "mixed_float16"])
 @pytest.mark.parametrize("route", list(FUSED_ROUTES))
 @pytest.mark.parametrize("options", [
@@ -427,6 +433,7 @@ def test_fused_low_precision_against_the_reference(policy, route, options):
     assert_matches_the_reference(results, grads, layer.parameters(), LOW[policy])
 
 
+@needs_cpp
 @pytest.mark.parametrize("policy", ["bfloat16", "mixed_float16"])
 @pytest.mark.parametrize("options", [
     {"peephole": True}, {"layer_norm": True}, {"proj_size": 3, "go_backwards": True},
@@ -449,6 +456,7 @@ def test_fused_variants_low_precision_against_the_reference(policy, options):
     assert_matches_the_reference(results, grads, layer.parameters(), LOW[policy])
 
 
+@needs_cpp
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
 @pytest.mark.parametrize("cls, options", [
     (layers.GRU, {}), (layers.GRU, {"reset_after": False, "go_backwards": True}),
@@ -484,6 +492,7 @@ TILE_SHAPES = {  # batch, units, features, threads: the bf16 products' tiles of 
 }
 
 
+@needs_cpp
 @pytest.mark.parametrize("shape", list(TILE_SHAPES))
 @pytest.mark.parametrize("cls", RECURRENT)
 def test_fused_low_precision_tiles_against_the_reference(cls, shape):
@@ -512,6 +521,7 @@ def test_fused_low_precision_tiles_against_the_reference(cls, shape):
         torch.set_num_threads(previous)
 
 
+@needs_cpp
 def test_fused_low_precision_under_autocast_and_compile():
     """A float32 layer under autocast takes the fused kernel and equals the mixed policy exactly;
     torch.compile traces the bf16 custom op (its fake kernel's dtypes) and gives the eager numbers."""
@@ -532,6 +542,7 @@ def test_fused_low_precision_under_autocast_and_compile():
     assert grad.dtype == torch.float32 and torch.equal(grad, want_grad)
 
 
+@needs_cpp
 @pytest.mark.parametrize("cls", [layers.GRU, layers.SimpleRNN])
 def test_fused_gru_simple_rnn_low_precision_compile(cls):
     """torch.compile traces the GRU's and SimpleRNN's bf16 custom ops (their fake kernels' dtypes)
