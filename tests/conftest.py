@@ -1,11 +1,19 @@
 """The reliability tally: tests that try to break the library count what they tried (bad inputs,
-fuzz iterations, kill points), and the run prints the counts at the end (README, Reliability)."""
+fuzz iterations, kill points), and the run prints the counts at the end (README, Reliability).
+
+Without a GPU the Triton kernels run under Triton's interpreter (on CPU tensors, when a test forces
+them), so the tests that run every kernel check them too: set before triton is imported."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TALLY: Counter = Counter()
 

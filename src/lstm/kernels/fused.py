@@ -1,7 +1,7 @@
-"""What every fused C++ kernel shares: running its forward and backward under autograd.
+"""What every fused kernel shares: running its forward and backward under autograd.
 
-A kernel states its two C++ calls and the shapes the forward returns (a `FusedOp`); this module
-runs them three ways:
+A kernel states its two calls (into C++, or Triton's step programs) and the shapes the forward
+returns (a `FusedOp`); this module runs them three ways:
 
     without grad         the forward alone
     eagerly, with grad   one torch.autograd.Function (`Function`): the custom-op dispatch costs
@@ -40,6 +40,7 @@ class FusedOp:
     output_count: int  # the forward's differentiable outputs (outputs, final states); saved buffers follow
     # the backward may write its gradients over the saved buffers (eagerly, when nothing else reads them)
     overwrites_saved = False
+    needs_extension = True  # runs on the C++ extension (loaded before a call)
 
     def forward(self, inputs: Sequence, fixed: Sequence, options: Sequence, save: bool) -> list:
         """The outputs, then (with save) what the backward needs: a list whose length depends only
@@ -65,7 +66,8 @@ class FusedOp:
     def call(self, inputs: Sequence, fixed: Sequence, options: Sequence, keep_saved: bool = False) -> tuple:
         """(outputs, saved): `saved` is the forward's saved buffers with keep_saved (a trace reads
         them), else not to be read."""
-        native.extension()  # (loaded by the kernel's supports() already, unless it is called directly)
+        if self.needs_extension:
+            native.extension()  # (loaded by the kernel's supports() already, unless it is called directly)
         count = self.output_count
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         if torch.compiler.is_compiling():

@@ -33,8 +33,9 @@ from typing import NamedTuple
 import torch
 
 from . import fused, native, packing, support
+from .input_projection import bias_with_forget_bias, input_projection_backward
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
-from .reference import masked_product
+from .reference import masked_product, unrounded
 
 name = "fused_variants"
 takes_lengths = True
@@ -79,25 +80,6 @@ def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int, low=Non
     return masked_product(x, kernel, in_drop[:, :, None, :], gates).contiguous()
 
 
-def _project_backward(x, kernel, in_drop, dxk, need_x: bool, need_kernel: bool):
-    """(dx, dkernel) of `_project`, None where not needed: dropout keep-masks shared or per gate."""
-    D, GU = kernel.shape
-    if in_drop is None or in_drop.shape[0] == 1:
-        xm = x if in_drop is None else x * in_drop[0][:, None, :]
-        dkernel = xm.reshape(-1, D).T @ dxk.reshape(-1, GU) if need_kernel else None
-        dx = None
-        if need_x:
-            dx = dxk @ kernel.T
-            dx = dx if in_drop is None else dx * in_drop[0][:, None, :]
-        return dx, dkernel
-    U = GU // in_drop.shape[0]
-    blocks = [(in_drop[g][:, None, :], slice(g * U, (g + 1) * U)) for g in range(in_drop.shape[0])]
-    dkernel = torch.cat([(x * m).reshape(-1, D).T @ dxk[..., cols].reshape(-1, U) for m, cols in blocks],
-                        dim=1) if need_kernel else None
-    dx = sum((dxk[..., cols] @ kernel[:, cols].T) * m for m, cols in blocks) if need_x else None
-    return dx, dkernel
-
-
 class VariantsOp(fused.RoundedOperandsOp):
     """The inputs of a variant that is off are None; forward -> Y, hT, cT, then the SAVED_COUNT
     buffers (with save or trace), then with trace each step's h and C."""
@@ -132,7 +114,8 @@ class VariantsOp(fused.RoundedOperandsOp):
         Hp, Hu = saved[1], saved[7]
         Ps, GU = R.shape
         U = GU // (3 if options.coupled else 4)
-        dx, dkernel = _project_backward(x, kernel, in_drop, dxk, needs[0], needs[1])
+        dx, dkernel = input_projection_backward(x, kernel, in_drop, dxk, needs[0], needs[1],
+                                                (lambda t: t.to(low).float()) if low is not None else unrounded)
         dA = dxk if dA is None else dA
         if rd is None:
             dR = Hp.reshape(-1, Ps).T @ dA.reshape(-1, GU)
@@ -164,17 +147,6 @@ class VariantsOp(fused.RoundedOperandsOp):
 OP = VariantsOp()
 
 
-def _bias(p: Recurrence):
-    """The bias the C++ step adds, forget_bias included (None when there is neither)."""
-    cell = p.cell
-    if not cell.forget_bias:
-        return p.bias
-    shift = torch.zeros(p.kernel.shape[1], dtype=p.inputs.dtype, device=p.inputs.device)
-    f = cell.gate_names.index("f") * p.units
-    shift[f:f + p.units] = cell.forget_bias
-    return shift if p.bias is None else p.bias + shift
-
-
 def _trace(p: Recurrence, G: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> dict:
     """The reference's trace from the forward's buffers (G is in time order), detached."""
     G, H, C = G.detach(), H.detach(), C.detach()
@@ -200,7 +172,7 @@ def run(p: Recurrence) -> RecurrenceResult:
                       *support.activation_codes(cell), -1.0 if cell.cell_clip is None else float(cell.cell_clip),
                       bool(p.trace))
     gate_gain, gain_c, shift_c = p.layer_norm or (None, None, None)
-    weights = (p.kernel, gate_gain, _bias(p), p.recurrent_kernel, p.peephole, gain_c, shift_c, p.projection)
+    weights = (p.kernel, gate_gain, bias_with_forget_bias(p), p.recurrent_kernel, p.peephole, gain_c, shift_c, p.projection)
     if lengths is not None:
         return _run_packed(p, lengths, weights, options)
     fixed = (p.input_dropout, p.recurrent_dropout, p.mask, seed, None)

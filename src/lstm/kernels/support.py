@@ -50,6 +50,21 @@ def on_cpu_in_low_precision(p: Recurrence, dropout: bool) -> bool:
     return (p.mask is None or p.mask.is_cpu) and (p.lengths is None or p.lengths.is_cpu)
 
 
+def on_one_device_in_compute_dtypes(p: Recurrence) -> bool:
+    """Every tensor of the problem on the input's device; the floating ones in the input's dtype
+    (float32, float64, bfloat16, float16), or in float32 for a bfloat16/float16 input (problem.py,
+    Recurrence: "Precision")."""
+    x = p.inputs
+    if x.dim() != 3 or x.dtype not in (torch.float32, torch.float64, *LOW_PRECISION):
+        return False
+    dtypes = (x.dtype, torch.float32)
+    for t in (p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, p.recurrent_dropout, p.peephole, p.projection,
+              *(p.layer_norm or ()), *p.initial_state):
+        if t is not None and (t.device != x.device or t.dtype not in dtypes):
+            return False
+    return all(t is None or t.device == x.device for t in (p.mask, p.lengths, p.reset))
+
+
 def steps_in_weights_dtype(cell) -> bool:
     """Whether a built cell computes in its weights' dtype, float32 or float64 (no mixed policy):
     what the fused one-step routes (the cell call, the streaming step) compute in."""

@@ -1,0 +1,160 @@
+"""The Triton LSTM kernel (kernels/triton_lstm.py) equals the reference kernel: outputs, final
+states and every gradient, over the options it runs (masks of any pattern, go_backwards,
+zero_output_for_mask, return_sequences, input and recurrent dropout, zoneout, peephole, coupled,
+forget_bias, cell_clip, Keras' activations) at float64, float32, bfloat16 and float16.
+
+On a GPU the tensors are CUDA tensors; without one, Triton's interpreter runs the same programs on
+CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), at tiny shapes, one program after another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+pytest.importorskip("triton")
+
+import lstm  # noqa: E402
+from lstm import layers  # noqa: E402
+from lstm.kernels import Recurrence, reference, triton_lstm  # noqa: E402
+from test_variants import outputs_and_grads, variant_problem  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# relative to the larger of the value's scale and 1
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
+EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def on_device(p: Recurrence, low: torch.dtype | None = None) -> Recurrence:
+    """p's tensors on DEVICE as new leaves; with `low`, the inputs and h0 in it (the weights,
+    masks and C stay float32, as a mixed-precision layer hands them over)."""
+    def moved(t, dtype=None):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.detach().to(DEVICE, dtype or t.dtype).requires_grad_(t.requires_grad)
+
+    h0, c0 = p.initial_state
+    return dataclasses.replace(
+        p, inputs=moved(p.inputs, low), kernel=moved(p.kernel), recurrent_kernel=moved(p.recurrent_kernel),
+        bias=moved(p.bias), initial_state=(moved(h0, low), moved(c0)), mask=moved(p.mask),
+        input_dropout=moved(p.input_dropout), recurrent_dropout=moved(p.recurrent_dropout),
+        peephole=moved(p.peephole))
+
+
+def assert_equal_to_reference(p: Recurrence, tolerance: float, what: str) -> None:
+    with lstm.kernels.use("triton_lstm"):
+        assert lstm.kernels.select(p).name == "triton_lstm"
+        got = outputs_and_grads(triton_lstm, p)
+    expected = outputs_and_grads(reference, p)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, f"{what}, {key}"
+        scale = max(float(value.double().abs().max()), 1.0)
+        difference = float((got[key].double() - value.double()).abs().max())
+        assert difference <= tolerance * scale, f"{what}, {key}: {difference:.3g} > {tolerance * scale:.3g}"
+
+
+CASES = {
+    "plain": {},
+    "mask": {"mask": True},
+    "mask, go_backwards": {"mask": True, "go_backwards": True},
+    "mask, zero outputs": {"mask": True, "zero_output_for_mask": True},
+    "last output": {"return_sequences": False, "mask": True},
+    "no bias": {"use_bias": False},
+    "peephole": {"peephole": True},
+    "coupled, peephole": {"coupled": True, "peephole": True},
+    "cell_clip, forget_bias": {"cell_clip": 0.3, "forget_bias": 1.0},
+    "zoneout h and C, mask": {"zoneout": (True, True), "mask": True, "zoneout_offset": 7},
+    "zoneout h": {"zoneout": (True, False), "go_backwards": True},
+    "dropout shared, recurrent dropout": {"input_dropout": 1, "recurrent_dropout": True},
+    "dropout per gate": {"input_dropout": 4},
+    "relu, hard_sigmoid": {"activation": "relu", "recurrent_activation": "hard_sigmoid"},
+    "linear, tf_keras hard_sigmoid": {"activation": "linear", "recurrent_activation": "hard_sigmoid_tf_keras"},
+    "everything": {"mask": True, "go_backwards": True, "peephole": True, "coupled": True, "cell_clip": 0.5,
+                   "forget_bias": 0.5, "zoneout": (True, True), "input_dropout": 3, "recurrent_dropout": True},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_equals_the_reference(case, dtype):
+    p = on_device(variant_problem(3, 5, 4, 16, dtype=dtype, seed=len(case), **CASES[case]))
+    assert_equal_to_reference(p, TOLERANCE[dtype], case)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.sampled_from([1, 2, 3, 17]), steps=st.integers(1, 6), features=st.integers(1, 5),
+       units=st.sampled_from([1, 5, 16, 65]), mask=st.booleans(), go_backwards=st.booleans(),
+       zero_output_for_mask=st.booleans(), return_sequences=st.booleans(), peephole=st.booleans(),
+       coupled=st.booleans(), cell_clip=st.sampled_from([None, 0.4]), forget_bias=st.sampled_from([0.0, 1.0]),
+       zoneout=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
+       input_dropout=st.sampled_from([0, 1, 4]), recurrent_dropout=st.booleans(), use_bias=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_property_sweep_float64(**options):
+    """Options x masks x directions x shapes (two programs per step where B > 16 or U > 64)."""
+    shape = [options.pop(k) for k in ("batch", "steps", "features", "units")]
+    if options["coupled"] and options["input_dropout"] == 4:
+        options["input_dropout"] = 3  # (a coupled LSTM has three gate blocks)
+    assert_equal_to_reference(on_device(variant_problem(*shape, **options)), TOLERANCE[torch.float64], str(options))
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["plain", "mask, go_backwards", "everything"])
+def test_low_precision(case, low):
+    """The reference's rules (problem.py, Recurrence: "Precision"): the same numbers up to where a
+    float32 sum in another order rounds h the other way; and near the float32 reference."""
+    p32 = variant_problem(3, 5, 4, 16, dtype=torch.float32, seed=len(case), **CASES[case])
+    assert_equal_to_reference(on_device(p32, low), 4 * EPS[low], f"{case}, {low}")
+    with lstm.kernels.use("triton_lstm"):
+        got = outputs_and_grads(triton_lstm, on_device(p32, low))
+    expected = outputs_and_grads(reference, on_device(p32))
+    for key, value in expected.items():
+        scale = max(float(value.abs().max()), 1.0)
+        difference = float((got[key].float() - value).abs().max())
+        assert difference <= 16 * EPS[low] * scale, f"{case}, {low} against float32, {key}: {difference:.3g}"
+
+
+def test_a_layer_runs_it_when_forced():
+    """The layer's own call (its dropout masks, zoneout seed, mask from an Embedding-style pattern)
+    through the dispatch: the same numbers as the reference kernel."""
+    layer = layers.LSTM(8, return_sequences=True, return_state=True, dtype="float64", input_dim=3, peephole=True,
+                        zoneout=(0.2, 0.1), dropout=0.25, recurrent_dropout=0.25).to(DEVICE)
+    x = torch.randn(4, 6, 3, dtype=torch.float64, device=DEVICE)
+    mask = torch.rand(4, 6, device=DEVICE) < 0.7
+    results = {}
+    for kernel in ("triton_lstm", "reference"):
+        torch.manual_seed(3)
+        x_leaf = x.clone().requires_grad_()
+        with lstm.kernels.use(kernel):
+            out, h, c = layer(x_leaf, mask=mask, training=True)
+        loss = (out * torch.arange(out.numel(), device=DEVICE).reshape(out.shape).sin()).sum() + h.sum() + c.sum()
+        grads = torch.autograd.grad(loss, [x_leaf, *layer.parameters()])
+        results[kernel] = [out, h, c, *grads]
+    for got, expected in zip(results["triton_lstm"], results["reference"]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_not_chosen_on_the_cpu_nor_for_what_it_lacks():
+    """On CPU tensors the dispatch never picks it by itself (the C++ kernels or the reference run
+    them); forced, it refuses what it does not run, by name."""
+    p = variant_problem(2, 3, 2, 4)
+    assert lstm.kernels.select(p).name != "triton_lstm"
+    for lacking in ({"layer_norm": True}, {"P": 2}):
+        with lstm.kernels.use("triton_lstm"), pytest.raises(ValueError, match="does not support"):
+            lstm.kernels.select(on_device(variant_problem(2, 3, 2, 4, **lacking)))
+    with lstm.kernels.use("triton_lstm"), pytest.raises(ValueError, match="does not support"):
+        lstm.kernels.select(dataclasses.replace(on_device(variant_problem(2, 3, 2, 4)), trace=True))
+
+
+def test_the_custom_ops_pass_opcheck():
+    """torch.compile and torch.export see lstm::triton_lstm_forward / _backward: their fake kernels
+    and autograd registration agree with the real ones."""
+    p = on_device(variant_problem(2, 3, 2, 4, mask=True, peephole=True))
+    options = triton_lstm.Options(False, False, True, False, 0, 1, -1.0)
+    tensors = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.peephole, *p.initial_state, None, None,
+               p.mask, None, None)
+    torch.library.opcheck(triton_lstm.OP.forward_op, (*tensors, *options, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
