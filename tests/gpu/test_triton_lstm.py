@@ -1,7 +1,8 @@
 """The Triton LSTM kernel (kernels/triton_lstm.py) equals the reference kernel: outputs, final
 states and every gradient, over the options it runs (masks of any pattern, go_backwards,
-zero_output_for_mask, return_sequences, input and recurrent dropout, zoneout, peephole, coupled,
-forget_bias, cell_clip, Keras' activations) at float64, float32, bfloat16 and float16.
+zero_output_for_mask, return_sequences, input and recurrent dropout, zoneout, peephole, layer
+norm, projection, coupled, forget_bias, cell_clip, Keras' activations) at float64, float32,
+bfloat16 and float16.
 
 On a GPU the tensors are CUDA tensors; without one, Triton's interpreter runs the same programs on
 CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), at tiny shapes, one program after another.
@@ -41,7 +42,8 @@ def on_device(p: Recurrence, low: torch.dtype | None = None) -> Recurrence:
         p, inputs=moved(p.inputs, low), kernel=moved(p.kernel), recurrent_kernel=moved(p.recurrent_kernel),
         bias=moved(p.bias), initial_state=(moved(h0, low), moved(c0)), mask=moved(p.mask),
         input_dropout=moved(p.input_dropout), recurrent_dropout=moved(p.recurrent_dropout),
-        peephole=moved(p.peephole))
+        peephole=moved(p.peephole), projection=moved(p.projection),
+        layer_norm=None if p.layer_norm is None else tuple(map(moved, p.layer_norm)))
 
 
 def assert_equal_to_reference(p: Recurrence, tolerance: float, what: str) -> None:
@@ -71,10 +73,16 @@ CASES = {
     "zoneout h": {"zoneout": (True, False), "go_backwards": True},
     "dropout shared, recurrent dropout": {"input_dropout": 1, "recurrent_dropout": True},
     "dropout per gate": {"input_dropout": 4},
+    "layer norm": {"layer_norm": True},
+    "layer norm, coupled, peephole, mask": {"layer_norm": True, "coupled": True, "peephole": True, "mask": True},
+    "projection": {"P": 3},
+    "projection, zoneout, recurrent dropout, mask": {"P": 5, "zoneout": (True, True), "recurrent_dropout": True,
+                                                     "mask": True},
     "relu, hard_sigmoid": {"activation": "relu", "recurrent_activation": "hard_sigmoid"},
     "linear, tf_keras hard_sigmoid": {"activation": "linear", "recurrent_activation": "hard_sigmoid_tf_keras"},
     "everything": {"mask": True, "go_backwards": True, "peephole": True, "coupled": True, "cell_clip": 0.5,
-                   "forget_bias": 0.5, "zoneout": (True, True), "input_dropout": 3, "recurrent_dropout": True},
+                   "forget_bias": 0.5, "zoneout": (True, True), "input_dropout": 3, "recurrent_dropout": True,
+                   "layer_norm": True, "P": 3, "return_sequences": False},
 }
 
 
@@ -89,7 +97,8 @@ def test_equals_the_reference(case, dtype):
 @given(batch=st.sampled_from([1, 2, 3, 17]), steps=st.integers(1, 6), features=st.integers(1, 5),
        units=st.sampled_from([1, 5, 16, 65]), mask=st.booleans(), go_backwards=st.booleans(),
        zero_output_for_mask=st.booleans(), return_sequences=st.booleans(), peephole=st.booleans(),
-       coupled=st.booleans(), cell_clip=st.sampled_from([None, 0.4]), forget_bias=st.sampled_from([0.0, 1.0]),
+       coupled=st.booleans(), layer_norm=st.booleans(), P=st.sampled_from([0, 3]),
+       cell_clip=st.sampled_from([None, 0.4]), forget_bias=st.sampled_from([0.0, 1.0]),
        zoneout=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
        input_dropout=st.sampled_from([0, 1, 4]), recurrent_dropout=st.booleans(), use_bias=st.booleans(),
        seed=st.integers(0, 2 ** 16))
@@ -139,12 +148,9 @@ def test_a_layer_runs_it_when_forced():
 
 def test_not_chosen_on_the_cpu_nor_for_what_it_lacks():
     """On CPU tensors the dispatch never picks it by itself (the C++ kernels or the reference run
-    them); forced, it refuses what it does not run, by name."""
+    them); forced, it refuses what it does not run (traces: the reference kernel gives them)."""
     p = variant_problem(2, 3, 2, 4)
     assert lstm.kernels.select(p).name != "triton_lstm"
-    for lacking in ({"layer_norm": True}, {"P": 2}):
-        with lstm.kernels.use("triton_lstm"), pytest.raises(ValueError, match="does not support"):
-            lstm.kernels.select(on_device(variant_problem(2, 3, 2, 4, **lacking)))
     with lstm.kernels.use("triton_lstm"), pytest.raises(ValueError, match="does not support"):
         lstm.kernels.select(dataclasses.replace(on_device(variant_problem(2, 3, 2, 4)), trace=True))
 
@@ -152,9 +158,10 @@ def test_not_chosen_on_the_cpu_nor_for_what_it_lacks():
 def test_the_custom_ops_pass_opcheck():
     """torch.compile and torch.export see lstm::triton_lstm_forward / _backward: their fake kernels
     and autograd registration agree with the real ones."""
-    p = on_device(variant_problem(2, 3, 2, 4, mask=True, peephole=True))
+    p = on_device(variant_problem(2, 3, 2, 4, P=3, mask=True, peephole=True, layer_norm=True))
     options = triton_lstm.Options(False, False, True, False, 0, 1, -1.0)
-    tensors = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.peephole, *p.initial_state, None, None,
-               p.mask, None, None)
+    gate_gain, cell_gain, cell_shift = p.layer_norm
+    tensors = (p.inputs, p.kernel, gate_gain, p.bias, p.recurrent_kernel, p.peephole, cell_gain, cell_shift,
+               p.projection, *p.initial_state, None, None, p.mask, None, None)
     torch.library.opcheck(triton_lstm.OP.forward_op, (*tensors, *options, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

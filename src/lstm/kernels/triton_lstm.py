@@ -1,14 +1,16 @@
 """The LSTM on the GPU where cuDNN cannot run it (torch_rnn.py runs what it can): every mask,
-recurrent dropout, zoneout and the variants peephole, coupled (CIFG), forget_bias and cell_clip,
-with Keras' activations, in float32, float64, bfloat16 and float16.
+recurrent dropout, zoneout and the variants (peephole, layer_norm, proj_size, coupled,
+forget_bias, cell_clip), with Keras' activations, in float32, float64, bfloat16 and float16.
 
-Per call: one GEMM projects every step's input (x @ kernel + bias, dropout masks first). Then per
-step, in processing order: torch's GEMM adds h_{s-1} @ recurrent_kernel (the recurrent dropout
-masks first) to that step's pre-activations, and one Triton program (triton_steps.py) does the
-rest of the step: the gates, C, h, the mask, zoneout, the output. The backward is hand-derived, in
-the same shape: per reverse step a Triton program turns the saved gates into their
-pre-activations' gradients and a GEMM carries them to h_{s-1}; after the loop three GEMMs give the
-gradients of the kernels and the inputs (haste's structure, without atomics: deterministic).
+Per call: one GEMM projects every step's input (x @ kernel + bias, dropout masks first; with
+layer norm, normalised for all steps at once). Then per step, in processing order: torch's GEMM
+adds h_{s-1} @ recurrent_kernel (the recurrent dropout masks first) to that step's
+pre-activations, and one Triton program (triton_steps.py) does the rest of the step: the layer
+norms, the gates, C, h, the mask, zoneout, the output (with a projection: a GEMM and a second
+program for h). The backward is hand-derived, in the same shape: per reverse step a Triton program
+turns the saved gates into their pre-activations' gradients and a GEMM carries them to h_{s-1};
+after the loop GEMMs give the gradients of the weights and the inputs, and sums those of the
+biases, gains and peepholes (haste's structure, without atomics: deterministic).
 
 bfloat16/float16 follow the rules of problem.py's Recurrence ("Precision"): the recurrence in
 float32 on operands rounded to the compute dtype, h rounded at every step
@@ -17,7 +19,7 @@ ops are lstm::triton_lstm_forward / lstm::triton_lstm_backward).
 
 It runs on CUDA tensors. Under Triton's interpreter (TRITON_INTERPRET=1) it also runs CPU tensors
 when forced (`lstm.kernels.use("triton_lstm")`): how the tests check it without a GPU. Not here
-yet (the reference kernel runs them on the GPU): layer_norm, proj_size, traces, resets.
+yet (the reference kernel runs them on the GPU): traces, resets.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ import torch
 from . import fused, support
 from .dispatch import forced_name
 from .input_projection import bias_with_forget_bias, input_projection_backward
-from .problem import LOW_PRECISION, Recurrence, RecurrenceResult, answers_empty_sequences
-from .reference import masked_product
+from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
+from .reference import LAYER_NORM_EPS, masked_product
 
 name = "triton_lstm"
 
@@ -52,7 +54,7 @@ def _interpreting() -> bool:
 
 def supports(p: Recurrence) -> bool:
     cell = p.cell
-    if cell.kind != "lstm" or cell.layer_norm or cell.proj_size or p.trace:
+    if cell.kind != "lstm" or p.trace:
         return False
     if support.activation_codes(cell) is None or not _triton_installed():
         return False
@@ -90,128 +92,212 @@ def _rounded(t: torch.Tensor, low) -> torch.Tensor:
 
 
 def _recurrent_operands(h: torch.Tensor, recurrent_dropout, low) -> torch.Tensor:
-    """h [B, U] as the recurrent products' operands: [G, B, U] after each gate's dropout mask."""
+    """h [B, N] as the recurrent products' operands: [G, B, N] after each gate's dropout mask."""
     return _rounded(h[None] * recurrent_dropout, low)
 
 
 class TritonLSTMOp(fused.RoundedOperandsOp):
-    """forward -> Y, hT, cT, then (with save) the buffers of triton_steps.py: z (the activated
-    gates), h and c of every step."""
+    """The inputs of a variant that is off are None; forward -> Y, hT, cT, then (with save) the
+    buffers of triton_steps.py: z (the activated gates), h, c; with layer norm a, rstd_h and the
+    normalised x W with its rows' 1/std; with a projection m."""
 
     name = "triton_lstm"
-    input_names = ("x", "kernel", "bias", "recurrent_kernel", "peephole", "h0", "c0")
+    input_names = ("x", "kernel", "gate_gain", "bias", "recurrent_kernel", "peephole", "cell_gain", "cell_shift",
+                   "projection", "h0", "c0")
     fixed_names = ("input_dropout", "recurrent_dropout", "mask", "keep_h", "keep_c")
     output_count = 3
     Options = Options
-    overwrites_saved = True  # z: the gates, then their gradients
+    overwrites_saved = True  # z and a: the gates and products, then their gradients
     needs_extension = False
 
     def float32_forward(self, inputs, fixed, options, save, low):
-        x, kernel, bias, R, peephole, h0, c0 = inputs
+        x, kernel, gate_gain, bias, R, peephole, cell_gain, cell_shift, P, h0, c0 = inputs
         in_drop, rd, mask, keep_h, keep_c = fixed
-        B, T, _ = x.shape
-        U, G = c0.shape[1], 3 if options.coupled else 4
+        (B, T, _), U, N = x.shape, c0.shape[1], h0.shape[1]
+        G, layer_norm = (3 if options.coupled else 4), gate_gain is not None
         steps = _steps()
         x_in_order = x.flip(1) if options.go_backwards else x
         z = _project(x_in_order.transpose(0, 1), kernel, in_drop, G, low)  # [T, B, GU]
+        x_normalized = rstd_x = a = rstd_h = m = None
+        if layer_norm:
+            x_normalized, rstd_x = _layer_norm(z)
+            a, rstd_h = x.new_empty(T, B, G * U), x.new_empty(T, B)
+            z = x_normalized * gate_gain[0]
         if bias is not None:
             z += bias
-        h = x.new_empty(T + 1, B, U)
-        c = x.new_empty(T + 1, B, U)
+        h, c, y = x.new_empty(T + 1, B, N), x.new_empty(T + 1, B, U), x.new_empty(T, B, N)
         h[0], c[0] = h0, c0
-        y = x.new_empty(T, B, U)
+        if P is not None:
+            m, projected = x.new_empty(T, B, U), x.new_empty(B, N)
         clip = x.new_full((1,), options.cell_clip)
-        block_b, block_u, grid = steps.blocks(B, U)
-        flags = self._flags(options, mask, keep_h, keep_c, peephole)
-        recurrent_blocks = None if rd is None else R.view(U, G, U).transpose(0, 1)  # [G, U, U]
+        cell_blocks = steps.blocks(B, U, whole_rows=layer_norm)
+        output_blocks = steps.blocks(B, N)
+        flags = self._flags(options, mask, keep_h)
+        recurrent_blocks = None if rd is None else R.view(N, G, U).transpose(0, 1)  # [G, N, U]
+        given = _given(z)
         with _on_device(x):
             for s in range(T):
-                if rd is None:
-                    z[s].addmm_(h[s], R)
-                else:
-                    z[s] += torch.bmm(_recurrent_operands(h[s], rd, low), recurrent_blocks).transpose(0, 1).reshape(B, G * U)
+                # z[s] += h[s] @ R, or with layer norm a[s] = h[s] @ R (normalised by the program)
+                _recurrent_product(h[s], R, rd, recurrent_blocks, low, a[s] if layer_norm else z[s],
+                                   accumulate=not layer_norm)
                 t = T - 1 - s if options.go_backwards else s
-                steps.lstm_forward_step[grid](
-                    z, h, c, y, mask if mask is not None else z, keep_h if keep_h is not None else z,
-                    keep_c if keep_c is not None else z, peephole if peephole is not None else z,
-                    s, t, B, U, T, clip, ROUND_H=ROUND_H.get(low, 0), BLOCK_B=block_b, BLOCK_U=block_u, **flags)
+                steps.lstm_forward_step[cell_blocks[2]](
+                    z, given(a), given(rstd_h), h, c, given(m), y, given(mask), given(keep_h), given(keep_c),
+                    given(peephole), given(gate_gain), given(cell_gain), given(cell_shift), clip, s, t, B, U, T,
+                    LAYER_NORM=layer_norm, PROJECTED=P is not None, ROUND_H=ROUND_H.get(low, 0),
+                    BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1], **flags, **self._cell_flags(options, peephole, keep_c))
+                if P is not None:
+                    torch.mm(m[s], P, out=projected)
+                    steps.lstm_output_step[output_blocks[2]](
+                        projected, h, y, given(mask), given(keep_h), s, t, B, N, T, ROUND_H=ROUND_H.get(low, 0),
+                        BLOCK_B=output_blocks[0], BLOCK_U=output_blocks[1], **flags)
         outputs = y.transpose(0, 1).contiguous() if options.return_sequences else y[T - 1]
-        saved = (z, h, c) if save else (None, None, None)
+        saved = (z, h, c, a, rstd_h, x_normalized, rstd_x, m) if save else (None,) * SAVED_COUNT
         return [outputs, h[T].clone(), c[T].clone(), *saved]
 
     def forward_shapes(self, inputs, fixed, options, save):
-        x, c0 = inputs[0], inputs[6]
-        (B, T, _), U = x.shape, c0.shape[1]
-        G = 3 if options.coupled else 4
-        saved = [(T, B, G * U), (T + 1, B, U), (T + 1, B, U)] if save else [(0,)] * 3
-        return [(B, T, U) if options.return_sequences else (B, U), (B, U), (B, U), *saved]
+        x, gate_gain, P, h0, c0 = inputs[0], inputs[2], inputs[8], inputs[9], inputs[10]
+        (B, T, _), U, N = x.shape, c0.shape[1], h0.shape[1]
+        GU = (3 if options.coupled else 4) * U
+        layer_norm = gate_gain is not None
+
+        def shape(*dims, on=True):
+            return dims if on and save else (0,)
+
+        saved = [shape(T, B, GU), shape(T + 1, B, N), shape(T + 1, B, U), shape(T, B, GU, on=layer_norm),
+                 shape(T, B, on=layer_norm), shape(T, B, GU, on=layer_norm), shape(T, B, on=layer_norm),
+                 shape(T, B, U, on=P is not None)]
+        return [(B, T, N) if options.return_sequences else (B, N), (B, N), (B, U), *saved]
 
     @staticmethod
-    def _flags(options, mask, keep_h, keep_c, peephole) -> dict:
+    def _flags(options, mask, keep_h) -> dict:
+        """The step programs' flags for h and the outputs."""
+        return dict(HAS_MASK=mask is not None, HAS_KEEP_H=keep_h is not None,
+                    ZERO_OUTPUT=options.zero_output_for_mask)
+
+    @staticmethod
+    def _cell_flags(options, peephole, keep_c) -> dict:
+        """The cell programs' further flags."""
         return dict(COUPLED=options.coupled, ACTIVATION=options.activation,
-                    RECURRENT_ACTIVATION=options.recurrent_activation, HAS_MASK=mask is not None,
-                    HAS_KEEP_H=keep_h is not None, HAS_KEEP_C=keep_c is not None, HAS_PEEPHOLE=peephole is not None,
-                    HAS_CLIP=options.cell_clip >= 0, ZERO_OUTPUT=options.zero_output_for_mask)
+                    RECURRENT_ACTIVATION=options.recurrent_activation, HAS_PEEPHOLE=peephole is not None,
+                    HAS_CLIP=options.cell_clip >= 0, HAS_KEEP_C=keep_c is not None)
 
     def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
-        x, kernel, bias, R, peephole, h0, c0 = inputs
+        x, kernel, gate_gain, bias, R, peephole, cell_gain, cell_shift, P, h0, c0 = inputs
         in_drop, rd, mask, keep_h, keep_c = fixed
-        z, h, c = saved
+        z, h, c, a, rstd_h, x_normalized, rstd_x, m = saved
+        layer_norm = gate_gain is not None
         if not overwrite:
-            z = z.clone()
+            z, a = z.clone(), None if a is None else a.clone()
         dy, dhT, dcT = output_grads
-        B, T, _ = x.shape
-        U, G = c0.shape[1], 3 if options.coupled else 4
+        (B, T, _), U, N = x.shape, c0.shape[1], h0.shape[1]
+        G = 3 if options.coupled else 4
         steps = _steps()
-        dh = x.new_zeros(B, U) if dhT is None else _writable(dhT, x.dtype)
+        dh = x.new_zeros(B, N) if dhT is None else _writable(dhT, x.dtype)
         dc = x.new_zeros(B, U) if dcT is None else _writable(dcT, x.dtype)
-        carry = x.new_zeros(B, U)
-        dpeephole = None if peephole is None else x.new_zeros(G - 1, B, U)
+        carry = x.new_zeros(B, N)
+        d_peephole = None if peephole is None else x.new_zeros(G - 1, B, U)
+        d_gain_h = x.new_zeros(B, G * U) if layer_norm else None
+        d_cell_gain, d_cell_shift = (x.new_zeros(B, U), x.new_zeros(B, U)) if layer_norm else (None, None)
+        dh_new = dm = None
+        if P is not None:
+            dh_new, dm = x.new_empty(T, B, N), x.new_empty(B, U)
         dy = None if dy is None else dy.contiguous()  # (an expanded gradient has stride 0)
         if dy is not None and options.return_sequences:
-            dy_steps = dy.transpose(0, 1)  # [T, B, U], processing order
+            dy_steps = dy.transpose(0, 1)  # [T, B, N], processing order
             dy_stride_s, dy_stride_b = dy_steps.stride(0), dy_steps.stride(1)
         elif dy is not None:
             dy_steps, dy_stride_s, dy_stride_b = dy, 0, dy.stride(0)  # the last step's only
         else:
             dy_steps, dy_stride_s, dy_stride_b = z, 0, 0
         clip = x.new_full((1,), options.cell_clip)
-        block_b, block_u, grid = steps.blocks(B, U)
-        flags = self._flags(options, mask, keep_h, keep_c, peephole)
-        recurrent_blocks = None if rd is None else R.view(U, G, U).transpose(0, 1)  # [G, U, U]
+        cell_blocks = steps.blocks(B, U, whole_rows=layer_norm)
+        output_blocks = steps.blocks(B, N)
+        flags = self._flags(options, mask, keep_h)
+        recurrent_blocks = None if rd is None else R.view(N, G, U).transpose(0, 1)  # [G, N, U]
+        given = _given(z)
         with _on_device(x):
             for s in reversed(range(T)):
                 t = T - 1 - s if options.go_backwards else s
                 has_dy = dy is not None and (options.return_sequences or s == T - 1)
-                steps.lstm_backward_step[grid](
-                    z, c, dy_steps, dh, dc, carry, mask if mask is not None else z,
-                    keep_h if keep_h is not None else z, keep_c if keep_c is not None else z,
-                    peephole if peephole is not None else z, dpeephole if dpeephole is not None else z,
-                    s, t, B, U, T, clip, dy_stride_s, dy_stride_b, HAS_DY=has_dy, BLOCK_B=block_b,
-                    BLOCK_U=block_u, **flags)
+                if P is not None:
+                    steps.lstm_output_backward_step[output_blocks[2]](
+                        dh_new, dh, dy_steps, carry, given(mask), given(keep_h), s, t, B, N, T, dy_stride_s,
+                        dy_stride_b, HAS_DY=has_dy, BLOCK_B=output_blocks[0], BLOCK_U=output_blocks[1], **flags)
+                    torch.mm(dh_new[s], P.T, out=dm)
+                steps.lstm_backward_step[cell_blocks[2]](
+                    z, given(a), given(rstd_h), c, given(dm), dy_steps, dh, dc, carry, given(mask), given(keep_h),
+                    given(keep_c), given(peephole), given(gate_gain), given(cell_gain), given(cell_shift), clip,
+                    given(d_peephole), given(d_gain_h), given(d_cell_gain), given(d_cell_shift), s, t, B, U, T,
+                    dy_stride_s, dy_stride_b, LAYER_NORM=layer_norm, PROJECTED=P is not None, HAS_DY=has_dy,
+                    BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1], **flags, **self._cell_flags(options, peephole, keep_c))
+                d_products = a[s] if layer_norm else z[s]
                 if rd is None:
-                    dh.addmm_(z[s], R.T)
-                else:  # sum over the gates of (dz_g @ U_g^T) * mask_g
-                    dz_blocks = z[s].view(B, G, U).transpose(0, 1)
-                    dh.add_((torch.bmm(dz_blocks, recurrent_blocks.transpose(1, 2)) * rd).sum(0))
-        dz = z.view(T * B, G * U)
+                    dh.addmm_(d_products, R.T)
+                else:  # sum over the gates of (d_g @ U_g^T) * mask_g
+                    d_blocks = d_products.view(B, G, U).transpose(0, 1)
+                    dh.add_((torch.bmm(d_blocks, recurrent_blocks.transpose(1, 2)) * rd).sum(0))
+        d_products = (a if layer_norm else z).view(T * B, G * U)
         if rd is None:
-            dR = h[:T].reshape(T * B, U).T @ dz
+            dR = h[:T].reshape(T * B, N).T @ d_products
         else:
-            dR = torch.cat([_rounded(h[:T] * rd[g], low).reshape(T * B, U).T @ dz[:, g * U:(g + 1) * U]
+            dR = torch.cat([_rounded(h[:T] * rd[g], low).reshape(T * B, N).T @ d_products[:, g * U:(g + 1) * U]
                             for g in range(G)], dim=1)
-        d_bias = dz.sum(0) if bias is not None else None
-        dxk = z.transpose(0, 1)  # [B, T, GU], processing order
+        dP = None if P is None else m.reshape(T * B, U).T @ dh_new.reshape(T * B, N)
+        d_bias = z.sum((0, 1)) if bias is not None else None
+        d_gate_gain = dxw = None
+        if layer_norm:
+            d_gate_gain = torch.stack([(z * x_normalized).sum((0, 1)), d_gain_h.sum(0)])
+            dxw = _layer_norm_backward(z * gate_gain[0], x_normalized, rstd_x)
+        dxk = (z if dxw is None else dxw).transpose(0, 1)  # [B, T, GU], processing order
         x_in_order = x.flip(1) if options.go_backwards else x
         dx, dkernel = input_projection_backward(x_in_order, kernel, in_drop, dxk, needs[0], needs[1],
                                                 functools.partial(_rounded, low=low))
         if dx is not None and options.go_backwards:
             dx = dx.flip(1)
-        d_peephole = None if dpeephole is None else dpeephole.sum(1)
-        return dx, dkernel, d_bias, dR, d_peephole, dh, dc
+        return (dx, dkernel, d_gate_gain, d_bias, dR, None if d_peephole is None else d_peephole.sum(1),
+                None if d_cell_gain is None else d_cell_gain.sum(0),
+                None if d_cell_shift is None else d_cell_shift.sum(0), dP, dh, dc)
 
 
+SAVED_COUNT = 8
 OP = TritonLSTMOp()
+
+
+def _recurrent_product(h: torch.Tensor, R: torch.Tensor, rd, recurrent_blocks, low, out: torch.Tensor,
+                       accumulate: bool) -> None:
+    """out = h @ R (or out += it), the recurrent dropout masks rd [G, B, N] first, one per gate
+    block (recurrent_blocks: R as [G, N, U])."""
+    if rd is None:
+        if accumulate:
+            out.addmm_(h, R)
+        else:
+            torch.mm(h, R, out=out)
+        return
+    product = torch.bmm(_recurrent_operands(h, rd, low), recurrent_blocks).transpose(0, 1).reshape(out.shape)
+    if accumulate:
+        out.add_(product)
+    else:
+        out.copy_(product)
+
+
+def _given(placeholder: torch.Tensor):
+    """t, or for a buffer that is off (None) a placeholder tensor the program never reads."""
+    return lambda t: placeholder if t is None else t
+
+
+def _layer_norm(v: torch.Tensor) -> tuple:
+    """(v - mean) / std over the last dimension, and 1/std [..]: reference.layer_norm's numbers."""
+    centred = v - v.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((centred * centred).mean(-1) + LAYER_NORM_EPS)
+    return centred * rstd[..., None], rstd
+
+
+def _layer_norm_backward(d_normalized: torch.Tensor, normalized: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The gradient of v from that of `_layer_norm(v)`'s normalised value."""
+    mean_d = d_normalized.mean(-1, keepdim=True)
+    mean_dn = (d_normalized * normalized).mean(-1, keepdim=True)
+    return rstd[..., None] * (d_normalized - mean_d - normalized * mean_dn)
 
 
 def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int, low) -> torch.Tensor:
@@ -233,13 +319,16 @@ def run(p: Recurrence) -> RecurrenceResult:
     B, T, _ = p.inputs.shape
     keep_h = keep_c = None
     if p.zoneout is not None:
-        keep_h, keep_c = (p.zoneout.mask(stream, B, T, p.units, p.inputs.device) for stream in (0, 1))
+        keep_h, keep_c = (p.zoneout.mask(stream, B, T, size, p.inputs.device)
+                          for stream, size in enumerate((p.output_size, p.units)))
     options = Options(bool(p.go_backwards), bool(p.zero_output_for_mask), bool(p.return_sequences),
                       bool(cell.coupled), *support.activation_codes(cell),
                       -1.0 if cell.cell_clip is None else float(cell.cell_clip))
     mask = None if p.mask is None else p.mask.to(torch.bool).contiguous()
     fixed = (p.input_dropout, p.recurrent_dropout, mask, keep_h, keep_c)
     peephole = None if p.peephole is None else p.peephole.contiguous()
-    inputs = (p.inputs, p.kernel, bias_with_forget_bias(p), p.recurrent_kernel, peephole, *p.initial_state)
+    gate_gain, cell_gain, cell_shift = (t.contiguous() for t in p.layer_norm) if p.layer_norm else (None,) * 3
+    inputs = (p.inputs, p.kernel, gate_gain, bias_with_forget_bias(p), p.recurrent_kernel, peephole, cell_gain,
+              cell_shift, p.projection, *p.initial_state)
     (y, hT, cT), _ = OP.call(inputs, fixed, options)
     return RecurrenceResult(y, (hT, cT))

@@ -1,17 +1,25 @@
 """The Triton programs of triton_lstm.py: one LSTM step's gate maths, forward and hand-derived
-backward, for a tile of rows x units. The products (x @ kernel, h @ recurrent_kernel) are
-torch's GEMMs around them; this module imports triton, which triton_lstm.py loads on first use.
+backward, for a tile of rows x units. The products (x @ kernel, h @ recurrent_kernel, the
+projection) are torch's GEMMs around them; this module imports triton, which triton_lstm.py loads
+on first use.
 
-Buffers (time-major, processing order s; G = 3 coupled else 4 gate blocks of U columns):
-    z      [T, B, G*U]  the pre-activations x_t W + b + h_{s-1} U, overwritten by the activated
-                        gates (forward), then by their pre-activation gradients dz (backward)
-    h, c   [T+1, B, U]  the states before step s at index s (h[0], c[0]: the initial states)
-    y      [T, B, U]    the outputs
+Buffers (time-major, processing order s; G = 3 coupled else 4 gate blocks of U columns; N = the
+size of h: U, or P with a projection):
+    z      [T, B, G*U]  the pre-activations x_t W + b (+ h_{s-1} U without layer norm), overwritten
+                        by the activated gates (forward), then by their pre-activations' gradients
+    a      [T, B, G*U]  layer norm only: h_{s-1} U, overwritten by its normalised value (forward),
+                        then by its gradient (backward); rstd_h [T, B] its rows' 1/std
+    h      [T+1, B, N]  the states before step s at index s (h[0], c[0]: the initial states)
+    c      [T+1, B, U]
+    m      [T, B, U]    projection only: o * act(C), which the projection turns into h
+    y      [T, B, N]    the outputs
     mask   bool [B, T]  in time order (go_backwards reads index T-1-s)
-    keep_h, keep_c      bool [B, T, U] zoneout's keep-masks, in processing order
+    keep_h, keep_c      bool [B, T, N] / [B, T, U] zoneout's keep-masks, in processing order
     peephole            [G-1, U] the rows i, f, o (f, o coupled)
+    gate_gain           [2, G*U] layer norm's gains of x W and h U; cell_gain, cell_shift [U]
     clip                [1]  cell_clip in the compute dtype (a float argument would be float32)
 Activation codes are native.ACTIVATION_CODES'; derivatives come from the activated values.
+With layer norm a program holds whole rows (its reductions run over them: `blocks`).
 """
 
 from __future__ import annotations
@@ -73,153 +81,283 @@ def _rounded(h, ROUND_H: tl.constexpr):
         return h
 
 
+LAYER_NORM_EPS: tl.constexpr = 1e-5  # reference.LAYER_NORM_EPS
+
+
 @triton.jit
-def lstm_forward_step(z_ptr, h_ptr, c_ptr, y_ptr, mask_ptr, keep_h_ptr, keep_c_ptr, peephole_ptr,
-                      s, t, B, U, T, clip_ptr,
+def _row_mean(v, inside, size):
+    """The mean of each row's `size` valid entries, as a [rows, 1] column."""
+    return (tl.sum(tl.where(inside, v, 0.0), axis=1) / size)[:, None]
+
+
+@triton.jit
+def _h_and_output(h_new, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, N, T,
+                  HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, ZERO_OUTPUT: tl.constexpr):
+    """Zoneout and the mask on the new h; stores h[s+1] and the output y[s] (Keras' rules)."""
+    state = rows * N + cols
+    h_prev = tl.load(h_ptr + s * B * N + state, mask=inside, other=0.0)
+    if HAS_KEEP_H:
+        keep = tl.load(keep_h_ptr + rows * T * N + s * N + cols, mask=inside, other=0) != 0
+        h_new = tl.where(keep, h_prev, h_new)
+    output = h_new
+    if HAS_MASK:
+        counts = tl.load(mask_ptr + rows * T + t, mask=rows < B, other=0) != 0
+        h_new = tl.where(counts, h_new, h_prev)
+        if ZERO_OUTPUT:
+            output = tl.where(counts, output, 0.0)
+        else:
+            # Keras: the previous output (zeros before the first step)
+            y_prev = tl.load(y_ptr + tl.maximum(s - 1, 0) * B * N + state, mask=inside, other=0.0)
+            output = tl.where(counts, output, tl.where(s > 0, y_prev, 0.0))
+    tl.store(h_ptr + (s + 1) * B * N + state, h_new, mask=inside)
+    tl.store(y_ptr + s * B * N + state, output, mask=inside)
+
+
+@triton.jit
+def _h_backward(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, N, T,
+                dy_stride_s, dy_stride_b, HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr,
+                ZERO_OUTPUT: tl.constexpr, HAS_DY: tl.constexpr):
+    """`_h_and_output` backwards: from the gradients of h[s+1] (dh) and y[s] (dy, plus the carried
+    gradient of the previous output) to that of the new h it returns; dh becomes the part of h[s]'s
+    that bypasses the step, carry the gradient of y[s-1]."""
+    state = rows * N + cols
+    dh_next = tl.load(dh_ptr + state, mask=inside, other=0.0)
+    d_output = tl.load(carry_ptr + state, mask=inside, other=0.0)
+    if HAS_DY:
+        d_output += tl.load(dy_ptr + s * dy_stride_s + rows * dy_stride_b + cols, mask=inside, other=0.0)
+    counts = tl.full(dh_next.shape, 1, tl.int1)
+    if HAS_MASK:
+        counts = (tl.load(mask_ptr + rows * T + t, mask=rows < B, other=0) != 0) & counts
+    dh_new = tl.where(counts, dh_next + d_output, 0.0)
+    dh_pass = tl.where(counts, 0.0, dh_next)
+    if ZERO_OUTPUT:
+        carry = tl.zeros(dh_next.shape, dh_next.dtype)
+    else:
+        carry = tl.where(counts, 0.0, d_output)
+    if HAS_KEEP_H:
+        keep = tl.load(keep_h_ptr + rows * T * N + s * N + cols, mask=inside, other=0) != 0
+        dh_pass += tl.where(keep, dh_new, 0.0)
+        dh_new = tl.where(keep, 0.0, dh_new)
+    tl.store(dh_ptr + state, dh_pass, mask=inside)
+    tl.store(carry_ptr + state, carry, mask=inside)
+    return dh_new
+
+
+@triton.jit
+def _layer_norm_backward(d_normalized, normalized, rstd, inside, size):
+    """The gradient of v from that of (v - mean) * rstd, given the normalised values."""
+    mean_d = _row_mean(d_normalized, inside, size)
+    mean_dn = _row_mean(d_normalized * normalized, inside, size)
+    return rstd * (d_normalized - mean_d - normalized * mean_dn)
+
+
+@triton.jit
+def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask_ptr, keep_h_ptr, keep_c_ptr,
+                      peephole_ptr, gate_gain_ptr, cell_gain_ptr, cell_shift_ptr, clip_ptr,
+                      s, t, B, U, T,
                       COUPLED: tl.constexpr, ACTIVATION: tl.constexpr, RECURRENT_ACTIVATION: tl.constexpr,
                       HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, HAS_KEEP_C: tl.constexpr,
                       HAS_PEEPHOLE: tl.constexpr, HAS_CLIP: tl.constexpr, ZERO_OUTPUT: tl.constexpr,
-                      ROUND_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
-    """Step s (time index t): z[s] -> gates (in place), h[s+1], c[s+1], y[s]."""
+                      LAYER_NORM: tl.constexpr, PROJECTED: tl.constexpr, ROUND_H: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Step s (time index t): z[s] -> the gates (in place), c[s+1], and h[s+1], y[s]; projected,
+    m[s] instead of h and y (`lstm_output_step` makes them from m[s] @ projection)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
     inside = (rows < B) & (units < U)
+    in_row = units < U
     G: tl.constexpr = 3 if COUPLED else 4
     z = z_ptr + s * B * G * U + rows * G * U + units
     state = rows * U + units
-    h_prev = tl.load(h_ptr + s * B * U + state, mask=inside, other=0.0)
     c_prev = tl.load(c_ptr + s * B * U + state, mask=inside, other=0.0)
+    # the gate blocks: i (not coupled), f, c, o
+    z_f = tl.load(z + (G - 3) * U, mask=inside, other=0.0)
+    z_c = tl.load(z + (G - 2) * U, mask=inside, other=0.0)
+    z_o = tl.load(z + (G - 1) * U, mask=inside, other=0.0)
+    if not COUPLED:
+        z_i = tl.load(z, mask=inside, other=0.0)
+    if LAYER_NORM:  # z += LN(h U) * gain, over the row's G*U columns
+        a = a_ptr + s * B * G * U + rows * G * U + units
+        a_f = tl.load(a + (G - 3) * U, mask=inside, other=0.0)
+        a_c = tl.load(a + (G - 2) * U, mask=inside, other=0.0)
+        a_o = tl.load(a + (G - 1) * U, mask=inside, other=0.0)
+        total = tl.sum(a_f + a_c + a_o, axis=1)
+        if not COUPLED:
+            a_i = tl.load(a, mask=inside, other=0.0)
+            total += tl.sum(a_i, axis=1)
+        mean = (total / (G * U))[:, None]
+        a_f = tl.where(inside, a_f - mean, 0.0)
+        a_c = tl.where(inside, a_c - mean, 0.0)
+        a_o = tl.where(inside, a_o - mean, 0.0)
+        squares = tl.sum(a_f * a_f + a_c * a_c + a_o * a_o, axis=1)
+        if not COUPLED:
+            a_i = tl.where(inside, a_i - mean, 0.0)
+            squares += tl.sum(a_i * a_i, axis=1)
+        rstd = (1.0 / tl.sqrt(squares / (G * U) + LAYER_NORM_EPS))[:, None]
+        tl.store(rstd_h_ptr + s * B + rows, rstd, mask=rows < B)
+        gain = gate_gain_ptr + G * U + units
+        a_f *= rstd
+        a_c *= rstd
+        a_o *= rstd
+        tl.store(a + (G - 3) * U, a_f, mask=inside)
+        tl.store(a + (G - 2) * U, a_c, mask=inside)
+        tl.store(a + (G - 1) * U, a_o, mask=inside)
+        z_f += a_f * tl.load(gain + (G - 3) * U, mask=in_row, other=0.0)
+        z_c += a_c * tl.load(gain + (G - 2) * U, mask=in_row, other=0.0)
+        z_o += a_o * tl.load(gain + (G - 1) * U, mask=in_row, other=0.0)
+        if not COUPLED:
+            a_i *= rstd
+            tl.store(a, a_i, mask=inside)
+            z_i += a_i * tl.load(gain, mask=in_row, other=0.0)
 
+    if HAS_PEEPHOLE:
+        z_f += tl.load(peephole_ptr + (G - 3) * U + units, mask=in_row, other=0.0) * c_prev
+    f = _activation(z_f, RECURRENT_ACTIVATION)
     if COUPLED:
-        z_f = tl.load(z, mask=inside, other=0.0)
-        z_c = tl.load(z + U, mask=inside, other=0.0)
-        z_o = tl.load(z + 2 * U, mask=inside, other=0.0)
-        if HAS_PEEPHOLE:
-            p_f = tl.load(peephole_ptr + units, mask=units < U, other=0.0)
-            p_o = tl.load(peephole_ptr + U + units, mask=units < U, other=0.0)
-            z_f += p_f * c_prev
-        f = _activation(z_f, RECURRENT_ACTIVATION)
         i = 1.0 - f
     else:
-        z_i = tl.load(z, mask=inside, other=0.0)
-        z_f = tl.load(z + U, mask=inside, other=0.0)
-        z_c = tl.load(z + 2 * U, mask=inside, other=0.0)
-        z_o = tl.load(z + 3 * U, mask=inside, other=0.0)
         if HAS_PEEPHOLE:
-            p_i = tl.load(peephole_ptr + units, mask=units < U, other=0.0)
-            p_f = tl.load(peephole_ptr + U + units, mask=units < U, other=0.0)
-            p_o = tl.load(peephole_ptr + 2 * U + units, mask=units < U, other=0.0)
-            z_i += p_i * c_prev
-            z_f += p_f * c_prev
+            z_i += tl.load(peephole_ptr + units, mask=in_row, other=0.0) * c_prev
         i = _activation(z_i, RECURRENT_ACTIVATION)
-        f = _activation(z_f, RECURRENT_ACTIVATION)
     c_tilde = _activation(z_c, ACTIVATION)
     c_new = f * c_prev + i * c_tilde
     if HAS_CLIP:
         cell_clip = tl.load(clip_ptr)
         c_new = tl.minimum(tl.maximum(c_new, -cell_clip), cell_clip)
     if HAS_PEEPHOLE:
-        z_o += p_o * c_new
+        z_o += tl.load(peephole_ptr + (G - 2) * U + units, mask=in_row, other=0.0) * c_new
     o = _activation(z_o, RECURRENT_ACTIVATION)
-    h_new = _rounded(o * _activation(c_new, ACTIVATION), ROUND_H)
+    cell_input = c_new
+    if LAYER_NORM:  # LN(C) * cell_gain + cell_shift, over the row's U units
+        centred = tl.where(inside, c_new - _row_mean(c_new, inside, U), 0.0)
+        rstd_c = 1.0 / tl.sqrt(_row_mean(centred * centred, inside, U) + LAYER_NORM_EPS)
+        cell_input = (centred * rstd_c * tl.load(cell_gain_ptr + units, mask=in_row, other=0.0)
+                      + tl.load(cell_shift_ptr + units, mask=in_row, other=0.0))
+    h_new = _rounded(o * _activation(cell_input, ACTIVATION), ROUND_H)
 
-    if COUPLED:
-        tl.store(z, f, mask=inside)
-        tl.store(z + U, c_tilde, mask=inside)
-        tl.store(z + 2 * U, o, mask=inside)
-    else:
+    if not COUPLED:
         tl.store(z, i, mask=inside)
-        tl.store(z + U, f, mask=inside)
-        tl.store(z + 2 * U, c_tilde, mask=inside)
-        tl.store(z + 3 * U, o, mask=inside)
+    tl.store(z + (G - 3) * U, f, mask=inside)
+    tl.store(z + (G - 2) * U, c_tilde, mask=inside)
+    tl.store(z + (G - 1) * U, o, mask=inside)
 
-    if HAS_KEEP_H:
-        keep = tl.load(keep_h_ptr + rows * T * U + s * U + units, mask=inside, other=0) != 0
-        h_new = tl.where(keep, h_prev, h_new)
     if HAS_KEEP_C:
         keep = tl.load(keep_c_ptr + rows * T * U + s * U + units, mask=inside, other=0) != 0
         c_new = tl.where(keep, c_prev, c_new)
-    output = h_new
     if HAS_MASK:
         counts = tl.load(mask_ptr + rows * T + t, mask=rows < B, other=0) != 0
-        h_new = tl.where(counts, h_new, h_prev)
         c_new = tl.where(counts, c_new, c_prev)
-        if ZERO_OUTPUT:
-            output = tl.where(counts, output, 0.0)
-        else:
-            # Keras: the previous output (zeros before the first step)
-            y_prev = tl.load(y_ptr + tl.maximum(s - 1, 0) * B * U + state, mask=inside, other=0.0)
-            output = tl.where(counts, output, tl.where(s > 0, y_prev, 0.0))
-    tl.store(h_ptr + (s + 1) * B * U + state, h_new, mask=inside)
     tl.store(c_ptr + (s + 1) * B * U + state, c_new, mask=inside)
-    tl.store(y_ptr + s * B * U + state, output, mask=inside)
+    if PROJECTED:
+        tl.store(m_ptr + s * B * U + state, h_new, mask=inside)
+    else:
+        _h_and_output(h_new, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, units, inside, s, t, B, U, T,
+                      HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT)
 
 
 @triton.jit
-def lstm_backward_step(z_ptr, c_ptr, dy_ptr, dh_ptr, dc_ptr, carry_ptr, mask_ptr, keep_h_ptr, keep_c_ptr,
-                       peephole_ptr, dpeephole_ptr,
-                       s, t, B, U, T, clip_ptr, dy_stride_s, dy_stride_b,
+def lstm_output_step(projected_ptr, h_ptr, y_ptr, mask_ptr, keep_h_ptr, s, t, B, P, T,
+                     HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, ZERO_OUTPUT: tl.constexpr,
+                     ROUND_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+    """A projected step's h[s+1] and y[s] from m[s] @ projection ([B, P])."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    cols = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
+    inside = (rows < B) & (cols < P)
+    h_new = _rounded(tl.load(projected_ptr + rows * P + cols, mask=inside, other=0.0), ROUND_H)
+    _h_and_output(h_new, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
+                  HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT)
+
+
+@triton.jit
+def lstm_output_backward_step(dh_new_ptr, dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, s, t, B, P, T,
+                              dy_stride_s, dy_stride_b, HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr,
+                              ZERO_OUTPUT: tl.constexpr, HAS_DY: tl.constexpr, BLOCK_B: tl.constexpr,
+                              BLOCK_U: tl.constexpr):
+    """`lstm_output_step` backwards: the gradient of step s's projected h, into dh_new [T, B, P]."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    cols = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
+    inside = (rows < B) & (cols < P)
+    dh_new = _h_backward(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
+                         dy_stride_s, dy_stride_b, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, HAS_DY)
+    tl.store(dh_new_ptr + s * B * P + rows * P + cols, dh_new, mask=inside)
+
+
+@triton.jit
+def _accumulate(pointer, value, inside):
+    tl.store(pointer, tl.load(pointer, mask=inside, other=0.0) + value, mask=inside)
+
+
+@triton.jit
+def lstm_backward_step(z_ptr, a_ptr, rstd_h_ptr, c_ptr, dm_ptr, dy_ptr, dh_ptr, dc_ptr, carry_ptr, mask_ptr,
+                       keep_h_ptr, keep_c_ptr, peephole_ptr, gate_gain_ptr, cell_gain_ptr, cell_shift_ptr,
+                       clip_ptr, d_peephole_ptr, d_gate_gain_ptr, d_cell_gain_ptr, d_cell_shift_ptr,
+                       s, t, B, U, T, dy_stride_s, dy_stride_b,
                        COUPLED: tl.constexpr, ACTIVATION: tl.constexpr, RECURRENT_ACTIVATION: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, HAS_KEEP_C: tl.constexpr,
                        HAS_PEEPHOLE: tl.constexpr, HAS_CLIP: tl.constexpr, ZERO_OUTPUT: tl.constexpr,
-                       HAS_DY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
-    """Step s backwards: the activated gates z[s] -> dz[s] (in place); dh (the gradient of h[s+1])
-    becomes the part of h[s]'s that bypasses the product h[s] @ U (the caller adds dz[s] @ U^T), dc
-    (of c[s+1]) becomes c[s]'s; carry holds the gradient of the previous output (a masked step's
-    output is it); dpeephole [G-1, B, U] accumulates the peepholes' gradients per row."""
+                       LAYER_NORM: tl.constexpr, PROJECTED: tl.constexpr, HAS_DY: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Step s backwards: the activated gates z[s] -> dz[s] (in place); with layer norm a[s] -> the
+    gradient of h[s-1] U (in place), which the caller carries to h through the product (without,
+    dz[s] is it). dc: c[s+1]'s gradient becomes c[s]'s. The gradient of the step's new h comes from
+    dh, dy and carry (`_h_backward`), or projected from dm [B, U] (m[s]'s). d_peephole [G-1, B, U],
+    d_gate_gain [B, G*U] (h U's gain), d_cell_gain and d_cell_shift [B, U] sum the parameters'
+    gradients per row."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
     inside = (rows < B) & (units < U)
+    in_row = units < U
     G: tl.constexpr = 3 if COUPLED else 4
     z = z_ptr + s * B * G * U + rows * G * U + units
     state = rows * U + units
-    dh_next = tl.load(dh_ptr + state, mask=inside, other=0.0)
-    dc_next = tl.load(dc_ptr + state, mask=inside, other=0.0)
-    d_output = tl.load(carry_ptr + state, mask=inside, other=0.0)
-    if HAS_DY:
-        d_output += tl.load(dy_ptr + s * dy_stride_s + rows * dy_stride_b + units, mask=inside, other=0.0)
-    c_prev = tl.load(c_ptr + s * B * U + state, mask=inside, other=0.0)
-    counts = tl.full((BLOCK_B, BLOCK_U), 1, tl.int1)
-    if HAS_MASK:
-        counts = (tl.load(mask_ptr + rows * T + t, mask=rows < B, other=0) != 0) & counts
-    dh_out = tl.where(counts, dh_next + d_output, 0.0)  # (a masked step's h is h[s]'s: passed below)
-    if ZERO_OUTPUT:
-        carry = tl.zeros((BLOCK_B, BLOCK_U), d_output.dtype)
+    if PROJECTED:
+        dh_new = tl.load(dm_ptr + state, mask=inside, other=0.0)
     else:
-        carry = tl.where(counts, 0.0, d_output)
-    dc_new = tl.where(counts, dc_next, 0.0)
-    dh_pass = tl.where(counts, 0.0, dh_next)
-    dc_pass = tl.where(counts, 0.0, dc_next)
-    if HAS_KEEP_H:
-        keep = tl.load(keep_h_ptr + rows * T * U + s * U + units, mask=inside, other=0) != 0
-        dh_pass += tl.where(keep, dh_out, 0.0)
-        dh_out = tl.where(keep, 0.0, dh_out)
+        dh_new = _h_backward(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, units, inside, s, t, B, U, T,
+                             dy_stride_s, dy_stride_b, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, HAS_DY)
+    dc_next = tl.load(dc_ptr + state, mask=inside, other=0.0)
+    dc_new = dc_next
+    dc_pass = tl.zeros(dc_next.shape, dc_next.dtype)
+    if HAS_MASK:
+        counts = tl.load(mask_ptr + rows * T + t, mask=rows < B, other=0) != 0
+        dc_new = tl.where(counts, dc_next, 0.0)
+        dc_pass = tl.where(counts, 0.0, dc_next)
     if HAS_KEEP_C:
         keep = tl.load(keep_c_ptr + rows * T * U + s * U + units, mask=inside, other=0) != 0
         dc_pass += tl.where(keep, dc_new, 0.0)
         dc_new = tl.where(keep, 0.0, dc_new)
 
+    c_prev = tl.load(c_ptr + s * B * U + state, mask=inside, other=0.0)
+    f = tl.load(z + (G - 3) * U, mask=inside, other=0.0)
+    c_tilde = tl.load(z + (G - 2) * U, mask=inside, other=0.0)
+    o = tl.load(z + (G - 1) * U, mask=inside, other=0.0)
     if COUPLED:
-        f = tl.load(z, mask=inside, other=0.0)
-        c_tilde = tl.load(z + U, mask=inside, other=0.0)
-        o = tl.load(z + 2 * U, mask=inside, other=0.0)
         i = 1.0 - f
     else:
         i = tl.load(z, mask=inside, other=0.0)
-        f = tl.load(z + U, mask=inside, other=0.0)
-        c_tilde = tl.load(z + 2 * U, mask=inside, other=0.0)
-        o = tl.load(z + 3 * U, mask=inside, other=0.0)
     c_raw = f * c_prev + i * c_tilde
     c_new = c_raw
     if HAS_CLIP:
         cell_clip = tl.load(clip_ptr)
         c_new = tl.minimum(tl.maximum(c_raw, -cell_clip), cell_clip)
-    cell_output = _activation(c_new, ACTIVATION)
-    dz_o = dh_out * cell_output * _derivative(o, RECURRENT_ACTIVATION)
-    dc = dc_new + dh_out * o * _derivative(cell_output, ACTIVATION)
+    if LAYER_NORM:
+        centred = tl.where(inside, c_new - _row_mean(c_new, inside, U), 0.0)
+        rstd_c = 1.0 / tl.sqrt(_row_mean(centred * centred, inside, U) + LAYER_NORM_EPS)
+        normalized_c = centred * rstd_c
+        cell_gain = tl.load(cell_gain_ptr + units, mask=in_row, other=0.0)
+        cell_output = _activation(normalized_c * cell_gain + tl.load(cell_shift_ptr + units, mask=in_row, other=0.0),
+                                  ACTIVATION)
+        d_cell_input = dh_new * o * _derivative(cell_output, ACTIVATION)
+        _accumulate(d_cell_shift_ptr + state, d_cell_input, inside)
+        _accumulate(d_cell_gain_ptr + state, d_cell_input * normalized_c, inside)
+        dc = dc_new + _layer_norm_backward(tl.where(inside, d_cell_input * cell_gain, 0.0), normalized_c, rstd_c,
+                                           inside, U)
+    else:
+        cell_output = _activation(c_new, ACTIVATION)
+        dc = dc_new + dh_new * o * _derivative(cell_output, ACTIVATION)
+    dz_o = dh_new * cell_output * _derivative(o, RECURRENT_ACTIVATION)
     if HAS_PEEPHOLE:
-        p_o = tl.load(peephole_ptr + (G - 2) * U + units, mask=units < U, other=0.0)
-        dc += dz_o * p_o
+        dc += dz_o * tl.load(peephole_ptr + (G - 2) * U + units, mask=in_row, other=0.0)
     if HAS_CLIP:
         dc = tl.where((c_raw >= -cell_clip) & (c_raw <= cell_clip), dc, 0.0)
     di = dc * c_tilde
@@ -232,34 +370,54 @@ def lstm_backward_step(z_ptr, c_ptr, dy_ptr, dh_ptr, dc_ptr, carry_ptr, mask_ptr
         dz_i = di * _derivative(i, RECURRENT_ACTIVATION)
         dz_f = df * _derivative(f, RECURRENT_ACTIVATION)
     if HAS_PEEPHOLE:
-        p_f = tl.load(peephole_ptr + (G - 3) * U + units, mask=units < U, other=0.0)
-        dc_prev += dz_f * p_f
-        d_f = dpeephole_ptr + (G - 3) * B * U + state
-        tl.store(d_f, tl.load(d_f, mask=inside, other=0.0) + dz_f * c_prev, mask=inside)
-        d_o = dpeephole_ptr + (G - 2) * B * U + state
-        tl.store(d_o, tl.load(d_o, mask=inside, other=0.0) + dz_o * c_new, mask=inside)
+        dc_prev += dz_f * tl.load(peephole_ptr + (G - 3) * U + units, mask=in_row, other=0.0)
+        _accumulate(d_peephole_ptr + (G - 3) * B * U + state, dz_f * c_prev, inside)
+        _accumulate(d_peephole_ptr + (G - 2) * B * U + state, dz_o * c_new, inside)
         if not COUPLED:
-            p_i = tl.load(peephole_ptr + units, mask=units < U, other=0.0)
-            dc_prev += dz_i * p_i
-            d_i = dpeephole_ptr + state
-            tl.store(d_i, tl.load(d_i, mask=inside, other=0.0) + dz_i * c_prev, mask=inside)
+            dc_prev += dz_i * tl.load(peephole_ptr + units, mask=in_row, other=0.0)
+            _accumulate(d_peephole_ptr + state, dz_i * c_prev, inside)
 
-    if COUPLED:
-        tl.store(z, dz_f, mask=inside)
-        tl.store(z + U, dz_c, mask=inside)
-        tl.store(z + 2 * U, dz_o, mask=inside)
-    else:
+    if not COUPLED:
         tl.store(z, dz_i, mask=inside)
-        tl.store(z + U, dz_f, mask=inside)
-        tl.store(z + 2 * U, dz_c, mask=inside)
-        tl.store(z + 3 * U, dz_o, mask=inside)
-    tl.store(dh_ptr + state, dh_pass, mask=inside)
+    tl.store(z + (G - 3) * U, dz_f, mask=inside)
+    tl.store(z + (G - 2) * U, dz_c, mask=inside)
+    tl.store(z + (G - 1) * U, dz_o, mask=inside)
     tl.store(dc_ptr + state, dc_prev, mask=inside)
-    tl.store(carry_ptr + state, carry, mask=inside)
+
+    if LAYER_NORM:  # through LN(h U) * gain: the gradient of h U, over the row's G*U columns
+        a = a_ptr + s * B * G * U + rows * G * U + units
+        gain = gate_gain_ptr + G * U + units
+        d_gain = d_gate_gain_ptr + rows * G * U + units
+        a_f = tl.load(a + (G - 3) * U, mask=inside, other=0.0)
+        a_c = tl.load(a + (G - 2) * U, mask=inside, other=0.0)
+        a_o = tl.load(a + (G - 1) * U, mask=inside, other=0.0)
+        da_f = tl.where(inside, dz_f * tl.load(gain + (G - 3) * U, mask=in_row, other=0.0), 0.0)
+        da_c = tl.where(inside, dz_c * tl.load(gain + (G - 2) * U, mask=in_row, other=0.0), 0.0)
+        da_o = tl.where(inside, dz_o * tl.load(gain + (G - 1) * U, mask=in_row, other=0.0), 0.0)
+        _accumulate(d_gain + (G - 3) * U, dz_f * a_f, inside)
+        _accumulate(d_gain + (G - 2) * U, dz_c * a_c, inside)
+        _accumulate(d_gain + (G - 1) * U, dz_o * a_o, inside)
+        total = tl.sum(da_f + da_c + da_o, axis=1)
+        total_products = tl.sum(da_f * a_f + da_c * a_c + da_o * a_o, axis=1)
+        if not COUPLED:
+            a_i = tl.load(a, mask=inside, other=0.0)
+            da_i = tl.where(inside, dz_i * tl.load(gain, mask=in_row, other=0.0), 0.0)
+            _accumulate(d_gain, dz_i * a_i, inside)
+            total += tl.sum(da_i, axis=1)
+            total_products += tl.sum(da_i * a_i, axis=1)
+        mean_d = (total / (G * U))[:, None]
+        mean_dn = (total_products / (G * U))[:, None]
+        rstd = tl.load(rstd_h_ptr + s * B + rows, mask=rows < B, other=0.0)
+        tl.store(a + (G - 3) * U, rstd * (da_f - mean_d - a_f * mean_dn), mask=inside)
+        tl.store(a + (G - 2) * U, rstd * (da_c - mean_d - a_c * mean_dn), mask=inside)
+        tl.store(a + (G - 1) * U, rstd * (da_o - mean_d - a_o * mean_dn), mask=inside)
+        if not COUPLED:
+            tl.store(a, rstd * (da_i - mean_d - a_i * mean_dn), mask=inside)
 
 
-def blocks(batch: int, units: int) -> tuple:
-    """(BLOCK_B, BLOCK_U) and the grid of a step's programs."""
-    block_b = min(triton.next_power_of_2(batch), 16)
-    block_u = min(triton.next_power_of_2(units), 64)
+def blocks(batch: int, units: int, whole_rows: bool = False) -> tuple:
+    """(BLOCK_B, BLOCK_U) and the grid of a step's programs; with whole_rows one program spans
+    every unit of its rows (layer norm's reductions)."""
+    block_u = triton.next_power_of_2(units) if whole_rows else min(triton.next_power_of_2(units), 64)
+    block_b = max(1, min(triton.next_power_of_2(batch), 16, 4096 // block_u))
     return block_b, block_u, (triton.cdiv(batch, block_b), triton.cdiv(units, block_u))
