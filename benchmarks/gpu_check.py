@@ -9,9 +9,16 @@ Steps, each written to OUT/results.json as soon as it is done (a run cut short s
                go_backwards) against the float64 reference kernel on the same device: outputs,
                final states and every gradient, as relative norm errors (tolerances: float32 1e-5,
                TF32 5e-3), and the kernel each case dispatches to
+  variants     what cuDNN cannot run (the Triton kernels, tier 1): LSTM variants, masks with holes,
+               recurrent dropout and zoneout in training, bfloat16: the same check against the
+               float64 reference kernel (tolerances: float32 1e-5, bfloat16 2e-2)
   timing       inference forward (no_grad) and training step (forward + backward of sum(out * g)),
                the layer against torch.nn.LSTM / GRU (cuDNN) at the bench shapes, float32 with TF32
                off and on: median ms and the ratio (>= 1: ours faster)
+  variant time the tier-1 cases against the same layer on the reference kernel (a PyTorch loop of
+               small ops per step, what the layer ran on a GPU before): median ms and the ratio
+
+Without a GPU (--smoke) the Triton kernels run under Triton's interpreter on the CPU, forced.
 """
 
 from __future__ import annotations
@@ -24,13 +31,25 @@ import time
 
 import torch
 
-import lstm
-from lstm import layers
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (before triton is imported: --smoke on the CPU)
+
+import lstm  # noqa: E402
+from lstm import layers  # noqa: E402
 
 SHAPES = [(2, 80, 100, 64), (32, 80, 100, 64), (64, 100, 128, 256), (16, 500, 32, 128), (256, 50, 64, 512),
           (16, 1024, 768, 768)]
 SMOKE_SHAPES = [(2, 6, 3, 4), (3, 5, 4, 8)]
-TOLERANCE = {"float32": 1e-5, "tf32": 5e-3}
+TOLERANCE = {"float32": 1e-5, "tf32": 5e-3, "bfloat16": 2e-2}
+# tier 1: (layer options, call options) of the cases cuDNN cannot run
+VARIANTS = {
+    "peephole, mask with holes": ({"peephole": True}, {"mask": "holes"}),
+    "layer_norm": ({"layer_norm": True}, {}),
+    "proj_size": ({"proj_size": "units/2"}, {}),
+    "zoneout, recurrent_dropout (training)": ({"zoneout": 0.1, "recurrent_dropout": 0.2}, {"training": True}),
+    "bfloat16 autocast, mask with holes": ({}, {"mask": "holes", "autocast": True}),
+}
+VARIANT_SHAPES = [(32, 80, 100, 64), (64, 100, 128, 256)]
 
 
 def environment(device: torch.device) -> dict:
@@ -92,6 +111,52 @@ def correctness(device, shapes) -> list:
     return rows
 
 
+def _variant_layer(layer_options: dict, units: int, device, dtype=torch.float32, **options):
+    sized = {k: units // 2 if v == "units/2" else v for k, v in layer_options.items()}
+    return _layer("lstm", units, device, dtype, **sized, **options)
+
+
+def _forced(device):
+    """The kernel the tier-1 cases are forced onto: on the CPU (--smoke) the interpreter runs it
+    only when forced; on a GPU the dispatch chooses it."""
+    return "triton_lstm" if device.type == "cpu" else None
+
+
+def _variant_call(layer, x, call: dict, kernel):
+    """The layer's outputs and gradients for a tier-1 case (a fresh seed: the same dropout and
+    zoneout draws each time)."""
+    options = dict(call)
+    if options.pop("mask", None) == "holes":
+        options["mask"] = torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(1)).to(x.device) < 0.8
+    autocast = options.pop("autocast", False)
+    torch.manual_seed(7)
+    context = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else torch.enable_grad()
+    with context:
+        return _outputs_and_gradients(layer, x, kernel, **options)
+
+
+def variants(device, shapes) -> list:
+    rows = []
+    for shape in shapes:
+        B, T, D, H = shape
+        for case, (layer_options, call) in VARIANTS.items():
+            torch.manual_seed(0)
+            layer = _variant_layer(layer_options, H, device, input_dim=D)
+            x = torch.randn(B, T, D, device=device)
+            with lstm.kernels.use(_forced(device)) if _forced(device) else torch.enable_grad():
+                chosen = lstm.kernels.select(layer.recurrence(x.to(torch.bfloat16) if call.get("autocast") else x)).name
+            double = _variant_layer(layer_options, H, device, torch.float64, input_dim=D)
+            double.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+            expected = _variant_call(double, x.double(), {k: v for k, v in call.items() if k != "autocast"},
+                                     "reference")
+            got = _variant_call(layer, x, call, _forced(device))
+            error = max(_relative(g, e) for g, e in zip(got, expected))
+            precision = "bfloat16" if call.get("autocast") else "float32"
+            rows.append({"kind": "lstm", "shape": list(shape), "case": case, "precision": precision, "kernel": chosen,
+                         "max_relative_error": error, "ok": error <= TOLERANCE[precision]})
+    return rows
+
+
 def _median_ms(function, device, repeats: int) -> float:
     times = []
     for _ in range(repeats + 2):
@@ -136,6 +201,23 @@ def timing(device, shapes, repeats: int) -> list:
     return rows
 
 
+def variant_timing(device, shapes, repeats: int) -> list:
+    rows = []
+    for shape in shapes:
+        B, T, D, H = shape
+        for case, (layer_options, call) in VARIANTS.items():
+            torch.manual_seed(0)
+            layer = _variant_layer(layer_options, H, device, input_dim=D)
+            x = torch.randn(B, T, D, device=device)
+            medians = {}
+            for name, kernel in (("tier1", _forced(device)), ("reference", "reference")):
+                medians[name] = _median_ms(lambda: _variant_call(layer, x, call, kernel), device, repeats)
+            rows.append({"kind": "lstm", "shape": list(shape), "case": case, "mode": "train",
+                         "tier1_ms": medians["tier1"], "reference_ms": medians["reference"],
+                         "speedup": medians["reference"] / medians["tier1"]})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check_out", help="folder for results.json")
@@ -156,16 +238,24 @@ def main() -> int:
     save()
     results["correctness"] = correctness(device, shapes if args.smoke else shapes[:5])
     save()
+    results["variants"] = variants(device, SMOKE_SHAPES[:1] if args.smoke else VARIANT_SHAPES)
+    save()
     results["timing"] = timing(device, shapes, 3 if args.smoke else args.repeats)
     save()
+    results["variant_timing"] = variant_timing(device, SMOKE_SHAPES[:1] if args.smoke else VARIANT_SHAPES,
+                                               2 if args.smoke else 5)
+    save()
     print(json.dumps(results["environment"]))
-    for row in results["correctness"]:
+    for row in results["correctness"] + results["variants"]:
         print(f"check  {row['kind']:<4} {str(row['shape']):<22} {row['case']:<22} {row['precision']:<8} "
               f"{row['kernel']:<22} {row['max_relative_error']:.2e} {'ok' if row['ok'] else 'FAIL'}")
     for row in results["timing"]:
         print(f"time   {row['kind']:<4} {str(row['shape']):<22} tf32={str(row['tf32']):<5} {row['mode']:<7} "
               f"lstm {row['lstm_ms']:8.3f} ms  torch {row['torch_ms']:8.3f} ms  {row['speedup']:.2f}x")
-    return 0 if all(row["ok"] for row in results["correctness"]) else 1
+    for row in results["variant_timing"]:
+        print(f"time   {row['kind']:<4} {str(row['shape']):<22} {row['case']:<40} {row['mode']:<7} "
+              f"tier 1 {row['tier1_ms']:8.3f} ms  reference {row['reference_ms']:8.3f} ms  {row['speedup']:.2f}x")
+    return 0 if all(row["ok"] for row in results["correctness"] + results["variants"]) else 1
 
 
 if __name__ == "__main__":

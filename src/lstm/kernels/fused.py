@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import native
 from .problem import state_dtype
+from .reference import autocast_off
 
 
 class FusedOp:
@@ -118,10 +119,11 @@ def in_input_dtypes(grads: Sequence, inputs: Sequence) -> list:
 
 
 class RoundedOperandsOp(FusedOp):
-    """A FusedOp whose C++ recurrence runs in float32, in bfloat16/float16 too: it gets the tensors
-    `operands_in_float32` makes and the `operand` code (the C++ loop then rounds h at every step);
+    """A FusedOp whose recurrence runs in float32, in bfloat16/float16 too: it gets the tensors
+    `operands_in_float32` makes and the `operand` code (the loop then rounds h at every step);
     the outputs and h go back to the low precision (they hold rounded values: exactly), every
-    gradient to its input's dtype. Subclasses write `float32_forward` and `float32_backward`;
+    gradient to its input's dtype. Subclasses write `float32_forward` and `float32_backward`,
+    which run with autocast off (their torch products are float32 products of rounded operands);
     the outputs after the first two (C, the saved buffers) stay float32."""
 
     def float32_forward(self, inputs, fixed, options, save, low: Optional[torch.dtype]) -> list:
@@ -134,7 +136,8 @@ class RoundedOperandsOp(FusedOp):
     def forward(self, inputs, fixed, options, save):
         low = low_precision(inputs)
         inputs, fixed = operands_in_float32(self, inputs, fixed, low)
-        results = self.float32_forward(inputs, fixed, options, save, low)
+        with autocast_off(inputs[0].device.type):
+            results = self.float32_forward(inputs, fixed, options, save, low)
         if low is not None:
             results[0], results[1] = results[0].to(low), results[1].to(low)
         return results
@@ -142,8 +145,9 @@ class RoundedOperandsOp(FusedOp):
     def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
         low = low_precision(inputs)
         converted, fixed = operands_in_float32(self, inputs, fixed, low)
-        grads = self.float32_backward(in_float32(output_grads, low), converted, saved, fixed, options, needs,
-                                      overwrite, low)
+        with autocast_off(converted[0].device.type):
+            grads = self.float32_backward(in_float32(output_grads, low), converted, saved, fixed, options, needs,
+                                          overwrite, low)
         return in_input_dtypes(grads, inputs)
 
     def forward_dtypes(self, inputs, fixed, options, save):

@@ -175,14 +175,14 @@ _STEPS = {"lstm": lstm_step, "gru": gru_step, "simple_rnn": simple_rnn_step}
 @answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
     p = p.masked()  # (every step's inputs reach a product: those that do not count as zeros)
-    with _autocast_off(p.inputs.device.type):
+    with autocast_off(p.inputs.device.type):
         if p.compute_dtype in LOW_PRECISION:
             return _run_low_precision(p)
         return _run(p, unrounded)
 
 
-def _autocast_off(device_type: str):
-    """Autocast would recast the products; the casts here are explicit."""
+def autocast_off(device_type: str):
+    """Autocast would recast the products (and round their results); a kernel's casts are explicit."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
