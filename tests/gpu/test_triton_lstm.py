@@ -155,6 +155,21 @@ def test_not_chosen_on_the_cpu_nor_for_what_it_lacks():
         lstm.kernels.select(dataclasses.replace(on_device(variant_problem(2, 3, 2, 4)), trace=True))
 
 
+def test_torch_compile_traces_through_it():
+    """A compiled layer (one graph) runs the kernel's custom ops: the reference's numbers, gradients too."""
+    layer = layers.LSTM(8, return_sequences=True, input_dim=4, peephole=True, cell_clip=0.5).to(DEVICE)
+    x = torch.randn(3, 5, 4, device=DEVICE)
+    mask = torch.rand(3, 5, device=DEVICE) < 0.7
+    results = {}
+    for kernel, model in (("reference", layer), ("triton_lstm", torch.compile(layer, fullgraph=True))):
+        x_leaf = x.clone().requires_grad_()
+        with lstm.kernels.use(kernel):
+            out = model(x_leaf, mask=mask)
+        results[kernel] = [out, *torch.autograd.grad((out * out).sum(), [x_leaf, *layer.parameters()])]
+    for got, expected in zip(results["triton_lstm"], results["reference"]):
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-6)
+
+
 def test_the_custom_ops_pass_opcheck():
     """torch.compile and torch.export see lstm::triton_lstm_forward / _backward: their fake kernels
     and autograd registration agree with the real ones."""

@@ -43,9 +43,7 @@ name = "triton_lstm"
 ROUND_H = {torch.bfloat16: 1, torch.float16: 2}  # triton_steps._rounded's codes
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # (imported on first use)
 
 
 def _interpreting() -> bool:
@@ -56,7 +54,7 @@ def supports(p: Recurrence) -> bool:
     cell = p.cell
     if cell.kind != "lstm" or p.trace:
         return False
-    if support.activation_codes(cell) is None or not _triton_installed():
+    if support.activation_codes(cell) is None or not TRITON_INSTALLED:
         return False
     device = p.inputs.device
     if device.type != "cuda" and not (device.type == "cpu" and _interpreting() and forced_name() == name):
