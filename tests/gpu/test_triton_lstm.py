@@ -146,6 +146,36 @@ def test_a_layer_runs_it_when_forced():
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "mask, go_backwards", "everything"])
+def test_resets(case, dtype):
+    """Resets (an episode starting inside a row: the states restored before the step, ignored at
+    masked steps), with restored states that get gradients of their own, or zeros."""
+    low = dtype if dtype is torch.bfloat16 else None
+    p = variant_problem(3, 6, 4, 16, dtype=torch.float32 if low else dtype, seed=len(case), **CASES[case])
+    reset = torch.rand(3, 6, generator=torch.Generator().manual_seed(5)) < 0.35
+    for restored in (None, tuple(torch.randn_like(s).requires_grad_() for s in p.initial_state)):
+        problem = on_device(dataclasses.replace(p, reset=reset, reset_state=restored), low)
+        if restored is not None:  # (on_device made new leaves of the initial states only)
+            problem.reset_state = tuple(s.detach().to(DEVICE, t.dtype).requires_grad_()
+                                        for s, t in zip(restored, problem.initial_state))
+        results = {}
+        for kernel in (triton_lstm, reference):
+            with lstm.kernels.use(kernel.name):
+                result = kernel.run(problem)
+            outputs = [result.outputs, *result.states]
+            loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device=DEVICE).reshape(o.shape)).sum()
+                       for o in outputs)
+            leaves = [problem.inputs, problem.kernel, problem.recurrent_kernel, *problem.initial_state,
+                      *(problem.reset_state or ())]
+            results[kernel.name] = [*(o.detach() for o in outputs), *torch.autograd.grad(loss, leaves)]
+        tolerance = 4 * EPS[low] if low else TOLERANCE[dtype]
+        for index, (got, expected) in enumerate(zip(results["triton_lstm"], results["reference"])):
+            scale = max(float(expected.double().abs().max()), 1.0)
+            difference = float((got.double() - expected.double()).abs().max())
+            assert difference <= tolerance * scale, f"{case}, {dtype}, restored {restored is not None}, #{index}"
+
+
 def test_not_chosen_on_the_cpu_nor_for_what_it_lacks():
     """On CPU tensors the dispatch never picks it by itself (the C++ kernels or the reference run
     them); forced, it refuses what it does not run (traces: the reference kernel gives them)."""
@@ -177,6 +207,6 @@ def test_the_custom_ops_pass_opcheck():
     options = triton_lstm.Options(False, False, True, False, 0, 1, -1.0)
     gate_gain, cell_gain, cell_shift = p.layer_norm
     tensors = (p.inputs, p.kernel, gate_gain, p.bias, p.recurrent_kernel, p.peephole, cell_gain, cell_shift,
-               p.projection, *p.initial_state, None, None, p.mask, None, None)
+               p.projection, *p.initial_state, None, None, None, None, p.mask, None, None, p.mask)
     torch.library.opcheck(triton_lstm.OP.forward_op, (*tensors, *options, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -87,7 +87,7 @@ class FusedOp:
 # products' operands come rounded to the low precision, held in float32, and the C++ loop rounds h
 # at every step (the codes of csrc/rnn.h's `operand`)
 OPERAND_CODES = {torch.bfloat16: 1, torch.float16: 2}
-ROUNDED_OPERANDS = frozenset({"x", "kernel", "recurrent_kernel", "projection", "h0"})
+ROUNDED_OPERANDS = frozenset({"x", "kernel", "recurrent_kernel", "projection", "h0", "reset_h"})
 
 
 def low_precision(inputs: Sequence) -> Optional[torch.dtype]:

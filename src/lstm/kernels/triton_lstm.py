@@ -18,8 +18,9 @@ float32 on operands rounded to the compute dtype, h rounded at every step
 ops are lstm::triton_lstm_forward / lstm::triton_lstm_backward).
 
 It runs on CUDA tensors. Under Triton's interpreter (TRITON_INTERPRET=1) it also runs CPU tensors
-when forced (`lstm.kernels.use("triton_lstm")`): how the tests check it without a GPU. Not here
-yet (the reference kernel runs them on the GPU): traces, resets.
+when forced (`lstm.kernels.use("triton_lstm")`): how the tests check it without a GPU. Resets
+(`Recurrence.reset`) restore the states before the GEMM of their step. Not here yet (the reference
+kernel gives them on the GPU): traces.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 from .reference import LAYER_NORM_EPS, masked_product
 
 name = "triton_lstm"
+takes_resets = True
 
 ROUND_H = {torch.bfloat16: 1, torch.float16: 2}  # triton_steps._rounded's codes
 
@@ -101,16 +103,18 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
 
     name = "triton_lstm"
     input_names = ("x", "kernel", "gate_gain", "bias", "recurrent_kernel", "peephole", "cell_gain", "cell_shift",
-                   "projection", "h0", "c0")
-    fixed_names = ("input_dropout", "recurrent_dropout", "mask", "keep_h", "keep_c")
+                   "projection", "h0", "c0", "reset_h", "reset_c")
+    # reset: bool [B, T] by time index, the steps that count only; reset_h, reset_c: the states it
+    # restores (None: zeros)
+    fixed_names = ("input_dropout", "recurrent_dropout", "mask", "keep_h", "keep_c", "reset")
     output_count = 3
     Options = Options
     overwrites_saved = True  # z and a: the gates and products, then their gradients
     needs_extension = False
 
     def float32_forward(self, inputs, fixed, options, save, low):
-        x, kernel, gate_gain, bias, R, peephole, cell_gain, cell_shift, P, h0, c0 = inputs
-        in_drop, rd, mask, keep_h, keep_c = fixed
+        x, kernel, gate_gain, bias, R, peephole, cell_gain, cell_shift, P, h0, c0, reset_h, reset_c = inputs
+        in_drop, rd, mask, keep_h, keep_c, reset = fixed
         (B, T, _), U, N = x.shape, c0.shape[1], h0.shape[1]
         G, layer_norm = (3 if options.coupled else 4), gate_gain is not None
         steps = _steps()
@@ -135,10 +139,14 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         given = _given(z)
         with _on_device(x):
             for s in range(T):
+                t = T - 1 - s if options.go_backwards else s
+                if reset is not None:  # an episode starts: the step begins from the restored states
+                    starts = reset[:, t, None]
+                    h[s] = torch.where(starts, 0 if reset_h is None else reset_h, h[s])
+                    c[s] = torch.where(starts, 0 if reset_c is None else reset_c, c[s])
                 # z[s] += h[s] @ R, or with layer norm a[s] = h[s] @ R (normalised by the program)
                 _recurrent_product(h[s], R, rd, recurrent_blocks, low, a[s] if layer_norm else z[s],
                                    accumulate=not layer_norm)
-                t = T - 1 - s if options.go_backwards else s
                 steps.lstm_forward_step[cell_blocks[2]](
                     z, given(a), given(rstd_h), h, c, given(m), y, given(mask), given(keep_h), given(keep_c),
                     given(peephole), given(gate_gain), given(cell_gain), given(cell_shift), clip, s, t, B, U, T,
@@ -154,7 +162,7 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         return [outputs, h[T].clone(), c[T].clone(), *saved]
 
     def forward_shapes(self, inputs, fixed, options, save):
-        x, gate_gain, P, h0, c0 = inputs[0], inputs[2], inputs[8], inputs[9], inputs[10]
+        x, gate_gain, P, h0, c0 = inputs[0], inputs[2], inputs[8], inputs[9], inputs[10]  # (then the reset states)
         (B, T, _), U, N = x.shape, c0.shape[1], h0.shape[1]
         GU = (3 if options.coupled else 4) * U
         layer_norm = gate_gain is not None
@@ -181,8 +189,8 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
                     HAS_CLIP=options.cell_clip >= 0, HAS_KEEP_C=keep_c is not None)
 
     def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
-        x, kernel, gate_gain, bias, R, peephole, cell_gain, cell_shift, P, h0, c0 = inputs
-        in_drop, rd, mask, keep_h, keep_c = fixed
+        x, kernel, gate_gain, bias, R, peephole, cell_gain, cell_shift, P, h0, c0, reset_h, reset_c = inputs
+        in_drop, rd, mask, keep_h, keep_c, reset = fixed
         z, h, c, a, rstd_h, x_normalized, rstd_x, m = saved
         layer_norm = gate_gain is not None
         if not overwrite:
@@ -197,6 +205,7 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         d_peephole = None if peephole is None else x.new_zeros(G - 1, B, U)
         d_gain_h = x.new_zeros(B, G * U) if layer_norm else None
         d_cell_gain, d_cell_shift = (x.new_zeros(B, U), x.new_zeros(B, U)) if layer_norm else (None, None)
+        d_reset_h, d_reset_c = (x.new_zeros(B, N), x.new_zeros(B, U)) if reset is not None else (None, None)
         dh_new = dm = None
         if P is not None:
             dh_new, dm = x.new_empty(T, B, N), x.new_empty(B, U)
@@ -235,6 +244,12 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
                 else:  # sum over the gates of (d_g @ U_g^T) * mask_g
                     d_blocks = d_products.view(B, G, U).transpose(0, 1)
                     dh.add_((torch.bmm(d_blocks, recurrent_blocks.transpose(1, 2)) * rd).sum(0))
+                if reset is not None:  # a restored state's gradient goes to the states it restores
+                    starts = reset[:, t, None]
+                    d_reset_h += torch.where(starts, dh, 0)
+                    d_reset_c += torch.where(starts, dc, 0)
+                    dh.masked_fill_(starts, 0)
+                    dc.masked_fill_(starts, 0)
         d_products = (a if layer_norm else z).view(T * B, G * U)
         if rd is None:
             dR = h[:T].reshape(T * B, N).T @ d_products
@@ -255,7 +270,7 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
             dx = dx.flip(1)
         return (dx, dkernel, d_gate_gain, d_bias, dR, None if d_peephole is None else d_peephole.sum(1),
                 None if d_cell_gain is None else d_cell_gain.sum(0),
-                None if d_cell_shift is None else d_cell_shift.sum(0), dP, dh, dc)
+                None if d_cell_shift is None else d_cell_shift.sum(0), dP, dh, dc, d_reset_h, d_reset_c)
 
 
 SAVED_COUNT = 8
@@ -323,10 +338,12 @@ def run(p: Recurrence) -> RecurrenceResult:
                       bool(cell.coupled), *support.activation_codes(cell),
                       -1.0 if cell.cell_clip is None else float(cell.cell_clip))
     mask = None if p.mask is None else p.mask.to(torch.bool).contiguous()
-    fixed = (p.input_dropout, p.recurrent_dropout, mask, keep_h, keep_c)
+    reset = p.reset if p.reset is None or mask is None else p.reset & mask  # (ignored at steps that do not count)
+    fixed = (p.input_dropout, p.recurrent_dropout, mask, keep_h, keep_c, reset)
+    reset_states = tuple(p.reset_state) if p.reset is not None and p.reset_state is not None else (None, None)
     peephole = None if p.peephole is None else p.peephole.contiguous()
     gate_gain, cell_gain, cell_shift = (t.contiguous() for t in p.layer_norm) if p.layer_norm else (None,) * 3
     inputs = (p.inputs, p.kernel, gate_gain, bias_with_forget_bias(p), p.recurrent_kernel, peephole, cell_gain,
-              cell_shift, p.projection, *p.initial_state)
+              cell_shift, p.projection, *p.initial_state, *reset_states)
     (y, hT, cT), _ = OP.call(inputs, fixed, options)
     return RecurrenceResult(y, (hT, cT))
