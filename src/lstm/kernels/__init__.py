@@ -2,7 +2,8 @@
 `cell_call(cell)` for its single-step call and a stream `stream_step(cell, batch)` for its step
 (see dispatch.py). Nothing outside this package names a kernel module."""
 
-from . import fused_cpp, fused_gru_simple_rnn, fused_variants, native, reference, torch_rnn, triton_lstm
+from . import (fused_cpp, fused_gru_simple_rnn, fused_variants, native, reference, torch_rnn, triton_gru_simple_rnn,
+               triton_lstm)
 from .dispatch import available, cell_call, register, run, select, stream_step, use
 from .keep_masks import keep_mask
 from .problem import STATE_COUNT, CellSpec, Recurrence, RecurrenceResult, Zoneout, state_dtype
@@ -10,6 +11,7 @@ from .problem import STATE_COUNT, CellSpec, Recurrence, RecurrenceResult, Zoneou
 register(reference, priority=0)
 register(torch_rnn, priority=5)  # torch's fused ops (cuDNN): what CUDA tensors get; the C++ kernels first on the CPU
 register(triton_lstm, priority=3)  # CUDA: the LSTMs cuDNN cannot run
+register(triton_gru_simple_rnn, priority=3)  # CUDA: the GRUs and SimpleRNNs cuDNN cannot run
 register(fused_gru_simple_rnn, priority=10)
 register(fused_cpp, priority=20)
 register(fused_variants, priority=15)  # the LSTM variants; plain LSTMs go to fused_cpp first

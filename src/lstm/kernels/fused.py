@@ -225,9 +225,10 @@ def _define_ops(op: FusedOp):
         inputs, fixed, options = split(args)
         given = [t for t in args[:tensors_count] if t is not None]
         results = op.forward(inputs, fixed, options, args[-1])
-        # an op's outputs never alias its inputs, and inductor expects the fake kernel's strides
-        return [inputs[0].new_empty(0) if t is None else t.clone() if any(t is g for g in given) else t.contiguous()
-                for t in results]
+        dtypes = op.forward_dtypes(inputs, fixed, options, args[-1])
+        # an op's outputs never alias its inputs, and inductor expects the fake kernel's strides and dtypes
+        return [inputs[0].new_empty(0, dtype=dtype) if t is None else t.clone() if any(t is g for g in given)
+                else t.contiguous() for t, dtype in zip(results, dtypes)]
 
     forward.__signature__ = _signature(*tensors, *option_types, ("save", bool))
     forward.__doc__ = "The outputs, then with save the saved buffers (empty where the kernel has none)."

@@ -172,7 +172,8 @@ def run(p: Recurrence) -> RecurrenceResult:
                       *support.activation_codes(cell), -1.0 if cell.cell_clip is None else float(cell.cell_clip),
                       bool(p.trace))
     gate_gain, gain_c, shift_c = p.layer_norm or (None, None, None)
-    weights = (p.kernel, gate_gain, bias_with_forget_bias(p), p.recurrent_kernel, p.peephole, gain_c, shift_c, p.projection)
+    weights = (p.kernel, gate_gain, bias_with_forget_bias(p), p.recurrent_kernel, p.peephole, gain_c, shift_c,
+               p.projection)
     if lengths is not None:
         return _run_packed(p, lengths, weights, options)
     fixed = (p.input_dropout, p.recurrent_dropout, p.mask, seed, None)

@@ -25,43 +25,23 @@ kernel gives them on the GPU): traces.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib.util
-import os
 from typing import NamedTuple
 
 import torch
 
 from . import fused, support
-from .dispatch import forced_name
 from .input_projection import bias_with_forget_bias, input_projection_backward
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
-from .reference import LAYER_NORM_EPS, masked_product
+from .reference import LAYER_NORM_EPS
+from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, output_gradients, project,
+                             recurrent_product, recurrent_weight_gradient, rounded, runs, writable)
 
 name = "triton_lstm"
 takes_resets = True
 
-ROUND_H = {torch.bfloat16: 1, torch.float16: 2}  # triton_steps._rounded's codes
-
-
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # (imported on first use)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def supports(p: Recurrence) -> bool:
-    cell = p.cell
-    if cell.kind != "lstm" or p.trace:
-        return False
-    if support.activation_codes(cell) is None or not TRITON_INSTALLED:
-        return False
-    device = p.inputs.device
-    if device.type != "cuda" and not (device.type == "cpu" and _interpreting() and forced_name() == name):
-        return False
-    return support.on_one_device_in_compute_dtypes(p)
+    return p.cell.kind == "lstm" and not p.trace and support.activation_codes(p.cell) is not None and runs(p, name)
 
 
 class Options(NamedTuple):
@@ -80,20 +60,6 @@ def _steps():
     """The Triton programs (importing triton once, on first use)."""
     from . import triton_steps
     return triton_steps
-
-
-def _on_device(x: torch.Tensor):
-    """The launches' current device: the tensors'."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _rounded(t: torch.Tensor, low) -> torch.Tensor:
-    return t if low is None else t.to(low).float()
-
-
-def _recurrent_operands(h: torch.Tensor, recurrent_dropout, low) -> torch.Tensor:
-    """h [B, N] as the recurrent products' operands: [G, B, N] after each gate's dropout mask."""
-    return _rounded(h[None] * recurrent_dropout, low)
 
 
 class TritonLSTMOp(fused.RoundedOperandsOp):
@@ -119,7 +85,7 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         G, layer_norm = (3 if options.coupled else 4), gate_gain is not None
         steps = _steps()
         x_in_order = x.flip(1) if options.go_backwards else x
-        z = _project(x_in_order.transpose(0, 1), kernel, in_drop, G, low)  # [T, B, GU]
+        z = project(x_in_order.transpose(0, 1), kernel, in_drop, G, low)  # [T, B, GU]
         x_normalized = rstd_x = a = rstd_h = m = None
         if layer_norm:
             x_normalized, rstd_x = _layer_norm(z)
@@ -132,12 +98,12 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         if P is not None:
             m, projected = x.new_empty(T, B, U), x.new_empty(B, N)
         clip = x.new_full((1,), options.cell_clip)
-        cell_blocks = steps.blocks(B, U, whole_rows=layer_norm)
-        output_blocks = steps.blocks(B, N)
+        cell_blocks = blocks(B, U, whole_rows=layer_norm)
+        output_blocks = blocks(B, N)
         flags = self._flags(options, mask, keep_h)
-        recurrent_blocks = None if rd is None else R.view(N, G, U).transpose(0, 1)  # [G, N, U]
+        cell_flags = self._cell_flags(options, peephole, keep_c)
         given = _given(z)
-        with _on_device(x):
+        with on_device(x):
             for s in range(T):
                 t = T - 1 - s if options.go_backwards else s
                 if reset is not None:  # an episode starts: the step begins from the restored states
@@ -145,13 +111,17 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
                     h[s] = torch.where(starts, 0 if reset_h is None else reset_h, h[s])
                     c[s] = torch.where(starts, 0 if reset_c is None else reset_c, c[s])
                 # z[s] += h[s] @ R, or with layer norm a[s] = h[s] @ R (normalised by the program)
-                _recurrent_product(h[s], R, rd, recurrent_blocks, low, a[s] if layer_norm else z[s],
-                                   accumulate=not layer_norm)
+                if layer_norm:
+                    a[s] = recurrent_product(h[s], R, rd, low)
+                elif rd is None:
+                    z[s].addmm_(h[s], R)
+                else:
+                    z[s] += recurrent_product(h[s], R, rd, low)
                 steps.lstm_forward_step[cell_blocks[2]](
                     z, given(a), given(rstd_h), h, c, given(m), y, given(mask), given(keep_h), given(keep_c),
                     given(peephole), given(gate_gain), given(cell_gain), given(cell_shift), clip, s, t, B, U, T,
                     LAYER_NORM=layer_norm, PROJECTED=P is not None, ROUND_H=ROUND_H.get(low, 0),
-                    BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1], **flags, **self._cell_flags(options, peephole, keep_c))
+                    BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1], **flags, **cell_flags)
                 if P is not None:
                     torch.mm(m[s], P, out=projected)
                     steps.lstm_output_step[output_blocks[2]](
@@ -199,8 +169,8 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         (B, T, _), U, N = x.shape, c0.shape[1], h0.shape[1]
         G = 3 if options.coupled else 4
         steps = _steps()
-        dh = x.new_zeros(B, N) if dhT is None else _writable(dhT, x.dtype)
-        dc = x.new_zeros(B, U) if dcT is None else _writable(dcT, x.dtype)
+        dh = x.new_zeros(B, N) if dhT is None else writable(dhT, x.dtype)
+        dc = x.new_zeros(B, U) if dcT is None else writable(dcT, x.dtype)
         carry = x.new_zeros(B, N)
         d_peephole = None if peephole is None else x.new_zeros(G - 1, B, U)
         d_gain_h = x.new_zeros(B, G * U) if layer_norm else None
@@ -209,21 +179,14 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         dh_new = dm = None
         if P is not None:
             dh_new, dm = x.new_empty(T, B, N), x.new_empty(B, U)
-        dy = None if dy is None else dy.contiguous()  # (an expanded gradient has stride 0)
-        if dy is not None and options.return_sequences:
-            dy_steps = dy.transpose(0, 1)  # [T, B, N], processing order
-            dy_stride_s, dy_stride_b = dy_steps.stride(0), dy_steps.stride(1)
-        elif dy is not None:
-            dy_steps, dy_stride_s, dy_stride_b = dy, 0, dy.stride(0)  # the last step's only
-        else:
-            dy_steps, dy_stride_s, dy_stride_b = z, 0, 0
+        dy_steps, dy_stride_s, dy_stride_b = output_gradients(dy, options.return_sequences, z)
         clip = x.new_full((1,), options.cell_clip)
-        cell_blocks = steps.blocks(B, U, whole_rows=layer_norm)
-        output_blocks = steps.blocks(B, N)
+        cell_blocks = blocks(B, U, whole_rows=layer_norm)
+        output_blocks = blocks(B, N)
         flags = self._flags(options, mask, keep_h)
-        recurrent_blocks = None if rd is None else R.view(N, G, U).transpose(0, 1)  # [G, N, U]
+        cell_flags = self._cell_flags(options, peephole, keep_c)
         given = _given(z)
-        with _on_device(x):
+        with on_device(x):
             for s in reversed(range(T)):
                 t = T - 1 - s if options.go_backwards else s
                 has_dy = dy is not None and (options.return_sequences or s == T - 1)
@@ -237,25 +200,15 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
                     given(keep_c), given(peephole), given(gate_gain), given(cell_gain), given(cell_shift), clip,
                     given(d_peephole), given(d_gain_h), given(d_cell_gain), given(d_cell_shift), s, t, B, U, T,
                     dy_stride_s, dy_stride_b, LAYER_NORM=layer_norm, PROJECTED=P is not None, HAS_DY=has_dy,
-                    BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1], **flags, **self._cell_flags(options, peephole, keep_c))
-                d_products = a[s] if layer_norm else z[s]
-                if rd is None:
-                    dh.addmm_(d_products, R.T)
-                else:  # sum over the gates of (d_g @ U_g^T) * mask_g
-                    d_blocks = d_products.view(B, G, U).transpose(0, 1)
-                    dh.add_((torch.bmm(d_blocks, recurrent_blocks.transpose(1, 2)) * rd).sum(0))
+                    BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1], **flags, **cell_flags)
+                add_recurrent_gradient(dh, a[s] if layer_norm else z[s], R, rd)
                 if reset is not None:  # a restored state's gradient goes to the states it restores
                     starts = reset[:, t, None]
                     d_reset_h += torch.where(starts, dh, 0)
                     d_reset_c += torch.where(starts, dc, 0)
                     dh.masked_fill_(starts, 0)
                     dc.masked_fill_(starts, 0)
-        d_products = (a if layer_norm else z).view(T * B, G * U)
-        if rd is None:
-            dR = h[:T].reshape(T * B, N).T @ d_products
-        else:
-            dR = torch.cat([_rounded(h[:T] * rd[g], low).reshape(T * B, N).T @ d_products[:, g * U:(g + 1) * U]
-                            for g in range(G)], dim=1)
+        dR = recurrent_weight_gradient(h[:T], (a if layer_norm else z).view(T * B, G * U), rd, low)
         dP = None if P is None else m.reshape(T * B, U).T @ dh_new.reshape(T * B, N)
         d_bias = z.sum((0, 1)) if bias is not None else None
         d_gate_gain = dxw = None
@@ -265,7 +218,7 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         dxk = (z if dxw is None else dxw).transpose(0, 1)  # [B, T, GU], processing order
         x_in_order = x.flip(1) if options.go_backwards else x
         dx, dkernel = input_projection_backward(x_in_order, kernel, in_drop, dxk, needs[0], needs[1],
-                                                functools.partial(_rounded, low=low))
+                                                functools.partial(rounded, low=low))
         if dx is not None and options.go_backwards:
             dx = dx.flip(1)
         return (dx, dkernel, d_gate_gain, d_bias, dR, None if d_peephole is None else d_peephole.sum(1),
@@ -275,23 +228,6 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
 
 SAVED_COUNT = 8
 OP = TritonLSTMOp()
-
-
-def _recurrent_product(h: torch.Tensor, R: torch.Tensor, rd, recurrent_blocks, low, out: torch.Tensor,
-                       accumulate: bool) -> None:
-    """out = h @ R (or out += it), the recurrent dropout masks rd [G, B, N] first, one per gate
-    block (recurrent_blocks: R as [G, N, U])."""
-    if rd is None:
-        if accumulate:
-            out.addmm_(h, R)
-        else:
-            torch.mm(h, R, out=out)
-        return
-    product = torch.bmm(_recurrent_operands(h, rd, low), recurrent_blocks).transpose(0, 1).reshape(out.shape)
-    if accumulate:
-        out.add_(product)
-    else:
-        out.copy_(product)
 
 
 def _given(placeholder: torch.Tensor):
@@ -311,19 +247,6 @@ def _layer_norm_backward(d_normalized: torch.Tensor, normalized: torch.Tensor, r
     mean_d = d_normalized.mean(-1, keepdim=True)
     mean_dn = (d_normalized * normalized).mean(-1, keepdim=True)
     return rstd[..., None] * (d_normalized - mean_d - normalized * mean_dn)
-
-
-def _project(x: torch.Tensor, kernel: torch.Tensor, in_drop, gates: int, low) -> torch.Tensor:
-    """x [T, B, D] @ kernel: [T, B, G*U], contiguous, the input dropout masks ([1 or G, B, D])
-    first; in bfloat16/float16 (`low`) the dropped-out x rounded to it, as the reference kernel
-    rounds a product's operand."""
-    masks = None if in_drop is None else in_drop[:, None]
-    return masked_product(x, kernel, masks, gates, functools.partial(_rounded, low=low)).contiguous()
-
-
-def _writable(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous copy of t in dtype (a gradient may be expanded, with stride 0)."""
-    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 @answers_empty_sequences

@@ -31,7 +31,7 @@ TANH, SIGMOID, RELU, LINEAR, HARD_SIGMOID, HARD_SIGMOID_TF_KERAS = range(6)
 
 
 @triton.jit
-def _activation(z, CODE: tl.constexpr):
+def activation(z, CODE: tl.constexpr):
     if CODE == TANH:
         # (1 - e)/(1 + e) with e = exp(-2|z|) <= 1: no overflow for any z
         e = tl.exp(-2.0 * tl.abs(z))
@@ -51,7 +51,7 @@ def _activation(z, CODE: tl.constexpr):
 
 
 @triton.jit
-def _derivative(a, CODE: tl.constexpr):
+def derivative(a, CODE: tl.constexpr):
     """d activation / dz at the activated value a (as torch's backward formulas take it)."""
     if CODE == TANH:
         return 1.0 - a * a
@@ -68,7 +68,7 @@ def _derivative(a, CODE: tl.constexpr):
 
 
 @triton.jit
-def _rounded(h, ROUND_H: tl.constexpr):
+def rounded(h, ROUND_H: tl.constexpr):
     """float32 h rounded to the compute dtype of a bfloat16 (1) / float16 (2) call, held in float32.
     bfloat16 by hand, to nearest even on the bits: Triton's interpreter converts by truncation."""
     if ROUND_H == 1:
@@ -91,11 +91,20 @@ def _row_mean(v, inside, size):
 
 
 @triton.jit
-def _h_and_output(h_new, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, N, T,
-                  HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, ZERO_OUTPUT: tl.constexpr):
-    """Zoneout and the mask on the new h; stores h[s+1] and the output y[s] (Keras' rules)."""
+def tile(B, N, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+    """(rows [BLOCK_B, 1], columns [1, BLOCK_U], inside) of this program's tile of a [B, N] state."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    columns = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
+    return rows, columns, (rows < B) & (columns < N)
+
+
+@triton.jit
+def store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, N, T,
+                       HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, ZERO_OUTPUT: tl.constexpr):
+    """Zoneout and Keras' mask on the new h (h_prev: h[s]'s tile); stores h[s+1] and the output
+    y[s]: a masked step keeps h[s] and outputs the previous output (zeros before the first step),
+    or zeros with ZERO_OUTPUT."""
     state = rows * N + cols
-    h_prev = tl.load(h_ptr + s * B * N + state, mask=inside, other=0.0)
     if HAS_KEEP_H:
         keep = tl.load(keep_h_ptr + rows * T * N + s * N + cols, mask=inside, other=0) != 0
         h_new = tl.where(keep, h_prev, h_new)
@@ -114,12 +123,12 @@ def _h_and_output(h_new, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside,
 
 
 @triton.jit
-def _h_backward(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, N, T,
-                dy_stride_s, dy_stride_b, HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr,
-                ZERO_OUTPUT: tl.constexpr, HAS_DY: tl.constexpr):
-    """`_h_and_output` backwards: from the gradients of h[s+1] (dh) and y[s] (dy, plus the carried
-    gradient of the previous output) to that of the new h it returns; dh becomes the part of h[s]'s
-    that bypasses the step, carry the gradient of y[s-1]."""
+def h_gradient(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, N, T,
+               dy_stride_s, dy_stride_b, HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr,
+               ZERO_OUTPUT: tl.constexpr, HAS_DY: tl.constexpr):
+    """`store_h_and_output` backwards, from the gradients of h[s+1] (dh) and y[s] (dy, plus the
+    carried gradient of the previous output): (that of the step's new h; the part of h[s]'s that
+    bypasses the step, through a masked step or zoneout). carry becomes the gradient of y[s-1]."""
     state = rows * N + cols
     dh_next = tl.load(dh_ptr + state, mask=inside, other=0.0)
     d_output = tl.load(carry_ptr + state, mask=inside, other=0.0)
@@ -138,9 +147,8 @@ def _h_backward(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, ins
         keep = tl.load(keep_h_ptr + rows * T * N + s * N + cols, mask=inside, other=0) != 0
         dh_pass += tl.where(keep, dh_new, 0.0)
         dh_new = tl.where(keep, 0.0, dh_new)
-    tl.store(dh_ptr + state, dh_pass, mask=inside)
     tl.store(carry_ptr + state, carry, mask=inside)
-    return dh_new
+    return dh_new, dh_pass
 
 
 @triton.jit
@@ -162,9 +170,7 @@ def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask
                       BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """Step s (time index t): z[s] -> the gates (in place), c[s+1], and h[s+1], y[s]; projected,
     m[s] instead of h and y (`lstm_output_step` makes them from m[s] @ projection)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
-    inside = (rows < B) & (units < U)
+    rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
     in_row = units < U
     G: tl.constexpr = 3 if COUPLED else 4
     z = z_ptr + s * B * G * U + rows * G * U + units
@@ -212,28 +218,28 @@ def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask
 
     if HAS_PEEPHOLE:
         z_f += tl.load(peephole_ptr + (G - 3) * U + units, mask=in_row, other=0.0) * c_prev
-    f = _activation(z_f, RECURRENT_ACTIVATION)
+    f = activation(z_f, RECURRENT_ACTIVATION)
     if COUPLED:
         i = 1.0 - f
     else:
         if HAS_PEEPHOLE:
             z_i += tl.load(peephole_ptr + units, mask=in_row, other=0.0) * c_prev
-        i = _activation(z_i, RECURRENT_ACTIVATION)
-    c_tilde = _activation(z_c, ACTIVATION)
+        i = activation(z_i, RECURRENT_ACTIVATION)
+    c_tilde = activation(z_c, ACTIVATION)
     c_new = f * c_prev + i * c_tilde
     if HAS_CLIP:
         cell_clip = tl.load(clip_ptr)
         c_new = tl.minimum(tl.maximum(c_new, -cell_clip), cell_clip)
     if HAS_PEEPHOLE:
         z_o += tl.load(peephole_ptr + (G - 2) * U + units, mask=in_row, other=0.0) * c_new
-    o = _activation(z_o, RECURRENT_ACTIVATION)
+    o = activation(z_o, RECURRENT_ACTIVATION)
     cell_input = c_new
     if LAYER_NORM:  # LN(C) * cell_gain + cell_shift, over the row's U units
         centred = tl.where(inside, c_new - _row_mean(c_new, inside, U), 0.0)
         rstd_c = 1.0 / tl.sqrt(_row_mean(centred * centred, inside, U) + LAYER_NORM_EPS)
         cell_input = (centred * rstd_c * tl.load(cell_gain_ptr + units, mask=in_row, other=0.0)
                       + tl.load(cell_shift_ptr + units, mask=in_row, other=0.0))
-    h_new = _rounded(o * _activation(cell_input, ACTIVATION), ROUND_H)
+    h_new = rounded(o * activation(cell_input, ACTIVATION), ROUND_H)
 
     if not COUPLED:
         tl.store(z, i, mask=inside)
@@ -251,8 +257,9 @@ def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask
     if PROJECTED:
         tl.store(m_ptr + s * B * U + state, h_new, mask=inside)
     else:
-        _h_and_output(h_new, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, units, inside, s, t, B, U, T,
-                      HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT)
+        h_prev = tl.load(h_ptr + s * B * U + state, mask=inside, other=0.0)
+        store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, units, inside, s, t, B, U, T,
+                           HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT)
 
 
 @triton.jit
@@ -260,12 +267,11 @@ def lstm_output_step(projected_ptr, h_ptr, y_ptr, mask_ptr, keep_h_ptr, s, t, B,
                      HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, ZERO_OUTPUT: tl.constexpr,
                      ROUND_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """A projected step's h[s+1] and y[s] from m[s] @ projection ([B, P])."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    cols = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
-    inside = (rows < B) & (cols < P)
-    h_new = _rounded(tl.load(projected_ptr + rows * P + cols, mask=inside, other=0.0), ROUND_H)
-    _h_and_output(h_new, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
-                  HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT)
+    rows, cols, inside = tile(B, P, BLOCK_B, BLOCK_U)
+    h_new = rounded(tl.load(projected_ptr + rows * P + cols, mask=inside, other=0.0), ROUND_H)
+    h_prev = tl.load(h_ptr + s * B * P + rows * P + cols, mask=inside, other=0.0)
+    store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
+                       HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT)
 
 
 @triton.jit
@@ -273,13 +279,13 @@ def lstm_output_backward_step(dh_new_ptr, dh_ptr, dy_ptr, carry_ptr, mask_ptr, k
                               dy_stride_s, dy_stride_b, HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr,
                               ZERO_OUTPUT: tl.constexpr, HAS_DY: tl.constexpr, BLOCK_B: tl.constexpr,
                               BLOCK_U: tl.constexpr):
-    """`lstm_output_step` backwards: the gradient of step s's projected h, into dh_new [T, B, P]."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    cols = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
-    inside = (rows < B) & (cols < P)
-    dh_new = _h_backward(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
-                         dy_stride_s, dy_stride_b, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, HAS_DY)
+    """`lstm_output_step` backwards: the gradient of step s's projected h, into dh_new [T, B, P];
+    dh becomes the part of h[s]'s that bypasses the step."""
+    rows, cols, inside = tile(B, P, BLOCK_B, BLOCK_U)
+    dh_new, dh_pass = h_gradient(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
+                                 dy_stride_s, dy_stride_b, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, HAS_DY)
     tl.store(dh_new_ptr + s * B * P + rows * P + cols, dh_new, mask=inside)
+    tl.store(dh_ptr + rows * P + cols, dh_pass, mask=inside)
 
 
 @triton.jit
@@ -300,12 +306,10 @@ def lstm_backward_step(z_ptr, a_ptr, rstd_h_ptr, c_ptr, dm_ptr, dy_ptr, dh_ptr, 
     """Step s backwards: the activated gates z[s] -> dz[s] (in place); with layer norm a[s] -> the
     gradient of h[s-1] U (in place), which the caller carries to h through the product (without,
     dz[s] is it). dc: c[s+1]'s gradient becomes c[s]'s. The gradient of the step's new h comes from
-    dh, dy and carry (`_h_backward`), or projected from dm [B, U] (m[s]'s). d_peephole [G-1, B, U],
+    dh, dy and carry (`h_gradient`), or projected from dm [B, U] (m[s]'s). d_peephole [G-1, B, U],
     d_gate_gain [B, G*U] (h U's gain), d_cell_gain and d_cell_shift [B, U] sum the parameters'
     gradients per row."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    units = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
-    inside = (rows < B) & (units < U)
+    rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
     in_row = units < U
     G: tl.constexpr = 3 if COUPLED else 4
     z = z_ptr + s * B * G * U + rows * G * U + units
@@ -313,8 +317,9 @@ def lstm_backward_step(z_ptr, a_ptr, rstd_h_ptr, c_ptr, dm_ptr, dy_ptr, dh_ptr, 
     if PROJECTED:
         dh_new = tl.load(dm_ptr + state, mask=inside, other=0.0)
     else:
-        dh_new = _h_backward(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, units, inside, s, t, B, U, T,
-                             dy_stride_s, dy_stride_b, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, HAS_DY)
+        dh_new, dh_pass = h_gradient(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, units, inside, s, t, B,
+                                     U, T, dy_stride_s, dy_stride_b, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, HAS_DY)
+        tl.store(dh_ptr + state, dh_pass, mask=inside)
     dc_next = tl.load(dc_ptr + state, mask=inside, other=0.0)
     dc_new = dc_next
     dc_pass = tl.zeros(dc_next.shape, dc_next.dtype)
@@ -345,30 +350,30 @@ def lstm_backward_step(z_ptr, a_ptr, rstd_h_ptr, c_ptr, dm_ptr, dy_ptr, dh_ptr, 
         rstd_c = 1.0 / tl.sqrt(_row_mean(centred * centred, inside, U) + LAYER_NORM_EPS)
         normalized_c = centred * rstd_c
         cell_gain = tl.load(cell_gain_ptr + units, mask=in_row, other=0.0)
-        cell_output = _activation(normalized_c * cell_gain + tl.load(cell_shift_ptr + units, mask=in_row, other=0.0),
+        cell_output = activation(normalized_c * cell_gain + tl.load(cell_shift_ptr + units, mask=in_row, other=0.0),
                                   ACTIVATION)
-        d_cell_input = dh_new * o * _derivative(cell_output, ACTIVATION)
+        d_cell_input = dh_new * o * derivative(cell_output, ACTIVATION)
         _accumulate(d_cell_shift_ptr + state, d_cell_input, inside)
         _accumulate(d_cell_gain_ptr + state, d_cell_input * normalized_c, inside)
         dc = dc_new + _layer_norm_backward(tl.where(inside, d_cell_input * cell_gain, 0.0), normalized_c, rstd_c,
                                            inside, U)
     else:
-        cell_output = _activation(c_new, ACTIVATION)
-        dc = dc_new + dh_new * o * _derivative(cell_output, ACTIVATION)
-    dz_o = dh_new * cell_output * _derivative(o, RECURRENT_ACTIVATION)
+        cell_output = activation(c_new, ACTIVATION)
+        dc = dc_new + dh_new * o * derivative(cell_output, ACTIVATION)
+    dz_o = dh_new * cell_output * derivative(o, RECURRENT_ACTIVATION)
     if HAS_PEEPHOLE:
         dc += dz_o * tl.load(peephole_ptr + (G - 2) * U + units, mask=in_row, other=0.0)
     if HAS_CLIP:
         dc = tl.where((c_raw >= -cell_clip) & (c_raw <= cell_clip), dc, 0.0)
     di = dc * c_tilde
     df = dc * c_prev
-    dz_c = dc * i * _derivative(c_tilde, ACTIVATION)
+    dz_c = dc * i * derivative(c_tilde, ACTIVATION)
     dc_prev = dc_pass + dc * f
     if COUPLED:
-        dz_f = (df - di) * _derivative(f, RECURRENT_ACTIVATION)
+        dz_f = (df - di) * derivative(f, RECURRENT_ACTIVATION)
     else:
-        dz_i = di * _derivative(i, RECURRENT_ACTIVATION)
-        dz_f = df * _derivative(f, RECURRENT_ACTIVATION)
+        dz_i = di * derivative(i, RECURRENT_ACTIVATION)
+        dz_f = df * derivative(f, RECURRENT_ACTIVATION)
     if HAS_PEEPHOLE:
         dc_prev += dz_f * tl.load(peephole_ptr + (G - 3) * U + units, mask=in_row, other=0.0)
         _accumulate(d_peephole_ptr + (G - 3) * B * U + state, dz_f * c_prev, inside)
@@ -413,11 +418,3 @@ def lstm_backward_step(z_ptr, a_ptr, rstd_h_ptr, c_ptr, dm_ptr, dy_ptr, dh_ptr, 
         tl.store(a + (G - 1) * U, rstd * (da_o - mean_d - a_o * mean_dn), mask=inside)
         if not COUPLED:
             tl.store(a, rstd * (da_i - mean_d - a_i * mean_dn), mask=inside)
-
-
-def blocks(batch: int, units: int, whole_rows: bool = False) -> tuple:
-    """(BLOCK_B, BLOCK_U) and the grid of a step's programs; with whole_rows one program spans
-    every unit of its rows (layer norm's reductions)."""
-    block_u = triton.next_power_of_2(units) if whole_rows else min(triton.next_power_of_2(units), 64)
-    block_b = max(1, min(triton.next_power_of_2(batch), 16, 4096 // block_u))
-    return block_b, block_u, (triton.cdiv(batch, block_b), triton.cdiv(units, block_u))
