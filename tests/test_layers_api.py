@@ -1134,7 +1134,7 @@ def test_distributed_data_parallel_two_ranks():
     from two_ranks import spawn_two_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
-        spawn_two_ranks(_ddp_worker, (os.path.join(tmp, "init"), tmp), seconds=300)
+        spawn_two_ranks(_ddp_worker, lambda attempt: (os.path.join(tmp, f"init{attempt}"), tmp), seconds=120)
         ranks = []
         for r in range(2):
             with np.load(os.path.join(tmp, f"rank{r}.npz")) as data:

@@ -3,6 +3,7 @@ step both ranks hold identical weights, and only rank 0 writes metrics and check
 
 import json
 import os
+import shutil
 import socket
 
 import torch
@@ -40,7 +41,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_hold_identical_weights(tmp_path):
-    spawn_two_ranks(_worker, (2, _free_port(), str(tmp_path)), seconds=300)
+    def fresh_run(attempt: int) -> tuple:
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)  # (a stalled attempt's partial run)
+        return 2, _free_port(), str(tmp_path)
+
+    spawn_two_ranks(_worker, fresh_run, seconds=150)
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     saved = load_file(tmp_path / "run" / "checkpoints" / "epoch-001" / "model.safetensors")
@@ -70,7 +75,7 @@ def _sums_worker(rank: int, init: str, out: str) -> None:
 
 
 def test_sums_add_over_ranks_when_one_rank_has_none(tmp_path):
-    spawn_two_ranks(_sums_worker, (str(tmp_path / "init"), str(tmp_path)), seconds=120)
+    spawn_two_ranks(_sums_worker, lambda attempt: (str(tmp_path / f"init{attempt}"), str(tmp_path)), seconds=120)
     expected = [{"accuracy": [1.0, 2.0], "loss": [3.0, 2.0]}, {"loss": [2.0, 2.0]}]
     for rank in range(2):
         assert json.loads((tmp_path / f"sums{rank}.json").read_text()) == expected
