@@ -40,6 +40,7 @@ from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device,
 name = "triton_lstm"
 takes_resets = True
 
+
 def supports(p: Recurrence) -> bool:
     return p.cell.kind == "lstm" and not p.trace and support.activation_codes(p.cell) is not None and runs(p, name)
 
@@ -236,7 +237,7 @@ def _given(placeholder: torch.Tensor):
 
 
 def _layer_norm(v: torch.Tensor) -> tuple:
-    """(v - mean) / std over the last dimension, and 1/std [..]: reference.layer_norm's numbers."""
+    """((v - mean) / std over the last dimension, 1/std per row): reference.layer_norm's numbers."""
     centred = v - v.mean(-1, keepdim=True)
     rstd = torch.rsqrt((centred * centred).mean(-1) + LAYER_NORM_EPS)
     return centred * rstd[..., None], rstd
