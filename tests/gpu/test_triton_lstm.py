@@ -185,6 +185,33 @@ def test_not_chosen_on_the_cpu_nor_for_what_it_lacks():
         lstm.kernels.select(dataclasses.replace(on_device(variant_problem(2, 3, 2, 4)), trace=True))
 
 
+def test_a_device_triton_cannot_build_for_falls_back_to_the_reference(monkeypatch):
+    """Where Triton cannot build or launch a program on the device (here a launch raising
+    OutOfResources, as too small a GPU would), the call warns naming the error and gives the
+    reference kernel's numbers, and the kernel leaves the dispatch."""
+    from triton.runtime.errors import OutOfResources
+
+    from lstm.kernels import triton_steps, triton_support
+
+    monkeypatch.setattr(triton_support, "failed", {})
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(triton_steps, "lstm_forward_step", Failing())
+    p = on_device(variant_problem(2, 3, 2, 4, peephole=True))
+    with lstm.kernels.use("triton_lstm"):
+        with pytest.warns(RuntimeWarning, match="triton_lstm cannot run .*OutOfResources"):
+            got = triton_lstm.run(p)
+        with pytest.raises(ValueError, match="does not support"):
+            lstm.kernels.select(p)
+    expected = reference.run(p)
+    torch.testing.assert_close(got.outputs, expected.outputs, rtol=0, atol=0)
+
+
 def test_torch_compile_traces_through_it():
     """A compiled layer (one graph) runs the kernel's custom ops: the reference's numbers, gradients too."""
     layer = layers.LSTM(8, return_sequences=True, input_dim=4, peephole=True, cell_clip=0.5).to(DEVICE)

@@ -35,7 +35,8 @@ from . import fused, support
 from .input_projection import input_projection_backward
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, output_gradients, project,
-                             recurrent_product, recurrent_weight_gradient, rounded, runs, writable)
+                             recurrent_product, recurrent_weight_gradient, rounded, run_or_fall_back, runs,
+                             writable)
 
 name = "triton_gru_simple_rnn"
 
@@ -229,6 +230,10 @@ OP = TritonGRUSimpleRNNOp()
 
 @answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
+    return run_or_fall_back(name, _run, p)
+
+
+def _run(p: Recurrence) -> RecurrenceResult:
     cell = p.cell
     options = Options(bool(p.go_backwards), bool(p.zero_output_for_mask), bool(p.return_sequences),
                       cell.kind == "simple_rnn", cell.kind == "gru" and bool(cell.reset_after),

@@ -35,7 +35,8 @@ from .input_projection import bias_with_forget_bias, input_projection_backward
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 from .reference import LAYER_NORM_EPS
 from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, output_gradients, project,
-                             recurrent_product, recurrent_weight_gradient, rounded, runs, writable)
+                             recurrent_product, recurrent_weight_gradient, rounded, run_or_fall_back, runs,
+                             writable)
 
 name = "triton_lstm"
 takes_resets = True
@@ -252,6 +253,10 @@ def _layer_norm_backward(d_normalized: torch.Tensor, normalized: torch.Tensor, r
 
 @answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
+    return run_or_fall_back(name, _run, p)
+
+
+def _run(p: Recurrence) -> RecurrenceResult:
     cell = p.cell
     B, T, _ = p.inputs.shape
     keep_h = keep_c = None

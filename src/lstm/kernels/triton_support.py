@@ -7,24 +7,28 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import torch
 
-from . import support
+from . import reference, support
 from .dispatch import forced_name
-from .problem import Recurrence
+from .problem import Recurrence, RecurrenceResult
 from .reference import masked_product
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # (imported on first use)
 ROUND_H = {torch.bfloat16: 1, torch.float16: 2}  # triton_steps.rounded's codes
+# kernel name -> the Triton error that took it out of the dispatch (its programs failed to build or
+# launch on this device)
+failed: dict[str, str] = {}
 
 
 def runs(p: Recurrence, kernel_name: str) -> bool:
     """Whether a Triton kernel can run the problem's tensors: CUDA tensors, or CPU tensors under
     Triton's interpreter (TRITON_INTERPRET=1) when the kernel is forced (the tests); every tensor on
     the input's device in the dtypes of problem.py's "Precision"."""
-    if not TRITON_INSTALLED:
+    if not TRITON_INSTALLED or kernel_name in failed:
         return False
     device = p.inputs.device
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,6 +47,26 @@ def blocks(batch: int, size: int, whole_rows: bool = False) -> tuple:
     block_u = power_of_2(size) if whole_rows else min(power_of_2(size), 64)
     block_b = max(1, min(power_of_2(batch), 16, 4096 // block_u))
     return block_b, block_u, (-(-batch // block_b), -(-size // block_u))
+
+
+def run_or_fall_back(kernel_name: str, run: Callable[[Recurrence], RecurrenceResult],
+                     p: Recurrence) -> RecurrenceResult:
+    """run(p); where Triton cannot build or launch the kernel's programs on this device (a
+    TritonError other than the interpreter's, which reports a bug in a program), a warning naming
+    the error, the kernel out of the dispatch from then on, and the reference kernel's result."""
+    from triton.errors import TritonError
+    from triton.runtime.errors import InterpreterError
+
+    try:
+        return run(p)
+    except TritonError as error:
+        if isinstance(error, InterpreterError):
+            raise
+        failed[kernel_name] = f"{type(error).__name__}: {error}"
+        warnings.warn(f"lstm: the Triton kernel {kernel_name} cannot run on {p.inputs.device} "
+                      f"({failed[kernel_name]}); the reference kernel runs these calls instead (correct, slower)",
+                      RuntimeWarning, stacklevel=2)
+        return reference.run(p)
 
 
 def on_device(x: torch.Tensor):
