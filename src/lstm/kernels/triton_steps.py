@@ -27,7 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-TANH, SIGMOID, RELU, LINEAR, HARD_SIGMOID, HARD_SIGMOID_TF_KERAS = range(6)
+# (globals a program reads must be tl.constexpr instances: the GPU compiler refuses others)
+TANH, SIGMOID, RELU, LINEAR, HARD_SIGMOID, HARD_SIGMOID_TF_KERAS = (tl.constexpr(code) for code in range(6))
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def rounded(h, ROUND_H: tl.constexpr):
         return h
 
 
-LAYER_NORM_EPS: tl.constexpr = 1e-5  # reference.LAYER_NORM_EPS
+LAYER_NORM_EPS = tl.constexpr(1e-5)  # reference.LAYER_NORM_EPS
 
 
 @triton.jit
