@@ -37,6 +37,7 @@ def gru_reset_step(z_ptr, zr_ptr, h_ptr, rh_ptr, keep_h_block_ptr, s, B, U,
     [B, 2U] (h[s] U_z|r) -> z_t|r_t (in place); rh[s] = r_t * h[s] (times the h block's recurrent
     dropout mask), rounded as a product's operand."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     z = z_ptr + s * B * 3 * U + rows * 3 * U + units
     zr = zr_ptr + rows * 2 * U + units
     state = rows * U + units
@@ -62,6 +63,7 @@ def gru_forward_step(z_ptr, hr_ptr, h_ptr, y_ptr, mask_ptr, recurrent_bias_ptr, 
     the recurrent bias's: what the backward's r gradient needs). Not reset_after: z[s] holds z_t|r_t
     (gru_reset_step) and x_h, hr [B, U] the candidate's product rh[s] @ U_h."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     z = z_ptr + s * B * 3 * U + rows * 3 * U + units
     state = rows * U + units
     h_prev = tl.load(h_ptr + s * B * U + state, mask=inside, other=0.0)
@@ -100,6 +102,7 @@ def gru_backward_step(z_ptr, hr_ptr, h_ptr, dy_ptr, dh_ptr, carry_ptr, mask_ptr,
     reset_after, the r block is gru_reset_backward_step's (it needs the gradient of rh[s] first).
     dh (the gradient of h[s+1]) becomes the part of h[s]'s outside the products with U."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     z = z_ptr + s * B * 3 * U + rows * 3 * U + units
     state = rows * U + units
     dh_new, dh_pass = h_gradient(dh_ptr, dy_ptr, carry_ptr, mask_ptr, mask_ptr, rows, units, inside, s, t, B, U, T,
@@ -131,6 +134,7 @@ def gru_reset_backward_step(z_ptr, drh_ptr, h_ptr, dh_ptr, keep_h_block_ptr, s, 
     (r_t -> its pre-activation's gradient); dh += the part of h[s]'s through r_t * h[s] (the
     rounding passes gradients unrounded)."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     z = z_ptr + s * B * 3 * U + rows * 3 * U + units
     state = rows * U + units
     drh = tl.load(drh_ptr + state, mask=inside, other=0.0)
@@ -151,6 +155,7 @@ def simple_rnn_forward_step(z_ptr, h_ptr, y_ptr, mask_ptr, s, t, B, U, T, ACTIVA
                             BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """Step s (time index t): z[s] (x W + b + h[s] U) -> activation(z[s]) (in place), h[s+1], y[s]."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     z = z_ptr + s * B * U + rows * U + units
     state = rows * U + units
     activated = activation(tl.load(z, mask=inside, other=0.0), ACTIVATION)
@@ -167,6 +172,7 @@ def simple_rnn_backward_step(z_ptr, dy_ptr, dh_ptr, carry_ptr, mask_ptr, s, t, B
     """Step s backwards: z[s] (activated) -> its pre-activation's gradient (in place); dh (the
     gradient of h[s+1]) becomes the part of h[s]'s outside the product h[s] @ U."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     z = z_ptr + s * B * U + rows * U + units
     state = rows * U + units
     dh_new, dh_pass = h_gradient(dh_ptr, dy_ptr, carry_ptr, mask_ptr, mask_ptr, rows, units, inside, s, t, B, U, T,

@@ -93,8 +93,9 @@ def _row_mean(v, inside, size):
 
 @triton.jit
 def tile(B, N, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
-    """(rows [BLOCK_B, 1], columns [1, BLOCK_U], inside) of this program's tile of a [B, N] state."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    """(rows [BLOCK_B, 1], columns [1, BLOCK_U], inside) of this program's tile of a [B, N] state;
+    rows in int64, as the offsets they start (row * T * N reaches past int32 for large calls)."""
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
     columns = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)[None, :]
     return rows, columns, (rows < B) & (columns < N)
 
@@ -172,6 +173,7 @@ def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask
     """Step s (time index t): z[s] -> the gates (in place), c[s+1], and h[s+1], y[s]; projected,
     m[s] instead of h and y (`lstm_output_step` makes them from m[s] @ projection)."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     in_row = units < U
     G: tl.constexpr = 3 if COUPLED else 4
     z = z_ptr + s * B * G * U + rows * G * U + units
@@ -269,6 +271,7 @@ def lstm_output_step(projected_ptr, h_ptr, y_ptr, mask_ptr, keep_h_ptr, s, t, B,
                      ROUND_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """A projected step's h[s+1] and y[s] from m[s] @ projection ([B, P])."""
     rows, cols, inside = tile(B, P, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     h_new = rounded(tl.load(projected_ptr + rows * P + cols, mask=inside, other=0.0), ROUND_H)
     h_prev = tl.load(h_ptr + s * B * P + rows * P + cols, mask=inside, other=0.0)
     store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
@@ -283,6 +286,7 @@ def lstm_output_backward_step(dh_new_ptr, dh_ptr, dy_ptr, carry_ptr, mask_ptr, k
     """`lstm_output_step` backwards: the gradient of step s's projected h, into dh_new [T, B, P];
     dh becomes the part of h[s]'s that bypasses the step."""
     rows, cols, inside = tile(B, P, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     dh_new, dh_pass = h_gradient(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
                                  dy_stride_s, dy_stride_b, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, HAS_DY)
     tl.store(dh_new_ptr + s * B * P + rows * P + cols, dh_new, mask=inside)
@@ -311,6 +315,7 @@ def lstm_backward_step(z_ptr, a_ptr, rstd_h_ptr, c_ptr, dm_ptr, dy_ptr, dh_ptr, 
     d_gate_gain [B, G*U] (h U's gain), d_cell_gain and d_cell_shift [B, U] sum the parameters'
     gradients per row."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
+    s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     in_row = units < U
     G: tl.constexpr = 3 if COUPLED else 4
     z = z_ptr + s * B * G * U + rows * G * U + units
