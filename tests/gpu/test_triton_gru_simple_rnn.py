@@ -150,12 +150,44 @@ def test_low_precision_rounds_every_products_operand(cell, low):
     """Every step's h, and a reset_before GRU's r * h, hold values of the low precision (the
     outputs alone cannot show it: they are rounded at the end either way)."""
     p = on_device(problem(cell, dtype=torch.float32), low)
-    inputs = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.initial_state[0])
+    inputs = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.initial_state[0], None)
     with torch.no_grad():
-        _, _, _, recurrent, h = triton_gru_simple_rnn.OP.forward(inputs, (None, None, None), cell_options(cell), True)
+        _, _, _, recurrent, h = triton_gru_simple_rnn.OP.forward(inputs, (None,) * 4, cell_options(cell), True)
     operands = [h, recurrent] if cell == "gru reset_before" else [h]
     for t in operands:
         assert torch.equal(t, t.to(low).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("case", ["plain", "dropout per gate, recurrent dropout, mask"])
+def test_resets(case, cell, dtype):
+    """Resets (an episode starting inside a row: the state restored before the step, ignored at
+    masked steps), with a restored state that gets gradients of its own, or zeros."""
+    low = dtype if dtype in EPS else None
+    p = problem(cell, 3, 6, 4, 6, dtype=torch.float32 if low else dtype, seed=len(case), **CASES[case])
+    reset = torch.rand(3, 6, generator=torch.Generator().manual_seed(5)) < 0.35
+    for restored in (False, True):
+        problem_with_resets = dataclasses.replace(on_device(p, low), reset=reset.to(DEVICE))
+        if restored:
+            h0 = problem_with_resets.initial_state[0]
+            problem_with_resets.reset_state = (torch.randn(h0.shape, device=DEVICE).to(h0.dtype).requires_grad_(),)
+        results = {}
+        for kernel in (triton_gru_simple_rnn, reference):
+            with lstm.kernels.use(kernel.name):
+                result = kernel.run(problem_with_resets)
+            outputs = [result.outputs, *result.states]
+            loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device=DEVICE).reshape(o.shape)).sum()
+                       for o in outputs)
+            leaves = [t for t in (problem_with_resets.inputs, problem_with_resets.kernel,
+                                  problem_with_resets.recurrent_kernel, *problem_with_resets.initial_state,
+                                  *(problem_with_resets.reset_state or ())) if t.requires_grad]
+            results[kernel.name] = [*(o.detach() for o in outputs), *torch.autograd.grad(loss, leaves)]
+        tolerance = 4 * EPS[low] if low else TOLERANCE[dtype]
+        for index, (got, expected) in enumerate(zip(results[KERNEL], results["reference"])):
+            scale = max(float(expected.double().abs().max()), 1.0)
+            difference = float((got.double() - expected.double()).abs().max())
+            assert difference <= tolerance * scale, f"{cell}, {case}, {dtype}, restored {restored}, #{index}"
 
 
 LAYER_OPTIONS = dict(return_sequences=True, return_state=True, dtype="float64", input_dim=3, dropout=0.25,
@@ -222,7 +254,8 @@ def test_the_custom_ops_pass_opcheck(cell, dtype, save):
     low = dtype if dtype in EPS else None
     p = on_device(problem(cell, 2, 3, 2, 4, dtype=torch.float64 if low is None else torch.float32, mask="holes",
                           recurrent_dropout=True), low)
-    tensors = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.initial_state[0], None, p.recurrent_dropout,
-               p.mask)
+    reset_h = torch.randn_like(p.initial_state[0]).requires_grad_()
+    tensors = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.initial_state[0], reset_h, None,
+               p.recurrent_dropout, p.mask, p.mask)  # (the mask as the resets too)
     torch.library.opcheck(triton_gru_simple_rnn.OP.forward_op, (*tensors, *cell_options(cell), save),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -20,8 +20,9 @@ product's operand) rounded at every step (`fused.RoundedOperandsOp`). Autograd, 
 torch.export: `fused.FusedOp` (the custom ops are lstm::triton_gru_simple_rnn_forward / _backward).
 
 It runs on CUDA tensors; under Triton's interpreter (TRITON_INTERPRET=1) also CPU tensors when
-forced (`lstm.kernels.use("triton_gru_simple_rnn")`). Not here (the reference kernel runs them on
-the GPU): traces, resets.
+forced (`lstm.kernels.use("triton_gru_simple_rnn")`). Resets (`Recurrence.reset`) restore the
+state before the products of their step. Not here (the reference kernel gives them on the GPU):
+traces.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from . import fused, support
 from .input_projection import input_projection_backward
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, output_gradients, project,
-                             recurrent_product, recurrent_weight_gradient, rounded, run_or_fall_back, runs,
-                             writable)
+                             recurrent_product, recurrent_weight_gradient, restore, restore_backward, rounded,
+                             run_or_fall_back, runs, starts, writable)
 
 name = "triton_gru_simple_rnn"
+takes_resets = True
 
 def _keras_bias(p: Recurrence) -> bool:
     """No bias, or Keras' shape: [2, 3U] for a reset_after GRU, else [G*U]."""
@@ -85,16 +87,18 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
     and h of every step."""
 
     name = "triton_gru_simple_rnn"
-    input_names = ("x", "kernel", "bias", "recurrent_kernel", "h0")
-    fixed_names = ("input_dropout", "recurrent_dropout", "mask")
+    input_names = ("x", "kernel", "bias", "recurrent_kernel", "h0", "reset_h")
+    # reset: bool [B, T] by time index, the steps that count only; reset_h: the state it restores
+    # (None: zeros)
+    fixed_names = ("input_dropout", "recurrent_dropout", "mask", "reset")
     output_count = 2
     Options = Options
     overwrites_saved = True  # z and hr: the activations, then their gradients
     needs_extension = False
 
     def float32_forward(self, inputs, fixed, options, save, low):
-        x, kernel, bias, R, h0 = inputs
-        in_drop, rd, mask = fixed
+        x, kernel, bias, R, h0, reset_h = inputs
+        in_drop, rd, mask, reset = fixed
         B, T, _ = x.shape
         U, G = h0.shape[1], 1 if options.simple_rnn else 3
         steps = _steps()
@@ -114,19 +118,21 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
         with on_device(x):
             if options.simple_rnn:
                 for s in range(T):
+                    t = T - 1 - s if options.go_backwards else s
+                    restore(h[s], starts(reset, t), reset_h)
                     if rd is None:
                         z[s].addmm_(h[s], R)
                     else:
                         z[s] += recurrent_product(h[s], R, rd, low)
-                    t = T - 1 - s if options.go_backwards else s
                     steps.simple_rnn_forward_step[grid](z, h, y, mask, s, t, B, U, T,
                                                         ACTIVATION=options.activation, **flags)
             elif options.reset_after:
                 recurrent = x.new_empty(T, B, 3 * U)  # hr
                 recurrent_bias = bias[1].contiguous() if bias is not None else z
                 for s in range(T):
-                    recurrent[s] = recurrent_product(h[s], R, rd, low)
                     t = T - 1 - s if options.go_backwards else s
+                    restore(h[s], starts(reset, t), reset_h)
+                    recurrent[s] = recurrent_product(h[s], R, rd, low)
                     steps.gru_forward_step[grid](z, recurrent, h, y, mask, recurrent_bias, s, t, B, U, T,
                                                  RESET_AFTER=True, HAS_RECURRENT_BIAS=bias is not None,
                                                  ACTIVATION=options.activation,
@@ -135,12 +141,13 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
                 recurrent = x.new_empty(T, B, U)  # rh
                 R_zr, R_h, rd_zr, keep_h_block = _reset_before_parts(R, rd, z)
                 for s in range(T):
+                    t = T - 1 - s if options.go_backwards else s
+                    restore(h[s], starts(reset, t), reset_h)
                     zr = recurrent_product(h[s], R_zr, rd_zr, low)
                     steps.gru_reset_step[grid](z, zr, h, recurrent, keep_h_block, s, B, U,
                                                RECURRENT_ACTIVATION=options.recurrent_activation,
                                                HAS_RECURRENT_DROPOUT=rd is not None, ROUND_H=round_h, **tile)
                     candidate = recurrent[s] @ R_h
-                    t = T - 1 - s if options.go_backwards else s
                     steps.gru_forward_step[grid](z, candidate, h, y, mask, z, s, t, B, U, T, RESET_AFTER=False,
                                                  HAS_RECURRENT_BIAS=False, ACTIVATION=options.activation,
                                                  RECURRENT_ACTIVATION=options.recurrent_activation, **flags)
@@ -159,8 +166,8 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
         return shapes + [(T, B, 3 * U), (T, B, 3 * U) if options.reset_after else (T, B, U), (T + 1, B, U)]
 
     def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
-        x, kernel, bias, R, h0 = inputs
-        in_drop, rd, mask = fixed
+        x, kernel, bias, R, h0, reset_h = inputs
+        in_drop, rd, mask, reset = fixed
         z, recurrent, h = saved
         if not overwrite:
             z = z.clone()
@@ -171,17 +178,20 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
         steps = _steps()
         dh = x.new_zeros(B, U) if dhT is None else writable(dhT, x.dtype)
         carry = x.new_zeros(B, U)
+        d_reset_h = x.new_zeros(B, U) if reset is not None else None
         dy_steps, dy_stride_s, dy_stride_b = output_gradients(dy, options.return_sequences, z)
         block_b, block_u, grid = blocks(B, U)
         flags = dict(ACTIVATION=options.activation, HAS_MASK=mask is not None,
                      ZERO_OUTPUT=options.zero_output_for_mask, BLOCK_B=block_b, BLOCK_U=block_u)
         mask = mask if mask is not None else z
 
+        def time_index(s: int) -> int:
+            return T - 1 - s if options.go_backwards else s
+
         def step_arguments(s: int) -> tuple:
             """A backward program's arguments from s to HAS_DY (whether y[s] has a gradient)."""
-            t = T - 1 - s if options.go_backwards else s
             has_dy = dy is not None and (options.return_sequences or s == T - 1)
-            return s, t, B, U, T, dy_stride_s, dy_stride_b, has_dy
+            return s, time_index(s), B, U, T, dy_stride_s, dy_stride_b, has_dy
 
         gru = dict(RECURRENT_ACTIVATION=options.recurrent_activation, RESET_AFTER=options.reset_after, **flags)
         with on_device(x):
@@ -189,10 +199,12 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
                 for s in reversed(range(T)):
                     steps.simple_rnn_backward_step[grid](z, dy_steps, dh, carry, mask, *step_arguments(s), **flags)
                     add_recurrent_gradient(dh, z[s], R, rd)
+                    restore_backward(dh, starts(reset, time_index(s)), d_reset_h)
             elif options.reset_after:
                 for s in reversed(range(T)):
                     steps.gru_backward_step[grid](z, recurrent, h, dy_steps, dh, carry, mask, *step_arguments(s), **gru)
                     add_recurrent_gradient(dh, recurrent[s], R, rd)
+                    restore_backward(dh, starts(reset, time_index(s)), d_reset_h)
             else:
                 R_zr, R_h, rd_zr, keep_h_block = _reset_before_parts(R, rd, z)
                 for s in reversed(range(T)):
@@ -203,6 +215,7 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
                                                         HAS_RECURRENT_DROPOUT=rd is not None, BLOCK_B=block_b,
                                                         BLOCK_U=block_u)
                     add_recurrent_gradient(dh, z[s, :, :2 * U], R_zr, rd_zr)
+                    restore_backward(dh, starts(reset, time_index(s)), d_reset_h)
         dz = z.view(T * B, G * U)
         h_steps = h[:T]
         if options.simple_rnn:
@@ -222,7 +235,7 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
                                                 functools.partial(rounded, low=low))
         if dx is not None and options.go_backwards:
             dx = dx.flip(1)
-        return dx, dkernel, d_bias, dR, dh
+        return dx, dkernel, d_bias, dR, dh, d_reset_h
 
 
 OP = TritonGRUSimpleRNNOp()
@@ -239,7 +252,9 @@ def _run(p: Recurrence) -> RecurrenceResult:
                       cell.kind == "simple_rnn", cell.kind == "gru" and bool(cell.reset_after),
                       *support.activation_codes(cell))
     mask = None if p.mask is None else p.mask.to(torch.bool).contiguous()
-    fixed = (p.input_dropout, p.recurrent_dropout, mask)
-    inputs = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.initial_state[0])
+    reset = p.reset if p.reset is None or mask is None else p.reset & mask  # (ignored at steps that do not count)
+    fixed = (p.input_dropout, p.recurrent_dropout, mask, reset)
+    reset_h = p.reset_state[0] if p.reset is not None and p.reset_state is not None else None
+    inputs = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.initial_state[0], reset_h)
     (y, hT), _ = OP.call(inputs, fixed, options)
     return RecurrenceResult(y, (hT,))

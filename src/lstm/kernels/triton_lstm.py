@@ -35,8 +35,8 @@ from .input_projection import bias_with_forget_bias, input_projection_backward
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 from .reference import LAYER_NORM_EPS
 from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, output_gradients, project,
-                             recurrent_product, recurrent_weight_gradient, rounded, run_or_fall_back, runs,
-                             writable)
+                             recurrent_product, recurrent_weight_gradient, restore, restore_backward, rounded,
+                             run_or_fall_back, runs, starts, writable)
 
 name = "triton_lstm"
 takes_resets = True
@@ -108,10 +108,9 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         with on_device(x):
             for s in range(T):
                 t = T - 1 - s if options.go_backwards else s
-                if reset is not None:  # an episode starts: the step begins from the restored states
-                    starts = reset[:, t, None]
-                    h[s] = torch.where(starts, 0 if reset_h is None else reset_h, h[s])
-                    c[s] = torch.where(starts, 0 if reset_c is None else reset_c, c[s])
+                starting = starts(reset, t)  # (an episode starts: the step begins from the restored states)
+                restore(h[s], starting, reset_h)
+                restore(c[s], starting, reset_c)
                 # z[s] += h[s] @ R, or with layer norm a[s] = h[s] @ R (normalised by the program)
                 if layer_norm:
                     a[s] = recurrent_product(h[s], R, rd, low)
@@ -204,12 +203,8 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
                     dy_stride_s, dy_stride_b, LAYER_NORM=layer_norm, PROJECTED=P is not None, HAS_DY=has_dy,
                     BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1], **flags, **cell_flags)
                 add_recurrent_gradient(dh, a[s] if layer_norm else z[s], R, rd)
-                if reset is not None:  # a restored state's gradient goes to the states it restores
-                    starts = reset[:, t, None]
-                    d_reset_h += torch.where(starts, dh, 0)
-                    d_reset_c += torch.where(starts, dc, 0)
-                    dh.masked_fill_(starts, 0)
-                    dc.masked_fill_(starts, 0)
+                restore_backward(dh, starts(reset, t), d_reset_h)
+                restore_backward(dc, starts(reset, t), d_reset_c)
         dR = recurrent_weight_gradient(h[:T], (a if layer_norm else z).view(T * B, G * U), rd, low)
         dP = None if P is None else m.reshape(T * B, U).T @ dh_new.reshape(T * B, N)
         d_bias = z.sum((0, 1)) if bias is not None else None

@@ -128,6 +128,27 @@ def recurrent_weight_gradient(h: torch.Tensor, d_products: torch.Tensor, masks: 
                       for g in range(masks.shape[0])], dim=1)
 
 
+def starts(reset: Optional[torch.Tensor], t: int) -> Optional[torch.Tensor]:
+    """bool [B, 1]: the rows where an episode starts before the step of time index t (reset: bool
+    [B, T], the steps that count only), or None."""
+    return None if reset is None else reset[:, t, None]
+
+
+def restore(state: torch.Tensor, starting: Optional[torch.Tensor], restored: Optional[torch.Tensor]) -> None:
+    """A step's state [B, *] set, where an episode starts, to the restored one (None: zeros), in place."""
+    if starting is not None:
+        state.copy_(torch.where(starting, 0 if restored is None else restored, state))
+
+
+def restore_backward(d_state: torch.Tensor, starting: Optional[torch.Tensor],
+                     d_restored: Optional[torch.Tensor]) -> None:
+    """`restore` backwards, in place: where an episode started, the state's gradient moves to the
+    restored state's (d_restored, summed over the steps)."""
+    if starting is not None:
+        d_restored += torch.where(starting, d_state, 0)
+        d_state.masked_fill_(starting, 0)
+
+
 def output_gradients(dy: Optional[torch.Tensor], return_sequences: bool, placeholder: torch.Tensor) -> tuple:
     """(the outputs' gradient as the backward programs read it, its step stride, its row stride):
     [T, B, N] in processing order with return_sequences, else the last step's [B, N] (step stride 0);
