@@ -41,14 +41,19 @@ SHAPES = [(2, 80, 100, 64), (32, 80, 100, 64), (64, 100, 128, 256), (16, 500, 32
           (16, 1024, 768, 768)]
 SMOKE_SHAPES = [(2, 6, 3, 4), (3, 5, 4, 8)]
 TOLERANCE = {"float32": 1e-5, "tf32": 5e-3, "bfloat16": 2e-2}
-# tier 1: (layer options, call options) of the cases cuDNN cannot run
+# tier 1: (kind, layer options, call options) of the cases cuDNN cannot run
 VARIANTS = {
-    "peephole, mask with holes": ({"peephole": True}, {"mask": "holes"}),
-    "layer_norm": ({"layer_norm": True}, {}),
-    "proj_size": ({"proj_size": "units/2"}, {}),
-    "zoneout, recurrent_dropout (training)": ({"zoneout": 0.1, "recurrent_dropout": 0.2}, {"training": True}),
-    "bfloat16 autocast, mask with holes": ({}, {"mask": "holes", "autocast": True}),
+    "peephole, mask with holes": ("lstm", {"peephole": True}, {"mask": "holes"}),
+    "layer_norm": ("lstm", {"layer_norm": True}, {}),
+    "proj_size": ("lstm", {"proj_size": "units/2"}, {}),
+    "zoneout, recurrent_dropout (training)": ("lstm", {"zoneout": 0.1, "recurrent_dropout": 0.2}, {"training": True}),
+    "bfloat16 autocast, mask with holes": ("lstm", {}, {"mask": "holes", "autocast": True}),
+    "reset_after=False, recurrent_dropout (training)": ("gru", {"reset_after": False, "recurrent_dropout": 0.2},
+                                                        {"training": True}),
+    "mask with holes": ("gru", {}, {"mask": "holes"}),
+    "relu, mask with holes": ("simple_rnn", {"activation": "relu"}, {"mask": "holes"}),
 }
+TIER1_KERNELS = {"lstm": "triton_lstm", "gru": "triton_gru_simple_rnn", "simple_rnn": "triton_gru_simple_rnn"}
 VARIANT_SHAPES = [(32, 80, 100, 64), (64, 100, 128, 256)]
 
 
@@ -63,7 +68,7 @@ def environment(device: torch.device) -> dict:
 
 
 def _layer(kind: str, units: int, device, dtype=torch.float32, **options):
-    layer_class = {"lstm": layers.LSTM, "gru": layers.GRU}[kind]
+    layer_class = {"lstm": layers.LSTM, "gru": layers.GRU, "simple_rnn": layers.SimpleRNN}[kind]
     return layer_class(units, return_sequences=True, return_state=True, dtype=str(dtype).split(".")[1],
                        **options).to(device)
 
@@ -111,15 +116,15 @@ def correctness(device, shapes) -> list:
     return rows
 
 
-def _variant_layer(layer_options: dict, units: int, device, dtype=torch.float32, **options):
+def _variant_layer(kind: str, layer_options: dict, units: int, device, dtype=torch.float32, **options):
     sized = {k: units // 2 if v == "units/2" else v for k, v in layer_options.items()}
-    return _layer("lstm", units, device, dtype, **sized, **options)
+    return _layer(kind, units, device, dtype, **sized, **options)
 
 
-def _forced(device):
-    """The kernel the tier-1 cases are forced onto: on the CPU (--smoke) the interpreter runs it
-    only when forced; on a GPU the dispatch chooses it."""
-    return "triton_lstm" if device.type == "cpu" else None
+def _forced(device, kind: str):
+    """The kernel a tier-1 case is forced onto: on the CPU (--smoke) the interpreter runs it only
+    when forced; on a GPU the dispatch chooses it."""
+    return TIER1_KERNELS[kind] if device.type == "cpu" else None
 
 
 def _variant_call(layer, x, call: dict, kernel):
@@ -139,20 +144,21 @@ def variants(device, shapes) -> list:
     rows = []
     for shape in shapes:
         B, T, D, H = shape
-        for case, (layer_options, call) in VARIANTS.items():
+        for case, (kind, layer_options, call) in VARIANTS.items():
             torch.manual_seed(0)
-            layer = _variant_layer(layer_options, H, device, input_dim=D)
+            layer = _variant_layer(kind, layer_options, H, device, input_dim=D)
             x = torch.randn(B, T, D, device=device)
-            with lstm.kernels.use(_forced(device)) if _forced(device) else torch.enable_grad():
+            forced = _forced(device, kind)
+            with lstm.kernels.use(forced) if forced else torch.enable_grad():
                 chosen = lstm.kernels.select(layer.recurrence(x.to(torch.bfloat16) if call.get("autocast") else x)).name
-            double = _variant_layer(layer_options, H, device, torch.float64, input_dim=D)
+            double = _variant_layer(kind, layer_options, H, device, torch.float64, input_dim=D)
             double.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
             expected = _variant_call(double, x.double(), {k: v for k, v in call.items() if k != "autocast"},
                                      "reference")
-            got = _variant_call(layer, x, call, _forced(device))
+            got = _variant_call(layer, x, call, forced)
             error = max(_relative(g, e) for g, e in zip(got, expected))
             precision = "bfloat16" if call.get("autocast") else "float32"
-            rows.append({"kind": "lstm", "shape": list(shape), "case": case, "precision": precision, "kernel": chosen,
+            rows.append({"kind": kind, "shape": list(shape), "case": case, "precision": precision, "kernel": chosen,
                          "max_relative_error": error, "ok": error <= TOLERANCE[precision]})
     return rows
 
@@ -205,14 +211,14 @@ def variant_timing(device, shapes, repeats: int) -> list:
     rows = []
     for shape in shapes:
         B, T, D, H = shape
-        for case, (layer_options, call) in VARIANTS.items():
+        for case, (kind, layer_options, call) in VARIANTS.items():
             torch.manual_seed(0)
-            layer = _variant_layer(layer_options, H, device, input_dim=D)
+            layer = _variant_layer(kind, layer_options, H, device, input_dim=D)
             x = torch.randn(B, T, D, device=device)
             medians = {}
-            for name, kernel in (("tier1", _forced(device)), ("reference", "reference")):
+            for name, kernel in (("tier1", _forced(device, kind)), ("reference", "reference")):
                 medians[name] = _median_ms(lambda: _variant_call(layer, x, call, kernel), device, repeats)
-            rows.append({"kind": "lstm", "shape": list(shape), "case": case, "mode": "train",
+            rows.append({"kind": kind, "shape": list(shape), "case": case, "mode": "train",
                          "tier1_ms": medians["tier1"], "reference_ms": medians["reference"],
                          "speedup": medians["reference"] / medians["tier1"]})
     return rows
@@ -247,13 +253,13 @@ def main() -> int:
     save()
     print(json.dumps(results["environment"]))
     for row in results["correctness"] + results["variants"]:
-        print(f"check  {row['kind']:<4} {str(row['shape']):<22} {row['case']:<22} {row['precision']:<8} "
+        print(f"check  {row['kind']:<10} {str(row['shape']):<22} {row['case']:<22} {row['precision']:<8} "
               f"{row['kernel']:<22} {row['max_relative_error']:.2e} {'ok' if row['ok'] else 'FAIL'}")
     for row in results["timing"]:
         print(f"time   {row['kind']:<4} {str(row['shape']):<22} tf32={str(row['tf32']):<5} {row['mode']:<7} "
               f"lstm {row['lstm_ms']:8.3f} ms  torch {row['torch_ms']:8.3f} ms  {row['speedup']:.2f}x")
     for row in results["variant_timing"]:
-        print(f"time   {row['kind']:<4} {str(row['shape']):<22} {row['case']:<40} {row['mode']:<7} "
+        print(f"time   {row['kind']:<10} {str(row['shape']):<22} {row['case']:<48} {row['mode']:<7} "
               f"tier 1 {row['tier1_ms']:8.3f} ms  reference {row['reference_ms']:8.3f} ms  {row['speedup']:.2f}x")
     return 0 if all(row["ok"] for row in results["correctness"] + results["variants"]) else 1
 

@@ -143,6 +143,6 @@ def test_the_gpu_check_runs_its_smoke_mode(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["correctness"] and all(row["ok"] for row in results["correctness"])
     assert {row["mode"] for row in results["timing"]} == {"forward", "train"}
-    # the tier-1 cases ran on the Triton kernel (its interpreter here) and equal the float64 reference
-    assert results["variants"] and all(row["ok"] and row["kernel"] == "triton_lstm" for row in results["variants"])
+    # the tier-1 cases ran on the Triton kernels (their interpreter here) and equal the float64 reference
+    assert results["variants"] and all(row["ok"] and row["kernel"].startswith("triton_") for row in results["variants"])
     assert len(results["variant_timing"]) == len(results["variants"])
