@@ -23,18 +23,22 @@ TILE = dict(BLOCK_B=4, BLOCK_U=64)
 LSTM_ALL_ON = dict(COUPLED=False, ACTIVATION=0, RECURRENT_ACTIVATION=1, HAS_MASK=True, HAS_KEEP_H=True,
                    HAS_KEEP_C=True, HAS_PEEPHOLE=True, HAS_CLIP=True, ZERO_OUTPUT=False, LAYER_NORM=True,
                    PROJECTED=False, **TILE)
+# the forward programs' trace flag (the backward programs take none)
+TRACED, UNTRACED = dict(TRACE=True), dict(TRACE=False)
 LSTM_ALL_OFF = dict(LSTM_ALL_ON, COUPLED=True, HAS_MASK=False, HAS_KEEP_H=False, HAS_KEEP_C=False,
                     HAS_PEEPHOLE=False, HAS_CLIP=False, LAYER_NORM=False)
 GRU = dict(ACTIVATION=0, RECURRENT_ACTIVATION=1, HAS_MASK=True, ZERO_OUTPUT=False, **TILE)
 
 # (program, float dtype of its buffers, constexprs)
 CASES = [
-    (triton_steps.lstm_forward_step, "fp32", dict(LSTM_ALL_ON, ROUND_H=1)),
-    (triton_steps.lstm_forward_step, "fp64", dict(LSTM_ALL_OFF, ROUND_H=0)),
+    (triton_steps.lstm_forward_step, "fp32", dict(LSTM_ALL_ON, ROUND_H=1, **TRACED)),
+    (triton_steps.lstm_forward_step, "fp64", dict(LSTM_ALL_OFF, ROUND_H=0, **UNTRACED)),
     (triton_steps.lstm_forward_step, "fp32", dict(LSTM_ALL_OFF, PROJECTED=True, ACTIVATION=2, RECURRENT_ACTIVATION=4,
-                                                  ZERO_OUTPUT=True, HAS_MASK=True, ROUND_H=2)),
-    (triton_steps.lstm_forward_step, "fp32", dict(LSTM_ALL_OFF, ACTIVATION=3, RECURRENT_ACTIVATION=5, ROUND_H=0)),
-    (triton_steps.lstm_output_step, "fp32", dict(HAS_MASK=True, HAS_KEEP_H=True, ZERO_OUTPUT=False, ROUND_H=1, **TILE)),
+                                                  ZERO_OUTPUT=True, HAS_MASK=True, ROUND_H=2, **TRACED)),
+    (triton_steps.lstm_forward_step, "fp32", dict(LSTM_ALL_OFF, ACTIVATION=3, RECURRENT_ACTIVATION=5, ROUND_H=0,
+                                                  **UNTRACED)),
+    (triton_steps.lstm_output_step, "fp32", dict(HAS_MASK=True, HAS_KEEP_H=True, ZERO_OUTPUT=False, ROUND_H=1,
+                                                 **TRACED, **TILE)),
     (triton_steps.lstm_output_backward_step, "fp32", dict(HAS_MASK=True, HAS_KEEP_H=True, ZERO_OUTPUT=False,
                                                           HAS_DY=True, **TILE)),
     (triton_steps.lstm_backward_step, "fp32", dict(LSTM_ALL_ON, HAS_DY=True)),
@@ -45,15 +49,16 @@ CASES = [
                                                    ZERO_OUTPUT=True, HAS_DY=True)),
     (triton_gru_steps.gru_reset_step, "fp32", dict(RECURRENT_ACTIVATION=1, HAS_RECURRENT_DROPOUT=True, ROUND_H=1,
                                                    **TILE)),
-    (triton_gru_steps.gru_forward_step, "fp32", dict(GRU, RESET_AFTER=True, HAS_RECURRENT_BIAS=True, ROUND_H=1)),
+    (triton_gru_steps.gru_forward_step, "fp32", dict(GRU, RESET_AFTER=True, HAS_RECURRENT_BIAS=True, ROUND_H=1,
+                                                     **TRACED)),
     (triton_gru_steps.gru_forward_step, "fp64", dict(GRU, RESET_AFTER=False, HAS_RECURRENT_BIAS=False, ROUND_H=0,
-                                                     ZERO_OUTPUT=True)),
+                                                     ZERO_OUTPUT=True, **UNTRACED)),
     (triton_gru_steps.gru_backward_step, "fp32", dict(GRU, RESET_AFTER=True, HAS_DY=True)),
     (triton_gru_steps.gru_backward_step, "fp64", dict(GRU, RESET_AFTER=False, HAS_DY=False)),
     (triton_gru_steps.gru_reset_backward_step, "fp32", dict(RECURRENT_ACTIVATION=1, HAS_RECURRENT_DROPOUT=True,
                                                             **TILE)),
     (triton_gru_steps.simple_rnn_forward_step, "fp32", dict(ACTIVATION=2, HAS_MASK=True, ZERO_OUTPUT=False, ROUND_H=2,
-                                                            **TILE)),
+                                                            **TRACED, **TILE)),
     (triton_gru_steps.simple_rnn_backward_step, "fp32", dict(ACTIVATION=2, HAS_MASK=True, ZERO_OUTPUT=True,
                                                              HAS_DY=True, **TILE)),
 ]

@@ -54,7 +54,8 @@ def problem(cell: str, B=3, T=5, D=4, U=6, dtype=torch.float64, seed=0, **option
 def cell_options(cell: str) -> triton_gru_simple_rnn.Options:
     """The op's options for a call of `cell` (tanh, sigmoid; return_sequences)."""
     kind, reset_after = CELLS[cell]
-    return triton_gru_simple_rnn.Options(False, False, True, kind == "simple_rnn", kind == "gru" and reset_after, 0, 1)
+    return triton_gru_simple_rnn.Options(False, False, True, kind == "simple_rnn", kind == "gru" and reset_after, 0, 1,
+                                         False)
 
 
 def outputs_and_grads(kernel, p: Recurrence) -> dict:
@@ -152,7 +153,7 @@ def test_low_precision_rounds_every_products_operand(cell, low):
     p = on_device(problem(cell, dtype=torch.float32), low)
     inputs = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.initial_state[0], None)
     with torch.no_grad():
-        _, _, _, recurrent, h = triton_gru_simple_rnn.OP.forward(inputs, (None,) * 4, cell_options(cell), True)
+        _, _, _, recurrent, h, _ = triton_gru_simple_rnn.OP.forward(inputs, (None,) * 4, cell_options(cell), True)
     operands = [h, recurrent] if cell == "gru reset_before" else [h]
     for t in operands:
         assert torch.equal(t, t.to(low).float())
@@ -233,12 +234,27 @@ def test_torch_compile_traces_through_it():
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("case", ["plain", "dropout per gate, recurrent dropout, mask"])
+def test_traces_equal_the_reference(case, cell):
+    """The traces (GRU: z, r, h_tilde, h; SimpleRNN: h, per step in processing order), masked
+    steps included, equal the reference kernel's."""
+    p = dataclasses.replace(on_device(problem(cell, seed=len(case), **CASES[case])), trace=True)
+    traces = {}
+    for kernel in (KERNEL, "reference"):
+        with lstm.kernels.use(kernel):
+            traces[kernel] = lstm.kernels.run(p).trace
+    assert traces[KERNEL].keys() == traces["reference"].keys()
+    for key, expected in traces["reference"].items():
+        torch.testing.assert_close(traces[KERNEL][key], expected.detach(), rtol=1e-10, atol=1e-10, msg=key)
+
+
 def test_not_chosen_on_the_cpu_nor_for_what_it_lacks():
     """On CPU tensors the dispatch never picks it by itself; forced, it refuses what it does not
-    run (an LSTM, a trace, a bias of another shape than Keras'), by name."""
+    run (an LSTM, a bias of another shape than Keras'), by name."""
     assert lstm.kernels.select(problem("gru")).name != KERNEL
     lstm_problem = make_problem("lstm", 2, 3, 2, 4, dtype=torch.float64)
-    unsupported = [on_device(lstm_problem), dataclasses.replace(on_device(problem("gru")), trace=True),
+    unsupported = [on_device(lstm_problem),
                    dataclasses.replace(on_device(problem("gru")), bias=torch.zeros(18, dtype=torch.float64))]
     for p in unsupported:
         with lstm.kernels.use(KERNEL), pytest.raises(ValueError, match="does not support"):

@@ -176,13 +176,24 @@ def test_resets(case, dtype):
             assert difference <= tolerance * scale, f"{case}, {dtype}, restored {restored is not None}, #{index}"
 
 
-def test_not_chosen_on_the_cpu_nor_for_what_it_lacks():
-    """On CPU tensors the dispatch never picks it by itself (the C++ kernels or the reference run
-    them); forced, it refuses what it does not run (traces: the reference kernel gives them)."""
-    p = variant_problem(2, 3, 2, 4)
-    assert lstm.kernels.select(p).name != "triton_lstm"
-    with lstm.kernels.use("triton_lstm"), pytest.raises(ValueError, match="does not support"):
-        lstm.kernels.select(dataclasses.replace(on_device(variant_problem(2, 3, 2, 4)), trace=True))
+@pytest.mark.parametrize("case", ["plain", "mask, go_backwards", "zoneout h and C, mask", "everything"])
+def test_traces_equal_the_reference(case):
+    """The gate traces (i, f, c_tilde, c, o, h per step, processing order), masked steps and
+    zoneout included, equal the reference kernel's."""
+    p = dataclasses.replace(on_device(variant_problem(3, 5, 4, 16, seed=len(case), **CASES[case])), trace=True)
+    traces = {}
+    for kernel in ("triton_lstm", "reference"):
+        with lstm.kernels.use(kernel):
+            traces[kernel] = lstm.kernels.run(p).trace
+    assert traces["triton_lstm"].keys() == traces["reference"].keys()
+    for key, expected in traces["reference"].items():
+        torch.testing.assert_close(traces["triton_lstm"][key], expected.detach(), rtol=1e-10, atol=1e-10, msg=key)
+
+
+def test_not_chosen_on_the_cpu():
+    """On CPU tensors the dispatch never picks it by itself (the C++ kernels or the reference run them)."""
+    for options in ({}, {"P": 3, "mask": True}, {"layer_norm": True}):
+        assert lstm.kernels.select(variant_problem(2, 3, 2, 4, **options)).name != "triton_lstm"
 
 
 def test_a_device_triton_cannot_build_for_falls_back_to_the_reference(monkeypatch):
@@ -231,7 +242,7 @@ def test_the_custom_ops_pass_opcheck():
     """torch.compile and torch.export see lstm::triton_lstm_forward / _backward: their fake kernels
     and autograd registration agree with the real ones."""
     p = on_device(variant_problem(2, 3, 2, 4, P=3, mask=True, peephole=True, layer_norm=True))
-    options = triton_lstm.Options(False, False, True, False, 0, 1, -1.0)
+    options = triton_lstm.Options(False, False, True, False, 0, 1, -1.0, False)
     gate_gain, cell_gain, cell_shift = p.layer_norm
     tensors = (p.inputs, p.kernel, gate_gain, p.bias, p.recurrent_kernel, p.peephole, cell_gain, cell_shift,
                p.projection, *p.initial_state, None, None, None, None, p.mask, None, None, p.mask)

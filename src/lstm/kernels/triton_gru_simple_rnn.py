@@ -21,8 +21,8 @@ torch.export: `fused.FusedOp` (the custom ops are lstm::triton_gru_simple_rnn_fo
 
 It runs on CUDA tensors; under Triton's interpreter (TRITON_INTERPRET=1) also CPU tensors when
 forced (`lstm.kernels.use("triton_gru_simple_rnn")`). Resets (`Recurrence.reset`) restore the
-state before the products of their step. Not here (the reference kernel gives them on the GPU):
-traces.
+state before the products of their step. Traces come from the activations the forward saves and
+each step's own h, which its programs write when asked (detached).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _keras_bias(p: Recurrence) -> bool:
 
 
 def supports(p: Recurrence) -> bool:
-    return (p.cell.kind in ("gru", "simple_rnn") and not p.trace and _keras_bias(p)
+    return (p.cell.kind in ("gru", "simple_rnn") and _keras_bias(p)
             and support.activation_codes(p.cell) is not None and runs(p, name))
 
 
@@ -65,6 +65,7 @@ class Options(NamedTuple):
     reset_after: bool  # (a GRU's)
     activation: int
     recurrent_activation: int
+    trace: bool
 
 
 def _steps():
@@ -84,7 +85,7 @@ def _reset_before_parts(R: torch.Tensor, rd: Optional[torch.Tensor], placeholder
 class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
     """forward -> Y, hT, then (with save) the buffers of triton_gru_steps.py: z (the activations),
     the GRU's recurrent buffer (reset_after: hr [T, B, 3U]; else rh [T, B, U]; SimpleRNN: none)
-    and h of every step."""
+    and h of every step; then with trace each step's own h (trace_h [T, B, U])."""
 
     name = "triton_gru_simple_rnn"
     input_names = ("x", "kernel", "bias", "recurrent_kernel", "h0", "reset_h")
@@ -112,9 +113,12 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
         block_b, block_u, grid = blocks(B, U)
         tile = dict(BLOCK_B=block_b, BLOCK_U=block_u)
         round_h = ROUND_H.get(low, 0)
-        flags = dict(HAS_MASK=mask is not None, ZERO_OUTPUT=options.zero_output_for_mask, ROUND_H=round_h, **tile)
+        flags = dict(HAS_MASK=mask is not None, ZERO_OUTPUT=options.zero_output_for_mask, ROUND_H=round_h,
+                     TRACE=options.trace, **tile)
         mask = mask if mask is not None else z
         recurrent = None  # (SimpleRNN: no recurrent buffer)
+        trace_h = x.new_empty(T, B, U) if options.trace else None  # (each step's own h, before the mask)
+        traced = trace_h if options.trace else z  # (a placeholder the programs do not read without TRACE)
         with on_device(x):
             if options.simple_rnn:
                 for s in range(T):
@@ -124,7 +128,7 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
                         z[s].addmm_(h[s], R)
                     else:
                         z[s] += recurrent_product(h[s], R, rd, low)
-                    steps.simple_rnn_forward_step[grid](z, h, y, mask, s, t, B, U, T,
+                    steps.simple_rnn_forward_step[grid](z, h, y, mask, traced, s, t, B, U, T,
                                                         ACTIVATION=options.activation, **flags)
             elif options.reset_after:
                 recurrent = x.new_empty(T, B, 3 * U)  # hr
@@ -133,7 +137,7 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
                     t = T - 1 - s if options.go_backwards else s
                     restore(h[s], starts(reset, t), reset_h)
                     recurrent[s] = recurrent_product(h[s], R, rd, low)
-                    steps.gru_forward_step[grid](z, recurrent, h, y, mask, recurrent_bias, s, t, B, U, T,
+                    steps.gru_forward_step[grid](z, recurrent, h, y, mask, recurrent_bias, traced, s, t, B, U, T,
                                                  RESET_AFTER=True, HAS_RECURRENT_BIAS=bias is not None,
                                                  ACTIVATION=options.activation,
                                                  RECURRENT_ACTIVATION=options.recurrent_activation, **flags)
@@ -148,27 +152,29 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
                                                RECURRENT_ACTIVATION=options.recurrent_activation,
                                                HAS_RECURRENT_DROPOUT=rd is not None, ROUND_H=round_h, **tile)
                     candidate = recurrent[s] @ R_h
-                    steps.gru_forward_step[grid](z, candidate, h, y, mask, z, s, t, B, U, T, RESET_AFTER=False,
+                    steps.gru_forward_step[grid](z, candidate, h, y, mask, z, traced, s, t, B, U, T, RESET_AFTER=False,
                                                  HAS_RECURRENT_BIAS=False, ACTIVATION=options.activation,
                                                  RECURRENT_ACTIVATION=options.recurrent_activation, **flags)
         outputs = y.transpose(0, 1).contiguous() if options.return_sequences else y[T - 1]
         saved = (z, recurrent, h) if save else (None, None, None)
-        return [outputs, h[T].clone(), *saved]
+        return [outputs, h[T].clone(), *saved, trace_h]
 
     def forward_shapes(self, inputs, fixed, options, save):
         x, h0 = inputs[0], inputs[4]
         (B, T, _), U = x.shape, h0.shape[1]
         shapes = [(B, T, U) if options.return_sequences else (B, U), (B, U)]
         if not save:
-            return shapes + [(0,)] * 3
-        if options.simple_rnn:
-            return shapes + [(T, B, U), (0,), (T + 1, B, U)]
-        return shapes + [(T, B, 3 * U), (T, B, 3 * U) if options.reset_after else (T, B, U), (T + 1, B, U)]
+            shapes += [(0,)] * 3
+        elif options.simple_rnn:
+            shapes += [(T, B, U), (0,), (T + 1, B, U)]
+        else:
+            shapes += [(T, B, 3 * U), (T, B, 3 * U) if options.reset_after else (T, B, U), (T + 1, B, U)]
+        return shapes + [(T, B, U) if options.trace else (0,)]
 
     def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
         x, kernel, bias, R, h0, reset_h = inputs
         in_drop, rd, mask, reset = fixed
-        z, recurrent, h = saved
+        z, recurrent, h = saved[:3]  # (then the trace, if any)
         if not overwrite:
             z = z.clone()
             recurrent = recurrent.clone() if options.reset_after else recurrent  # (rh is only read)
@@ -250,11 +256,21 @@ def _run(p: Recurrence) -> RecurrenceResult:
     cell = p.cell
     options = Options(bool(p.go_backwards), bool(p.zero_output_for_mask), bool(p.return_sequences),
                       cell.kind == "simple_rnn", cell.kind == "gru" and bool(cell.reset_after),
-                      *support.activation_codes(cell))
+                      *support.activation_codes(cell), bool(p.trace))
     mask = None if p.mask is None else p.mask.to(torch.bool).contiguous()
     reset = p.reset if p.reset is None or mask is None else p.reset & mask  # (ignored at steps that do not count)
     fixed = (p.input_dropout, p.recurrent_dropout, mask, reset)
     reset_h = p.reset_state[0] if p.reset is not None and p.reset_state is not None else None
     inputs = (p.inputs, p.kernel, p.bias, p.recurrent_kernel, p.initial_state[0], reset_h)
-    (y, hT), _ = OP.call(inputs, fixed, options)
-    return RecurrenceResult(y, (hT,))
+    (y, hT), saved = OP.call(inputs, fixed, options, keep_saved=p.trace)
+    return RecurrenceResult(y, (hT,), _trace(p, saved) if p.trace else None)
+
+
+def _trace(p: Recurrence, saved: list) -> dict:
+    """The reference's trace, in processing order [B, T, *], detached: each step's own h (before
+    the mask), and a GRU's gates from the activations the forward saved."""
+    h = saved[3].detach().transpose(0, 1)
+    if p.cell.kind == "simple_rnn":
+        return {"h": h}
+    z, r, h_tilde = saved[0].detach().transpose(0, 1).split(p.units, dim=-1)
+    return {"z": z, "r": r, "h_tilde": h_tilde, "h": h}

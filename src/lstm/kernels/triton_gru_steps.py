@@ -54,10 +54,10 @@ def gru_reset_step(z_ptr, zr_ptr, h_ptr, rh_ptr, keep_h_block_ptr, s, B, U,
 
 
 @triton.jit
-def gru_forward_step(z_ptr, hr_ptr, h_ptr, y_ptr, mask_ptr, recurrent_bias_ptr, s, t, B, U, T,
+def gru_forward_step(z_ptr, hr_ptr, h_ptr, y_ptr, mask_ptr, recurrent_bias_ptr, trace_h_ptr, s, t, B, U, T,
                      RESET_AFTER: tl.constexpr, ACTIVATION: tl.constexpr, RECURRENT_ACTIVATION: tl.constexpr,
                      HAS_MASK: tl.constexpr, HAS_RECURRENT_BIAS: tl.constexpr, ZERO_OUTPUT: tl.constexpr,
-                     ROUND_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+                     ROUND_H: tl.constexpr, TRACE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """Step s (time index t) -> z[s] = z_t|r_t|h_tilde, h[s+1], y[s].
     reset_after: z[s] holds the input projections, hr[s] h[s] U (its h block becomes h[s] U_h plus
     the recurrent bias's: what the backward's r gradient needs). Not reset_after: z[s] holds z_t|r_t
@@ -88,8 +88,8 @@ def gru_forward_step(z_ptr, hr_ptr, h_ptr, y_ptr, mask_ptr, recurrent_bias_ptr, 
         h_tilde = activation(x_h + tl.load(hr_ptr + state, mask=inside, other=0.0), ACTIVATION)
     tl.store(z + 2 * U, h_tilde, mask=inside)
     h_new = rounded(z_t * h_prev + (1.0 - z_t) * h_tilde, ROUND_H)
-    store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, mask_ptr, rows, units, inside, s, t, B, U, T,
-                       HAS_MASK, False, ZERO_OUTPUT)
+    store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, mask_ptr, trace_h_ptr, rows, units, inside, s, t, B, U,
+                       T, HAS_MASK, False, ZERO_OUTPUT, TRACE)
 
 
 @triton.jit
@@ -150,9 +150,9 @@ def gru_reset_backward_step(z_ptr, drh_ptr, h_ptr, dh_ptr, keep_h_block_ptr, s, 
 
 
 @triton.jit
-def simple_rnn_forward_step(z_ptr, h_ptr, y_ptr, mask_ptr, s, t, B, U, T, ACTIVATION: tl.constexpr,
+def simple_rnn_forward_step(z_ptr, h_ptr, y_ptr, mask_ptr, trace_h_ptr, s, t, B, U, T, ACTIVATION: tl.constexpr,
                             HAS_MASK: tl.constexpr, ZERO_OUTPUT: tl.constexpr, ROUND_H: tl.constexpr,
-                            BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+                            TRACE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """Step s (time index t): z[s] (x W + b + h[s] U) -> activation(z[s]) (in place), h[s+1], y[s]."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
     s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
@@ -161,8 +161,8 @@ def simple_rnn_forward_step(z_ptr, h_ptr, y_ptr, mask_ptr, s, t, B, U, T, ACTIVA
     activated = activation(tl.load(z, mask=inside, other=0.0), ACTIVATION)
     tl.store(z, activated, mask=inside)
     h_prev = tl.load(h_ptr + s * B * U + state, mask=inside, other=0.0)
-    store_h_and_output(rounded(activated, ROUND_H), h_prev, h_ptr, y_ptr, mask_ptr, mask_ptr, rows, units, inside,
-                       s, t, B, U, T, HAS_MASK, False, ZERO_OUTPUT)
+    store_h_and_output(rounded(activated, ROUND_H), h_prev, h_ptr, y_ptr, mask_ptr, mask_ptr, trace_h_ptr, rows, units,
+                       inside, s, t, B, U, T, HAS_MASK, False, ZERO_OUTPUT, TRACE)
 
 
 @triton.jit

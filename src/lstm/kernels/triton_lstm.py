@@ -19,8 +19,8 @@ ops are lstm::triton_lstm_forward / lstm::triton_lstm_backward).
 
 It runs on CUDA tensors. Under Triton's interpreter (TRITON_INTERPRET=1) it also runs CPU tensors
 when forced (`lstm.kernels.use("triton_lstm")`): how the tests check it without a GPU. Resets
-(`Recurrence.reset`) restore the states before the GEMM of their step. Not here yet (the reference
-kernel gives them on the GPU): traces.
+(`Recurrence.reset`) restore the states before the GEMM of their step. Traces come from the gates
+the forward saves and each step's own h and C, which its programs write when asked (detached).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ takes_resets = True
 
 
 def supports(p: Recurrence) -> bool:
-    return p.cell.kind == "lstm" and not p.trace and support.activation_codes(p.cell) is not None and runs(p, name)
+    return p.cell.kind == "lstm" and support.activation_codes(p.cell) is not None and runs(p, name)
 
 
 class Options(NamedTuple):
@@ -56,6 +56,7 @@ class Options(NamedTuple):
     activation: int
     recurrent_activation: int
     cell_clip: float
+    trace: bool
 
 
 def _steps():
@@ -67,7 +68,8 @@ def _steps():
 class TritonLSTMOp(fused.RoundedOperandsOp):
     """The inputs of a variant that is off are None; forward -> Y, hT, cT, then (with save) the
     buffers of triton_steps.py: z (the activated gates), h, c; with layer norm a, rstd_h and the
-    normalised x W with its rows' 1/std; with a projection m."""
+    normalised x W with its rows' 1/std; with a projection m; then with trace each step's own h and
+    C (trace_h, trace_c)."""
 
     name = "triton_lstm"
     input_names = ("x", "kernel", "gate_gain", "bias", "recurrent_kernel", "peephole", "cell_gain", "cell_shift",
@@ -99,6 +101,7 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         h[0], c[0] = h0, c0
         if P is not None:
             m, projected = x.new_empty(T, B, U), x.new_empty(B, N)
+        trace_h, trace_c = (x.new_empty(T, B, N), x.new_empty(T, B, U)) if options.trace else (None, None)
         clip = x.new_full((1,), options.cell_clip)
         cell_blocks = blocks(B, U, whole_rows=layer_norm)
         output_blocks = blocks(B, N)
@@ -120,17 +123,19 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
                     z[s] += recurrent_product(h[s], R, rd, low)
                 steps.lstm_forward_step[cell_blocks[2]](
                     z, given(a), given(rstd_h), h, c, given(m), y, given(mask), given(keep_h), given(keep_c),
-                    given(peephole), given(gate_gain), given(cell_gain), given(cell_shift), clip, s, t, B, U, T,
-                    LAYER_NORM=layer_norm, PROJECTED=P is not None, ROUND_H=ROUND_H.get(low, 0),
-                    BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1], **flags, **cell_flags)
+                    given(peephole), given(gate_gain), given(cell_gain), given(cell_shift), clip, given(trace_h),
+                    given(trace_c), s, t, B, U, T, LAYER_NORM=layer_norm, PROJECTED=P is not None,
+                    ROUND_H=ROUND_H.get(low, 0), TRACE=options.trace, BLOCK_B=cell_blocks[0], BLOCK_U=cell_blocks[1],
+                    **flags, **cell_flags)
                 if P is not None:
                     torch.mm(m[s], P, out=projected)
                     steps.lstm_output_step[output_blocks[2]](
-                        projected, h, y, given(mask), given(keep_h), s, t, B, N, T, ROUND_H=ROUND_H.get(low, 0),
-                        BLOCK_B=output_blocks[0], BLOCK_U=output_blocks[1], **flags)
+                        projected, h, y, given(mask), given(keep_h), given(trace_h), s, t, B, N, T,
+                        ROUND_H=ROUND_H.get(low, 0), TRACE=options.trace, BLOCK_B=output_blocks[0],
+                        BLOCK_U=output_blocks[1], **flags)
         outputs = y.transpose(0, 1).contiguous() if options.return_sequences else y[T - 1]
         saved = (z, h, c, a, rstd_h, x_normalized, rstd_x, m) if save else (None,) * SAVED_COUNT
-        return [outputs, h[T].clone(), c[T].clone(), *saved]
+        return [outputs, h[T].clone(), c[T].clone(), *saved, trace_h, trace_c]
 
     def forward_shapes(self, inputs, fixed, options, save):
         x, gate_gain, P, h0, c0 = inputs[0], inputs[2], inputs[8], inputs[9], inputs[10]  # (then the reset states)
@@ -144,7 +149,8 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         saved = [shape(T, B, GU), shape(T + 1, B, N), shape(T + 1, B, U), shape(T, B, GU, on=layer_norm),
                  shape(T, B, on=layer_norm), shape(T, B, GU, on=layer_norm), shape(T, B, on=layer_norm),
                  shape(T, B, U, on=P is not None)]
-        return [(B, T, N) if options.return_sequences else (B, N), (B, N), (B, U), *saved]
+        traces = [(T, B, N), (T, B, U)] if options.trace else [(0,), (0,)]
+        return [(B, T, N) if options.return_sequences else (B, N), (B, N), (B, U), *saved, *traces]
 
     @staticmethod
     def _flags(options, mask, keep_h) -> dict:
@@ -162,7 +168,7 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
     def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
         x, kernel, gate_gain, bias, R, peephole, cell_gain, cell_shift, P, h0, c0, reset_h, reset_c = inputs
         in_drop, rd, mask, keep_h, keep_c, reset = fixed
-        z, h, c, a, rstd_h, x_normalized, rstd_x, m = saved
+        z, h, c, a, rstd_h, x_normalized, rstd_x, m = saved[:SAVED_COUNT]  # (then the traces, if any)
         layer_norm = gate_gain is not None
         if not overwrite:
             z, a = z.clone(), None if a is None else a.clone()
@@ -260,7 +266,7 @@ def _run(p: Recurrence) -> RecurrenceResult:
                           for stream, size in enumerate((p.output_size, p.units)))
     options = Options(bool(p.go_backwards), bool(p.zero_output_for_mask), bool(p.return_sequences),
                       bool(cell.coupled), *support.activation_codes(cell),
-                      -1.0 if cell.cell_clip is None else float(cell.cell_clip))
+                      -1.0 if cell.cell_clip is None else float(cell.cell_clip), bool(p.trace))
     mask = None if p.mask is None else p.mask.to(torch.bool).contiguous()
     reset = p.reset if p.reset is None or mask is None else p.reset & mask  # (ignored at steps that do not count)
     fixed = (p.input_dropout, p.recurrent_dropout, mask, keep_h, keep_c, reset)
@@ -269,5 +275,15 @@ def _run(p: Recurrence) -> RecurrenceResult:
     gate_gain, cell_gain, cell_shift = (t.contiguous() for t in p.layer_norm) if p.layer_norm else (None,) * 3
     inputs = (p.inputs, p.kernel, gate_gain, bias_with_forget_bias(p), p.recurrent_kernel, peephole, cell_gain,
               cell_shift, p.projection, *p.initial_state, *reset_states)
-    (y, hT, cT), _ = OP.call(inputs, fixed, options)
-    return RecurrenceResult(y, (hT, cT))
+    (y, hT, cT), saved = OP.call(inputs, fixed, options, keep_saved=p.trace)
+    return RecurrenceResult(y, (hT, cT), _trace(p, saved) if p.trace else None)
+
+
+def _trace(p: Recurrence, saved: list) -> dict:
+    """The reference's trace, from the gates the forward saved and each step's own h and C, in
+    processing order [B, T, *], detached."""
+    z, trace_h, trace_c = saved[0], saved[SAVED_COUNT], saved[SAVED_COUNT + 1]
+    gates = dict(zip(p.cell.gate_names, z.detach().transpose(0, 1).split(p.units, dim=-1)))
+    f = gates["f"]
+    return {"i": gates["i"] if "i" in gates else 1 - f, "f": f, "c_tilde": gates["c"],
+            "c": trace_c.detach().transpose(0, 1), "o": gates["o"], "h": trace_h.detach().transpose(0, 1)}

@@ -101,15 +101,19 @@ def tile(B, N, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
 
 
 @triton.jit
-def store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, N, T,
-                       HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, ZERO_OUTPUT: tl.constexpr):
+def store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, trace_h_ptr, rows, cols, inside, s, t, B,
+                       N, T, HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, ZERO_OUTPUT: tl.constexpr,
+                       TRACE: tl.constexpr):
     """Zoneout and Keras' mask on the new h (h_prev: h[s]'s tile); stores h[s+1] and the output
     y[s]: a masked step keeps h[s] and outputs the previous output (zeros before the first step),
-    or zeros with ZERO_OUTPUT."""
+    or zeros with ZERO_OUTPUT. TRACE: the step's own h (after zoneout, before the mask) into
+    trace_h [T, B, N], as the reference kernel's trace gives it."""
     state = rows * N + cols
     if HAS_KEEP_H:
         keep = tl.load(keep_h_ptr + rows * T * N + s * N + cols, mask=inside, other=0) != 0
         h_new = tl.where(keep, h_prev, h_new)
+    if TRACE:
+        tl.store(trace_h_ptr + s * B * N + state, h_new, mask=inside)
     output = h_new
     if HAS_MASK:
         counts = tl.load(mask_ptr + rows * T + t, mask=rows < B, other=0) != 0
@@ -163,15 +167,16 @@ def _layer_norm_backward(d_normalized, normalized, rstd, inside, size):
 
 @triton.jit
 def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask_ptr, keep_h_ptr, keep_c_ptr,
-                      peephole_ptr, gate_gain_ptr, cell_gain_ptr, cell_shift_ptr, clip_ptr,
+                      peephole_ptr, gate_gain_ptr, cell_gain_ptr, cell_shift_ptr, clip_ptr, trace_h_ptr, trace_c_ptr,
                       s, t, B, U, T,
                       COUPLED: tl.constexpr, ACTIVATION: tl.constexpr, RECURRENT_ACTIVATION: tl.constexpr,
                       HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, HAS_KEEP_C: tl.constexpr,
                       HAS_PEEPHOLE: tl.constexpr, HAS_CLIP: tl.constexpr, ZERO_OUTPUT: tl.constexpr,
                       LAYER_NORM: tl.constexpr, PROJECTED: tl.constexpr, ROUND_H: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+                      TRACE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """Step s (time index t): z[s] -> the gates (in place), c[s+1], and h[s+1], y[s]; projected,
-    m[s] instead of h and y (`lstm_output_step` makes them from m[s] @ projection)."""
+    m[s] instead of h and y (`lstm_output_step` makes them from m[s] @ projection). TRACE: the
+    step's own C and h (after zoneout, before the mask) into trace_c [T, B, U], trace_h [T, B, N]."""
     rows, units, inside = tile(B, U, BLOCK_B, BLOCK_U)
     s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     in_row = units < U
@@ -253,6 +258,8 @@ def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask
     if HAS_KEEP_C:
         keep = tl.load(keep_c_ptr + rows * T * U + s * U + units, mask=inside, other=0) != 0
         c_new = tl.where(keep, c_prev, c_new)
+    if TRACE:
+        tl.store(trace_c_ptr + s * B * U + state, c_new, mask=inside)
     if HAS_MASK:
         counts = tl.load(mask_ptr + rows * T + t, mask=rows < B, other=0) != 0
         c_new = tl.where(counts, c_new, c_prev)
@@ -261,21 +268,21 @@ def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask
         tl.store(m_ptr + s * B * U + state, h_new, mask=inside)
     else:
         h_prev = tl.load(h_ptr + s * B * U + state, mask=inside, other=0.0)
-        store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, units, inside, s, t, B, U, T,
-                           HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT)
+        store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, trace_h_ptr, rows, units, inside, s,
+                           t, B, U, T, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, TRACE)
 
 
 @triton.jit
-def lstm_output_step(projected_ptr, h_ptr, y_ptr, mask_ptr, keep_h_ptr, s, t, B, P, T,
+def lstm_output_step(projected_ptr, h_ptr, y_ptr, mask_ptr, keep_h_ptr, trace_h_ptr, s, t, B, P, T,
                      HAS_MASK: tl.constexpr, HAS_KEEP_H: tl.constexpr, ZERO_OUTPUT: tl.constexpr,
-                     ROUND_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+                     ROUND_H: tl.constexpr, TRACE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
     """A projected step's h[s+1] and y[s] from m[s] @ projection ([B, P])."""
     rows, cols, inside = tile(B, P, BLOCK_B, BLOCK_U)
     s = s.to(tl.int64)  # (offsets reach T * B * G * U: past int32 for large calls)
     h_new = rounded(tl.load(projected_ptr + rows * P + cols, mask=inside, other=0.0), ROUND_H)
     h_prev = tl.load(h_ptr + s * B * P + rows * P + cols, mask=inside, other=0.0)
-    store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, rows, cols, inside, s, t, B, P, T,
-                       HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT)
+    store_h_and_output(h_new, h_prev, h_ptr, y_ptr, mask_ptr, keep_h_ptr, trace_h_ptr, rows, cols, inside, s, t, B,
+                       P, T, HAS_MASK, HAS_KEEP_H, ZERO_OUTPUT, TRACE)
 
 
 @triton.jit
