@@ -547,6 +547,19 @@ def test_packed_input_refuses_mask_or_lengths(argument, bidirectional, tally):
         layer(packed, **{argument: value})
 
 
+def test_sequential_takes_a_packed_sequence():
+    """A Sequential model that starts with recurrent layers runs a PackedSequence as the padded
+    batch with its mask, and passes one on where a layer returns sequences."""
+    from lstm.models import Sequential
+
+    torch.manual_seed(0)
+    model = Sequential([layers.LSTM(5, return_sequences=True, input_dim=3), layers.GRU(4), layers.Dense(2)])
+    x, lengths = torch.randn(3, 6, 3), torch.tensor([6, 2, 4])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    assert torch.allclose(model(packed), model(x, mask=padding_mask(lengths, steps=6)), atol=1e-6)
+    assert type(Sequential([model.layers[0]])(packed)).__name__ == "PackedSequence"
+
+
 # ----- check_lengths ---------------------------------------------------------------------------
 def test_check_lengths_accepts_tensors_lists_and_arrays():
     x = torch.zeros(3, 5, 2)

@@ -234,6 +234,12 @@ def run_cli(*args):
                           env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, timeout=120)
 
 
+def test_no_command_names_the_commands(capsys):
+    assert main([]) == 2
+    error = capsys.readouterr().err
+    assert "COMMAND: expected one of demo, bench, train" in error and "got none" in error
+
+
 def test_bad_input_clear_messages(runs, tmp_path):
     done = run_cli("train", "nosuchtask")
     assert done.returncode == 2 and done.stderr == ("lstm train: error: unknown task 'nosuchtask'; the tasks are "

@@ -22,12 +22,16 @@ COMMANDS = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lstm", description="The LSTM of the tutorial, exact to Keras, on PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(module_name=module_name)
         importlib.import_module(module_name).add_arguments(command)
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print(f"lstm: error: COMMAND: expected one of {', '.join(COMMANDS)}, got none (`lstm COMMAND -h` for one's "
+              "options)", file=sys.stderr)
+        return 2
     try:
         return importlib.import_module(args.module_name).run(args) or 0
     except (ValueError, TypeError, FileNotFoundError) as error:

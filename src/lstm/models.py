@@ -8,6 +8,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .layers.config import nested
 from .layers.validation import check_bool
@@ -83,8 +84,10 @@ class Sequential(nn.Module):
         return None
 
     def forward(self, inputs: Any, mask=None, training=None, return_mask: bool = False):
-        """Runs every layer; with `return_mask=True` returns `(outputs, mask)`."""
-        if not isinstance(inputs, torch.Tensor):
+        """Runs every layer; with `return_mask=True` returns `(outputs, mask)`. `inputs` may be a
+        `torch.nn.utils.rnn.PackedSequence` for a model that starts with a recurrent layer (it
+        passes on a PackedSequence with return_sequences, as torch.nn.LSTM does)."""
+        if not isinstance(inputs, (torch.Tensor, PackedSequence)):
             inputs = torch.as_tensor(np.asarray(inputs))
             dtype = self._float_dtype()
             if inputs.is_floating_point() and dtype is not None:
@@ -97,7 +100,7 @@ class Sequential(nn.Module):
             if _accepts(layer, "training"):
                 kwargs["training"] = training
             y = layer(x, **kwargs)
-            if isinstance(y, (tuple, list)):
+            if isinstance(y, (tuple, list)) and not isinstance(y, PackedSequence):
                 raise ValueError(f"Sequential: layer {getattr(layer, 'name', type(layer).__name__)!r} returned "
                                  f"{len(y)} tensors; a Sequential model needs one output per layer "
                                  "(return_state=True is not supported here)")
