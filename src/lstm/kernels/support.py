@@ -59,7 +59,7 @@ def on_one_device_in_compute_dtypes(p: Recurrence) -> bool:
         return False
     dtypes = (x.dtype, torch.float32)
     for t in (p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, p.recurrent_dropout, p.peephole, p.projection,
-              *(p.layer_norm or ()), *p.initial_state):
+              *(p.layer_norm or ()), *p.initial_state, *(p.reset_state or ())):
         if t is not None and (t.device != x.device or t.dtype not in dtypes):
             return False
     return all(t is None or t.device == x.device for t in (p.mask, p.lengths, p.reset))
