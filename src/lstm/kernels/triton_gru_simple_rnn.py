@@ -42,6 +42,7 @@ from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device,
 name = "triton_gru_simple_rnn"
 takes_resets = True
 
+
 def _keras_bias(p: Recurrence) -> bool:
     """No bias, or Keras' shape: [2, 3U] for a reset_after GRU, else [G*U]."""
     if p.bias is None:
