@@ -14,7 +14,8 @@ Steps, each written to OUT/results.json as soon as it is done (a run cut short s
                float64 reference kernel (tolerances: float32 1e-5, bfloat16 2e-2)
   timing       inference forward (no_grad) and training step (forward + backward of sum(out * g)),
                the layer against torch.nn.LSTM / GRU (cuDNN) at the bench shapes, float32 with TF32
-               off and on: median ms and the ratio (>= 1: ours faster)
+               off and on, and both under bfloat16 autocast: median ms and the ratio (>= 1: ours
+               faster)
   variant time the tier-1 cases against the same layer on the reference kernel (a PyTorch loop of
                small ops per step, what the layer ran on a GPU before): median ms and the ratio
 
@@ -190,17 +191,19 @@ def timing(device, shapes, repeats: int) -> list:
                 "lstm": (lambda: ours(x)[0], lambda: (ours(x)[0] * g).sum().backward()),
                 "torch": (lambda: theirs(x)[0], lambda: (theirs(x)[0] * g).sum().backward()),
             }
-            for tf32 in (False, True):
-                torch.backends.cudnn.allow_tf32 = tf32
+            for precision in ("float32", "tf32", "bfloat16 autocast"):
+                torch.backends.cudnn.allow_tf32 = precision == "tf32"
+                autocast = precision.startswith("bfloat16")
                 for mode in ("forward", "train"):
                     medians = {}
                     for name, (forward, train) in calls.items():
-                        if mode == "forward":
-                            with torch.no_grad():
-                                medians[name] = _median_ms(forward, device, repeats)
-                        else:
-                            medians[name] = _median_ms(train, device, repeats)
-                    rows.append({"kind": kind, "shape": list(shape), "tf32": tf32, "mode": mode,
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                            if mode == "forward":
+                                with torch.no_grad():
+                                    medians[name] = _median_ms(forward, device, repeats)
+                            else:
+                                medians[name] = _median_ms(train, device, repeats)
+                    rows.append({"kind": kind, "shape": list(shape), "precision": precision, "mode": mode,
                                  "lstm_ms": medians["lstm"], "torch_ms": medians["torch"],
                                  "speedup": medians["torch"] / medians["lstm"]})
     torch.backends.cudnn.allow_tf32 = True
@@ -256,7 +259,7 @@ def main() -> int:
         print(f"check  {row['kind']:<10} {str(row['shape']):<22} {row['case']:<22} {row['precision']:<8} "
               f"{row['kernel']:<22} {row['max_relative_error']:.2e} {'ok' if row['ok'] else 'FAIL'}")
     for row in results["timing"]:
-        print(f"time   {row['kind']:<4} {str(row['shape']):<22} tf32={str(row['tf32']):<5} {row['mode']:<7} "
+        print(f"time   {row['kind']:<4} {str(row['shape']):<22} {row['precision']:<17} {row['mode']:<7} "
               f"lstm {row['lstm_ms']:8.3f} ms  torch {row['torch_ms']:8.3f} ms  {row['speedup']:.2f}x")
     for row in results["variant_timing"]:
         print(f"time   {row['kind']:<10} {str(row['shape']):<22} {row['case']:<48} {row['mode']:<7} "

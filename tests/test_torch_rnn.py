@@ -83,6 +83,42 @@ def test_bidirectional_and_float32_equal_the_reference():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+EPS = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "simple_rnn tanh"])
+def test_low_precision_is_near_the_reference(cell, policy):
+    """bfloat16/float16 (a GPU's cuDNN under autocast; torch's CPU ops here, forced): the compute
+    dtype's outputs and states, C in float32, within 2 roundings of the reference kernel's rules
+    (torch's ops may hold C and the gates in the low precision between steps); gradients within 16
+    (torch's CPU ops also sum them over the steps in the low precision)."""
+    layer_class, options = CELLS[cell]
+    torch.manual_seed(0)
+    layer = layer_class(U, return_sequences=True, return_state=True, input_dim=D, dtype=policy, **options)
+    x = torch.randn(B, 12, D)
+    calls = [{}] if native.extension() is None else [{}, {"lengths": torch.tensor([12, 3, 0, 8])}]
+    eps = EPS[policy.removeprefix("mixed_")]
+    for call in calls:
+        results = {}
+        for kernel in ("torch_rnn", "reference"):
+            with lstm.kernels.use(kernel):
+                inputs = x.clone().requires_grad_()
+                outputs = layer(inputs, **call)
+                weights = [torch.linspace(-1, 1, o.numel()).reshape(o.shape) for o in outputs]
+                loss = sum((o.float() * w).sum() for o, w in zip(outputs, weights))
+                grads = torch.autograd.grad(loss, [inputs, *layer.parameters()])
+            results[kernel] = ([o.detach() for o in outputs], grads)
+        (got, got_grads), (expected, expected_grads) = results["torch_rnn"], results["reference"]
+        assert [o.dtype for o in got] == [o.dtype for o in expected]
+        for what, pairs, tolerance in (("output or state", zip(got, expected), 2 * eps),
+                                       ("gradient", zip(got_grads, expected_grads), 16 * eps)):
+            for k, (u, v) in enumerate(pairs):
+                scale = max(1.0, float(v.float().abs().max()))
+                difference = float((u.float() - v.float()).abs().max())
+                assert difference <= tolerance * scale, f"{call}, {what} {k}: {difference:.3g}"
+
+
 def _problem(layer_class=layers.LSTM, call=None, training=False, **options):
     layer = layer_class(U, input_dim=D, **options)
     layer.train(training)

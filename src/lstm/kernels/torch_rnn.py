@@ -15,7 +15,12 @@ one op on the rows' valid steps; Keras' rules for the outputs at padded steps ar
 go_backwards: the reversed steps run forwards (Keras returns outputs in processing order).
 
 Float32 and float64 (cuDNN computes float32 in TF32 where torch.backends.cudnn.allow_tf32 says).
-On the CPU the C++ kernels are faster and are chosen first; this kernel is what a CUDA tensor gets.
+On a GPU bfloat16 and float16 too, as torch.nn.LSTM runs them under autocast: the weights and the
+states rounded to the compute dtype, cuDNN's numerics (products accumulated in float32; between
+its steps cuDNN may hold C in the compute dtype where problem.py's rules keep float32: a
+difference within a few of the dtype's roundings); C comes back in float32 holding those values.
+On the CPU the C++ kernels are faster and are chosen first; this kernel is what a CUDA tensor gets
+(low precision on the CPU only when forced: the tests, on torch's CPU ops).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import torch
 from torch import Tensor
 
 from . import packing, support
-from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
+from .dispatch import forced_name
+from .problem import LOW_PRECISION, Recurrence, RecurrenceResult, answers_empty_sequences, state_dtype
+from .reference import autocast_off
 
 name = "torch_rnn"
 takes_lengths = True
@@ -60,11 +67,21 @@ def supports(p: Recurrence) -> bool:
 
 
 def _in_one_float_dtype_on_one_device(p: Recurrence) -> bool:
+    """Every tensor on the input's device, in its dtype: float32 or float64; or bfloat16/float16
+    inputs (on a GPU, or forced) with tensors in that dtype or float32 (a mixed policy's weights)."""
     x = p.inputs
-    if x.dtype not in (torch.float32, torch.float64) or x.dim() != 3:
+    if x.dim() != 3:
+        return False
+    if x.dtype in LOW_PRECISION:
+        if not (x.is_cuda or forced_name() == name):
+            return False
+        dtypes = (x.dtype, torch.float32)
+    elif x.dtype in (torch.float32, torch.float64):
+        dtypes = (x.dtype,)
+    else:
         return False
     tensors = (p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, *p.initial_state)
-    return all(t is None or (t.device == x.device and t.dtype == x.dtype) for t in tensors)
+    return all(t is None or (t.device == x.device and t.dtype in dtypes) for t in tensors)
 
 
 def _weights(p: Recurrence) -> list:
@@ -79,7 +96,8 @@ def _weights(p: Recurrence) -> list:
         biases = [] if bias is None else [reordered(bias[0]), reordered(bias[1])]
     else:
         biases = [] if bias is None else [bias, torch.zeros_like(bias)]
-    return [kernel.t().contiguous(), recurrent.t().contiguous(), *biases]
+    dtype = p.inputs.dtype  # (a mixed policy's float32 weights: rounded to the compute dtype)
+    return [t.to(dtype) for t in (kernel.t().contiguous(), recurrent.t().contiguous(), *biases)]
 
 
 def _op(p: Recurrence, x: Tensor, batch_sizes: Optional[Tensor], states: tuple, training: bool) -> tuple:
@@ -87,12 +105,13 @@ def _op(p: Recurrence, x: Tensor, batch_sizes: Optional[Tensor], states: tuple, 
     weights = _weights(p)
     layout = (batch_sizes,) if batch_sizes is not None else ()
     tail = (len(weights) == 4, 1, 0.0, training, False) + (() if batch_sizes is not None else (True,))
-    hidden = tuple(s[None] for s in states)
-    if p.cell.kind == "lstm":
-        y, h, c = torch._VF.lstm(x, *layout, hidden, weights, *tail)
-        return y, h[0], c[0]
-    op = torch._VF.gru if p.cell.kind == "gru" else SIMPLE_RNN_OPS[p.cell.activation]
-    y, h = op(x, *layout, hidden[0], weights, *tail)
+    hidden = tuple(s[None].to(x.dtype) for s in states)
+    with autocast_off(x.device.type):  # (the casts are made here)
+        if p.cell.kind == "lstm":
+            y, h, c = torch._VF.lstm(x, *layout, hidden, weights, *tail)
+            return y, h[0], c[0].to(state_dtype(x.dtype))
+        op = torch._VF.gru if p.cell.kind == "gru" else SIMPLE_RNN_OPS[p.cell.activation]
+        y, h = op(x, *layout, hidden[0], weights, *tail)
     return y, h[0]
 
 
@@ -104,7 +123,7 @@ def run(p: Recurrence) -> RecurrenceResult:
             return _packed(p, x, states, input_dropout, batch_sizes)
 
         return packing.run_packed(p, lengths, call)
-    x = p.inputs if p.input_dropout is None else p.inputs * p.input_dropout[0][:, None, :]
+    x = p.inputs if p.input_dropout is None else p.inputs * p.input_dropout[0][:, None, :].to(p.inputs.dtype)
     if p.go_backwards:
         x = x.flip(1)
     y, *states = _op(p, x, None, tuple(p.initial_state), torch.is_grad_enabled())
@@ -115,6 +134,6 @@ def _packed(p: Recurrence, x: Tensor, states: tuple, input_dropout: Optional[Ten
     """packing.run_packed's call: x [N, 1, D] and input_dropout [1, N, D] per packed row."""
     rows = x.view(x.shape[0], x.shape[2])
     if input_dropout is not None:
-        rows = rows * input_dropout[0]
+        rows = rows * input_dropout[0].to(rows.dtype)
     y, *final = _op(p, rows, batch_sizes, states, torch.is_grad_enabled())
     return (y[:, None, :], *final)
