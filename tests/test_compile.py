@@ -20,6 +20,7 @@ import torch
 import lstm
 import lstm.kernels
 from lstm import layers, models
+from marks import needs_cpp
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +97,8 @@ def test_fullgraph_forward_and_backward_equal_eager(build):
     _assert_same(_step(compiled, x), _step(model, x), tol=1e-6)
     x2 = _tokens(5, 9, seed=1)  # another batch and length: one recompile (dynamic sizes), no break
     _assert_same(_step(compiled, x2), _step(model, x2), tol=1e-6)
-    assert _kernels_used(model, x) & {"fused_cpp", "fused_gru_simple_rnn"}
+    if native.extension() is not None:  # (the fused kernels were compiled, not only the reference)
+        assert _kernels_used(model, x) & {"fused_cpp", "fused_gru_simple_rnn"}
 
 
 def test_inductor_training_step_equals_eager():
@@ -143,6 +145,7 @@ def test_seeded_dropout_masks_equal_eager():
     assert not torch.equal(a[0][0], a[1][0])
 
 
+@needs_cpp
 def test_layer_options_under_compile():
     torch.manual_seed(3)
     x = torch.randn(3, 7, 4)
@@ -198,6 +201,7 @@ def _export_models():
     return [lstm_model, gru_model]
 
 
+@needs_cpp
 @pytest.mark.parametrize("index", [0, 1])
 def test_export_inference_model(index):
     model = _export_models()[index]
@@ -239,6 +243,7 @@ def test_export_with_grad_enabled_runs_the_training_ops():
         assert torch.equal(exported.module()(x), model(x))
 
 
+@needs_cpp
 def test_dynamic_sizes_compile_once():
     torch.manual_seed(5)
     model = _bidirectional()
@@ -253,6 +258,7 @@ def test_dynamic_sizes_compile_once():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@needs_cpp
 def test_lazy_layers_under_compile():
     # not built yet: the default torch.compile builds the weights in an eager fallback
     x = torch.randn(2, 5, 4)
@@ -402,6 +408,7 @@ from test_variants import variant_problem  # noqa: E402
 from lstm.kernels import fused_variants  # noqa: E402
 
 
+@needs_cpp
 def test_variant_lstm_fullgraph_equals_eager():
     torch.manual_seed(6)
     model = models.Sequential([layers.Embedding(20, 8, mask_zero=True),
@@ -434,6 +441,7 @@ def test_zoneout_training_fullgraph_equals_eager():
     assert not torch.equal(a[0][0], a[1][0])
 
 
+@needs_cpp
 def test_chunked_zoneout_training_compiles_to_one_graph():
     # each chunk's zoneout offset is a constant of the one traced graph: no recompile per chunk
     torch.manual_seed(8)

@@ -22,6 +22,7 @@ import lstm
 from lstm import kernels, layers
 from lstm.kernels import reference
 from lstm.serialization import DTypePolicy
+from marks import needs_cpp
 
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16, "mixed_bfloat16": torch.bfloat16,
        "mixed_float16": torch.float16}
@@ -29,7 +30,6 @@ POLICIES = ["float32", "float64", *LOW]
 B, T, D, U = 3, 12, 5, 6
 
 
-needs_cpp = pytest.mark.skipif(kernels.native.extension() is None, reason="the C++ kernels are not loaded")
 
 
 def keras3_policy(name: str, class_name: str = "DTypePolicy") -> dict:

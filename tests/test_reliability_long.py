@@ -20,6 +20,7 @@ import lstm
 from conftest import TALLY
 from lstm.commands import bench_cases
 from lstm.layers import GRU, LSTM, Bidirectional, Dense, SimpleRNN
+from marks import needs_cpp
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 RUNS = (lstm.chunked, lstm.recomputed, lstm.truncated_bptt)
@@ -158,6 +159,7 @@ def _retained_bytes(run) -> int:
     return sum(t.numel() * t.element_size() for t in alive.values())
 
 
+@needs_cpp
 def test_truncated_bptt_keeps_one_window_of_a_many_to_one_layer():
     layer, x = LSTM(16), torch.randn(4, 400, 8)
     layer(x[:, :1])
@@ -249,6 +251,7 @@ def test_forward_over_100000_steps_in_bounded_memory():
     assert one["grown"] > 0.9 * outputs and chunked["grown"] < outputs / 10, (one["grown"], chunked["grown"])
 
 
+@needs_cpp
 def test_recompute_backward_peak_memory():
     """The bench's memory worker: one training step, stored backward against the recomputing one."""
     shape = (8, 1000, 16, 64)

@@ -12,6 +12,7 @@ import torch
 from conftest import TALLY
 from lstm import kernels
 from lstm.layers import GRU, LSTM, SimpleRNN
+from marks import needs_cpp
 
 LAYERS = {"LSTM": LSTM, "GRU": GRU, "SimpleRNN": SimpleRNN}
 
@@ -236,6 +237,7 @@ def test_strided_inputs_equal_contiguous(kernel, kind, how, grad):
                                                      torch.autograd.grad(want[0].sum(), params)))
 
 
+@needs_cpp
 def test_fused_cpp_single_step_strided_mask():
     # (was a kernel bug: fused_cpp's no-grad path for one step and a batch of 2..4 read a strided mask as if
     # contiguous)
@@ -254,6 +256,7 @@ def test_fused_cpp_single_step_strided_mask():
 DENORMAL = torch.finfo(torch.float32).tiny  # the smallest normal float32
 
 
+@needs_cpp
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="MXCSR: x86-64 only")
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_vanishing_gradients_are_flushed_not_crawled_through(kind):

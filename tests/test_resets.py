@@ -12,6 +12,7 @@ import torch
 
 import lstm.kernels
 from lstm import layers
+from marks import needs_cpp
 
 VARIANTS = {"plain": {}, "peephole": {"peephole": True}, "layer_norm": {"layer_norm": True},
             "proj_size": {"proj_size": 3}, "coupled": {"coupled": True}}
@@ -55,7 +56,6 @@ def _assert_all_close(a, b, tol):
         assert float((u - v).abs().max()) <= tol * scale
 
 
-needs_cpp = pytest.mark.skipif(lstm.kernels.native.extension() is None, reason="the C++ kernels are not loaded")
 
 
 def _random_resets(B, T, seed=0, rate=0.25):
