@@ -141,26 +141,33 @@ def _variant_call(layer, x, call: dict, kernel):
         return _outputs_and_gradients(layer, x, kernel, **options)
 
 
-def variants(device, shapes) -> list:
-    rows = []
+def _variant_cases(device, shapes):
+    """(shape, case, kind, layer options, call options, the float32 layer, its input x) of each
+    tier-1 case at each shape."""
     for shape in shapes:
         B, T, D, H = shape
         for case, (kind, layer_options, call) in VARIANTS.items():
             torch.manual_seed(0)
             layer = _variant_layer(kind, layer_options, H, device, input_dim=D)
-            x = torch.randn(B, T, D, device=device)
-            forced = _forced(device, kind)
-            with lstm.kernels.use(forced) if forced else torch.enable_grad():
-                chosen = lstm.kernels.select(layer.recurrence(x.to(torch.bfloat16) if call.get("autocast") else x)).name
-            double = _variant_layer(kind, layer_options, H, device, torch.float64, input_dim=D)
-            double.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
-            expected = _variant_call(double, x.double(), {k: v for k, v in call.items() if k != "autocast"},
-                                     "reference")
-            got = _variant_call(layer, x, call, forced)
-            error = max(_relative(g, e) for g, e in zip(got, expected))
-            precision = "bfloat16" if call.get("autocast") else "float32"
-            rows.append({"kind": kind, "shape": list(shape), "case": case, "precision": precision, "kernel": chosen,
-                         "max_relative_error": error, "ok": error <= TOLERANCE[precision]})
+            yield shape, case, kind, layer_options, call, layer, torch.randn(B, T, D, device=device)
+
+
+def variants(device, shapes) -> list:
+    rows = []
+    for shape, case, kind, layer_options, call, layer, x in _variant_cases(device, shapes):
+        _, _, D, H = shape
+        forced = _forced(device, kind)
+        with lstm.kernels.use(forced) if forced else torch.enable_grad():
+            chosen = lstm.kernels.select(layer.recurrence(x.to(torch.bfloat16) if call.get("autocast") else x)).name
+        double = _variant_layer(kind, layer_options, H, device, torch.float64, input_dim=D)
+        double.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+        expected = _variant_call(double, x.double(), {k: v for k, v in call.items() if k != "autocast"},
+                                 "reference")
+        got = _variant_call(layer, x, call, forced)
+        error = max(_relative(g, e) for g, e in zip(got, expected))
+        precision = "bfloat16" if call.get("autocast") else "float32"
+        rows.append({"kind": kind, "shape": list(shape), "case": case, "precision": precision, "kernel": chosen,
+                     "max_relative_error": error, "ok": error <= TOLERANCE[precision]})
     return rows
 
 
@@ -212,18 +219,13 @@ def timing(device, shapes, repeats: int) -> list:
 
 def variant_timing(device, shapes, repeats: int) -> list:
     rows = []
-    for shape in shapes:
-        B, T, D, H = shape
-        for case, (kind, layer_options, call) in VARIANTS.items():
-            torch.manual_seed(0)
-            layer = _variant_layer(kind, layer_options, H, device, input_dim=D)
-            x = torch.randn(B, T, D, device=device)
-            medians = {}
-            for name, kernel in (("tier1", _forced(device, kind)), ("reference", "reference")):
-                medians[name] = _median_ms(lambda: _variant_call(layer, x, call, kernel), device, repeats)
-            rows.append({"kind": kind, "shape": list(shape), "case": case, "mode": "train",
-                         "tier1_ms": medians["tier1"], "reference_ms": medians["reference"],
-                         "speedup": medians["reference"] / medians["tier1"]})
+    for shape, case, kind, _, call, layer, x in _variant_cases(device, shapes):
+        medians = {}
+        for name, kernel in (("tier1", _forced(device, kind)), ("reference", "reference")):
+            medians[name] = _median_ms(lambda: _variant_call(layer, x, call, kernel), device, repeats)
+        rows.append({"kind": kind, "shape": list(shape), "case": case, "mode": "train",
+                     "tier1_ms": medians["tier1"], "reference_ms": medians["reference"],
+                     "speedup": medians["reference"] / medians["tier1"]})
     return rows
 
 

@@ -59,29 +59,13 @@ def supports(p: Recurrence) -> bool:
         return False
     if p.input_dropout is not None and p.input_dropout.shape[0] != 1:
         return False
-    if not _in_one_float_dtype_on_one_device(p):
+    if not support.on_one_device_in_compute_dtypes(p):
         return False
+    if p.inputs.dtype in LOW_PRECISION and not (p.inputs.is_cuda or forced_name() == name):
+        return False  # (bfloat16/float16 on the CPU: the C++ kernels run them; forced, the tests)
     if p.mask is None and p.lengths is None and p.reset is None:
         return True
     return packing.can_pack(p) and support.extension_ready()
-
-
-def _in_one_float_dtype_on_one_device(p: Recurrence) -> bool:
-    """Every tensor on the input's device, in its dtype: float32 or float64; or bfloat16/float16
-    inputs (on a GPU, or forced) with tensors in that dtype or float32 (a mixed policy's weights)."""
-    x = p.inputs
-    if x.dim() != 3:
-        return False
-    if x.dtype in LOW_PRECISION:
-        if not (x.is_cuda or forced_name() == name):
-            return False
-        dtypes = (x.dtype, torch.float32)
-    elif x.dtype in (torch.float32, torch.float64):
-        dtypes = (x.dtype,)
-    else:
-        return False
-    tensors = (p.kernel, p.recurrent_kernel, p.bias, p.input_dropout, *p.initial_state)
-    return all(t is None or (t.device == x.device and t.dtype in dtypes) for t in tensors)
 
 
 def _weights(p: Recurrence) -> list:

@@ -35,9 +35,9 @@ import torch
 from . import fused, support
 from .input_projection import input_projection_backward
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
-from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, output_gradients, project,
-                             recurrent_product, recurrent_weight_gradient, restore, restore_backward, rounded,
-                             run_or_fall_back, runs, starts, writable)
+from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, or_placeholder, output_gradients,
+                             project, recurrent_product, recurrent_weight_gradient, restore, restore_backward,
+                             rounded, run_or_fall_back, runs, starts, writable)
 
 name = "triton_gru_simple_rnn"
 takes_resets = True
@@ -116,10 +116,11 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
         round_h = ROUND_H.get(low, 0)
         flags = dict(HAS_MASK=mask is not None, ZERO_OUTPUT=options.zero_output_for_mask, ROUND_H=round_h,
                      TRACE=options.trace, **tile)
-        mask = mask if mask is not None else z
+        given = or_placeholder(z)
+        mask = given(mask)
         recurrent = None  # (SimpleRNN: no recurrent buffer)
         trace_h = x.new_empty(T, B, U) if options.trace else None  # (each step's own h, before the mask)
-        traced = trace_h if options.trace else z  # (a placeholder the programs do not read without TRACE)
+        traced = given(trace_h)
         with on_device(x):
             if options.simple_rnn:
                 for s in range(T):
@@ -133,7 +134,7 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
                                                         ACTIVATION=options.activation, **flags)
             elif options.reset_after:
                 recurrent = x.new_empty(T, B, 3 * U)  # hr
-                recurrent_bias = bias[1].contiguous() if bias is not None else z
+                recurrent_bias = given(None if bias is None else bias[1].contiguous())
                 for s in range(T):
                     t = T - 1 - s if options.go_backwards else s
                     restore(h[s], starts(reset, t), reset_h)
@@ -190,7 +191,7 @@ class TritonGRUSimpleRNNOp(fused.RoundedOperandsOp):
         block_b, block_u, grid = blocks(B, U)
         flags = dict(ACTIVATION=options.activation, HAS_MASK=mask is not None,
                      ZERO_OUTPUT=options.zero_output_for_mask, BLOCK_B=block_b, BLOCK_U=block_u)
-        mask = mask if mask is not None else z
+        mask = or_placeholder(z)(mask)
 
         def time_index(s: int) -> int:
             return T - 1 - s if options.go_backwards else s

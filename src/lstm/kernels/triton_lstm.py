@@ -34,9 +34,9 @@ from . import fused, support
 from .input_projection import bias_with_forget_bias, input_projection_backward
 from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 from .reference import LAYER_NORM_EPS
-from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, output_gradients, project,
-                             recurrent_product, recurrent_weight_gradient, restore, restore_backward, rounded,
-                             run_or_fall_back, runs, starts, writable)
+from .triton_support import (ROUND_H, add_recurrent_gradient, blocks, on_device, or_placeholder, output_gradients,
+                             project, recurrent_product, recurrent_weight_gradient, restore, restore_backward,
+                             rounded, run_or_fall_back, runs, starts, writable)
 
 name = "triton_lstm"
 takes_resets = True
@@ -102,12 +102,9 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         if P is not None:
             m, projected = x.new_empty(T, B, U), x.new_empty(B, N)
         trace_h, trace_c = (x.new_empty(T, B, N), x.new_empty(T, B, U)) if options.trace else (None, None)
-        clip = x.new_full((1,), options.cell_clip)
-        cell_blocks = blocks(B, U, whole_rows=layer_norm)
-        output_blocks = blocks(B, N)
-        flags = self._flags(options, mask, keep_h)
-        cell_flags = self._cell_flags(options, peephole, keep_c)
-        given = _given(z)
+        clip, cell_blocks, output_blocks, flags, cell_flags = self._launch_settings(
+            x, options, mask, keep_h, keep_c, peephole, layer_norm, U, N)
+        given = or_placeholder(z)
         with on_device(x):
             for s in range(T):
                 t = T - 1 - s if options.go_backwards else s
@@ -153,17 +150,17 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         return [(B, T, N) if options.return_sequences else (B, N), (B, N), (B, U), *saved, *traces]
 
     @staticmethod
-    def _flags(options, mask, keep_h) -> dict:
-        """The step programs' flags for h and the outputs."""
-        return dict(HAS_MASK=mask is not None, HAS_KEEP_H=keep_h is not None,
-                    ZERO_OUTPUT=options.zero_output_for_mask)
-
-    @staticmethod
-    def _cell_flags(options, peephole, keep_c) -> dict:
-        """The cell programs' further flags."""
-        return dict(COUPLED=options.coupled, ACTIVATION=options.activation,
-                    RECURRENT_ACTIVATION=options.recurrent_activation, HAS_PEEPHOLE=peephole is not None,
-                    HAS_CLIP=options.cell_clip >= 0, HAS_KEEP_C=keep_c is not None)
+    def _launch_settings(x, options, mask, keep_h, keep_c, peephole, layer_norm: bool, U: int, N: int) -> tuple:
+        """What every launch of a call shares: (cell_clip as a tensor, the cell programs' blocks and
+        grid, the output programs', the flags for h and the outputs, the cell programs' further flags)."""
+        B = x.shape[0]
+        flags = dict(HAS_MASK=mask is not None, HAS_KEEP_H=keep_h is not None,
+                     ZERO_OUTPUT=options.zero_output_for_mask)
+        cell_flags = dict(COUPLED=options.coupled, ACTIVATION=options.activation,
+                          RECURRENT_ACTIVATION=options.recurrent_activation, HAS_PEEPHOLE=peephole is not None,
+                          HAS_CLIP=options.cell_clip >= 0, HAS_KEEP_C=keep_c is not None)
+        return (x.new_full((1,), options.cell_clip), blocks(B, U, whole_rows=layer_norm), blocks(B, N), flags,
+                cell_flags)
 
     def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
         x, kernel, gate_gain, bias, R, peephole, cell_gain, cell_shift, P, h0, c0, reset_h, reset_c = inputs
@@ -187,12 +184,9 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
         if P is not None:
             dh_new, dm = x.new_empty(T, B, N), x.new_empty(B, U)
         dy_steps, dy_stride_s, dy_stride_b = output_gradients(dy, options.return_sequences, z)
-        clip = x.new_full((1,), options.cell_clip)
-        cell_blocks = blocks(B, U, whole_rows=layer_norm)
-        output_blocks = blocks(B, N)
-        flags = self._flags(options, mask, keep_h)
-        cell_flags = self._cell_flags(options, peephole, keep_c)
-        given = _given(z)
+        clip, cell_blocks, output_blocks, flags, cell_flags = self._launch_settings(
+            x, options, mask, keep_h, keep_c, peephole, layer_norm, U, N)
+        given = or_placeholder(z)
         with on_device(x):
             for s in reversed(range(T)):
                 t = T - 1 - s if options.go_backwards else s
@@ -231,11 +225,6 @@ class TritonLSTMOp(fused.RoundedOperandsOp):
 
 SAVED_COUNT = 8
 OP = TritonLSTMOp()
-
-
-def _given(placeholder: torch.Tensor):
-    """t, or for a buffer that is off (None) a placeholder tensor the program never reads."""
-    return lambda t: placeholder if t is None else t
 
 
 def _layer_norm(v: torch.Tensor) -> tuple:

@@ -158,6 +158,14 @@ def h_gradient(dh_ptr, dy_ptr, carry_ptr, mask_ptr, keep_h_ptr, rows, cols, insi
 
 
 @triton.jit
+def _normalized_rows(v, inside, size):
+    """((v - mean) * rstd over each row's `size` valid entries, rstd [rows, 1])."""
+    centred = tl.where(inside, v - _row_mean(v, inside, size), 0.0)
+    rstd = 1.0 / tl.sqrt(_row_mean(centred * centred, inside, size) + LAYER_NORM_EPS)
+    return centred * rstd, rstd
+
+
+@triton.jit
 def _layer_norm_backward(d_normalized, normalized, rstd, inside, size):
     """The gradient of v from that of (v - mean) * rstd, given the normalised values."""
     mean_d = _row_mean(d_normalized, inside, size)
@@ -243,9 +251,8 @@ def lstm_forward_step(z_ptr, a_ptr, rstd_h_ptr, h_ptr, c_ptr, m_ptr, y_ptr, mask
     o = activation(z_o, RECURRENT_ACTIVATION)
     cell_input = c_new
     if LAYER_NORM:  # LN(C) * cell_gain + cell_shift, over the row's U units
-        centred = tl.where(inside, c_new - _row_mean(c_new, inside, U), 0.0)
-        rstd_c = 1.0 / tl.sqrt(_row_mean(centred * centred, inside, U) + LAYER_NORM_EPS)
-        cell_input = (centred * rstd_c * tl.load(cell_gain_ptr + units, mask=in_row, other=0.0)
+        normalized_c, _ = _normalized_rows(c_new, inside, U)
+        cell_input = (normalized_c * tl.load(cell_gain_ptr + units, mask=in_row, other=0.0)
                       + tl.load(cell_shift_ptr + units, mask=in_row, other=0.0))
     h_new = rounded(o * activation(cell_input, ACTIVATION), ROUND_H)
 
@@ -359,9 +366,7 @@ def lstm_backward_step(z_ptr, a_ptr, rstd_h_ptr, c_ptr, dm_ptr, dy_ptr, dh_ptr, 
         cell_clip = tl.load(clip_ptr)
         c_new = tl.minimum(tl.maximum(c_raw, -cell_clip), cell_clip)
     if LAYER_NORM:
-        centred = tl.where(inside, c_new - _row_mean(c_new, inside, U), 0.0)
-        rstd_c = 1.0 / tl.sqrt(_row_mean(centred * centred, inside, U) + LAYER_NORM_EPS)
-        normalized_c = centred * rstd_c
+        normalized_c, rstd_c = _normalized_rows(c_new, inside, U)
         cell_gain = tl.load(cell_gain_ptr + units, mask=in_row, other=0.0)
         cell_output = activation(normalized_c * cell_gain + tl.load(cell_shift_ptr + units, mask=in_row, other=0.0),
                                   ACTIVATION)

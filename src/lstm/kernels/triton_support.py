@@ -69,6 +69,12 @@ def run_or_fall_back(kernel_name: str, run: Callable[[Recurrence], RecurrenceRes
         return reference.run(p)
 
 
+def or_placeholder(placeholder: torch.Tensor) -> Callable[[Optional[torch.Tensor]], torch.Tensor]:
+    """t -> t, or for a buffer that is off (None) a placeholder tensor the programs never read
+    (a pointer argument must be a tensor)."""
+    return lambda t: placeholder if t is None else t
+
+
 def on_device(x: torch.Tensor):
     """The launches' current device: the tensors'."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
