@@ -6,6 +6,7 @@ from . import models
 from .models import Sequential
 from .interop import (export_onnx, from_torch, keras_config, load_keras, load_keras_weights, save_keras,
                       save_keras_weights, to_torch)
+from .quantization import quantize
 from .serialization import clear_session
 from .long_sequences import chunked, iter_chunks, recomputed, truncated_bptt
 
@@ -27,4 +28,4 @@ def regularization_loss(module):
 __all__ = ["activations", "constraints", "initializers", "kernels", "layers", "regularizers",
            "apply_constraints", "clear_session", "regularization_loss", "models", "Sequential", "load_keras",
            "load_keras_weights", "save_keras", "save_keras_weights", "keras_config", "to_torch", "from_torch",
-           "export_onnx", "chunked", "iter_chunks", "recomputed", "truncated_bptt"]
+           "export_onnx", "quantize", "chunked", "iter_chunks", "recomputed", "truncated_bptt"]

@@ -78,6 +78,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip the bfloat16 rows (LSTM, GRU, SimpleRNN against torch's in bfloat16 and under "
                              "autocast)")
+    parser.add_argument("--no-int8", action="store_true",
+                        help="skip the int8 rows (lstm.quantize against float32 and ONNX Runtime's quantize_dynamic, "
+                             "forward and streaming step)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (0)")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "latest.json"), metavar="PATH",
                         help="where to write every number (default benchmarks/results/latest.json)")
@@ -367,7 +370,7 @@ def _settings(args) -> dict:
         "stream_units": stream_units, "memory_shape": None if args.no_memory else memory_shape,
         "memory_contenders": [cases.MEMORY_KEYS[k] for k in memory_keys],
         "onnx": not args.no_onnx, "seed": args.seed, "tolerance": TOLERANCE,
-        "cells": not args.no_cells, "bf16": not args.no_bf16, "lengths_shape": None if args.no_lengths else (
+        "cells": not args.no_cells, "bf16": not args.no_bf16, "int8": not args.no_int8, "lengths_shape": None if args.no_lengths else (
             cases.parse_shape(args.lengths_shape) if args.lengths_shape else bench_lengths.SHAPE),
         "variant_shape": None if args.no_variants else (
             cases.parse_shape(args.variant_shape) if args.variant_shape else bench_variants.SHAPE),
@@ -378,15 +381,15 @@ def run(args) -> int:
     import torch
 
     from .. import kernels
-    from . import bench_cases as cases, bench_cells, bench_lengths, bench_precision, bench_variants
+    from . import bench_cases as cases, bench_cells, bench_int8, bench_lengths, bench_precision, bench_variants
 
     settings = _settings(args)
     threads = settings["threads"]
     torch.set_num_threads(threads)
     started = time.perf_counter()
     report = {"machine": machine_info(threads), "settings": settings, "kernels_available": kernels.available(),
-              "default_kernel": {}, "correctness": [], "results": [], "cells": [], "bf16": [], "lengths": [],
-              "variants": None,
+              "default_kernel": {}, "correctness": [], "results": [], "cells": [], "bf16": [], "int8": [],
+              "lengths": [], "variants": None,
               "memory": None,
               "method": {"timing": __doc__.split("Timing: ", 1)[1].strip(), "memory": cases.MEMORY_METHOD}}
     _log(f"lstm bench: torch {torch.__version__}, {threads} threads, kernels {kernels.available()}, "
@@ -462,6 +465,12 @@ def run(args) -> int:
         paired.append(("bf16", f"bfloat16: {bench_precision.ours_name(cell)} vs {bench_precision.torch_name(cell)}",
                        functools.partial(bench_precision.contenders, cell), bench_precision.check,
                        bench_precision.torch_name(cell), settings["shapes"]))
+    if settings["int8"]:
+        paired.append(("int8", f"int8: {bench_int8.OURS} vs {bench_int8.BASELINE} and ONNX Runtime",
+                       functools.partial(bench_int8.contenders, threads=threads), bench_int8.check, bench_int8.BASELINE,
+                       settings["shapes"]))
+        paired.append(("int8", f"int8: {bench_int8.STREAM_OURS} vs {bench_int8.STREAM_BASELINE}",
+                       bench_int8.stream_contenders, bench_int8.check, bench_int8.STREAM_BASELINE, settings["shapes"]))
     if settings["lengths_shape"] is not None:
         paired.append(("lengths", "ragged batch: lengths vs padded vs torch's PackedSequence", bench_lengths.contenders,
                        bench_lengths.check, bench_lengths.BASELINE, [tuple(settings["lengths_shape"])]))
@@ -476,13 +485,16 @@ def run(args) -> int:
                 print(f"lstm bench: error: {error}", file=sys.stderr)
                 return 1
             for mode in settings["modes"]:
+                if mode != "forward" and any(c.train is None for c in contenders):  # (inference rows: int8)
+                    continue
+                runnable = [c for c in contenders if c.status is None]
                 if mode == "forward":
                     with torch.no_grad():
-                        timings = time_interleaved([(c.name, c.forward, lambda: None) for c in contenders],
+                        timings = time_interleaved([(c.name, c.forward, lambda: None) for c in runnable],
                                                    settings["repeats"], settings["repeats_explicit"],
                                                    settings["budget_s"], settings["min_sample_s"], mode)
                 else:
-                    timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in contenders],
+                    timings = time_interleaved([(c.name, c.train, c.zero_grad) for c in runnable],
                                                settings["repeats"], settings["repeats_explicit"],
                                                settings["budget_s"], settings["min_sample_s"], mode)
                 report[key] += _summarize(mode, shape, timings, contenders, baseline, {})
@@ -575,6 +587,8 @@ def _memory_rows(report):
 BF16_TITLE = ("bfloat16: min ms per call (speedup vs torch's module in bfloat16 with the same weights, from the "
               "mins and the medians; fp32: this library in float32, autocast: torch's float32 module under "
               "torch.autocast)")
+INT8_TITLE = ("int8 inference: min ms per call (speedup vs this library's float32 layer with the same weights, from "
+              "the mins and the medians; stream(B).step: one step of B rows, vs the float32 stream's)")
 LENGTHS_TITLE = ("Ragged batch (lengths like the sentiment task's: mean 18.5 of 80 steps): min ms per call (speedup "
                  "vs the same call over the padded batch, its mask computed at every step, from the mins and the "
                  "medians; lengths = T: every row full length)")
@@ -667,6 +681,8 @@ def render_text(report) -> str:
         lines += ["", f"== {CELLS_TITLE} =="] + _plain_table(_paired_rows(report["cells"]), right={3, 4, 5, 6})
     if report.get("bf16"):
         lines += ["", f"== {BF16_TITLE} =="] + _plain_table(_paired_rows(report["bf16"]), right={3, 4, 5, 6})
+    if report.get("int8"):
+        lines += ["", f"== {INT8_TITLE} =="] + _plain_table(_paired_rows(report["int8"]), right={3, 4, 5, 6})
     if report.get("lengths"):
         lines += ["", f"== {LENGTHS_TITLE} =="] + _plain_table(_paired_rows(report["lengths"]), right={3, 4, 5, 6})
     if report["variants"]:
@@ -714,6 +730,8 @@ def render_markdown(report) -> str:
         lines += ["", f"### {CELLS_TITLE}", ""] + _md_table(_paired_rows(report["cells"]), right={3, 4, 5, 6})
     if report.get("bf16"):
         lines += ["", f"### {BF16_TITLE}", ""] + _md_table(_paired_rows(report["bf16"]), right={3, 4, 5, 6})
+    if report.get("int8"):
+        lines += ["", f"### {INT8_TITLE}", ""] + _md_table(_paired_rows(report["int8"]), right={3, 4, 5, 6})
     if report.get("lengths"):
         lines += ["", f"### {LENGTHS_TITLE}", ""] + _md_table(_paired_rows(report["lengths"]), right={3, 4, 5, 6})
     if report["variants"]:

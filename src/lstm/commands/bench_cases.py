@@ -134,23 +134,18 @@ def torch_cell_loop(cell: torch.nn.LSTMCell, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(outputs, dim=1)
 
 
-def onnx_session(layer, x: torch.Tensor, threads: int):
-    """The layer written by this library's exporter (`lstm.export_onnx`: the standard ONNX LSTM op),
-    loaded in an onnxruntime CPU session with intra_op_num_threads=threads."""
+def onnx_session(path: str, threads: int):
+    """An onnxruntime CPU session of the file at `path`, intra_op_num_threads=threads."""
     import onnxruntime as ort
 
-    from .. import interop
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = interop.export_onnx(layer, os.path.join(folder, "lstm.onnx"), x)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # no busy-waiting of ORT's pool between calls: it would steal the cores from the next contender
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no busy-waiting of ORT's pool between calls: it would steal the cores from the next contender
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def sequence_contenders(shape: tuple, threads: int, seed: int = 0, onnx: bool = True,
@@ -192,8 +187,11 @@ def sequence_contenders(shape: tuple, threads: int, seed: int = 0, onnx: bool = 
             if status is not None:
                 result.append(Contender(name, status=status))
                 continue
-            try:
-                session = onnx_session(layer, x, threads)
+            try:  # the layer written by this library's exporter (`lstm.export_onnx`: the standard ONNX LSTM op)
+                from .. import interop
+
+                with tempfile.TemporaryDirectory() as folder:
+                    session = onnx_session(interop.export_onnx(layer, os.path.join(folder, "lstm.onnx"), x), threads)
             except Exception as error:  # an exporter/runtime problem is a row, not a crash
                 result.append(Contender(name, status=f"n/a (export failed: {type(error).__name__}: {error})"[:200]))
                 continue

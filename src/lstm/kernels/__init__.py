@@ -2,11 +2,12 @@
 `cell_call(cell)` for its single-step call and a stream `stream_step(cell, batch)` for its step
 (see dispatch.py). Nothing outside this package names a kernel module."""
 
-from . import (fused_cpp, fused_gru_simple_rnn, fused_variants, native, reference, torch_rnn, triton_gru_simple_rnn,
-               triton_lstm)
+from . import (fused_cpp, fused_gru_simple_rnn, fused_variants, int8_lstm, native, reference, torch_rnn,
+               triton_gru_simple_rnn, triton_lstm)
 from .dispatch import available, cell_call, register, run, select, stream_step, use
 from .keep_masks import keep_mask
-from .problem import STATE_COUNT, CellSpec, Recurrence, RecurrenceResult, Zoneout, state_dtype
+from .problem import (STATE_COUNT, CellSpec, QuantizedMatrix, Recurrence, RecurrenceResult, Zoneout, quantize_columns,
+                      state_dtype)
 
 register(reference, priority=0)
 register(torch_rnn, priority=5)  # torch's fused ops (cuDNN): what CUDA tensors get; the C++ kernels first on the CPU
@@ -15,6 +16,7 @@ register(triton_gru_simple_rnn, priority=3)  # CUDA: the GRUs and SimpleRNNs cuD
 register(fused_gru_simple_rnn, priority=10)
 register(fused_cpp, priority=20)
 register(fused_variants, priority=15)  # the LSTM variants; plain LSTMs go to fused_cpp first
+register(int8_lstm, priority=25)  # LSTMs with int8 weights (lstm.quantize), which no other fused kernel takes
 
 
 def empty_cache() -> int:
@@ -30,6 +32,6 @@ def native_build() -> str:
     return native.isa() or f"none ({native.unavailable_reason()})"
 
 
-__all__ = ["STATE_COUNT", "CellSpec", "Recurrence", "RecurrenceResult", "Zoneout", "available", "cell_call",
-           "empty_cache", "keep_mask", "native_build", "register", "run", "select", "state_dtype", "stream_step",
-           "use"]
+__all__ = ["STATE_COUNT", "CellSpec", "QuantizedMatrix", "Recurrence", "RecurrenceResult", "Zoneout", "available",
+           "cell_call", "empty_cache", "keep_mask", "native_build", "quantize_columns", "register", "run", "select",
+           "state_dtype", "stream_step", "use"]

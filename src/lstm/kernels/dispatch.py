@@ -11,7 +11,8 @@ None means the plain route: the cell builds a one-step `Recurrence` and calls `r
 `use("reference")` (or the environment variable LSTM_KERNEL) forces one kernel for all three,
 which is how the equality tests run the same layer on each path. A kernel sees a problem's
 `lengths` only if it says `takes_lengths = True` (the others get them as the equivalent mask), and
-a problem with resets only if it says `takes_resets = True`.
+a problem with resets only if it says `takes_resets = True`, and one with int8 weights only if it says
+`takes_quantized = True`.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def as_seen_by(kernel: Kernel, problem: Recurrence) -> Recurrence:
 
 def _takes(kernel: Kernel, problem: Recurrence) -> bool:
     if problem.reset is not None and not getattr(kernel, "takes_resets", False):
+        return False
+    if problem.quantized is not None and not getattr(kernel, "takes_quantized", False):
         return False
     return kernel.supports(as_seen_by(kernel, problem))
 

@@ -125,6 +125,51 @@ def counter_bits(seed: Union[int, torch.Tensor], n: torch.Tensor) -> torch.Tenso
     return _shift_right(z, 64 - UNIFORM_BITS)
 
 
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """An int8 weight as `lstm.quantize` makes it: values int8 [K, N] and scales float32 [N], the
+    matrix being values * scales (one scale per output column)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    def chunk(self, blocks: int) -> list:
+        """The column blocks (a cell's gates), each a QuantizedMatrix."""
+        return [QuantizedMatrix(v, s) for v, s in zip(self.values.chunk(blocks, -1), self.scales.chunk(blocks, -1))]
+
+
+def _int8_steps(largest: torch.Tensor) -> torch.Tensor:
+    """127 / largest where that is finite and positive, else 0 (a zero or non-finite vector
+    quantizes to zeros)."""
+    usable = (largest > 0) & torch.isfinite(largest)
+    return torch.where(usable, largest.new_tensor(127.0) / torch.where(usable, largest, 1), 0)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows (last dimension) quantized as the int8 kernels quantize a product's left operand
+    (x_t, h) at each step: with m = max|row|, q = x * (127 / m) rounded half to even, in
+    [-127, 127], and the row's scale m / 127 (csrc/int8_product.h quantize_row computes the same).
+    Returns q (integers, in x's dtype) and the scales [..., 1]."""
+    largest = x.abs().amax(-1, keepdim=True)
+    return torch.round(x * _int8_steps(largest)).clamp(-127, 127), largest / largest.new_tensor(127.0)
+
+
+def quantize_columns(weight: torch.Tensor) -> QuantizedMatrix:
+    """weight [K, N] as int8 with a scale per column, the rule of `quantize_rows` per column."""
+    largest = weight.abs().amax(0)
+    values = torch.round(weight * _int8_steps(largest)).clamp(-127, 127).to(torch.int8)
+    return QuantizedMatrix(values, (largest / largest.new_tensor(127.0)).to(torch.float32))
+
+
+def quantized_product(x: torch.Tensor, weight: QuantizedMatrix) -> torch.Tensor:
+    """x @ weight as the int8 kernels compute it: x's rows quantized (`quantize_rows`), the
+    products' integer sums exact, each converted to x's dtype and then times (its row's scale times
+    its column's scale)."""
+    q, row_scales = quantize_rows(x)
+    sums = (q.double() @ weight.values.double()).to(x.dtype)
+    return sums * (row_scales * weight.scales)
+
+
 @dataclass
 class Recurrence:
     """One recurrent layer call, in Keras' weight layout.
@@ -157,6 +202,10 @@ class Recurrence:
     projection        [U, P]; then recurrent_kernel is [P, G*U] and h, outputs are [B, P]
     zoneout           a `Zoneout`: per step and unit, keep the previous h / C (Krueger et al. 2016);
                       None at inference
+    quantized         an LSTM's (kernel, recurrent_kernel) as int8 `QuantizedMatrix`es (`lstm.quantize`),
+                      or None: with them every product with them is `quantized_product` (x_t and h quantized
+                      per row at each step); `kernel` and `recurrent_kernel` hold the same matrices in
+                      float. Only kernels that say `takes_quantized = True` get such problems (dispatch)
 
     Precision: `compute_dtype` is the inputs' dtype (a layer casts its inputs to the dtype it
     computes in, as Keras does); the weights keep their variables' dtype (float32 under a mixed
@@ -193,6 +242,7 @@ class Recurrence:
     lengths: Optional[torch.Tensor] = None
     reset: Optional[torch.Tensor] = None
     reset_state: Optional[tuple] = None
+    quantized: Optional[tuple] = None
 
     def restored_states(self) -> tuple:
         """The states a reset restores: `reset_state`, or zeros shaped as the initial state."""

@@ -42,12 +42,13 @@ from typing import Callable, Optional
 import torch
 
 from .. import activations
-from .problem import (LOW_PRECISION, TRACE_KEYS, Recurrence, RecurrenceResult, answers_empty_sequences,
-                      final_states)
+from .problem import (LOW_PRECISION, TRACE_KEYS, QuantizedMatrix, Recurrence, RecurrenceResult,
+                      answers_empty_sequences, final_states, quantized_product)
 
 name = "reference"
 takes_lengths = True  # (as their mask: `Recurrence.masked`)
 takes_resets = True
+takes_quantized = True
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
@@ -72,17 +73,22 @@ class _RoundedTo(torch.autograd.Function):
         return grad, None
 
 
-def masked_product(x: torch.Tensor, weight: torch.Tensor, masks: Optional[torch.Tensor], gates: int,
+def product(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight, or `quantized_product` for an int8 weight (a `QuantizedMatrix`)."""
+    return quantized_product(x, weight) if isinstance(weight, QuantizedMatrix) else x @ weight
+
+
+def masked_product(x: torch.Tensor, weight, masks: Optional[torch.Tensor], gates: int,
                    rounded: Rounding = unrounded) -> torch.Tensor:
     """x @ weight, with dropout keep-masks applied to x (shared by all gates, or one per gate),
     then x rounded for a low-precision product (`weight` comes rounded); the fused variants kernel
     projects its inputs with it too."""
     if masks is None:
-        return rounded(x) @ weight
+        return product(rounded(x), weight)
     if masks.shape[0] == 1:
-        return rounded(x * masks[0]) @ weight
-    blocks = weight.chunk(gates, dim=-1)
-    return torch.cat([rounded(x * masks[g]) @ blocks[g] for g in range(len(blocks))], dim=-1)
+        return product(rounded(x * masks[0]), weight)
+    blocks = weight.chunk(gates, dim=-1) if isinstance(weight, torch.Tensor) else weight.chunk(gates)
+    return torch.cat([product(rounded(x * masks[g]), blocks[g]) for g in range(len(blocks))], dim=-1)
 
 
 LAYER_NORM_EPS = 1e-5  # haste's
@@ -96,7 +102,8 @@ def layer_norm(z: torch.Tensor) -> torch.Tensor:
 def _input_projection(p: Recurrence, x: torch.Tensor, rounded: Rounding) -> torch.Tensor:
     """x_t @ kernel (+ input bias) for every step at once: [B, T, G*U]."""
     masks = None if p.input_dropout is None else p.input_dropout[:, :, None, :]
-    xw = masked_product(x, p.kernel, masks, p.cell.gate_count, rounded)
+    kernel = p.kernel if p.quantized is None else p.quantized[0]
+    xw = masked_product(x, kernel, masks, p.cell.gate_count, rounded)
     if p.cell.layer_norm:
         xw = layer_norm(xw) * p.layer_norm[0][0]
     if p.bias is not None:
@@ -107,7 +114,8 @@ def _input_projection(p: Recurrence, x: torch.Tensor, rounded: Rounding) -> torc
 def lstm_step(xw_t, state, p: Recurrence, σ, tanh, rounded: Rounding, keep_h=None, keep_c=None):
     cell = p.cell
     h_prev, C_prev = state
-    hU = masked_product(h_prev, p.recurrent_kernel, p.recurrent_dropout, cell.gate_count, rounded)
+    recurrent_kernel = p.recurrent_kernel if p.quantized is None else p.quantized[1]
+    hU = masked_product(h_prev, recurrent_kernel, p.recurrent_dropout, cell.gate_count, rounded)
     if cell.layer_norm:
         hU = layer_norm(hU) * p.layer_norm[0][1]
     z = dict(zip(cell.gate_names, (xw_t + hU).chunk(cell.gate_count, dim=-1)))

@@ -66,10 +66,11 @@ def on_one_device_in_compute_dtypes(p: Recurrence) -> bool:
 
 
 def steps_in_weights_dtype(cell) -> bool:
-    """Whether a built cell computes in its weights' dtype, float32 or float64 (no mixed policy):
-    what the fused one-step routes (the cell call, the streaming step) compute in."""
+    """Whether a built cell computes in its weights' dtype, float32 or float64 (no mixed policy, no
+    int8 weights): what the fused one-step routes (the cell call, the streaming step) compute in."""
     kernel = cell._parameters["kernel"]
-    return kernel is not None and kernel.dtype in (torch.float32, torch.float64) and cell.compute_dtype == kernel.dtype
+    return (kernel is not None and kernel.dtype in (torch.float32, torch.float64) and cell.compute_dtype == kernel.dtype
+            and cell.quantized_weights() is None)
 
 
 def extension_ready() -> bool:

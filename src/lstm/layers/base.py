@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import activations, constraints, initializers, kernels, regularizers
-from ..kernels import STATE_COUNT, CellSpec, Recurrence, state_dtype
+from ..kernels import STATE_COUNT, CellSpec, QuantizedMatrix, Recurrence, state_dtype
 from ..serialization import unique_name
 from . import rng
 from .config import constructor_kwargs, nested
@@ -243,11 +243,19 @@ class RecurrentCell(PolicyLayer, nn.Module):
         """Forget the masks a direct cell call reuses (Keras' `reset_dropout_mask`)."""
         self._cached_masks = None
 
+    def quantized_weights(self) -> Optional[tuple]:
+        """(kernel, recurrent_kernel) as the int8 `QuantizedMatrix`es `lstm.quantize` gave this
+        cell (buffers `<weight>_int8` and `<weight>_scales`), or None."""
+        buffers = self._buffers
+        if buffers.get("kernel_int8") is None:
+            return None
+        return tuple(QuantizedMatrix(buffers[f"{w}_int8"], buffers[f"{w}_scales"]) for w in _WEIGHT_NAMES[:2])
+
     def recurrence(self, inputs, initial_state, training=False, lengths=None, **options) -> Recurrence:
         """The kernel's problem for one call (`training` draws what a variant draws per call);
         `lengths`: int64 [B], each row's number of valid steps (see `Recurrence`)."""
         return Recurrence(self.cell_spec(), inputs, self.kernel, self.recurrent_kernel, self.bias,
-                          tuple(initial_state), lengths=lengths, **options)
+                          tuple(initial_state), lengths=lengths, quantized=self.quantized_weights(), **options)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)

@@ -13,14 +13,7 @@
 #include <algorithm>
 #include <cstring>
 
-// (only the x86-64-v4 module, every CPU with AMX has AVX-512; on Linux, which hands the tiles out)
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__linux__)
-#define LSTM_AMX 1
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "amx.h"
 
 namespace lstm_core {
 
@@ -36,41 +29,7 @@ int64_t blocks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
 
 #ifdef LSTM_AMX
 
-bool request_amx() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
-  if (!amx_bf16 || !amx_tile) return false;
-  // Linux gives a process the tiles' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, 5.16+)
-  constexpr long kRequestPermission = 0x1023, kTileData = 18;
-  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t bytes_per_row[16];
-  uint8_t rows[16];
-};
-
-// tiles 0-7 all 16 rows x 64 bytes (a constant in memory: GCC drops a local's stores before
-// LDTILECFG, which it does not see reading them)
-constexpr TileConfig sixteen_row_tiles() {
-  TileConfig config{1, 0, {}, {}, {}};
-  for (int tile = 0; tile < 8; ++tile) {
-    config.bytes_per_row[tile] = 64;
-    config.rows[tile] = kTileRows;
-  }
-  return config;
-}
-constexpr TileConfig kSixteenRowTiles = sixteen_row_tiles();
-
-__attribute__((target("amx-tile"))) void configure_tiles() { _tile_loadconfig(&kSixteenRowTiles); }
-
-__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
-
-// (the tile instructions are asm statements without a memory clobber: these order them with the
-// loads and stores around them)
-inline void memory_barrier() { asm volatile("" ::: "memory"); }
+using amx::memory_barrier;
 
 // C's tile at `c` (rows x columns valid of 16 x 16) from the tile stored in `tile`
 inline void merge_partial(const float* tile, float* c, int64_t ldc, int64_t rows, int64_t columns, bool accumulate) {
@@ -140,7 +99,7 @@ __attribute__((target("avx512f,avx512bf16"))) void to_bf16_row(const float* x, u
 
 bool amx_available() {
 #ifdef LSTM_AMX
-  static const bool available = request_amx();
+  static const bool available = amx::request(amx::kBf16);
   return available;
 #else
   return false;
@@ -198,7 +157,7 @@ void OperandRight::tiles_mm(int64_t M, const uint16_t* A, int64_t lda, bool accu
 #ifdef LSTM_AMX
   const int64_t m_tiles = blocks_of(M, kTileRows), n_pairs = blocks_of(n_blocks_, 2);
   auto run = [&](int64_t p0, int64_t p1) {
-    configure_tiles();
+    amx::configure_tiles();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t nb = 2 * p, n0 = nb * kTileColumns, columns = std::min(2 * kTileColumns, N_ - n0);
       const bool two_n = nb + 1 < n_blocks_;
@@ -218,7 +177,7 @@ void OperandRight::tiles_mm(int64_t M, const uint16_t* A, int64_t lda, bool accu
         }
       }
     }
-    release_tiles();
+    amx::release_tiles();
   };
   if (M * N_ * K_ >= kParallelProduct && n_pairs > 1 && !at::in_parallel_region() && at::get_num_threads() > 1)
     at::parallel_for(0, n_pairs, 1, run);

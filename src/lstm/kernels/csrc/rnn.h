@@ -241,6 +241,27 @@ extern template void StreamingStep::run<double>(const double*, double*, const do
 // about D=128, U=128; set_stream_parallel_work)
 extern int64_t kStreamParallelWork;
 
+// Inference of the plain cell with int8 weights (lstm.quantize; problem.py Recurrence.quantized),
+// in float32 (int8_lstm.cpp). Per step, for each batch row:
+//   z = (q(x_t) @ Wq) sx sw + bias + (q(h_{t-1}) @ Rq) sh sr, in that order
+// with q(.) a row quantized as it comes (int8_product.h quantize_row: sx, sh its scales) and Wq, Rq
+// the int8 weights with their column scales sw, sr; the products' int32 sums exact. Then the gate
+// math, C and h in float32, and Keras' masking, as ForwardPass::run_fused_input. Each thread runs
+// every step for a range of the batch rows.
+struct Int8Weights {
+  const int8_t* kernel;           // Int8Right-packed [D,4U]
+  const float* kernel_scales;     // [4U]
+  const int8_t* recurrent;        // Int8Right-packed [U,4U]
+  const float* recurrent_scales;  // [4U]
+  const float* bias;              // [4U] or nullptr
+};
+
+// x: [B,T,D]; keep: [B,T] or nullptr; h0, c0: [B,U]; Y: [B,T,U] with flags.seq, else [B,U];
+// hT, cT: [B,U]. Only flags' backwards, zero_out, seq, act and ract are read. steps >= 1.
+void forward_int8(const Int8Weights& w, int64_t B, int64_t steps, int64_t D, int64_t U, const float* x,
+                  const bool* keep, const Flags& flags, const float* h0, const float* c0, float* Y, float* hT,
+                  float* cT);
+
 extern template class ForwardPass<float>;
 extern template class ForwardPass<double>;
 extern template class BackwardPass<float>;

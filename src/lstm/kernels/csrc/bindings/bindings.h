@@ -35,6 +35,21 @@ std::vector<torch::Tensor> lstm_backward(c10::optional<torch::Tensor> dY_o, c10:
                                          c10::optional<torch::Tensor> batch_sizes_o, bool backwards, bool zero_out,
                                          bool seq, int64_t act, int64_t ract, std::vector<bool> needs);
 
+// ----- int8 inference (int8_ops.cpp) ----------------------------------------------------------------
+// An int8 weight [K,N] packed for int8 products (int8_product.h Int8Right::pack): int8 [packed size].
+torch::Tensor pack_int8(const torch::Tensor& weight);
+
+// The plain cell with int8 weights (rnn.h lstm::forward_int8): x [B,T,D] float32; kernel and
+// recurrent packed by pack_int8 from [D,4U] and [U,4U], with their column scales [4U]; bias [4U];
+// h0, c0 [B,U]; mask [B,T]. Returns Y ([B,T,U] with seq, else [B,U]), hT, cT.
+std::vector<torch::Tensor> int8_lstm_forward(const torch::Tensor& x, const torch::Tensor& kernel,
+                                             const torch::Tensor& kernel_scales, const torch::Tensor& recurrent,
+                                             const torch::Tensor& recurrent_scales,
+                                             const c10::optional<torch::Tensor>& bias, const torch::Tensor& h0,
+                                             const torch::Tensor& c0, const c10::optional<torch::Tensor>& mask,
+                                             bool go_backwards, bool zero_output_for_mask, bool return_sequences,
+                                             int64_t activation, int64_t recurrent_activation);
+
 // ----- per-row lengths and resets (packing.cpp) ---------------------------------------------------
 // The packed layout of rows with lengths [B] (int64, in [0, T], some > 0) and resets (bool [B, T] by
 // time index, or none): a segment per episode of each row (its valid steps, split before each

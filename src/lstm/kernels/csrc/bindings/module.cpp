@@ -41,6 +41,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("h_prev"), py::arg("input_dropout"), py::arg("recurrent_dropout"), py::arg("mask"),
         py::arg("batch_sizes"), py::arg("go_backwards"), py::arg("zero_output_for_mask"), py::arg("return_sequences"),
         py::arg("activation"), py::arg("needs"), py::arg("operand") = 0);
+  m.def("pack_int8", &pack_int8, "an int8 weight [K, N] packed for int8 products", py::arg("weight"));
+  m.def("int8_lstm_forward", &int8_lstm_forward, "LSTM inference with int8 weights: [y, h_last, c_last]",
+        py::arg("x"), py::arg("kernel"), py::arg("kernel_scales"), py::arg("recurrent"), py::arg("recurrent_scales"),
+        py::arg("bias"), py::arg("h0"), py::arg("c0"), py::arg("mask"), py::arg("go_backwards"),
+        py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
+        py::arg("recurrent_activation"));
   m.def("packing_plan", &packing_plan, "the packed layout of rows with these lengths and resets (packing.py)",
         py::arg("lengths"), py::arg("reset"), py::arg("steps"), py::arg("go_backwards"));
   m.def("scatter_rows", &scatter_rows, "rows [N, F] at the distinct indices [N] of a [total, F] tensor of zeros",
