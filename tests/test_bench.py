@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lstm import cli
-from lstm.commands import bench_cases as cases, bench_cells, bench_lengths, bench_precision, bench_variants
+from lstm.commands import (bench_cases as cases, bench_cells, bench_int8, bench_lengths, bench_precision,
+                           bench_variants)
 
 
 def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
@@ -51,9 +52,10 @@ def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
             continue
         assert row["status"] == "ok" and row["min_s"] > 0, row
 
-    for check in report["correctness"]:  # (the bfloat16 rows within bfloat16's tolerance)
+    for check in report["correctness"]:  # (the bfloat16 and int8 rows within their tolerances)
         low = {bench_precision.ours_name(cell) for cell in bench_precision.CELLS}
-        bound = bench_precision.TOLERANCE if check["contender"] in low else 1e-4
+        bound = (bench_precision.TOLERANCE if check["contender"] in low
+                 else bench_int8.TOLERANCE if check["contender"] in (bench_int8.OURS, bench_int8.STREAM_OURS) else 1e-4)
         assert check.get("max_abs_diff_forward", 0) <= bound, check
 
     for title in ("Inference forward", "Training step", "Streaming, batch 1"):
@@ -95,6 +97,17 @@ def test_bench_tiny_run_writes_json_and_table(tmp_path, capsys):
         assert len(checked) == 2 and all(c["max_abs_diff_forward"] <= 1e-4 and c["max_rel_diff_grad_x"] <= 1e-4
                                          for c in checked)
     assert "GRU and SimpleRNN" in table and "| train | 2,5,3,4 | lstm GRU |" in markdown
+
+    int8 = {(tuple(r["shape"]), r["contender"]): r for r in report["int8"]}
+    for shape in ((2, 5, 3, 4), (3, 4, 5, 6)):
+        for ours, base, others in ((bench_int8.OURS, bench_int8.BASELINE, [bench_int8.ORT_INT8]),
+                                   (bench_int8.STREAM_OURS, bench_int8.STREAM_BASELINE, [])):
+            row, base_row = int8[shape, ours], int8[shape, base]
+            assert row["mode"] == "forward" and row["status"] == base_row["status"] == "ok"
+            assert row["speedup_vs_baseline_min"] == pytest.approx(base_row["min_s"] / row["min_s"])
+            for name in others:  # (ORT's, where onnxruntime is installed)
+                assert int8[shape, name]["status"] == ("ok" if onnx_ok else int8[shape, name]["status"])
+    assert {r["mode"] for r in report["int8"]} == {"forward"} and "int8 inference" in table
 
     ragged = {(r["mode"], r["contender"]): r for r in report["lengths"]}
     for mode in ("forward", "train"):

@@ -156,6 +156,32 @@ def test_cell_call_and_stream_run_the_quantized_maths():
     _assert_sequence_close(torch.stack([stream.step(x[:, t]) for t in range(8)], 1), full)
 
 
+@needs_cpp
+def test_cell_call_and_stream_take_the_int8_one_step_routes():
+    torch.manual_seed(9)
+    layer, quantized = _quantized_lstm(12, 6)
+    cell = quantized.cell
+    x, h, c = torch.randn(3, 6), torch.randn(3, 12), torch.randn(3, 12)
+    with torch.no_grad():
+        out, (h1, c1) = cell(x, [h, c])
+        assert cell._lean_call  # the one C++ call, not the full route
+        with kernels.use("reference"):
+            expected, (h2, c2) = cell(x, [h, c])
+    for got, want in ((out, expected), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(got, want, atol=3e-6, rtol=0)
+    stream = quantized.stream(batch_size=3)
+    assert type(stream._fast).__name__ == "Int8LSTMStep"
+    stream.reset([h, c])
+    torch.testing.assert_close(stream.step(x), expected, atol=3e-6, rtol=0)
+    torch.testing.assert_close(stream.state[1], c2, atol=3e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"x_t: expected shape \(3, 6\)"):
+        stream.step(torch.randn(3, 5))
+    # float64 input: converted by the stream, as for the float32 step
+    again = quantized.stream(batch_size=3)
+    again.reset([h1, c1])
+    torch.testing.assert_close(stream.step(x.double()), again.step(x))
+
+
 def test_state_dict_and_pickle_round_trip():
     torch.manual_seed(6)
     model = lstm.Sequential([layers.LSTM(16), layers.Dense(2)])

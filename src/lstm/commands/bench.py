@@ -1,6 +1,7 @@
 """`lstm bench`: this library's LSTM against torch.nn.LSTM, a per-step PyTorch loop and
 ONNX Runtime, in one process, interleaved; its GRU and SimpleRNN against torch.nn.GRU and
-torch.nn.RNN (bench_cells.py); the LSTM variants against the plain LSTM (bench_variants.py).
+torch.nn.RNN (bench_cells.py); the LSTM variants against the plain LSTM (bench_variants.py); its
+int8 inference (lstm.quantize) against its float32 and ONNX Runtime's int8 (bench_int8.py).
 
 Modes: inference forward (no_grad), training step (forward + backward of a sum loss), batch-1
 streaming step latency, and peak memory of a training step (fresh process per contender).
@@ -467,8 +468,8 @@ def run(args) -> int:
                        bench_precision.torch_name(cell), settings["shapes"]))
     if settings["int8"]:
         paired.append(("int8", f"int8: {bench_int8.OURS} vs {bench_int8.BASELINE} and ONNX Runtime",
-                       functools.partial(bench_int8.contenders, threads=threads), bench_int8.check, bench_int8.BASELINE,
-                       settings["shapes"]))
+                       functools.partial(bench_int8.contenders, threads=threads, onnx=settings["onnx"]),
+                       bench_int8.check, bench_int8.BASELINE, settings["shapes"]))
         paired.append(("int8", f"int8: {bench_int8.STREAM_OURS} vs {bench_int8.STREAM_BASELINE}",
                        bench_int8.stream_contenders, bench_int8.check, bench_int8.STREAM_BASELINE, settings["shapes"]))
     if settings["lengths_shape"] is not None:

@@ -35,12 +35,12 @@ def _layers(shape: tuple, seed: int):
     return layer, quantize(layer), x
 
 
-def contenders(shape: tuple, seed: int = 0, threads: int = 2) -> tuple[list[Contender], torch.Tensor]:
-    """Rows for a sequence call (forward only): ours int8, ours float32, ORT int8."""
+def contenders(shape: tuple, seed: int = 0, threads: int = 2, onnx: bool = True) -> tuple[list[Contender], torch.Tensor]:
+    """Rows for a sequence call (forward only): ours int8, ours float32, ORT int8 (unless not `onnx`)."""
     layer, quantized, x = _layers(shape, seed)
     rows = [Contender(OURS, lambda: quantized(x), info={"module": quantized, "float": layer}),
             Contender(BASELINE, lambda: layer(x))]
-    status = onnx_status()
+    status = onnx_status() if onnx else "n/a (skipped: --no-onnx)"
     if status is None:
         with tempfile.TemporaryDirectory() as folder:
             path = interop.export_onnx(layer, os.path.join(folder, "lstm.onnx"), x, quantize=True)

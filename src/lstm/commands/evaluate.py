@@ -1,6 +1,6 @@
 """`lstm evaluate CHECKPOINT`: the metrics of a checkpoint (a run folder: its best checkpoint) on the
 validation and test splits, beside the task's baseline; `--onnx FILE`: of its exported model, run
-by ONNX Runtime."""
+by ONNX Runtime; `--int8`: of the model with its LSTM layers quantized (`lstm.quantize`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--onnx", metavar="FILE", help="measure the model exported to FILE (`lstm export CHECKPOINT "
                                                        "--format onnx [--int8]`) in ONNX Runtime instead")
+    parser.add_argument("--int8", action="store_true", help="measure the model with its LSTM layers on int8 weights "
+                                                            "(lstm.quantize)")
 
 
 def run(args) -> int:
@@ -24,6 +26,10 @@ def run(args) -> int:
 
     torch.set_num_threads(2)
     task, model, hp, folder = restore(args.checkpoint)
+    if args.int8:
+        from ..train.restore import quantized
+
+        model = quantized(model, args.onnx)
     if args.onnx:
         from ..train.models import CharLM
         from .onnx_model import OnnxModel

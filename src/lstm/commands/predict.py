@@ -1,6 +1,7 @@
 """`lstm predict CHECKPOINT INPUT...`: a sentence -> label and probability (sentiment); a series (numbers
 or a CSV file) -> its forecast (forecast) or speaker (vowels). Several inputs, or `--file PATH` with one
-per line, give one result per line; `--onnx FILE` runs the exported model in ONNX Runtime."""
+per line, give one result per line; `--onnx FILE` runs the exported model in ONNX Runtime; `--int8` the model
+with its LSTM layers quantized (`lstm.quantize`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON (a list when there are several inputs)")
     parser.add_argument("--onnx", metavar="FILE", help="run the model exported to FILE (`lstm export CHECKPOINT "
                                                        "--format onnx`) in ONNX Runtime instead of the checkpoint's")
+    parser.add_argument("--int8", action="store_true", help="run the model with its LSTM layers on int8 weights "
+                                                            "(lstm.quantize)")
 
 
 def run(args) -> int:
@@ -33,6 +36,10 @@ def run(args) -> int:
         raise TrainError(f"{args.checkpoint} is a charlm run: a character model writes text rather than labelling "
                          f"it; use `lstm generate {shlex.quote(args.checkpoint)} --prompt {prompt}`")
     inputs = _inputs(args)
+    if args.int8:
+        from ..train.restore import quantized
+
+        model = quantized(model, args.onnx)
     if args.onnx:
         from .onnx_model import OnnxModel
 

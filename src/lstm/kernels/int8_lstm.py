@@ -11,8 +11,11 @@ inference of a plain LSTM whose weights `lstm.quantize` made int8 (`Recurrence.q
 The weights are packed for the products once per weight tensor (and again after an in-place
 change). Takes float32 CPU problems without dropout, trace or gradients (what a quantized model
 runs at inference); the rest of a quantized model's calls go to the reference kernel, which
-computes the same products. Per-row lengths come as their mask. The cell call and the streaming
-step take the sequence route (one step each).
+computes the same products. Per-row lengths come as their mask.
+
+Capabilities besides `run`: the cell call (`cell_call`: `cell(x_t, [h, c])` as one C++ call of the
+sequence forward with T = 1, skipping the `Recurrence` and the dispatch) and the streaming step
+(`stream_step`: the C++ `Int8LSTMStep`, the same step on states it keeps).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import weakref
 
 import torch
 
-from . import native, support
+from . import dispatch, native, support
 from .problem import QuantizedMatrix, Recurrence, RecurrenceResult, answers_empty_sequences
 
 name = "int8_lstm"
@@ -61,3 +64,61 @@ def run(p: Recurrence) -> RecurrenceResult:
         p.bias, *p.initial_state, p.mask, p.go_backwards, p.zero_output_for_mask, p.return_sequences,
         *support.activation_codes(p.cell))
     return RecurrenceResult(y, (h, c))
+
+
+def _quantized_lstm_codes(cell):
+    """The activation codes of a built plain float32 LSTM cell with int8 weights, else None."""
+    weights = cell._parameters["kernel"]
+    if (cell.kind != "lstm" or not cell.built or cell.quantized_weights() is None or not cell.cell_spec().plain
+            or weights.dtype is not torch.float32 or cell.compute_dtype is not torch.float32 or not weights.is_cpu
+            or not support.extension_ready()):
+        return None
+    return support.activation_codes(cell)
+
+
+class CellCall:
+    """The cell call `out, [h, c] = cell(x_t, [h, c])` of an int8 LSTM cell as one C++ call. A call
+    it does not take (states to make or convert, an error to report, masks drawn in training,
+    autocast, gradients, another kernel forced) returns None: the cell takes the full route, which
+    computes the same numbers or raises its error."""
+
+    __slots__ = ("codes", "draws")
+
+    def __init__(self, cell, codes: tuple[int, int]):
+        self.codes = codes
+        self.draws = bool(cell.dropout or cell.recurrent_dropout)
+
+    def __call__(self, cell, x, states, training):
+        if self.draws and (cell.training if training is None else training):
+            return None
+        forced = dispatch.forced_name()
+        if (forced and forced != name) or torch.is_autocast_enabled("cpu") or type(states) not in (list, tuple):
+            return None
+        if len(states) != 2 or not all(type(s) is torch.Tensor for s in states):
+            return None
+        h, c = states
+        shape = (x.shape[0], cell.units)
+        tensors = (x, h, c, cell.bias)
+        if (x.dim() != 2 or x.shape[1] != cell.input_dim or h.shape != shape or c.shape != shape
+                or any(t is not None and (t.dtype is not torch.float32 or not t.is_cpu) for t in tensors)
+                or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
+            return None
+        kernel, recurrent_kernel = cell.quantized_weights()
+        y, h, c = native.module.int8_lstm_forward(
+            x[:, None], _packed_values(kernel), kernel.scales, _packed_values(recurrent_kernel), recurrent_kernel.scales,
+            cell.bias, h, c, None, False, False, False, *self.codes)
+        return y, [h, c]
+
+
+def cell_call(cell):
+    codes = _quantized_lstm_codes(cell)
+    return None if codes is None else CellCall(cell, codes)
+
+
+def stream_step(cell, batch_size: int):
+    codes = _quantized_lstm_codes(cell)
+    if codes is None:
+        return None
+    kernel, recurrent_kernel = cell.quantized_weights()
+    return native.module.Int8LSTMStep(_packed_values(kernel), kernel.scales, _packed_values(recurrent_kernel),
+                                      recurrent_kernel.scales, cell.bias, cell.input_dim, batch_size, *codes)

@@ -64,3 +64,17 @@ def _against_baseline(task, folder: Path):
                 metrics["baseline"].get("name", "the task's baseline"))
     except (OSError, ValueError, KeyError, TypeError):  # no metrics.json, or one without these numbers
         return None
+
+
+def quantized(model, onnx_file):
+    """The restored model with its LSTM layers on int8 weights (`lstm.quantize`, its warnings
+    shown); `--int8` with `--onnx` is an error (an int8 ONNX file comes from `lstm export --int8`)."""
+    from ..quantization import quantize
+
+    if onnx_file:
+        raise TrainError(f"--int8 with --onnx {onnx_file}: give one (an int8 ONNX file is written by `lstm export RUN "
+                         f"--format onnx --int8`)")
+    try:
+        return quantize(model)
+    except ValueError as error:
+        raise TrainError(f"--int8: {error}") from error

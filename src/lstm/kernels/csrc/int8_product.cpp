@@ -10,6 +10,10 @@
 
 #include "amx.h"
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace lstm_core {
 
 namespace {
@@ -123,13 +127,37 @@ bool amx_int8_available() {
 float quantize_row(const float* x, int64_t n, int8_t* q) {
   float largest = 0.0f;
   bool nan = false;
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  // (a max reduction GCC does not vectorise without -ffast-math: NaN makes it order-dependent)
+  __m512 running = _mm512_setzero_ps();
+  __mmask16 unordered = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    running = _mm512_max_ps(running, _mm512_abs_ps(v));
+  }
+  largest = _mm512_reduce_max_ps(running);
+  nan = unordered != 0;
+#endif
+  for (; j < n; ++j) {
     largest = std::max(largest, std::fabs(x[j]));
     nan |= x[j] != x[j];
   }
   if (nan) largest = NAN;
   const float inverse = largest > 0.0f && largest < INFINITY ? 127.0f / largest : 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
+  j = 0;
+#ifdef __AVX512F__
+  const __m512 step = _mm512_set1_ps(inverse);
+  const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
+  for (; inverse != 0.0f && j + 16 <= n; j += 16) {
+    // (the conversion rounds half to even: the default rounding mode, as nearbyint below)
+    const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), step));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j),
+                     _mm512_cvtepi32_epi8(_mm512_min_epi32(high, _mm512_max_epi32(low, rounded))));
+  }
+#endif
+  for (; j < n; ++j) {
     const float v = inverse == 0.0f ? 0.0f : std::nearbyint(x[j] * inverse);
     q[j] = int8_t(std::min(127.0f, std::max(-127.0f, v)));
   }

@@ -50,6 +50,24 @@ std::vector<torch::Tensor> int8_lstm_forward(const torch::Tensor& x, const torch
                                              bool go_backwards, bool zero_output_for_mask, bool return_sequences,
                                              int64_t activation, int64_t recurrent_activation);
 
+// Streaming inference of the int8 LSTM, one step per call (forward_int8 with T = 1) on states of its
+// own: step(x) [B,D] float32 writes h into a new [B, U] tensor, or returns an undefined tensor (None)
+// when x is not a CPU float32 tensor (the caller converts it). Keeps the packed weights alive.
+class Int8LSTMStep {
+ public:
+  Int8LSTMStep(torch::Tensor kernel, torch::Tensor kernel_scales, torch::Tensor recurrent,
+               torch::Tensor recurrent_scales, c10::optional<torch::Tensor> bias, int64_t input_size, int64_t batch,
+               int64_t activation, int64_t recurrent_activation);
+  void set_state(const torch::Tensor& h, const torch::Tensor& c);
+  std::vector<torch::Tensor> state() const;
+  torch::Tensor step(const torch::Tensor& x);
+
+ private:
+  torch::Tensor kernel_, kernel_scales_, recurrent_, recurrent_scales_, bias_, h_, c_;
+  int64_t B_, D_, U_;
+  lstm_core::lstm::Flags flags_;
+};
+
 // ----- per-row lengths and resets (packing.cpp) ---------------------------------------------------
 // The packed layout of rows with lengths [B] (int64, in [0, T], some > 0) and resets (bool [B, T] by
 // time index, or none): a segment per episode of each row (its valid steps, split before each

@@ -47,6 +47,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("h0"), py::arg("c0"), py::arg("mask"), py::arg("go_backwards"),
         py::arg("zero_output_for_mask"), py::arg("return_sequences"), py::arg("activation"),
         py::arg("recurrent_activation"));
+  py::class_<Int8LSTMStep>(m, "Int8LSTMStep")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
+                    int64_t, int64_t, int64_t>())
+      .def("set_state", &Int8LSTMStep::set_state)
+      .def("state", &Int8LSTMStep::state)
+      .def("step", &Int8LSTMStep::step);
   m.def("packing_plan", &packing_plan, "the packed layout of rows with these lengths and resets (packing.py)",
         py::arg("lengths"), py::arg("reset"), py::arg("steps"), py::arg("go_backwards"));
   m.def("scatter_rows", &scatter_rows, "rows [N, F] at the distinct indices [N] of a [total, F] tensor of zeros",
