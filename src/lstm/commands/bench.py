@@ -371,7 +371,8 @@ def _settings(args) -> dict:
         "stream_units": stream_units, "memory_shape": None if args.no_memory else memory_shape,
         "memory_contenders": [cases.MEMORY_KEYS[k] for k in memory_keys],
         "onnx": not args.no_onnx, "seed": args.seed, "tolerance": TOLERANCE,
-        "cells": not args.no_cells, "bf16": not args.no_bf16, "int8": not args.no_int8, "lengths_shape": None if args.no_lengths else (
+        "cells": not args.no_cells, "bf16": not args.no_bf16, "int8": not args.no_int8,
+        "lengths_shape": None if args.no_lengths else (
             cases.parse_shape(args.lengths_shape) if args.lengths_shape else bench_lengths.SHAPE),
         "variant_shape": None if args.no_variants else (
             cases.parse_shape(args.variant_shape) if args.variant_shape else bench_variants.SHAPE),

@@ -35,7 +35,8 @@ def _layers(shape: tuple, seed: int):
     return layer, quantize(layer), x
 
 
-def contenders(shape: tuple, seed: int = 0, threads: int = 2, onnx: bool = True) -> tuple[list[Contender], torch.Tensor]:
+def contenders(shape: tuple, seed: int = 0, threads: int = 2,
+               onnx: bool = True) -> tuple[list[Contender], torch.Tensor]:
     """Rows for a sequence call (forward only): ours int8, ours float32, ORT int8 (unless not `onnx`)."""
     layer, quantized, x = _layers(shape, seed)
     rows = [Contender(OURS, lambda: quantized(x), info={"module": quantized, "float": layer}),

@@ -4,8 +4,8 @@ inference of a plain LSTM whose weights `lstm.quantize` made int8 (`Recurrence.q
     per step  z = q(x_t) @ kernel + bias + q(h_{t-1}) @ recurrent_kernel, each product on int8
               operands with exact int32 sums, then scaled (problem.quantized_product: x_t and h
               quantized per row as they come); the gates, C and h in float32; Keras' masking
-    products  AMX-INT8 tiles (TDPBSSD) where the CPU has them, else a plain integer loop over the
-              same packed weights (the same numbers)
+    products  AMX-INT8 tiles (TDPBSSD) where the CPU has them, else AVX512-VNNI (VPDPBUSD), else
+              a plain integer loop, over the same packed weights (csrc/int8_product.h: the same numbers)
     threads   each runs every step for a range of the batch rows
 
 The weights are packed for the products once per weight tensor (and again after an in-place
@@ -15,7 +15,8 @@ computes the same products. Per-row lengths come as their mask.
 
 Capabilities besides `run`: the cell call (`cell_call`: `cell(x_t, [h, c])` as one C++ call of the
 sequence forward with T = 1, skipping the `Recurrence` and the dispatch) and the streaming step
-(`stream_step`: the C++ `Int8LSTMStep`, the same step on states it keeps).
+(`stream_step`: the C++ `Int8LSTMStep`, the same step on states it keeps; made again when a
+parameter changes, as every stream step, but not when the int8 buffers are changed in place).
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ class CellCall:
             return None
         kernel, recurrent_kernel = cell.quantized_weights()
         y, h, c = native.module.int8_lstm_forward(
-            x[:, None], _packed_values(kernel), kernel.scales, _packed_values(recurrent_kernel), recurrent_kernel.scales,
-            cell.bias, h, c, None, False, False, False, *self.codes)
+            x[:, None], _packed_values(kernel), kernel.scales, _packed_values(recurrent_kernel),
+            recurrent_kernel.scales, cell.bias, h, c, None, False, False, False, *self.codes)
         return y, [h, c]
 
 

@@ -138,7 +138,7 @@ class QuantizedMatrix:
         return [QuantizedMatrix(v, s) for v, s in zip(self.values.chunk(blocks, -1), self.scales.chunk(blocks, -1))]
 
 
-def _int8_steps(largest: torch.Tensor) -> torch.Tensor:
+def _int8_multipliers(largest: torch.Tensor) -> torch.Tensor:
     """127 / largest where that is finite and positive, else 0 (a zero or non-finite vector
     quantizes to zeros)."""
     usable = (largest > 0) & torch.isfinite(largest)
@@ -151,13 +151,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     [-127, 127], and the row's scale m / 127 (csrc/int8_product.h quantize_row computes the same).
     Returns q (integers, in x's dtype) and the scales [..., 1]."""
     largest = x.abs().amax(-1, keepdim=True)
-    return torch.round(x * _int8_steps(largest)).clamp(-127, 127), largest / largest.new_tensor(127.0)
+    return torch.round(x * _int8_multipliers(largest)).clamp(-127, 127), largest / largest.new_tensor(127.0)
 
 
 def quantize_columns(weight: torch.Tensor) -> QuantizedMatrix:
     """weight [K, N] as int8 with a scale per column, the rule of `quantize_rows` per column."""
     largest = weight.abs().amax(0)
-    values = torch.round(weight * _int8_steps(largest)).clamp(-127, 127).to(torch.int8)
+    values = torch.round(weight * _int8_multipliers(largest)).clamp(-127, 127).to(torch.int8)
     return QuantizedMatrix(values, (largest / largest.new_tensor(127.0)).to(torch.float32))
 
 
@@ -203,9 +203,10 @@ class Recurrence:
     zoneout           a `Zoneout`: per step and unit, keep the previous h / C (Krueger et al. 2016);
                       None at inference
     quantized         an LSTM's (kernel, recurrent_kernel) as int8 `QuantizedMatrix`es (`lstm.quantize`),
-                      or None: with them every product with them is `quantized_product` (x_t and h quantized
-                      per row at each step); `kernel` and `recurrent_kernel` hold the same matrices in
-                      float. Only kernels that say `takes_quantized = True` get such problems (dispatch)
+                      or None. With them, every product with a weight is `quantized_product` (x_t and h
+                      quantized per row at each step); `kernel` and `recurrent_kernel` hold the same
+                      matrices in float. Only kernels that say `takes_quantized = True` get such
+                      problems (dispatch)
 
     Precision: `compute_dtype` is the inputs' dtype (a layer casts its inputs to the dtype it
     computes in, as Keras does); the weights keep their variables' dtype (float32 under a mixed

@@ -62,7 +62,8 @@ void forward_int8(const Int8Weights& w, int64_t B, int64_t Tn, int64_t D, int64_
                   const bool* keep, const Flags& fl, const float* h0, const float* c0, float* Y, float* hT,
                   float* cT) {
   // the products are not spread over threads: every thread takes rows of its own
-  const int64_t chunks = at::in_parallel_region() || B < kMinChunkRows ? 1 : std::min<int64_t>(at::get_num_threads(), B);
+  const int64_t chunks =
+      at::in_parallel_region() || B < kMinChunkRows ? 1 : std::min<int64_t>(at::get_num_threads(), B);
   run_chunks(chunks, [&](int64_t chunk) {
     const int64_t b0 = chunk * B / chunks, b1 = (chunk + 1) * B / chunks;
     forward_rows(w, b1 - b0, Tn, D, U, x + b0 * Tn * D, keep ? keep + b0 * Tn : nullptr, fl, h0 + b0 * U,

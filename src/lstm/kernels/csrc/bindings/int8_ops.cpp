@@ -59,7 +59,8 @@ std::vector<torch::Tensor> int8_lstm_forward(const torch::Tensor& x_in, const to
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "int8_lstm_forward: expected x [B,T,D] and h0 [B,U]");
   const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2), U = h0.size(1), GU = 4 * U;
-  for (const auto* t : {&x, &h0, &c0, &kernel_scales, &recurrent_scales}) check_dense(*t, torch::kFloat, "float32 operand");
+  for (const auto* t : {&x, &h0, &c0, &kernel_scales, &recurrent_scales})
+    check_dense(*t, torch::kFloat, "x, h0, c0 and the scales");
   check_dense(kernel, torch::kChar, "kernel");
   check_dense(recurrent, torch::kChar, "recurrent");
   TORCH_CHECK(kernel.numel() == Int8Right::packed_bytes(D, GU) && recurrent.numel() == Int8Right::packed_bytes(U, GU) &&
