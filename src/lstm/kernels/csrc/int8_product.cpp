@@ -83,16 +83,23 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_block(
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) sums[r][j] = _mm512_setzero_si512();
   const __m512i to_unsigned = _mm512_set1_epi32(int32_t(0x80808080u));
-  for (int64_t k = 0; k < K; k += 4) {
-    const int64_t kb = k / kDepth, group = (k % kDepth) / 4;
-    __m512i b[NR];
-    for (int j = 0; j < NR; ++j)
-      b[j] = _mm512_loadu_si512(packed + ((nb0 + j) * k_blocks + kb) * kTileBytes + group * 64);
-    for (int r = 0; r < MR; ++r) {
-      int32_t four;
-      __builtin_memcpy(&four, A + r * lda + k, 4);
-      const __m512i a = _mm512_xor_si512(_mm512_set1_epi32(four), to_unsigned);
-      for (int j = 0; j < NR; ++j) sums[r][j] = _mm512_dpbusd_epi32(sums[r][j], a, b[j]);
+  for (int64_t kb = 0; kb < k_blocks; ++kb) {
+    const int8_t* tiles[NR];
+    for (int j = 0; j < NR; ++j) tiles[j] = packed + ((nb0 + j) * k_blocks + kb) * kTileBytes;
+    const int8_t* a = A + kb * kDepth;
+    const int groups = int(std::min<int64_t>(kDepth, K - kb * kDepth) + 3) / 4;
+    for (int group = 0; group < groups; ++group) {
+      __m512i b[NR];
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) b[j] = _mm512_loadu_si512(tiles[j] + group * 64);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        int32_t four;
+        __builtin_memcpy(&four, a + r * lda + group * 4, 4);
+        const __m512i row = _mm512_xor_si512(_mm512_set1_epi32(four), to_unsigned);
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) sums[r][j] = _mm512_dpbusd_epi32(sums[r][j], row, b[j]);
+      }
     }
   }
   for (int j = 0; j < NR; ++j) {
