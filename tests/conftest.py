@@ -43,3 +43,21 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{TALLY[kind]:>7}  {meaning}")
     for kind in sorted(set(TALLY) - set(KINDS)):
         terminalreporter.write_line(f"{TALLY[kind]:>7}  {kind}")
+
+
+@pytest.fixture(params=["mkl", "panels"])
+def step_products(request):
+    """The float32 per-step products on MKL or on panel_right.h's AVX-512 kernel (what CPUs that are
+    not Intel's run by default), whatever this CPU is; skipped where the build has no panels."""
+    from lstm.kernels import native  # (here: TRITON_INTERPRET is set above, before triton is imported)
+
+    ext = native.extension()
+    if ext is None:
+        pytest.skip("the C++ kernels are not loaded")
+    previous = ext.set_panels(1 if request.param == "panels" else 0)
+    try:
+        if request.param == "panels" and not ext.panels_preferred():
+            pytest.skip("this build of the C++ kernels has no panels kernel (it is the x86-64-v4 build's)")
+        yield request.param
+    finally:
+        ext.set_panels(previous)

@@ -241,7 +241,7 @@ def packed_everywhere():
 @pytest.mark.parametrize("B", [5, 17])  # 4 rows and fewer: the register loop, never packed
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("T", [3, 9])  # fewer than 4 steps: not worth packing
-def test_packed_step_products_equal_reference(packed_everywhere, B, dtype, T):
+def test_packed_step_products_equal_reference(packed_everywhere, step_products, B, dtype, T):
     for rd in (False, True):  # recurrent dropout: four plain products per step
         for backwards in (False, True):
             for mask in ("holes_and_empty", "none"):
@@ -250,7 +250,7 @@ def test_packed_step_products_equal_reference(packed_everywhere, B, dtype, T):
 
 
 @pytest.mark.parametrize("B, T, D, U", [(6, 30, 8, 40), (9, 12, 50, 16)])  # [x_t, h] route (D <= U), projection route
-def test_packed_long_sequences_float32(packed_everywhere, B, T, D, U):
+def test_packed_long_sequences_float32(packed_everywhere, step_products, B, T, D, U):
     check_equal(make_problem("lstm", B, T, D, U, dtype=torch.float32, mask="holes", go_backwards=True), tol=2e-5)
 
 
@@ -262,7 +262,7 @@ def test_packed_cpp_equals_reference(packed_everywhere, args):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_big_steps_on_mkl_threads_equal_reference(dtype):
+def test_big_steps_on_mkl_threads_equal_reference(step_products, dtype):
     # steps too big for a thread's row chunk: MKL's threads run each step's (packed, in float32)
     # product and the rows' gate math is split over the threads
     before = torch.get_num_threads()

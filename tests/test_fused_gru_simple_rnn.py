@@ -133,7 +133,7 @@ def test_equals_reference(ext, kind, reset_after, dtype, B, options):
 
 @pytest.mark.parametrize("kind,reset_after", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_big_steps(ext, kind, reset_after, dtype):
+def test_big_steps(ext, step_products, kind, reset_after, dtype):
     """Steps big enough for MKL's threads, rows split over the threads and packed weights."""
     p = make_problem(kind, 96, 4, 8, 128, dtype=dtype, mask="holes", reset_after=reset_after,
                      recurrent_dropout=kind == "simple_rnn")

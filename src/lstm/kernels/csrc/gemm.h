@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include "packed_gemm.h"
+#include "panel_right.h"
 #include "small_gemm.h"
 
 namespace lstm_core {
@@ -93,10 +94,12 @@ inline void mm_set(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
   }
 }
 
-// The right operand B [K, N] of a loop's per-step product with M rows: packed once (float32,
-// MKL's packed GEMM present) when the loop repeats a big product, else read in place by mm_acc /
-// mm_set every step. (measured, 1 thread: 64,100,128,256 inference 45 -> 36 ms, 256,50,64,512
-// training 840 -> 792 ms; below ~2M multiply-adds a step it gains nothing)
+// The right operand B [K, N] of a loop's per-step product with M rows: on a CPU that is not Intel's
+// (float32, the AVX-512 build), copied once into panel_right.h's panels for this module's own
+// kernel; else packed once (float32, MKL's packed GEMM present) when the loop repeats a big
+// product, else read in place by mm_acc / mm_set every step. (measured, 1 thread: 64,100,128,256
+// inference 45 -> 36 ms, 256,50,64,512 training 840 -> 792 ms; below ~2M multiply-adds a step it
+// gains nothing)
 inline int64_t kPackMinWork = 1 << 21;  // multiply-adds of one step's product (set_pack_min_work)
 constexpr int64_t kPackMinSteps = 4;  // packing costs about one step's product
 template <typename T>
@@ -105,9 +108,9 @@ class StepOperand {
   StepOperand(int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb, int64_t steps)
       : M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
     if constexpr (std::is_same_v<T, float>) {
-      if (packed_gemm_available() && M > kSmallBatch && K > 0 && N > 0 && steps >= kPackMinSteps &&
-          M * N * K >= kPackMinWork)
-        packed_.emplace(M, N, K, B, ldb);
+      const bool repeated = M > kSmallBatch && K > 0 && N > 0 && steps >= kPackMinSteps;
+      if (repeated && panels_preferred()) panels_.emplace(N, K, B, ldb);
+      else if (repeated && packed_gemm_available() && M * N * K >= kPackMinWork) packed_.emplace(M, N, K, B, ldb);
     }
   }
   // C[M, N] += A[M, K] @ B
@@ -117,12 +120,14 @@ class StepOperand {
   // the same for the first `rows` rows only (rows <= M)
   void acc(int64_t rows, const T* A, int64_t lda, T* C, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
+      if (panels_) return panels_->mm(rows, A, lda, true, C, ldc);
       if (packed_) return packed_->mm(rows, A, lda, 1.0f, C, ldc);
     }
     mm_acc<T>(rows, N_, K_, A, lda, B_, ldb_, C, ldc);
   }
   void set(int64_t rows, const T* A, int64_t lda, T* C, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
+      if (panels_) return panels_->mm(rows, A, lda, false, C, ldc);
       if (packed_) return packed_->mm(rows, A, lda, 0.0f, C, ldc);
     }
     mm_set<T>(rows, N_, K_, A, lda, B_, ldb_, C, ldc);
@@ -132,6 +137,7 @@ class StepOperand {
   int64_t M_, N_, K_;
   const T* B_;
   int64_t ldb_;
+  std::optional<PanelRight> panels_;
   std::optional<PackedRight> packed_;
 };
 

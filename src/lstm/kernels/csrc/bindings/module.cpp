@@ -76,6 +76,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gives the buffer pool's idle blocks back to the OS; returns their bytes");
   m.def("set_stream_parallel_work", [](int64_t w) { return std::exchange(lstm_core::lstm::kStreamParallelWork, w); },
         "multiply-adds of a streaming step from which its units are split over the threads; returns the previous");
+  m.def("set_panels", &lstm_core::set_panels,
+        "whether the per-step float32 products run on panel_right.h's kernel: -1 by the CPU (not Intel's), 0 never, "
+        "1 always; returns the previous");
+  m.def("panels_preferred", &lstm_core::panels_preferred, "whether they do now (the build has the kernel)");
   m.def("set_pack_min_work", [](int64_t w) { return std::exchange(lstm_core::kPackMinWork, w); },
         "multiply-adds of a step's product from which its right operand is packed; returns the previous");
 }

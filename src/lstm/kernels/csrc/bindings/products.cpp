@@ -18,6 +18,8 @@
 namespace lstm_bindings {
 
 using lstm_core::kSmallBatch;
+using lstm_core::PanelRight;
+using lstm_core::panels_preferred;
 
 namespace {
 
@@ -73,10 +75,20 @@ at::Tensor project_inputs(const at::Tensor& x, const at::Tensor& kernel, const a
   }
   auto out = buffer_pool::empty({B * T, GU}, x.options());
   auto masked = [&](int64_t g) { return (x * input_dropout[g].unsqueeze(1)).reshape({B * T, D}); };
+  auto product = [&](const at::Tensor& rows) {  // rows [B*T, D] @ kernel
+    if (x.scalar_type() == at::kFloat && panels_preferred() && B * T > kSmallBatch) {
+      // (ATen's GEMM is MKL's, which runs its AVX2 code on a CPU that is not Intel's: panel_right.h)
+      const auto dense = rows.contiguous(), weights = kernel.contiguous();
+      PanelRight(GU, D, weights.data_ptr<float>(), GU).mm(B * T, dense.data_ptr<float>(), D, false,
+                                                           out.data_ptr<float>(), GU);
+    } else {
+      at::mm_out(out, rows, kernel);
+    }
+  };
   if (!input_dropout.defined()) {
-    at::mm_out(out, x.reshape({B * T, D}), kernel);
+    product(x.reshape({B * T, D}));
   } else if (input_dropout.size(0) == 1) {
-    at::mm_out(out, masked(0), kernel);
+    product(masked(0));
   } else {
     const int64_t G = input_dropout.size(0), U = GU / G;
     for (int64_t g = 0; g < G; ++g) {
