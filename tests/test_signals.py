@@ -125,6 +125,19 @@ def _steps_saved(run: Path) -> int:
     return state["epoch"] * CLI["steps_per_epoch"] + state["step"]
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """SIGSTOP, returning once the process is stopped (its state in /proc is T) or has exited."""
+    process.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{process.pid}/stat")
+    while process.poll() is None and stat.exists():
+        try:
+            if stat.read_text().rpartition(")")[2].split()[0] in ("T", "t"):
+                return
+        except OSError:
+            return
+        time.sleep(0.0005)
+
+
 def test_signals_to_a_training_process(tmp_path):
     """One run stopped three times (SIGINT, SIGTERM, SIGKILL in a seeded order, each once the run has
     saved a seeded random step), resumed after each, against the same run uninterrupted."""
@@ -144,11 +157,14 @@ def test_signals_to_a_training_process(tmp_path):
     for how, step in kills:
         deadline = time.monotonic() + 120
         step = max(step, _steps_saved(run) + 1)  # and after a step of this process (its handlers are set)
-        while _steps_saved(run) < step:
+        while True:  # the run frozen (a step, a checkpoint write, ...) while its checkpoint is read, so
+            # that it cannot run on to its end between the read and the signal (a fast step or a loaded machine)
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            _stop(process)
+            if _steps_saved(run) >= step:
+                break
+            process.send_signal(signal.SIGCONT)
             time.sleep(0.005)
-        process.send_signal(signal.SIGSTOP)  # frozen where it is (a step, a checkpoint write, ...), so that
-        assert process.poll() is None       # a loaded machine cannot let it run to its end first
         process.send_signal(getattr(signal, how))
         process.send_signal(signal.SIGCONT)
         _, stderr = process.communicate(timeout=120)
