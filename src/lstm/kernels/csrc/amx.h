@@ -4,6 +4,10 @@
 // the tiles out; elsewhere LSTM_AMX is undefined and the kernels take their other routes.
 #pragma once
 
+namespace lstm_core::amx {
+constexpr int kBf16 = 22, kInt8 = 25;  // the CPUID.(7,0).EDX bits of the tiles' bf16 and int8 instructions
+}  // namespace lstm_core::amx
+
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__linux__)
 #define LSTM_AMX 1
 #include <cpuid.h>
@@ -27,7 +31,6 @@ inline bool request(int feature) {
   return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
 }
 
-constexpr int kBf16 = 22, kInt8 = 25;
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -58,3 +61,19 @@ inline void memory_barrier() { asm volatile("" ::: "memory"); }
 }  // namespace lstm_core::amx
 
 #endif
+
+namespace lstm_core::amx {
+
+// The CPU has the tiles with the instructions of `Feature` (kBf16, kInt8) and the OS lets this
+// process use them (asked once per kind); false where this module has no tile code
+template <int Feature>
+bool usable() {
+#ifdef LSTM_AMX
+  static const bool granted = request(Feature);
+  return granted;
+#else
+  return false;
+#endif
+}
+
+}  // namespace lstm_core::amx

@@ -122,15 +122,6 @@ bool vnni_available() { return __builtin_cpu_supports("avx512vnni"); }
 
 }  // namespace
 
-bool amx_int8_available() {
-#ifdef LSTM_AMX
-  static const bool available = amx::request(amx::kInt8);
-  return available;
-#else
-  return false;
-#endif
-}
-
 float quantize_row(const float* x, int64_t n, int8_t* q) {
   float largest = 0.0f;
   bool nan = false;
@@ -189,7 +180,7 @@ void Int8Right::pack(const int8_t* B, int64_t K, int64_t N, int8_t* packed) {
 Int8Right::Int8Right(const int8_t* packed, const float* column_scales, int64_t K, int64_t N)
     : packed_(packed), shifted_sums_(reinterpret_cast<const int32_t*>(packed + padded_depth(K) * padded_columns(N))),
       column_scales_(column_scales), K_(K), N_(N), k_blocks_(padded_depth(K) / kDepth),
-      n_blocks_((N + kColumns - 1) / kColumns), tiles_(amx_int8_available()),
+      n_blocks_((N + kColumns - 1) / kColumns), tiles_(amx::usable<amx::kInt8>()),
 #ifdef LSTM_VNNI
       vnni_(vnni_available()) {
 }

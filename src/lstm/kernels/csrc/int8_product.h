@@ -10,9 +10,6 @@
 
 namespace lstm_core {
 
-// The CPU has AMX-INT8 tiles and the OS lets this process use them (asked once)
-bool amx_int8_available();
-
 // One row's dynamic quantization (problem.quantize_rows): with m = max|x|, q = x * (127 / m)
 // rounded half to even (in [-127, 127]); returns the row's scale m / 127. A zero row gives q = 0
 // (scale 0); a row with an infinity or a NaN gives q = 0 and a non-finite scale.

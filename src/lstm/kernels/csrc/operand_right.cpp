@@ -97,18 +97,9 @@ __attribute__((target("avx512f,avx512bf16"))) void to_bf16_row(const float* x, u
 
 }  // namespace
 
-bool amx_available() {
-#ifdef LSTM_AMX
-  static const bool available = amx::request(amx::kBf16);
-  return available;
-#else
-  return false;
-#endif
-}
-
 OperandRight::OperandRight(Operand op, int64_t M, int64_t N, int64_t K, const uint16_t* B, int64_t ldb)
     : op_(op), M_(M), N_(N), K_(K), B_(B), ldb_(ldb),
-      tiles_(op == Operand::bf16 && M > 0 && N > 0 && K > 0 && amx_available()),
+      tiles_(op == Operand::bf16 && M > 0 && N > 0 && K > 0 && amx::usable<amx::kBf16>()),
       k_blocks_(tiles_ ? blocks_of(K, kTileDepth) : 0), n_blocks_(tiles_ ? blocks_of(N, kTileColumns) : 0),
       packed_(n_blocks_ * k_blocks_ * kTileElements, 0) {
   for (int64_t nb = 0; nb < n_blocks_; ++nb)

@@ -17,9 +17,6 @@
 
 namespace lstm_core {
 
-// The CPU has AMX-BF16 tiles and the OS lets this process use them (asked once)
-bool amx_available();
-
 class OperandRight {
  public:
   // B [K, N] (ldb its row stride) in `op`, for products with M rows; B is read by every call
