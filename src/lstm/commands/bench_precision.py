@@ -54,11 +54,22 @@ def contenders(cell: str, shape: tuple, seed: int = 0) -> tuple[list[Contender],
                   lambda: module_bf16(x_bf16)[0].float().sum().backward(), _zero(module_bf16.parameters()),
                   info={"module": module_bf16}),
         Contender(torch_name(cell, "autocast"), autocast_forward, lambda: autocast_forward().float().sum().backward(),
-                  _zero(module_autocast.parameters())),
+                  _zero(module_autocast.parameters()), status=_fails(autocast_forward)),
         Contender(ours_name(cell, "fp32"), lambda: ours_fp32(x), lambda: ours_fp32(x).sum().backward(),
                   _zero(ours_fp32.parameters())),
     ]
     return rows, x
+
+
+def _fails(forward) -> str | None:
+    """Why `forward` cannot run here, or None: oneDNN's LSTM under CPU autocast has no primitive
+    on some CPUs (an AMD EPYC with AVX512-BF16 raises "could not create a primitive descriptor")."""
+    try:
+        with torch.no_grad():
+            forward()
+    except RuntimeError as error:
+        return f"n/a (torch raises: {str(error).splitlines()[0][:80]})"
+    return None
 
 
 def check(rows: list[Contender], x: torch.Tensor) -> dict:
