@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch, fused, native, packing, support
-from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
+from .problem import Recurrence, RecurrenceResult, answers_empty_sequences, state_dtype
+from .reference import autocast_off
 
 name = "fused_gru_simple_rnn"
 takes_lengths = True
@@ -70,16 +71,36 @@ class SimpleRNNOptions(NamedTuple):
     activation: int
 
 
-class _SequenceOp(fused.RoundedOperandsOp):
+class _SequenceOp(fused.FusedOp):
     """forward -> y, h_last, then with save the buffers of csrc/rnn.h (gru::, simple_rnn::): GRU gates
     [B,T,3U], h_prev and candidate_input [B,T,U]; SimpleRNN outputs and h_prev [B,T,U]. Packed
     (batch_sizes given): x [N,1,D], input_dropout per packed row [G,N,D], recurrent_dropout per
-    packed batch row [G,B,U], y and the saved buffers [N,1,*] (csrc/bindings/bindings.h)."""
+    packed batch row [G,B,U], y and the saved buffers [N,1,*] (csrc/bindings/bindings.h).
+
+    In bfloat16/float16 the C++ takes every tensor in its own dtype (the weights float32 under a
+    mixed policy) and rounds the products' operands itself (csrc/bindings/optional_tensor.h:
+    LoopOperand): the recurrence runs in float32, y and h_last come back in the compute dtype, the
+    saved buffers in float32, the gradients in float32 (converted here to their inputs' dtypes)."""
 
     input_names = ("x", "kernel", "recurrent_kernel", "bias", "h0")
     fixed_names = ("input_dropout", "recurrent_dropout", "mask", "batch_sizes")
     output_count = 2
     saved_widths: tuple  # of the saved buffers, in units
+
+    def forward(self, inputs, fixed, options, save):
+        with autocast_off(inputs[0].device.type):  # (the C++ products' operands are its own casts)
+            return self.cpp_forward(inputs, fixed, options, save, fused.OPERAND_CODES.get(inputs[0].dtype, 0))
+
+    def backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite):
+        with autocast_off(inputs[0].device.type):
+            grads = self.cpp_backward(output_grads, inputs, saved, fixed, options, needs,
+                                      fused.OPERAND_CODES.get(inputs[0].dtype, 0))
+        return fused.in_input_dtypes(grads, inputs)
+
+    def forward_dtypes(self, inputs, fixed, options, save):
+        compute = inputs[0].dtype
+        count = len(self.forward_shapes(inputs, fixed, options, save))
+        return [compute, compute] + [state_dtype(compute)] * (count - 2)
 
     def forward_shapes(self, inputs, fixed, options, save):
         x, recurrent_kernel, h0 = inputs[0], inputs[2], inputs[4]
@@ -93,13 +114,13 @@ class GRUOp(_SequenceOp):
     Options = GRUOptions
     saved_widths = (3, 1, 1)
 
-    def float32_forward(self, inputs, fixed, options, save, low):
-        return native.module.gru_forward(*inputs, *fixed, *options, save, fused.OPERAND_CODES.get(low, 0))
+    def cpp_forward(self, inputs, fixed, options, save, operand):
+        return native.module.gru_forward(*inputs, *fixed, *options, save, operand)
 
-    def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
+    def cpp_backward(self, output_grads, inputs, saved, fixed, options, needs, operand):
         x, kernel, recurrent_kernel, bias = inputs[:4]
         return native.module.gru_backward(*output_grads, x, kernel, recurrent_kernel, 0 if bias is None else bias.dim(),
-                                          *saved, *fixed, *options, needs, fused.OPERAND_CODES.get(low, 0))
+                                          *saved, *fixed, *options, needs, operand)
 
 
 class SimpleRNNOp(_SequenceOp):
@@ -107,14 +128,14 @@ class SimpleRNNOp(_SequenceOp):
     Options = SimpleRNNOptions
     saved_widths = (1, 1)
 
-    def float32_forward(self, inputs, fixed, options, save, low):
-        return native.module.simple_rnn_forward(*inputs, *fixed, *options, save, fused.OPERAND_CODES.get(low, 0))
+    def cpp_forward(self, inputs, fixed, options, save, operand):
+        return native.module.simple_rnn_forward(*inputs, *fixed, *options, save, operand)
 
-    def float32_backward(self, output_grads, inputs, saved, fixed, options, needs, overwrite, low):
+    def cpp_backward(self, output_grads, inputs, saved, fixed, options, needs, operand):
         x, kernel, recurrent_kernel, bias = inputs[:4]
         return native.module.simple_rnn_backward(*output_grads, x, kernel, recurrent_kernel,
                                                  0 if bias is None else bias.dim(), *saved, *fixed, *options, needs,
-                                                 fused.OPERAND_CODES.get(low, 0))
+                                                 operand)
 
 
 GRU_OP, SIMPLE_RNN_OP = GRUOp(), SimpleRNNOp()

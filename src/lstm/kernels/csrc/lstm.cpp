@@ -259,14 +259,14 @@ void forward_rows(const Params<T>& v, const Flags& fl, const RowLayout& L, const
   std::vector<T> no_bias(v.bias ? 0 : GU, T(0));
   const T* bias = v.bias ? v.bias : no_bias.data();
   // low-precision operands (the plain cell in float): h rounded at every step, its bits kept for
-  // the products (from kLowGemmRows rows, OperandRight's; fewer take T's products of the same values) and
+  // the products (where low_step_products, OperandRight's; else T's products of the same values) and
   // the buffers written in the operand type
   const Operand operand = Operand(fl.operand);
   std::vector<uint16_t> h_low(kPlain && kHasOperands<T> && fl.operand ? nr * Ps : 0);
   if constexpr (kHasOperands<T>)
     if (!h_low.empty()) round_to_operand(operand, h.data(), h_low.data(), nr * Ps);
   std::optional<OperandRight> low_rec;
-  if (!h_low.empty() && v.R_low && nr >= kLowGemmRows) low_rec.emplace(operand, nr, GU, Ps, v.R_low, GU);
+  if (!h_low.empty() && v.R_low && low_step_products(operand, nr)) low_rec.emplace(operand, nr, GU, Ps, v.R_low, GU);
   const bool low_gemm = low_rec.has_value();
   // (not packed with recurrent dropout, a product per gate, nor when the low-precision products run)
   const StepOperand<T> rec(nr, GU, Ps, v.R, GU, v.rd || low_gemm ? 0 : Tn);
@@ -738,9 +738,9 @@ void backward_rows(const Params<T>& v, const Flags& fl, const RowLayout& L, cons
   // its products (with R^T here, the weight gradients after)
   const Operand operand = Operand(fl.operand);
   uint16_t* dz_low = kPlain && kHasOperands<T> && fl.operand ? v.dXW_low : nullptr;
-  // (fewer rows than kLowGemmRows: the product with R^T takes float's, on dz unrounded)
+  // (without low_step_products: the product with R^T takes float's, on dz unrounded)
   std::optional<OperandRight> low_rec_t;
-  if (dz_low && nr >= kLowGemmRows) low_rec_t.emplace(operand, nr, Ps, GU, v.RT_low, Ps);
+  if (dz_low && low_step_products(operand, nr)) low_rec_t.emplace(operand, nr, Ps, GU, v.RT_low, Ps);
   const bool low_gemm = low_rec_t.has_value();
   // (not packed with recurrent dropout, a product per gate, nor when the low-precision products run)
   const StepOperand<T> rec_t(nr, Ps, GU, v.RT, Ps, v.rd || low_gemm ? 0 : Tn);

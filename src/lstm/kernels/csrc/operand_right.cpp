@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "amx.h"
 
@@ -26,6 +27,8 @@ constexpr int64_t kTileElements = kTileDepth * kTileColumns;
 constexpr int64_t kParallelProduct = 1 << 22;
 
 int64_t blocks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
+
+int low_products_setting = -1;  // set_low_products
 
 #ifdef LSTM_AMX
 
@@ -176,5 +179,17 @@ void OperandRight::tiles_mm(int64_t M, const uint16_t* A, int64_t lda, bool accu
     run(0, n_pairs);
 #endif
 }
+
+bool low_step_products(Operand op, int64_t rows) {
+  if (rows < kLowGemmRows || low_products_setting == 0) return false;
+#if defined(__x86_64__)
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16"), f16 = __builtin_cpu_supports("avx512fp16");
+  return low_products_setting > 0 || (op == Operand::bf16 ? bf16 : f16);
+#else
+  return low_products_setting > 0;
+#endif
+}
+
+int set_low_products(int mode) { return std::exchange(low_products_setting, mode); }
 
 }  // namespace lstm_core

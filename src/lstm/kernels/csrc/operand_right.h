@@ -17,6 +17,18 @@
 
 namespace lstm_core {
 
+// Whether a step loop's products with low-precision operands over `rows` rows run on OperandRight
+// (else on StepOperand's float32 products of the same rounded values): from kLowGemmRows rows, where
+// the CPU multiplies the type in hardware (bfloat16: AVX512-BF16, which every CPU with AMX has;
+// float16: AVX512-FP16). Without, MKL's low-precision GEMM widens both operands at every call,
+// slower than float32's on a right operand packed once (an AMD EPYC with AVX2 only, 2 threads,
+// mixed_bfloat16 at (32,80,100,64), its time against float32's, MKL -> float32 products: forward
+// LSTM 1.25 -> 1.10, GRU 1.11 -> 1.08, SimpleRNN 1.93 -> 1.07).
+bool low_step_products(Operand op, int64_t rows);
+// The setting (tests run both routes on any CPU): -1 by the CPU, 0 never, 1 always (from
+// kLowGemmRows rows); returns the previous
+int set_low_products(int mode);
+
 class OperandRight {
  public:
   // B [K, N] (ldb its row stride) in `op`, for products with M rows; B is read by every call
@@ -50,7 +62,7 @@ class OperandRight {
 };
 
 // A step loop's product with its right operand B [K,N]: StepOperand's, or with low-precision
-// operands (float, B's bits given, at least kLowGemmRows rows) OperandRight's, A's rows rounded to
+// operands (float, B's bits given, low_step_products) OperandRight's, A's rows rounded to
 // the operand type on the way (h holds rounded values already; a gradient is rounded as
 // torch.autocast's backward rounds it).
 template <typename T>
@@ -58,8 +70,8 @@ class StepProduct {
  public:
   StepProduct(int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb, int64_t steps, int operand,
               const uint16_t* B_low)
-      : float_(M, N, K, B, ldb, std::is_same_v<T, float> && operand && B_low && M >= kLowGemmRows ? 0 : steps) {
-    if (std::is_same_v<T, float> && operand && B_low && M >= kLowGemmRows) low_.emplace(Operand(operand), M, N, K, B_low, ldb);
+      : float_(M, N, K, B, ldb, low_route(M, operand, B_low) ? 0 : steps) {
+    if (low_route(M, operand, B_low)) low_.emplace(Operand(operand), M, N, K, B_low, ldb);
   }
 
   // C[rows, N] += A[rows, K] @ B, rows <= M (the loop's rows that take the step)
@@ -74,6 +86,10 @@ class StepProduct {
     }
     if (accumulate) float_.acc(rows, A, lda, C, ldc);
     else float_.set(rows, A, lda, C, ldc);
+  }
+
+  static bool low_route(int64_t M, int operand, const uint16_t* B_low) {
+    return std::is_same_v<T, float> && operand && B_low && low_step_products(Operand(operand), M);
   }
 
   StepOperand<T> float_;

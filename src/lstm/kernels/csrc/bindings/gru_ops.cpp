@@ -29,20 +29,22 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
                                        int64_t recurrent_activation, bool reset_after, bool save,
                                        int64_t operand) {
   at::NoGradGuard no_grad;  // autograd is the caller's (a hand-derived backward)
+  // with low-precision operands x and h0 come in the compute dtype, the weights in theirs: the loop
+  // runs in float32 on their rounded values, and y and h_last go back to the compute dtype
+  const auto compute = x.scalar_type(), loop_type = operand ? torch::kFloat : compute;
   x = x.contiguous();
   kernel = kernel.contiguous();
-  recurrent_kernel = recurrent_kernel.contiguous();
-  h0 = h0.contiguous();
-  auto bias = opt(bias_o), input_dropout = opt(input_dropout_o);
-  auto recurrent_dropout = opt(recurrent_dropout_o), mask = opt(mask_o);
-  if (recurrent_dropout.defined()) recurrent_dropout = recurrent_dropout.contiguous();
+  const LoopOperand recurrent(recurrent_kernel, operand);
+  h0 = operand ? rounded_to_operand(h0, operand) : h0.contiguous();
+  auto bias = in_type(opt(bias_o), loop_type), input_dropout = in_type(opt(input_dropout_o), loop_type);
+  auto recurrent_dropout = in_type(opt(recurrent_dropout_o), loop_type), mask = opt(mask_o);
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
                                 static_cast<int>(recurrent_activation), reset_after, static_cast<int>(operand)};
   const Layout n = layout_of(x, opt(batch_sizes_o));
   check_packed(n, mask, go_backwards, "gru_forward");
-  const int64_t B = n.B, Tn = n.Tn, U = recurrent_kernel.size(0), XB = n.rows, XT = n.columns;
-  auto opts = x.options();
+  const int64_t B = n.B, Tn = n.Tn, U = recurrent.values.size(0), XB = n.rows, XT = n.columns;
+  auto opts = x.options().dtype(loop_type);
   auto gates = project_inputs(x, kernel, input_dropout, operand);
   torch::Tensor input_bias, recurrent_bias;
   if (bias.defined() && bias.dim() == 2) {
@@ -62,17 +64,20 @@ std::vector<torch::Tensor> gru_forward(torch::Tensor x, torch::Tensor kernel, to
     h_last.copy_(h0);
     y.zero_();
   } else {
-    torch::Tensor recurrent_bits;  // (R in the operand type: its bits, with operand)
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(loop_type, "gru_forward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
       const gru::Forward<Scalar> args{B, Tn, U, ptr(gates), ptr(input_bias), ptr(recurrent_bias),
-                                      ptr(recurrent_kernel), ptr(recurrent_dropout),
+                                      ptr(recurrent.values), ptr(recurrent_dropout),
                                       mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(h0), ptr(y), ptr(h_last),
                                       ptr(h_prev), ptr(candidate_input),
-                                      operand_bits(recurrent_kernel, operand, recurrent_bits), n.batch_sizes};
+                                      recurrent.bits_or_null(), n.batch_sizes};
       gru::forward_loop(args, options);
     });
+  }
+  if (operand) {
+    y = y.to(compute);
+    h_last = h_last.to(compute);
   }
   if (!save) return {y, h_last};
   return {y, h_last, gates, h_prev, candidate_input};
@@ -91,36 +96,36 @@ std::vector<torch::Tensor> gru_backward(c10::optional<torch::Tensor> dy_o, c10::
   const FlushDenormalsOnPool flush;  // (the products over all steps read small gradients too)
   // needs: x, kernel, recurrent_kernel, bias, h0
   at::NoGradGuard no_grad;
+  // (with low-precision operands as the forward: the loop and the saved buffers in float32)
+  const auto loop_type = operand ? torch::kFloat : x.scalar_type();
   x = x.contiguous();
   kernel = kernel.contiguous();
-  auto dy = opt(dy_o), input_dropout = opt(input_dropout_o);
-  auto recurrent_dropout = opt(recurrent_dropout_o), mask = opt(mask_o);
+  auto dy = opt(dy_o), input_dropout = in_type(opt(input_dropout_o), loop_type);
+  auto recurrent_dropout = in_type(opt(recurrent_dropout_o), loop_type), mask = opt(mask_o);
   const SequenceOptions options{go_backwards, zero_output_for_mask, return_sequences, static_cast<int>(activation),
                                 static_cast<int>(recurrent_activation), reset_after, static_cast<int>(operand)};
   const Layout n = layout_of(x, opt(batch_sizes_o));
   check_packed(n, mask, go_backwards, "gru_backward");
   const int64_t B = n.B, Tn = n.Tn, U = recurrent_kernel.size(0), XB = n.rows, XT = n.columns;
   const int64_t width = (reset_after ? 4 : 3) * U;
-  auto opts = x.options();
-  auto dh = dh_last_o.has_value() ? dh_last_o->to(x.scalar_type()).contiguous().clone() : torch::zeros({B, U}, opts);
-  if (dy.defined()) dy = buffer_pool::contiguous(dy.to(x.scalar_type()));
-  if (recurrent_dropout.defined()) recurrent_dropout = recurrent_dropout.contiguous();
+  auto opts = x.options().dtype(loop_type);
+  auto dh = dh_last_o.has_value() ? dh_last_o->to(loop_type).contiguous().clone() : torch::zeros({B, U}, opts);
+  if (dy.defined()) dy = buffer_pool::contiguous(dy.to(loop_type));
   if (mask.defined()) mask = mask.to(torch::kBool).contiguous();
   // reset_after: R^T's blocks in dz's order h | z | r
   auto R = recurrent_kernel;
-  auto recurrent_kernel_t = (reset_after ? at::cat({R.narrow(1, 2 * U, U), R.narrow(1, 0, 2 * U)}, 1) : R).t().contiguous();
+  const LoopOperand recurrent_t((reset_after ? at::cat({R.narrow(1, 2 * U, U), R.narrow(1, 0, 2 * U)}, 1) : R).t(), operand);
   auto dz = buffer_pool::empty({XB, XT, width}, opts);
   const bool need_bias = needs[3] && bias_dim > 0;
   auto bias_rows = need_bias ? torch::zeros({B, width}, opts) : torch::Tensor();
   if (Tn > 0) {
-    torch::Tensor recurrent_t_bits;  // (R^T in the operand type: its bits, with operand)
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(loop_type, "gru_backward", [&] {
       using Scalar = scalar_t;
       auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<Scalar>() : nullptr; };
       const gru::Backward<Scalar> args{B, Tn, U, ptr(dy), ptr(gates), ptr(h_prev), ptr(candidate_input),
-                                       ptr(recurrent_kernel_t), ptr(recurrent_dropout),
+                                       ptr(recurrent_t.values), ptr(recurrent_dropout),
                                        mask.defined() ? mask.data_ptr<bool>() : nullptr, ptr(dh), ptr(dz),
-                                       ptr(bias_rows), operand_bits(recurrent_kernel_t, operand, recurrent_t_bits),
+                                       ptr(bias_rows), recurrent_t.bits_or_null(),
                                        n.batch_sizes};
       gru::backward_loop(args, options);
     });

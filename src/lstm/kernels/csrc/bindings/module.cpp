@@ -10,6 +10,7 @@
 #include "bindings/bindings.h"
 #include "buffer_pool.h"
 #include "gemm.h"
+#include "operand_right.h"
 #include "rnn.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -80,6 +81,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the per-step float32 products run on panel_right.h's kernel: -1 by the CPU (not Intel's), 0 never, "
         "1 always; returns the previous");
   m.def("panels_preferred", &lstm_core::panels_preferred, "whether they do now (the build has the kernel)");
+  m.def("set_low_products", &lstm_core::set_low_products,
+        "whether the per-step products with bfloat16/float16 operands over 16+ rows run on those types (AMX tiles "
+        "or MKL's GEMM), else on float32's: -1 by the CPU (AVX512-BF16 / AVX512-FP16), 0 never, 1 always; returns "
+        "the previous");
   m.def("set_pack_min_work", [](int64_t w) { return std::exchange(lstm_core::kPackMinWork, w); },
         "multiply-adds of a step's product from which its right operand is packed; returns the previous");
 }

@@ -45,8 +45,8 @@ at::Tensor operand_product(int64_t operand, int64_t M, int64_t N, int64_t K, con
 at::Tensor project_inputs(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& input_dropout,
                           int64_t operand) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), GU = kernel.size(1);
-  if (operand && x.scalar_type() == at::kFloat) {
-    auto out = buffer_pool::empty({B * T, GU}, x.options());
+  if (operand) {  // (x in float32 holding rounded values, or in the operand type)
+    auto out = buffer_pool::empty({B * T, GU}, x.options().dtype(at::kFloat));
     auto kernel_low = in_operand_type(kernel, operand);
     if (!input_dropout.defined()) {
       operand_product(operand, B * T, GU, D, in_operand_type(x, operand), false, kernel_low, false, out);
@@ -103,7 +103,7 @@ void input_gradients(const at::Tensor& dz_x, const at::Tensor& x, const at::Tens
                      const at::Tensor& input_dropout, bool need_x, bool need_kernel, at::Tensor& dx,
                      at::Tensor& dkernel, int64_t operand) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), GU = kernel.size(1);
-  if (operand && x.scalar_type() == at::kFloat) {
+  if (operand) {
     auto dz = in_operand_type(dz_x, operand), kernel_low = in_operand_type(kernel, operand);
     if (!input_dropout.defined()) {
       if (need_x) dx = operand_product(operand, B * T, D, GU, dz, false, kernel_low, true).view({B, T, D});

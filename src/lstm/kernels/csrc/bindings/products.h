@@ -7,9 +7,10 @@
 
 namespace lstm_bindings {
 
-// With `operand` (1 bfloat16, 2 float16; float32 tensors holding values rounded to it, as the
-// low-precision recurrences take them) each product runs on MKL's low-precision GEMM, float32 out,
-// its other operand (a gradient) rounded to that type as torch.autocast's backward rounds it.
+// With `operand` (1 bfloat16, 2 float16) each product runs on MKL's low-precision GEMM, float32 out:
+// x in that type or in float32 holding values rounded to it (as the low-precision recurrences take
+// them), the weights rounded to it here, and the other operand (a gradient) rounded to it as
+// torch.autocast's backward rounds it.
 //
 // x [B,T,D] @ kernel [D,G*U] with input-dropout keep-masks [1|G,B,D] (undefined: none) applied to x
 // (with `operand`, x after a mask rounded: the product's operand): [B,T,G*U] from the buffer pool
