@@ -6,8 +6,8 @@ loops and layouts: csrc/rnn.h, the torch side: csrc/bindings/), thin bindings he
     backward  per step (reverse), hand-derived from the saved buffers; then the weight gradients,
               one GEMM each over all steps
 
-Supported: GRU (reset_after True or False, bias [3U] or [2, 3U]) and SimpleRNN, CPU float32/float64,
-the named activations, every option of a plain `Recurrence`.
+Supported: GRU (reset_after True or False, bias [3U] or [2, 3U]) and SimpleRNN, CPU float32/float64
+and bfloat16/float16 (`_SequenceOp`), the named activations, every option of a plain `Recurrence`.
 
 Per-row lengths (`Recurrence.lengths`, or a right-padded mask) and resets: the call runs packed
 (packing.py, csrc/row_layout.h), as fused_cpp's LSTM: only the rows' valid steps (a reset starts a
