@@ -151,9 +151,15 @@ class RoundedOperandsOp(FusedOp):
         return in_input_dtypes(grads, inputs)
 
     def forward_dtypes(self, inputs, fixed, options, save):
-        compute = inputs[0].dtype
-        count = len(self.forward_shapes(inputs, fixed, options, save))
-        return [compute, compute] + [state_dtype(compute)] * (count - 2)
+        return outputs_in_compute_dtype(self, inputs, fixed, options, save)
+
+
+def outputs_in_compute_dtype(op: FusedOp, inputs, fixed, options, save) -> list:
+    """The forward's dtypes when its outputs and h are in the compute dtype and everything after
+    them (C, the saved buffers) in the state dtype (float32 in bfloat16/float16)."""
+    compute = inputs[0].dtype
+    count = len(op.forward_shapes(inputs, fixed, options, save))
+    return [compute, compute] + [state_dtype(compute)] * (count - 2)
 
 
 class Call:

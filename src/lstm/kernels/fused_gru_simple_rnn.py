@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, fused, native, packing, support
-from .problem import Recurrence, RecurrenceResult, answers_empty_sequences, state_dtype
+from .problem import Recurrence, RecurrenceResult, answers_empty_sequences
 from .reference import autocast_off
 
 name = "fused_gru_simple_rnn"
@@ -98,9 +98,7 @@ class _SequenceOp(fused.FusedOp):
         return fused.in_input_dtypes(grads, inputs)
 
     def forward_dtypes(self, inputs, fixed, options, save):
-        compute = inputs[0].dtype
-        count = len(self.forward_shapes(inputs, fixed, options, save))
-        return [compute, compute] + [state_dtype(compute)] * (count - 2)
+        return fused.outputs_in_compute_dtype(self, inputs, fixed, options, save)
 
     def forward_shapes(self, inputs, fixed, options, save):
         x, recurrent_kernel, h0 = inputs[0], inputs[2], inputs[4]
