@@ -315,6 +315,30 @@ def test_fused_gru_simple_rnn_runs_lengths_packed(cell, packed_calls):
     assert packed_calls["calls"] == 1
 
 
+@pytest.mark.parametrize("cell", ["lstm", *SEQUENCE_CELLS])
+def test_a_packed_call_zeroes_no_input(cell, packed_calls, monkeypatch):
+    """Choosing the kernel asks the ones that do not take lengths on the problem's shape alone:
+    zeroing x at the masked steps (a copy of x) is left to the kernel that runs them, which the
+    packed route is not."""
+    zeroed = []
+    masked = lstm.kernels.problem.Recurrence.masked
+
+    def counting(problem):
+        zeroed.append(problem)
+        return masked(problem)
+
+    monkeypatch.setattr(lstm.kernels.problem.Recurrence, "masked", counting)
+    cls, options = CELLS[cell]
+    layer = make(cls, options, "float32", return_sequences=True)
+    x = inputs(torch.float32)
+    layer(x, lengths=LENGTHS)
+    layer(x, mask=padding_mask(LENGTHS, T))
+    assert packed_calls["calls"] == 2 and zeroed == []
+    with lstm.kernels.use("reference"):
+        layer(x, lengths=LENGTHS)
+    assert len(zeroed) == 1
+
+
 @pytest.mark.parametrize("cell", DROPOUT_CELLS)
 def test_dropout_with_lengths_equals_the_padding_mask(cell, packed_calls):
     """Input and recurrent dropout in training (the same masks: the same seed before each call) on

@@ -87,7 +87,8 @@ def _takes(kernel: Kernel, problem: Recurrence) -> bool:
         return False
     if problem.quantized is not None and not getattr(kernel, "takes_quantized", False):
         return False
-    return kernel.supports(as_seen_by(kernel, problem))
+    # (asked on the problem's shape alone: zeroing the inputs at masked steps waits for `run`)
+    return kernel.supports(problem if getattr(kernel, "takes_lengths", False) else problem.lengths_as_mask())
 
 
 def select(problem: Recurrence) -> Kernel:

@@ -259,6 +259,13 @@ class Recurrence:
         by_length = steps[None, :] < self.lengths[:, None]
         return by_length if self.mask is None else self.mask & by_length
 
+    def lengths_as_mask(self) -> "Recurrence":
+        """This problem with its lengths given as a mask, its inputs as they are (what a kernel's
+        `supports` needs to see: the shape of the problem, not its values)."""
+        if self.lengths is None:
+            return self
+        return dataclasses.replace(self, mask=self.step_mask(), lengths=None)
+
     def masked(self) -> "Recurrence":
         """This problem with its lengths given as a mask and zeros in its inputs at the steps that
         do not count (itself when every step counts)."""
