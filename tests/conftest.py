@@ -47,8 +47,8 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(params=["mkl", "panels"])
 def step_products(request):
-    """The float32 per-step products on MKL or on panel_right.h's AVX-512 kernel (what CPUs that are
-    not Intel's run by default), whatever this CPU is; skipped where the build has no panels."""
+    """The float32 per-step products on MKL or on panel_right.h's kernel (AVX-512 or AVX2: what CPUs
+    that are not Intel's run by default), whatever this CPU is; skipped where the build has no panels."""
     from lstm.kernels import native  # (here: TRITON_INTERPRET is set above, before triton is imported)
 
     ext = native.extension()
@@ -57,7 +57,7 @@ def step_products(request):
     previous = ext.set_panels(1 if request.param == "panels" else 0)
     try:
         if request.param == "panels" and not ext.panels_preferred():
-            pytest.skip("this build of the C++ kernels has no panels kernel (it is the x86-64-v4 build's)")
+            pytest.skip("this build of the C++ kernels has no panels kernel (the x86-64-v3 and v4 builds have it)")
         yield request.param
     finally:
         ext.set_panels(previous)

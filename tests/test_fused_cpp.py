@@ -254,6 +254,17 @@ def test_packed_long_sequences_float32(packed_everywhere, step_products, B, T, D
     check_equal(make_problem("lstm", B, T, D, U, dtype=torch.float32, mask="holes", go_backwards=True), tol=2e-5)
 
 
+@pytest.mark.parametrize("B", [7, 8])  # a step's rows in the panels' blocks (3 rows in AVX2, 4 in AVX-512) and every remainder
+@pytest.mark.parametrize("U", [5, 6, 7, 8])  # 4U columns forwards, U backwards: the last panel cut in either 8-column half
+def test_step_products_of_every_block_shape_equal_reference(step_products, B, U):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # (one chunk of all B rows: the per-step products take the panels or MKL)
+    try:
+        check_equal(make_problem("lstm", B, 6, 9, U, dtype=torch.float32, mask="holes"), tol=2e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(problem_args)

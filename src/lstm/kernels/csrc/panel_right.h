@@ -1,8 +1,10 @@
 // The right operand B [K, N] (float32) of a step loop's products, packed once into 16-column
-// panels for an AVX-512 register-tiled kernel of this module's own: what StepOperand uses instead of
-// MKL on CPUs that are not Intel's, where MKL runs its AVX2 code (measured on an AMD EPYC with
-// AVX-512, 1 thread, [M,K] @ [K,N] at the loops' shapes, M 16-128, K 164-576, N 256-2048: MKL
-// 81-107 GFLOP/s, these panels 222-243).
+// panels for a register-tiled kernel of this module's own (AVX-512, or AVX2 in the x86-64-v3
+// build): what StepOperand uses instead of MKL on CPUs that are not Intel's, where MKL runs its
+// AVX2 code, with a call's overhead that small products feel (measured, 1 thread, [M,K] @ [K,N] at
+// the loops' shapes: on an AMD EPYC with AVX-512, M 16-128, K 164-576, N 256-2048, MKL 81-107
+// GFLOP/s, these panels 222-243; on an AVX2-only AMD EPYC at 2.45 GHz, K 64, N 256, M 3-11, MKL
+// 17-48, the panels 57-89, and even at M 1151, K 100: 60 against 58).
 #pragma once
 
 #include <cstdint>
