@@ -201,10 +201,10 @@ def gradients_section(out: Path, settings: Settings, log=print) -> Section:
         profile_table,
         figure_link("gradients.png", "gradient norms against distance"),
         "### The product of step Jacobians against theory",
-        f"A SimpleRNN (32 units, no bias) whose recurrent matrix is ρ·Q, Q orthogonal, so every eigenvalue has "
-        f"modulus ρ; inputs N(0, 1). ‖∂h_k/∂h_0‖₂ = ‖J_k ⋯ J_1‖₂ by autograd through the layer. Linear "
-        f"activation: J = (ρQ)ᵀ and theory says exactly ρ^k. tanh: J_t = diag(1 − h_t²)(ρQ)ᵀ, at most ρ^k: "
-        f"saturation shrinks every step's Jacobian.",
+        "A SimpleRNN (32 units, no bias) whose recurrent matrix is ρ·Q, Q orthogonal, so every eigenvalue has "
+        "modulus ρ; inputs N(0, 1). ‖∂h_k/∂h_0‖₂ = ‖J_k ⋯ J_1‖₂ by autograd through the layer. Linear "
+        "activation: J = (ρQ)ᵀ and theory says exactly ρ^k. tanh: J_t = diag(1 − h_t²)(ρQ)ᵀ, at most ρ^k: "
+        "saturation shrinks every step's Jacobian.",
         jacobian_table,
         figure_link("jacobians.png", "Jacobian product norms"),
         "### Gradient clipping on an exploding run",
