@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lstm.kernels
 from lstm import layers
-from lstm.kernels import fused_cpp, native, reference
+from lstm.kernels import fused_cpp, native
 from test_fused_kernel import (ACTS, COMMON_PROBLEM_ARGS, TRACE_CASES, _run, check_against_reference, check_trace,
                                make_problem)
 
