@@ -88,9 +88,9 @@ def export_onnx(model: nn.Module, path, example_input, input_names: Sequence[str
     state: initial states as graph inputs and final states as outputs, per recurrent layer.
     mask: a `mask` [batch, time] bool graph input, passed as the model's mask= argument.
     quantize: int8 weights, activations quantized at run time, by ONNX Runtime's quantize_dynamic
-        (per output channel, signed int8 in 7 bits: reduce_range, exact on CPUs without VNNI too): its LSTM runs as DynamicQuantizeLSTM, Dense as
-        MatMulInteger, Embedding as int8 rows; GRU and SimpleRNN stay float32 (ONNX Runtime has no
-        quantized form of them). Needs onnxruntime.
+        (per output channel, signed int8 in 7 bits: reduce_range, exact on CPUs without VNNI too):
+        its LSTM runs as DynamicQuantizeLSTM, Dense as MatMulInteger, Embedding as int8 rows; GRU
+        and SimpleRNN stay float32 (ONNX Runtime has no quantized form of them). Needs onnxruntime.
     """
     if opset_version != OPSET:
         raise ValueError(f"opset_version: this exporter writes opset {OPSET}, got {opset_version!r}")
