@@ -399,9 +399,9 @@ def one_thread():
 
 @contextlib.contextmanager
 def low_step_products(mode: int):
-    """The per-step products over 16+ rows with low-precision operands: 1 on those types (AMX tiles
-    or MKL's GEMM), 0 float32's on the rounded values (what CPUs without AVX512-BF16/FP16 run), -1
-    as this CPU chooses."""
+    """The products with low-precision operands (per step over 16+ rows, and over all steps): 1 on
+    those types (AMX tiles or MKL's GEMM), 0 float32's on the rounded values (what CPUs without
+    AVX512-BF16/FP16 run), -1 as this CPU chooses."""
     extension = kernels.native.extension()
     previous = extension.set_low_products(mode)
     try:
@@ -539,6 +539,31 @@ def test_fused_low_precision_tiles_against_the_reference(cls, shape):
         assert_matches_the_reference(results, grads, layer.parameters(), torch.bfloat16)
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_cpp
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
+@pytest.mark.parametrize("cls", RECURRENT)
+@pytest.mark.usefixtures("one_thread", "step_products")
+def test_fused_widened_products_against_the_reference(cls, policy):
+    """Without the type's instructions (low_step_products(0)) every product takes float32's on the
+    operands widened, on the panels or on MKL (the step_products fixture): the input projection, dx
+    and the weight gradients over all steps, each step's product, and the LSTM's inference with the
+    input fused into each step's product (D <= U). Within the bounds above."""
+    x = inputs(20, T, D).requires_grad_()
+    mask = torch.rand(20, T, generator=torch.Generator().manual_seed(5)) > 0.3
+    results, grads = [], []
+    for kernel in ("reference", "fused"):
+        layer = randomized(cls(U, input_dim=D, return_sequences=True, return_state=True, dtype=policy))
+        with kernels.use("reference") if kernel == "reference" else low_step_products(0):
+            assert kernel == "reference" or kernels.select(layer.recurrence(x, mask)).name != "reference"
+            with torch.no_grad():
+                inference = layer(x, mask=mask)
+            outputs = layer(x, mask=mask)
+            loss = (outputs[0].float() * inputs(*outputs[0].shape, seed=2)).sum() + outputs[1].float().sum()
+            grads.append(torch.autograd.grad(loss, [x, *layer.parameters()]))
+        results.append([*outputs, *inference])
+    assert_matches_the_reference(results, grads, [x, *layer.parameters()], LOW[policy])
 
 
 @needs_cpp

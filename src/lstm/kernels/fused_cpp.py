@@ -25,8 +25,10 @@ Supported: LSTM, CPU float32/float64, the named activations (tanh, sigmoid, relu
 hard_sigmoid, hard_sigmoid_tf_keras), every option of a plain `Recurrence` (no LSTM variant).
 bfloat16/float16 without dropout (problem.py, Recurrence: "Precision"): the per-step products on
 AMX tiles in bfloat16 where the CPU has them (csrc/operand_right.h: the weights packed once per
-call), else on MKL's bf16/f16 GEMMs, float32 accumulation either way; the recurrence in float32 with h rounded at every step, the
-outputs, the saved h and the backward's dz in the low precision (csrc/bindings/lstm_ops.cpp).
+call), else on MKL's bf16/f16 GEMMs, float32 accumulation either way (csrc/low_precision.h: on a CPU
+without the type's instructions, float32's products of the widened operands); the recurrence in
+float32 with h rounded at every step, the outputs, the saved h and the backward's dz in the low
+precision (csrc/bindings/lstm_ops.cpp).
 
 Per-row lengths (`Recurrence.lengths`, or a right-padded mask) and resets: the call runs packed
 (packing.py, csrc/row_layout.h): only the rows' valid steps, gathered time-major with the rows

@@ -1,27 +1,17 @@
 // Products with low-precision operands (bfloat16, float16) and float32 accumulation, the
 // numerics of a bfloat16/float16 recurrence (problem.py, Recurrence: "Precision"): MKL's
-// cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, which libtorch_cpu exports (AMX or AVX512-BF16
-// where the CPU has them), with a portable fallback over float32 copies of the operands (the same
-// products: a bf16 or f16 product is exact in float32). Operands are stored as uint16_t bits.
+// cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, which libtorch_cpu exports, where the CPU has
+// the type's instructions (AMX or AVX512-BF16); else float32's products of the operands widened
+// (the same products: a bf16 or f16 product is exact in float32). Operands are stored as uint16_t bits.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
-
-#include "gemm.h"
 
 namespace lstm_core {
 
 enum class Operand : int { native = 0, bf16 = 1, f16 = 2 };  // native: the element type's own products
-
-extern "C" {
-void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                            float*, int) __attribute__((weak));
-void cblas_gemm_f16f16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                          float*, int) __attribute__((weak));
-}
 
 // float -> bfloat16 bits, rounded to nearest even (NaN kept a NaN); without a branch, so that
 // loops over rows of it vectorise
@@ -86,26 +76,18 @@ inline void round_operands(int operand, T* x, int64_t n) {
     if (operand) round_in_place(Operand(operand), x, n);
 }
 
-// Row-major C[M,N] = op(A) @ op(B) + beta C, A and B in the operand type, C float32: op(A) [M,K] is
-// A [M,K] (lda its row stride), or with trans_a A^T for A stored [K,M]; op(B) likewise.
-inline void operand_gemm(Operand op, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
-                         const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc, bool trans_a = false,
-                         bool trans_b = false) {
-  if (M == 0 || N == 0) return;
-  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-  auto* mkl = op == Operand::bf16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
-  if (mkl != nullptr && K > 0) {
-    mkl(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, int(M), int(N), int(K), 1.0f, A,
-        int(lda), B, int(ldb), beta, C, int(ldc));
-    return;
-  }
-  std::vector<float> a(M * K), b(K * N);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) a[m * K + k] = from_operand(op, trans_a ? A[k * lda + m] : A[m * lda + k]);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) b[k * N + n] = from_operand(op, trans_b ? B[n * ldb + k] : B[k * ldb + n]);
-  gemm_nn<float>(M, N, K, a.data(), K, b.data(), N, beta, C, ldc);
-}
+// Whether the CPU multiplies the operand type in hardware (bfloat16: AVX512-BF16, which every CPU
+// with AMX has; float16: AVX512-FP16), as set_low_products says
+bool operand_in_hardware(Operand op);
+// The setting (tests run both routes on any CPU): -1 by the CPU, 0 never, 1 always; returns the previous
+int set_low_products(int mode);
+
+// Row-major C[M,N] = op(A) @ op(B) + beta C (beta 0 or 1), A and B in the operand type, C float32:
+// op(A) [M,K] is A [M,K] (lda its row stride), or with trans_a A^T for A stored [K,M]; op(B)
+// likewise. Where operand_in_hardware, MKL's low-precision GEMM; else float32's products of the
+// operands widened (exactly), on the panels where they are preferred (panel_right.h).
+void operand_gemm(Operand op, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                  int64_t ldb, float beta, float* C, int64_t ldc, bool trans_a = false, bool trans_b = false);
 
 // rows of a chunk from which a low-precision product beats float's on the same values (measured, MKL,
 // one thread: 16x256x64 3.5 vs 4.2 us, 8x512x128 7.0 vs 7.3 us, 4 rows: register tiles win)

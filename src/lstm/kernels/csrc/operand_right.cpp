@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <utility>
 
 #include "amx.h"
 
@@ -27,8 +26,6 @@ constexpr int64_t kTileElements = kTileDepth * kTileColumns;
 constexpr int64_t kParallelProduct = 1 << 22;
 
 int64_t blocks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
-
-int low_products_setting = -1;  // set_low_products
 
 #ifdef LSTM_AMX
 
@@ -114,13 +111,31 @@ OperandRight::OperandRight(Operand op, int64_t M, int64_t N, int64_t K, const ui
           tile[pair * 2 * kTileColumns + 2 * (n % kTileColumns) + half] = B[k * ldb + n];
       }
     }
+  if (!tiles_ && !operand_in_hardware(op)) {
+    widened_b_.resize(K * N);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) widened_b_[k * N + n] = from_operand(op, B[k * ldb + n]);
+    widened_.emplace(M, N, K, widened_b_.data(), N, kPackMinSteps);
+    a_widened_.resize(M * K);
+    return;
+  }
   // A goes through a_ when it is in float32, or (for the tiles) its rows or columns do not fill
   // whole tiles (zeros pad the rest, once here)
   a_.assign(tiles_ ? blocks_of(M, kTileRows) * kTileRows * k_blocks_ * kTileDepth : M * K, 0);
 }
 
+void OperandRight::widened_mm(int64_t rows, bool accumulate, float* C, int64_t ldc) const {
+  if (accumulate) widened_->acc(rows, a_widened_.data(), K_, C, ldc);
+  else widened_->set(rows, a_widened_.data(), K_, C, ldc);
+}
+
 void OperandRight::mm(int64_t rows, const uint16_t* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
   if (rows == 0 || N_ == 0) return;
+  if (widened_) {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t k = 0; k < K_; ++k) a_widened_[m * K_ + k] = from_operand(op_, A[m * lda + k]);
+    return widened_mm(rows, accumulate, C, ldc);
+  }
   if (!tiles_) {
     operand_gemm(op_, rows, N_, K_, A, lda, B_, ldb_, accumulate ? 1.0f : 0.0f, C, ldc);
     return;
@@ -134,6 +149,11 @@ void OperandRight::mm(int64_t rows, const uint16_t* A, int64_t lda, bool accumul
 
 void OperandRight::mm(int64_t rows, const float* A, int64_t lda, bool accumulate, float* C, int64_t ldc) const {
   if (rows == 0 || N_ == 0) return;
+  if (widened_) {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t k = 0; k < K_; ++k) a_widened_[m * K_ + k] = from_operand(op_, to_operand(op_, A[m * lda + k]));
+    return widened_mm(rows, accumulate, C, ldc);
+  }
   if (!tiles_) {
     for (int64_t m = 0; m < rows; ++m)
       for (int64_t k = 0; k < K_; ++k) a_[m * K_ + k] = to_operand(op_, A[m * lda + k]);
@@ -180,16 +200,6 @@ void OperandRight::tiles_mm(int64_t M, const uint16_t* A, int64_t lda, bool accu
 #endif
 }
 
-bool low_step_products(Operand op, int64_t rows) {
-  if (rows < kLowGemmRows || low_products_setting == 0) return false;
-#if defined(__x86_64__)
-  static const bool bf16 = __builtin_cpu_supports("avx512bf16"), f16 = __builtin_cpu_supports("avx512fp16");
-  return low_products_setting > 0 || (op == Operand::bf16 ? bf16 : f16);
-#else
-  return low_products_setting > 0;
-#endif
-}
-
-int set_low_products(int mode) { return std::exchange(low_products_setting, mode); }
+bool low_step_products(Operand op, int64_t rows) { return rows >= kLowGemmRows && operand_in_hardware(op); }
 
 }  // namespace lstm_core

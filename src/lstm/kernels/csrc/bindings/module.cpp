@@ -82,9 +82,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "1 always; returns the previous");
   m.def("panels_preferred", &lstm_core::panels_preferred, "whether they do now (the build has the kernel)");
   m.def("set_low_products", &lstm_core::set_low_products,
-        "whether the per-step products with bfloat16/float16 operands over 16+ rows run on those types (AMX tiles "
-        "or MKL's GEMM), else on float32's: -1 by the CPU (AVX512-BF16 / AVX512-FP16), 0 never, 1 always; returns "
-        "the previous");
+        "whether the products with bfloat16/float16 operands run on those types (over all steps MKL's GEMM; per "
+        "step over 16+ rows AMX tiles or MKL's GEMM), else on float32's of the widened values: -1 by the CPU "
+        "(AVX512-BF16 / AVX512-FP16), 0 never, 1 always; returns the previous");
   m.def("set_pack_min_work", [](int64_t w) { return std::exchange(lstm_core::kPackMinWork, w); },
         "multiply-adds of a step's product from which its right operand is packed; returns the previous");
 }
