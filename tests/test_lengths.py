@@ -339,6 +339,36 @@ def test_a_packed_call_zeroes_no_input(cell, packed_calls, monkeypatch):
     assert len(zeroed) == 1
 
 
+@pytest.mark.parametrize("cell", ["lstm", *SEQUENCE_CELLS])
+def test_choosing_the_kernel_of_a_lengths_call_builds_no_mask(cell, packed_calls, monkeypatch):
+    """Every kernel ahead of the packed ones takes lengths itself (the int8 kernel turns them into
+    their mask when it runs), so a lengths call builds no [B, T] mask at all."""
+    built = []
+    step_mask = lstm.kernels.problem.Recurrence.step_mask
+
+    def counting(problem):
+        built.append(problem)
+        return step_mask(problem)
+
+    monkeypatch.setattr(lstm.kernels.problem.Recurrence, "step_mask", counting)
+    cls, options = CELLS[cell]
+    make(cls, options, "float32", return_sequences=True)(inputs(torch.float32), lengths=LENGTHS)
+    assert packed_calls["calls"] == 1 and built == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gathered_rows_equal_index_select(dtype, packed_calls):
+    """The packed route's gathers of rows (x, the states, the outputs' gradient) by the C++, against
+    index_select; an index out of range is an error naming it."""
+    rows = torch.randn(7, 5).to(dtype)
+    index = torch.tensor([6, 0, 3, 3, 1])
+    assert torch.equal(lstm.kernels.native.extension().gather_rows(rows, index), rows.index_select(0, index))
+    assert torch.equal(lstm.kernels.native.extension().gather_rows(rows.t().contiguous().t()[:, :3], index),
+                       rows[:, :3].index_select(0, index))
+    with pytest.raises(RuntimeError, match=r"expected indices in \[0, 7\), got 7"):
+        lstm.kernels.native.extension().gather_rows(rows, torch.tensor([1, 7]))
+
+
 @pytest.mark.parametrize("cell", DROPOUT_CELLS)
 def test_dropout_with_lengths_equals_the_padding_mask(cell, packed_calls):
     """Input and recurrent dropout in training (the same masks: the same seed before each call) on

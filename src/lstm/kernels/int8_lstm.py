@@ -11,7 +11,9 @@ inference of a plain LSTM whose weights `lstm.quantize` made int8 (`Recurrence.q
 The weights are packed for the products once per weight tensor (and again after an in-place
 change). Takes float32 CPU problems without dropout, trace or gradients (what a quantized model
 runs at inference); the rest of a quantized model's calls go to the reference kernel, which
-computes the same products. Per-row lengths come as their mask.
+computes the same products. Per-row lengths it takes and turns into their mask itself (so that
+choosing the kernel of a call with lengths builds no mask to ask it: it declines every problem
+that is not quantized).
 
 Capabilities besides `run`: the cell call (`cell_call`: `cell(x_t, [h, c])` as one C++ call of the
 sequence forward with T = 1, skipping the `Recurrence` and the dispatch) and the streaming step
@@ -30,6 +32,7 @@ from .problem import QuantizedMatrix, Recurrence, RecurrenceResult, answers_empt
 
 name = "int8_lstm"
 takes_quantized = True
+takes_lengths = True  # (as their mask: `Recurrence.masked`)
 
 
 def supports(p: Recurrence) -> bool:
@@ -59,6 +62,7 @@ def _packed_values(matrix: QuantizedMatrix) -> torch.Tensor:
 
 @answers_empty_sequences
 def run(p: Recurrence) -> RecurrenceResult:
+    p = p.masked()
     kernel, recurrent_kernel = p.quantized
     y, h, c = native.module.int8_lstm_forward(
         p.inputs, _packed_values(kernel), kernel.scales, _packed_values(recurrent_kernel), recurrent_kernel.scales,

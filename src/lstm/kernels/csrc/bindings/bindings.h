@@ -83,6 +83,10 @@ std::vector<torch::Tensor> packing_plan(const torch::Tensor& lengths, const c10:
 // buffer pool: no page faults for a call's outputs or input gradient).
 torch::Tensor scatter_rows(const torch::Tensor& rows, const torch::Tensor& index, int64_t total);
 
+// rows [M, F] at the indices [N] as a new [N, F] tensor (from the buffer pool): index_select's
+// numbers, several times faster on a call's x (1151 rows of [5120, 100]: 118 us in index_select)
+torch::Tensor gather_rows(const torch::Tensor& rows, const torch::Tensor& index);
+
 // ----- dropout's keep-masks (keep_masks.cpp) ------------------------------------------------------
 // float32 [count]: element n is 1 when counter_bits(seed, n) < threshold (counter_hash.h), else 0.
 torch::Tensor keep_mask(int64_t seed, int64_t count, int64_t threshold);

@@ -58,6 +58,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lengths"), py::arg("reset"), py::arg("steps"), py::arg("go_backwards"));
   m.def("scatter_rows", &scatter_rows, "rows [N, F] at the distinct indices [N] of a [total, F] tensor of zeros",
         py::arg("rows"), py::arg("index"), py::arg("total"));
+  m.def("gather_rows", &gather_rows, "rows [M, F] at the indices [N]: a new [N, F] tensor", py::arg("rows"),
+        py::arg("index"));
   m.def("keep_mask", &keep_mask, "float32 [count]: 1 where counter_bits(seed, n) < threshold (dropout's keep-masks)",
         py::arg("seed"), py::arg("count"), py::arg("threshold"));
   m.def("cell_step", &cell_step, "the cell call's lean route: [out, h, c]; [None]: use autograd; []: not this route");

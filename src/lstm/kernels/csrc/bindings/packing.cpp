@@ -1,6 +1,6 @@
 // The host side of per-row lengths and resets (packing.py): the packed layout, built in one pass
 // over the rows (in Python the same takes some thirty tensor ops, more than a short call's whole
-// recurrence), and the placing of packed rows into a padded tensor.
+// recurrence), and the moving of rows between the padded tensors and the packed ones.
 
 #include <ATen/Parallel.h>
 #include <torch/types.h>
@@ -129,6 +129,28 @@ torch::Tensor scatter_rows(const torch::Tensor& rows, const torch::Tensor& index
                        else
                          std::memcpy(to + r * row_bytes, from + source_of[r] * row_bytes, row_bytes);
                      }
+                   });
+  return out;
+}
+
+torch::Tensor gather_rows(const torch::Tensor& rows, const torch::Tensor& index) {
+  TORCH_CHECK(rows.dim() == 2 && rows.is_cpu() && index.dim() == 1 && index.scalar_type() == torch::kLong &&
+                  index.is_cpu(),
+              "gather_rows: expected rows [M, F] and an int64 index [N], on the CPU");
+  const auto source = rows.contiguous();
+  const auto picks = index.contiguous();
+  const int64_t* pick = picks.data_ptr<int64_t>();
+  const int64_t count = picks.size(0), total = source.size(0);
+  for (int64_t n = 0; n < count; ++n)
+    TORCH_CHECK(0 <= pick[n] && pick[n] < total, "gather_rows: expected indices in [0, ", total, "), got ", pick[n]);
+  auto out = buffer_pool::empty({count, source.size(1)}, source.options());
+  const int64_t row_bytes = source.size(1) * static_cast<int64_t>(source.element_size());
+  const char* from = static_cast<const char*>(source.data_ptr());
+  char* to = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, count, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t n = begin; n < end; ++n)
+                       std::memcpy(to + n * row_bytes, from + pick[n] * row_bytes, row_bytes);
                    });
   return out;
 }
