@@ -1,4 +1,4 @@
-// OperandRight (operand_right.h): the AMX tile kernel, and MKL's GEMM where it cannot run.
+// OperandRight (operand_right.h): the AMX tile kernel, else MKL's GEMM, else float32's on B widened.
 //
 // AMX (Sapphire Rapids and later): eight tile registers of 16 rows x 64 bytes. TDPBF16PS adds
 // A [16, 32] (bf16) @ B [32, 16] to C [16, 16] (float32), B's rows taken in pairs: tile row r holds
