@@ -28,7 +28,7 @@ namespace {
 
 int low_products_setting = -1;  // set_low_products
 
-// rows of A widened at a time on the panels' route: a chunk of K columns stays in L1 for every panel
+// rows of A widened at a time on the panels' route: a chunk stays in L1 or L2 while every panel takes it
 constexpr int64_t kWidenedRows = 48;
 // elements widened per task of a parallel widening
 constexpr int64_t kWidenGrain = 1 << 15;
