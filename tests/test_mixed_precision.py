@@ -567,6 +567,25 @@ def test_fused_widened_products_against_the_reference(cls, policy):
 
 
 @needs_cpp
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_operands_rounded_by_the_cpp_equal_torchs_dtype_copies(low):
+    """The fused ops' operands on the CPU (one C++ call): each marked tensor rounded exactly as
+    `t.to(low).float()` rounds it (ties to even, subnormals, overflow to inf, NaN), the others
+    in float32, integer and bool tensors as they are."""
+    values = torch.cat([torch.randn(1000) * 4, torch.tensor([0.0, -0.0, 1e-40, 3e-8, 1e-5, 65520.0, 1e39, -1e39,
+                                                            float("inf"), float("nan"), 1 + 2 ** -8, 1 + 3 * 2 ** -8])])
+    mask = torch.rand(7) > 0.5
+    tensors = [values, values.to(low), values.double(), values, values.to(low), mask, torch.arange(3)]
+    rounded = [True, True, True, False, False, False, False]
+    got = kernels.native.extension().operands_in_float32(tensors, rounded, kernels.fused.OPERAND_CODES[low])
+    want = [values.to(low).float(), values.to(low).float(), values.double().to(low).float(), values,
+            values.to(low).float(), mask, torch.arange(3)]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0))
+        assert torch.equal(g.isnan(), w.isnan()) if g.is_floating_point() else True
+
+
+@needs_cpp
 def test_fused_low_precision_under_autocast_and_compile():
     """A float32 layer under autocast takes the fused kernel and equals the mixed policy exactly;
     torch.compile traces the bf16 custom op (its fake kernel's dtypes) and gives the eager numbers."""

@@ -87,6 +87,14 @@ torch::Tensor scatter_rows(const torch::Tensor& rows, const torch::Tensor& index
 // numbers, several times faster on a call's x (1151 rows of [5120, 100]: 118 us in index_select)
 torch::Tensor gather_rows(const torch::Tensor& rows, const torch::Tensor& index);
 
+// ----- low-precision operands (operands.cpp) -----------------------------------------------------
+// The tensors of a float32 recurrence with bfloat16/float16 operands (`operand` 1 or 2; fused.py,
+// operands_in_float32): those marked in `rounded` rounded to the operand type, every floating one in
+// float32, the rest as they are; one pass per tensor (ATen's two dtype copies of a [100, 256] weight
+// take 12.4 us, a clone 4.3 us) and one call for them all.
+std::vector<torch::Tensor> operands_in_float32(const std::vector<torch::Tensor>& tensors,
+                                               const std::vector<bool>& rounded, int64_t operand);
+
 // ----- dropout's keep-masks (keep_masks.cpp) ------------------------------------------------------
 // float32 [count]: element n is 1 when counter_bits(seed, n) < threshold (counter_hash.h), else 0.
 torch::Tensor keep_mask(int64_t seed, int64_t count, int64_t threshold);

@@ -58,6 +58,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lengths"), py::arg("reset"), py::arg("steps"), py::arg("go_backwards"));
   m.def("scatter_rows", &scatter_rows, "rows [N, F] at the distinct indices [N] of a [total, F] tensor of zeros",
         py::arg("rows"), py::arg("index"), py::arg("total"));
+  m.def("operands_in_float32", &operands_in_float32,
+        "the tensors of a float32 recurrence with low-precision operands: those marked rounded to the operand type, "
+        "every floating one in float32", py::arg("tensors"), py::arg("rounded"), py::arg("operand"));
   m.def("gather_rows", &gather_rows, "rows [M, F] at the indices [N]: a new [N, F] tensor", py::arg("rows"),
         py::arg("index"));
   m.def("keep_mask", &keep_mask, "float32 [count]: 1 where counter_bits(seed, n) < threshold (dropout's keep-masks)",

@@ -1,6 +1,6 @@
 // The cells' products over all steps (products.h): the input projection and the
 // weight gradients, on ATen's mm (register tiles for a streaming step's few rows), or with
-// low-precision operands on MKL's bf16/f16 GEMM (low_precision.h).
+// low-precision operands on operand_gemm (low_precision.h).
 
 #include <torch/types.h>
 #include <ATen/EmptyTensor.h>
@@ -30,7 +30,7 @@ at::Tensor in_operand_type(const at::Tensor& t, int64_t operand) {
 
 const uint16_t* bits(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
 
-// op(A) [M,K] @ op(B) [K,N] on MKL's low-precision GEMM into a new float32 [M,N] (A, B in the
+// op(A) [M,K] @ op(B) [K,N] on operand_gemm into a new float32 [M,N] (A, B in the
 // operand type, contiguous; trans: stored transposed)
 at::Tensor operand_product(int64_t operand, int64_t M, int64_t N, int64_t K, const at::Tensor& A, bool trans_a,
                            const at::Tensor& B, bool trans_b, at::Tensor out = at::Tensor()) {

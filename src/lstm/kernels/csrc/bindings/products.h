@@ -7,7 +7,8 @@
 
 namespace lstm_bindings {
 
-// With `operand` (1 bfloat16, 2 float16) each product runs on MKL's low-precision GEMM, float32 out:
+// With `operand` (1 bfloat16, 2 float16) each product has operands in that type (low_precision.h's
+// operand_gemm), float32 out:
 // x in that type or in float32 holding values rounded to it (as the low-precision recurrences take
 // them), the weights rounded to it here, and the other operand (a gradient) rounded to it as
 // torch.autocast's backward rounds it.
