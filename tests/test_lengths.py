@@ -315,19 +315,25 @@ def test_fused_gru_simple_rnn_runs_lengths_packed(cell, packed_calls):
     assert packed_calls["calls"] == 1
 
 
+def problems_calling(monkeypatch, method: str) -> list:
+    """The problems on which `Recurrence.<method>` is called while the test runs (it still runs)."""
+    calls = []
+    original = getattr(lstm.kernels.problem.Recurrence, method)
+
+    def counting(problem):
+        calls.append(problem)
+        return original(problem)
+
+    monkeypatch.setattr(lstm.kernels.problem.Recurrence, method, counting)
+    return calls
+
+
 @pytest.mark.parametrize("cell", ["lstm", *SEQUENCE_CELLS])
 def test_a_packed_call_zeroes_no_input(cell, packed_calls, monkeypatch):
     """Choosing the kernel asks the ones that do not take lengths on the problem's shape alone:
     zeroing x at the masked steps (a copy of x) is left to the kernel that runs them, which the
     packed route is not."""
-    zeroed = []
-    masked = lstm.kernels.problem.Recurrence.masked
-
-    def counting(problem):
-        zeroed.append(problem)
-        return masked(problem)
-
-    monkeypatch.setattr(lstm.kernels.problem.Recurrence, "masked", counting)
+    zeroed = problems_calling(monkeypatch, "masked")
     cls, options = CELLS[cell]
     layer = make(cls, options, "float32", return_sequences=True)
     x = inputs(torch.float32)
@@ -343,14 +349,7 @@ def test_a_packed_call_zeroes_no_input(cell, packed_calls, monkeypatch):
 def test_choosing_the_kernel_of_a_lengths_call_builds_no_mask(cell, packed_calls, monkeypatch):
     """Every kernel ahead of the packed ones takes lengths itself (the int8 kernel turns them into
     their mask when it runs), so a lengths call builds no [B, T] mask at all."""
-    built = []
-    step_mask = lstm.kernels.problem.Recurrence.step_mask
-
-    def counting(problem):
-        built.append(problem)
-        return step_mask(problem)
-
-    monkeypatch.setattr(lstm.kernels.problem.Recurrence, "step_mask", counting)
+    built = problems_calling(monkeypatch, "step_mask")
     cls, options = CELLS[cell]
     make(cls, options, "float32", return_sequences=True)(inputs(torch.float32), lengths=LENGTHS)
     assert packed_calls["calls"] == 1 and built == []
